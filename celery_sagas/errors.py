@@ -1,0 +1,79 @@
+"""One error root with stable codes, so operators and scripts can match on them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class SagaError(Exception):
+    """Root of every error this library raises. ``code`` is stable across releases."""
+
+    code = "saga_error"
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def __str__(self) -> str:
+        return f"[{self.code}] {self.message}"
+
+
+class SagaDefinitionError(SagaError):
+    """A ``Saga`` or ``Step`` was declared wrongly. ``field`` names what is wrong."""
+
+    code = "definition"
+
+    def __init__(self, message: str, *, field: str, saga: str | None = None) -> None:
+        where = f"{saga}: " if saga else ""
+        super().__init__(f"{where}{field}: {message}", field=field, saga=saga)
+        self.field = field
+
+
+class SagaConfigurationError(SagaError):
+    """The Celery app or the saga settings break a reliability rule."""
+
+    code = "configuration"
+
+
+class InvalidPayloadError(SagaError):
+    """A saga was started with a payload it cannot accept. Nothing was written."""
+
+    code = "invalid_payload"
+
+
+class PayloadConflictError(SagaError):
+    """The business key is already used by a saga started with a different payload."""
+
+    code = "payload_conflict"
+
+
+class SagaNotFoundError(SagaError):
+    code = "not_found"
+
+
+class ConcurrentUpdateError(SagaError):
+    """A compare-and-set on the saga's ``version`` lost a race; reload and decide again."""
+
+    code = "concurrent_update"
+
+
+class StoreUnavailableError(SagaError):
+    """The saga database cannot be reached."""
+
+    code = "store_unavailable"
+
+
+class BusinessError(SagaError):
+    """Raised by a step that declined to act (e.g. stock too low, card declined).
+
+    The step did not act, so it is not compensated; the steps before it are.
+    """
+
+    code = "business"
+
+
+class TransientError(SagaError):
+    """Raised by a step or compensation for a failure worth retrying with backoff."""
+
+    code = "transient"

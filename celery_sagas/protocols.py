@@ -1,0 +1,177 @@
+"""The seams: the records the store hands out, and the store/dispatcher interfaces.
+
+The coordinator and the scanner only talk to these; SQLAlchemy and Celery sit behind them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+from celery_sagas.machine import (
+    Decision,
+    ErrorKind,
+    SagaState,
+    SagaView,
+    StepStatus,
+    StepView,
+)
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    index: int
+    name: str
+    status: StepStatus
+    attempts: int = 0
+    result: Any = None
+    error: str | None = None
+    error_kind: ErrorKind | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    compensation_started_at: datetime | None = None
+    compensation_finished_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class SagaRecord:
+    saga_id: str
+    name: str
+    business_key: str
+    state: SagaState
+    current_step: int
+    token: int
+    version: int
+    payload: Mapping[str, Any]
+    created_at: datetime
+    updated_at: datetime
+    reason: str | None = None
+    finished_at: datetime | None = None
+    steps: tuple[StepRecord, ...] = ()
+
+    def view(self) -> SagaView:
+        return SagaView(
+            saga_id=self.saga_id,
+            name=self.name,
+            state=self.state,
+            current_step=self.current_step,
+            token=self.token,
+            steps=tuple(StepView(s.index, s.name, s.status, s.error_kind) for s in self.steps),
+        )
+
+    def results(self) -> dict[str, Any]:
+        """Results of the completed steps, by step name."""
+        return {s.name: s.result for s in self.steps if s.status == StepStatus.COMPLETED}
+
+
+@dataclass(frozen=True)
+class NewSaga:
+    saga_id: str
+    name: str
+    business_key: str
+    payload: Mapping[str, Any]
+    payload_hash: str
+    step_names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class OutboxMessage:
+    """A message to publish after commit. ``body`` alone is enough to publish it."""
+
+    saga_id: str
+    body: Mapping[str, Any]
+    id: int | None = None
+    created_at: datetime | None = None
+    sent_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class TransitionRecord:
+    saga_id: str
+    at: datetime
+    step: str | None
+    old: str
+    new: str
+    reason: str | None = None
+    actor: str = "coordinator"
+
+
+@dataclass(frozen=True)
+class GuardRecord:
+    """The recorded outcome of one step or compensation: ``key`` is
+    ``saga_id:step:action|compensation``; ``outcome`` is ``ok``, ``business`` or ``error``."""
+
+    key: str
+    outcome: str
+    result: Any = None
+    error: str | None = None
+    recorded_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class CreateResult:
+    record: SagaRecord
+    created: bool
+    messages: tuple[OutboxMessage, ...] = field(default_factory=tuple)
+
+
+class SagaStore(Protocol):
+    def create(
+        self,
+        new: NewSaga,
+        decision: Decision,
+        messages: Sequence[OutboxMessage],
+        now: datetime,
+    ) -> CreateResult:
+        """Insert the saga, its steps, the log and the outbox in one transaction.
+        The same business key with the same payload returns the existing saga
+        (``created=False``); with another payload raises ``PayloadConflictError``."""
+        ...
+
+    def load(self, saga_id: str) -> SagaRecord | None: ...
+
+    def find(self, ref: str) -> SagaRecord | None:
+        """By saga id, or else by business key (the newest saga with that key)."""
+        ...
+
+    def commit(
+        self,
+        saga: SagaRecord,
+        decision: Decision,
+        messages: Sequence[OutboxMessage],
+        now: datetime,
+    ) -> tuple[OutboxMessage, ...]:
+        """Apply an accepted decision with a compare-and-set on ``saga.version``: state,
+        step changes, transition log and outbox rows in one transaction. Raises
+        ``ConcurrentUpdateError`` if the saga changed since it was loaded."""
+        ...
+
+    def mark_sent(self, message_ids: Sequence[int], now: datetime) -> None: ...
+
+    def unsent(self, created_before: datetime, limit: int) -> tuple[OutboxMessage, ...]: ...
+
+    def get_guard(self, key: str) -> GuardRecord | None: ...
+
+    def put_guard(self, guard: GuardRecord, now: datetime) -> GuardRecord:
+        """Record an outcome once; returns whichever record won."""
+        ...
+
+    def list_sagas(
+        self, state: SagaState | None = None, name: str | None = None, limit: int = 100
+    ) -> tuple[SagaRecord, ...]: ...
+
+    def count_by_state(self) -> Mapping[str, int]: ...
+
+    def transitions(self, saga_id: str) -> tuple[TransitionRecord, ...]: ...
+
+
+class Dispatcher(Protocol):
+    def send(self, message: OutboxMessage) -> None:
+        """Publish one outbox message to the broker."""
+        ...
+
+
+class Clock(Protocol):
+    def __call__(self) -> datetime: ...
