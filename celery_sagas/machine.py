@@ -315,8 +315,8 @@ def _compensation_failed(saga: SagaView, event: CompensationFailed) -> Decision:
         return ignore(saga, why)
     draft = _Draft.of(saga)
     draft.step(event.step, StepStatus.COMPENSATION_FAILED, error=event.error)
-    reason = f"compensation of {saga.steps[event.step].name} failed: {event.error}"
-    draft.saga_state(SagaState.COMPENSATION_FAILED, reason)
+    draft.reason = f"compensation of {saga.steps[event.step].name} failed: {event.error}"
+    draft.saga_state(SagaState.COMPENSATION_FAILED, draft.reason)
     return draft.done()
 
 

@@ -34,7 +34,7 @@ class RetryPolicy:
 
     def delay(self, attempt: int, rand: float) -> float:
         """Seconds to wait after failed attempt number ``attempt``; ``rand`` in [0, 1)."""
-        raw = min(self.backoff_cap, self.backoff_base * 2 ** max(0, attempt - 1))
+        raw = min(self.backoff_cap, self.backoff_base * 2.0 ** min(max(0, attempt - 1), 64))
         return raw * (1 - self.jitter) + raw * self.jitter * rand
 
 

@@ -53,8 +53,9 @@ class SagaSettings:
         values: dict[str, Any] = {}
         for f in fields(cls):
             key = f"sagas_{f.name}"
-            if f.name in overrides and overrides[f.name] is not None:
-                values[f.name] = overrides.pop(f.name)
+            override = overrides.pop(f.name, None)
+            if override is not None:
+                values[f.name] = override
             elif conf.get(key) is not None:
                 values[f.name] = conf[key]
         if overrides:

@@ -1,0 +1,199 @@
+"""The coordinator: load → decide → save state + log + outbox in ONE transaction.
+
+It returns the outbox messages it wrote; publishing them after commit is the caller's
+job (``outbox.publish``). A lost compare-and-set is retried with a fresh load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from celery_sagas import machine
+from celery_sagas.definition import Saga, idempotency_key
+from celery_sagas.errors import ConcurrentUpdateError, InvalidPayloadError, SagaError
+from celery_sagas.log import log_transition, logger
+from celery_sagas.machine import Decision, RunCompensation, RunStep, SagaView, StepStatus
+from celery_sagas.protocols import NewSaga, OutboxMessage, SagaRecord, SagaStore
+
+MAX_CAS_ATTEMPTS = 20
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def payload_hash(payload: Mapping[str, Any]) -> str:
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def check_payload(saga: Saga, payload: Any) -> str:
+    """Validate a payload for ``saga``; returns its business key or raises
+    ``InvalidPayloadError`` (nothing is written)."""
+    if not isinstance(payload, Mapping):
+        raise InvalidPayloadError(f"{saga.name}: payload must be a JSON object, got {payload!r}")
+    try:
+        json.dumps(payload)
+    except (TypeError, ValueError) as exc:
+        raise InvalidPayloadError(f"{saga.name}: payload is not JSON serialisable: {exc}") from exc
+    if saga.validate is not None:
+        saga.validate(payload)
+    try:
+        key = saga.key_for(payload)
+    except (KeyError, TypeError) as exc:
+        raise InvalidPayloadError(f"{saga.name}: payload has no business key ({exc})") from exc
+    if not key:
+        raise InvalidPayloadError(f"{saga.name}: the business key is empty")
+    return key
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one event did: the decision (or None if the saga is unknown) and the outbox
+    messages to publish."""
+
+    saga_id: str
+    decision: Decision | None
+    messages: tuple[OutboxMessage, ...] = ()
+    created: bool = False
+
+
+def build_message(
+    saga: Saga,
+    record: SagaRecord | None,
+    saga_id: str,
+    payload: Mapping[str, Any],
+    decision: Decision,
+    command: RunStep | RunCompensation,
+) -> OutboxMessage:
+    """The outbox body for one command: everything needed to publish the step's chain."""
+    results: dict[str, Any] = record.results() if record else {}
+    for change in decision.step_changes:
+        if change.has_result and change.new == StepStatus.COMPLETED:
+            results[saga.steps[change.index].name] = change.result
+    step = saga.steps[command.step]
+    role = "action" if isinstance(command, RunStep) else "compensation"
+    body: dict[str, Any] = {
+        "kind": role,
+        "saga": saga.name,
+        "saga_id": saga_id,
+        "step": command.step,
+        "step_name": step.name,
+        "token": command.token,
+        "payload": dict(payload),
+        "key": idempotency_key(saga_id, step.name, role),
+    }
+    if role == "action":
+        body["results"] = {k: v for k, v in results.items() if k in saga.step_names}
+    else:
+        body["result"] = record.steps[command.step].result if record else None
+    return OutboxMessage(saga_id=saga_id, body=body)
+
+
+class Coordinator:
+    def __init__(
+        self,
+        store: SagaStore,
+        sagas: Mapping[str, Saga],
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.store = store
+        self.sagas = sagas
+        self.clock = clock
+
+    def definition(self, name: str) -> Saga:
+        try:
+            return self.sagas[name]
+        except KeyError:
+            raise SagaError(f"unknown saga {name!r}; installed: {sorted(self.sagas)}") from None
+
+    def start(self, name: str, payload: Any, saga_id: str | None = None) -> Outcome:
+        """Persist a new saga and the message for its first step, in one transaction.
+
+        Starting the same business key with the same payload again returns the existing
+        saga; another payload raises ``PayloadConflictError``."""
+        saga = self.definition(name)
+        key = check_payload(saga, payload)
+        saga_id = saga_id or str(uuid.uuid4())
+        view = SagaView(
+            saga_id=saga_id,
+            name=saga.name,
+            state=None,
+            current_step=0,
+            token=0,
+            steps=tuple(
+                machine.StepView(i, s.name, StepStatus.PENDING) for i, s in enumerate(saga.steps)
+            ),
+        )
+        now = self.clock()
+        decision = machine.decide(view, machine.Begin(), now)
+        messages = [
+            build_message(saga, None, saga_id, payload, decision, command)
+            for command in decision.commands
+        ]
+        new = NewSaga(saga_id, saga.name, key, payload, payload_hash(payload), saga.step_names)
+        created = self.store.create(new, decision, messages, now)
+        if created.created:
+            self._log(saga_id, saga.name, decision)
+        else:
+            logger.info(
+                "saga %s already started for %s %r; not started again",
+                created.record.saga_id,
+                saga.name,
+                key,
+                extra={"saga_id": created.record.saga_id, "saga": saga.name},
+            )
+        return Outcome(created.record.saga_id, decision, created.messages, created.created)
+
+    def handle(self, saga_id: str, event: machine.Event) -> Outcome:
+        """Apply one event with compare-and-set, retrying on a lost race."""
+        for _ in range(MAX_CAS_ATTEMPTS):
+            record = self.store.load(saga_id)
+            if record is None:
+                logger.warning("event for unknown saga %s ignored", saga_id)
+                return Outcome(saga_id, None)
+            decision = machine.decide(record.view(), event, self.clock())
+            if not decision.accepted:
+                self._log_ignored(record, event, decision)
+                return Outcome(saga_id, decision)
+            saga = self.definition(record.name)
+            messages = [
+                build_message(saga, record, saga_id, record.payload, decision, command)
+                for command in decision.commands
+            ]
+            try:
+                written = self.store.commit(record, decision, messages, self.clock())
+            except ConcurrentUpdateError:
+                continue
+            self._log(saga_id, record.name, decision)
+            return Outcome(saga_id, decision, written)
+        raise ConcurrentUpdateError(f"saga {saga_id}: gave up after {MAX_CAS_ATTEMPTS} races")
+
+    @staticmethod
+    def _log(saga_id: str, name: str, decision: Decision) -> None:
+        for t in decision.transitions:
+            log_transition(saga_id, name, t.step, t.old, t.new, t.reason)
+
+    @staticmethod
+    def _log_ignored(record: SagaRecord, event: machine.Event, decision: Decision) -> None:
+        step = getattr(event, "step", None)
+        step_name = record.steps[step].name if step is not None else "-"
+        logger.info(
+            "saga %s %s: ignored %s (%s)",
+            record.saga_id,
+            step_name,
+            type(event).__name__,
+            decision.note,
+            extra={
+                "saga_id": record.saga_id,
+                "saga": record.name,
+                "step": step_name,
+                "reason": decision.note,
+            },
+        )

@@ -1,0 +1,143 @@
+"""``install(app, sagas)``: wires declared sagas into a Celery app.
+
+Registers the start, step, compensation and coordinator tasks, routes, the beat
+schedule and the reliability settings. The store is created lazily, once per process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from celery import Celery, Task, signals
+
+from celery_sagas import machine, outbox
+from celery_sagas.coordinator import Coordinator, utcnow
+from celery_sagas.definition import Saga, registry
+from celery_sagas.errors import SagaError
+from celery_sagas.integration.config import apply_reliability_config
+from celery_sagas.integration.dispatcher import ADVANCE_TASK, COMPENSATED_TASK, CeleryDispatcher
+from celery_sagas.integration.steps import StepTask
+from celery_sagas.integration.tasks import (
+    RELAY_TASK,
+    register_coordinator_tasks,
+    register_start_task,
+)
+from celery_sagas.settings import SagaSettings
+from celery_sagas.store import SqlSagaStore, dispose_all_after_fork
+
+
+class SagaRuntime:
+    """Everything ``install`` set up for one app: settings, store, coordinator, tasks."""
+
+    def __init__(self, app: Celery, sagas: Mapping[str, Saga], settings: SagaSettings) -> None:
+        self.app = app
+        self.sagas = sagas
+        self.settings = settings
+        self.dispatcher = CeleryDispatcher(app, sagas)
+        self.start_tasks: dict[str, Task] = {}
+        self._store: SqlSagaStore | None = None
+        self._coordinator: Coordinator | None = None
+
+    @property
+    def store(self) -> SqlSagaStore:
+        if self._store is None:
+            self._store = SqlSagaStore(
+                self.settings.database_url, **dict(self.settings.engine_options)
+            )
+        return self._store
+
+    @property
+    def coordinator(self) -> Coordinator:
+        if self._coordinator is None:
+            self._coordinator = Coordinator(self.store, self.sagas, utcnow)
+        return self._coordinator
+
+    def start_task(self, saga_name: str) -> Task:
+        """The task application code calls: ``start_task("order_fulfillment").delay(order)``."""
+        try:
+            return self.start_tasks[saga_name]
+        except KeyError:
+            raise SagaError(
+                f"unknown saga {saga_name!r}; installed: {sorted(self.sagas)}"
+            ) from None
+
+    # -- what the tasks do ----------------------------------------------------------
+
+    def start(self, saga_name: str, payload: dict[str, Any]) -> dict[str, Any]:
+        outcome = self.coordinator.start(saga_name, payload)
+        outbox.publish(self.store, self.dispatcher, outcome.messages, utcnow)
+        return {"saga_id": outcome.saga_id, "created": outcome.created}
+
+    def apply(self, saga_id: str, event: machine.Event) -> str | None:
+        outcome = self.coordinator.handle(saga_id, event)
+        outbox.publish(self.store, self.dispatcher, outcome.messages, utcnow)
+        decision = outcome.decision
+        if decision is None:
+            return None
+        return decision.state.value if decision.accepted and decision.state else "ignored"
+
+    def relay(self) -> int:
+        return outbox.relay(
+            self.store,
+            self.dispatcher,
+            utcnow,
+            older_than=self.settings.relay_after,
+            batch=self.settings.relay_batch,
+        )
+
+
+def _register_step_tasks(app: Celery, runtime: SagaRuntime, saga: Saga) -> None:
+    for index, step in enumerate(saga.steps):
+        for role, name in (
+            ("action", saga.step_task_name(index)),
+            ("compensation", saga.compensation_task_name(index)),
+        ):
+
+            def run(self: StepTask, **kwargs: Any) -> dict[str, Any]:
+                return self.execute(**kwargs)
+
+            app.task(
+                name=name,
+                base=StepTask,
+                bind=True,
+                saga=saga,
+                step_def=step,
+                role=role,
+                store_factory=staticmethod(lambda: runtime.store),
+                acks_late=True,
+            )(run)
+            if step.queue:
+                app.conf.task_routes = {**(app.conf.task_routes or {}), name: {"queue": step.queue}}
+
+
+def _route_coordinator(app: Celery, queue: str | None, sagas: Sequence[Saga]) -> None:
+    if not queue:
+        return
+    names = [ADVANCE_TASK, COMPENSATED_TASK, RELAY_TASK] + [f"{s.name}.start" for s in sagas]
+    app.conf.task_routes = {**(app.conf.task_routes or {}), **{n: {"queue": queue} for n in names}}
+
+
+def install(app: Celery, sagas: Sequence[Saga], **settings: Any) -> SagaRuntime:
+    """Wire ``sagas`` into ``app``. Keyword arguments override ``sagas_*`` config keys
+    (``database_url=...``, ``relay_interval=...``)."""
+    found = registry(sagas)
+    runtime = SagaRuntime(app, found, SagaSettings.from_config(app.conf, **settings))
+    timeouts = [s.timeout_seconds or 0.0 for saga in sagas for s in saga.steps]
+    apply_reliability_config(app, timeouts)
+    register_coordinator_tasks(app, runtime)
+    for saga in sagas:
+        _register_step_tasks(app, runtime, saga)
+        runtime.start_tasks[saga.name] = register_start_task(app, runtime, saga.name)
+    _route_coordinator(app, runtime.settings.coordinator_queue, sagas)
+    app.conf.beat_schedule = {
+        **(app.conf.beat_schedule or {}),
+        RELAY_TASK: {"task": RELAY_TASK, "schedule": runtime.settings.relay_interval},
+    }
+    signals.worker_process_init.connect(_dispose_engines, weak=False)
+    app._celery_sagas_runtime = runtime  # read by `celery -A app sagas …`
+    return runtime
+
+
+def _dispose_engines(**_: Any) -> None:
+    dispose_all_after_fork()

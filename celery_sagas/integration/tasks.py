@@ -1,0 +1,82 @@
+"""The thin Celery tasks: start, the coordinator replies, and the outbox relay.
+
+Each one turns its message into an event, hands it to the coordinator and publishes what
+the coordinator committed.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from celery import Celery, Task
+
+from celery_sagas import machine
+from celery_sagas.coordinator import check_payload
+from celery_sagas.errors import ConcurrentUpdateError, StoreUnavailableError
+from celery_sagas.integration.dispatcher import ADVANCE_TASK, COMPENSATED_TASK
+
+if TYPE_CHECKING:
+    from celery_sagas.integration.runtime import SagaRuntime
+
+RELAY_TASK = "celery_sagas.relay_outbox"
+RETRY_ON_STORE = {
+    "autoretry_for": (StoreUnavailableError, ConcurrentUpdateError),
+    "retry_backoff": True,
+    "retry_backoff_max": 30,
+    "max_retries": 20,
+}
+
+
+class StartSagaTask(Task):  # type: ignore[misc]
+    """``start_saga.delay(payload)``: the payload is checked before anything is sent, so a
+    bad payload raises ``InvalidPayloadError`` in the caller and nothing is written."""
+
+    abstract = True
+    saga_name: str
+    runtime: SagaRuntime
+
+    def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+        payload = args[0] if args else (kwargs or {}).get("payload")
+        check_payload(self.runtime.sagas[self.saga_name], payload)
+        return super().apply_async(args, kwargs, **options)
+
+
+def outcome_event(outcome: dict[str, Any], step: int, token: int, role: str) -> machine.Event:
+    ok = outcome.get("outcome") == "ok"
+    if role == "action":
+        if ok:
+            return machine.StepSucceeded(step, token, outcome.get("result"))
+        business = outcome.get("outcome") == "business"
+        return machine.StepFailed(step, token, outcome.get("error") or "unknown error", business)
+    if ok:
+        return machine.CompensationSucceeded(step, token, outcome.get("result"))
+    return machine.CompensationFailed(step, token, outcome.get("error") or "unknown error")
+
+
+def register_coordinator_tasks(app: Celery, runtime: SagaRuntime) -> None:
+    @app.task(name=ADVANCE_TASK, **RETRY_ON_STORE)
+    def advance(outcome: dict[str, Any], saga_id: str, step: int, token: int) -> str | None:
+        return runtime.apply(saga_id, outcome_event(outcome, step, token, "action"))
+
+    @app.task(name=COMPENSATED_TASK, **RETRY_ON_STORE)
+    def compensated(outcome: dict[str, Any], saga_id: str, step: int, token: int) -> str | None:
+        return runtime.apply(saga_id, outcome_event(outcome, step, token, "compensation"))
+
+    @app.task(name=RELAY_TASK, ignore_result=True)
+    def relay_outbox() -> int:
+        return runtime.relay()
+
+
+def register_start_task(app: Celery, runtime: SagaRuntime, saga_name: str) -> Task:
+    @app.task(
+        name=f"{saga_name}.start",
+        base=StartSagaTask,
+        bind=True,
+        saga_name=saga_name,
+        runtime=runtime,
+        **RETRY_ON_STORE,
+    )
+    def start(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
+        return runtime.start(saga_name, payload)
+
+    return start

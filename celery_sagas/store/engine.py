@@ -1,0 +1,58 @@
+"""Engine creation: one engine per URL per process, SQLite made safe for threads."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+
+_engines: dict[str, Engine] = {}
+_lock = threading.Lock()
+
+
+def _make_sqlite_serialised(engine: Engine) -> None:
+    """SQLite: WAL, a long busy timeout, and BEGIN IMMEDIATE so concurrent writers wait
+    for each other instead of failing to upgrade a read lock."""
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def build_engine(url: str, **options: Any) -> Engine:
+    if url.startswith("sqlite"):
+        options.setdefault("connect_args", {"timeout": 30, "check_same_thread": False})
+        engine = create_engine(url, **options)
+        _make_sqlite_serialised(engine)
+        return engine
+    options.setdefault("pool_pre_ping", True)
+    options.setdefault("pool_size", 5)
+    options.setdefault("max_overflow", 10)
+    return create_engine(url, **options)
+
+
+def shared_engine(url: str, **options: Any) -> Engine:
+    """The process-wide engine for ``url`` (created on first use)."""
+    with _lock:
+        engine = _engines.get(url)
+        if engine is None:
+            engine = _engines[url] = build_engine(url, **options)
+        return engine
+
+
+def dispose_all_after_fork() -> None:
+    """For ``worker_process_init``: drop connections inherited from the parent process."""
+    with _lock:
+        for engine in _engines.values():
+            engine.dispose(close=False)

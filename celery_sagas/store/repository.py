@@ -1,0 +1,375 @@
+"""``SqlSagaStore``: the ``SagaStore`` seam on SQLAlchemy Core (PostgreSQL and SQLite).
+
+Every write method is one transaction. Saga updates are a compare-and-set on ``version``
+(works on SQLite, where ``FOR UPDATE`` is ignored).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, Engine, Insert, Table, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import InterfaceError, OperationalError
+
+from celery_sagas.errors import (
+    ConcurrentUpdateError,
+    PayloadConflictError,
+    StoreUnavailableError,
+)
+from celery_sagas.machine import (
+    TERMINAL_STATES,
+    Decision,
+    ErrorKind,
+    SagaState,
+    StepChange,
+    StepStatus,
+)
+from celery_sagas.protocols import (
+    CreateResult,
+    GuardRecord,
+    NewSaga,
+    OutboxMessage,
+    SagaRecord,
+    StepRecord,
+    TransitionRecord,
+)
+from celery_sagas.settings import redact_url
+from celery_sagas.store.engine import shared_engine
+from celery_sagas.store.tables import guards, outbox, sagas, steps, transitions
+
+FINISHED_FORWARD = (StepStatus.COMPLETED, StepStatus.FAILED, StepStatus.TIMED_OUT)
+FINISHED_COMPENSATION = (StepStatus.COMPENSATED, StepStatus.COMPENSATION_FAILED)
+
+
+def step_values(change: StepChange, now: datetime) -> dict[str, Any]:
+    """Column values for one step status change (timestamps follow the status)."""
+    values: dict[str, Any] = {"status": change.new.value}
+    if change.has_result:
+        values["result"] = change.result
+    if change.error is not None:
+        values["error"] = change.error
+    if change.error_kind is not None:
+        values["error_kind"] = change.error_kind.value
+    if change.new == StepStatus.RUNNING:
+        values["started_at"] = now
+        values["finished_at"] = None
+        values["attempts"] = steps.c.attempts + 1
+    elif change.new in FINISHED_FORWARD:
+        values["finished_at"] = now
+    elif change.new == StepStatus.COMPENSATING:
+        values["compensation_started_at"] = now
+    elif change.new in FINISHED_COMPENSATION:
+        values["compensation_finished_at"] = now
+    return values
+
+
+def _step_record(row: Any) -> StepRecord:
+    return StepRecord(
+        index=row.idx,
+        name=row.name,
+        status=StepStatus(row.status),
+        attempts=row.attempts,
+        result=row.result,
+        error=row.error,
+        error_kind=ErrorKind(row.error_kind) if row.error_kind else None,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        compensation_started_at=row.compensation_started_at,
+        compensation_finished_at=row.compensation_finished_at,
+    )
+
+
+def _saga_record(row: Any, step_rows: Sequence[Any] = ()) -> SagaRecord:
+    return SagaRecord(
+        saga_id=row.id,
+        name=row.name,
+        business_key=row.business_key,
+        state=SagaState(row.state),
+        current_step=row.current_step,
+        token=row.token,
+        version=row.version,
+        payload=row.payload,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        reason=row.reason,
+        finished_at=row.finished_at,
+        steps=tuple(_step_record(r) for r in step_rows),
+    )
+
+
+class SqlSagaStore:
+    """The saga store on PostgreSQL (``postgresql+psycopg2://``) or SQLite."""
+
+    def __init__(self, url_or_engine: str | Engine, **engine_options: Any) -> None:
+        if isinstance(url_or_engine, str):
+            self.engine = shared_engine(url_or_engine, **engine_options)
+        else:
+            self.engine = url_or_engine
+        self.is_postgres = self.engine.dialect.name == "postgresql"
+
+    def __repr__(self) -> str:
+        return f"SqlSagaStore({redact_url(str(self.engine.url))})"
+
+    # -- helpers ------------------------------------------------------------------
+
+    def _insert(self, table: Table) -> Insert:
+        dialect_module = postgresql if self.is_postgres else sqlite
+        return dialect_module.insert(table)  # type: ignore[no-any-return]
+
+    @contextmanager
+    def _unavailable_as_error(self) -> Iterator[None]:
+        """A lost or unreachable database becomes ``StoreUnavailableError``."""
+        try:
+            yield
+        except (OperationalError, InterfaceError) as exc:
+            raise StoreUnavailableError(
+                f"cannot reach the saga database {redact_url(str(self.engine.url))}: {exc.orig}"
+            ) from exc
+
+    @contextmanager
+    def _connect(self) -> Iterator[Connection]:
+        """One write transaction."""
+        with self._unavailable_as_error(), self.engine.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        with self._unavailable_as_error(), self.engine.connect() as conn:
+            yield conn
+
+    def _write_decision(
+        self,
+        conn: Connection,
+        saga_id: str,
+        decision: Decision,
+        messages: Sequence[OutboxMessage],
+        now: datetime,
+    ) -> tuple[OutboxMessage, ...]:
+        for change in decision.step_changes:
+            conn.execute(
+                update(steps)
+                .where(steps.c.saga_id == saga_id, steps.c.idx == change.index)
+                .values(**step_values(change, now))
+            )
+        if decision.transitions:
+            conn.execute(
+                transitions.insert(),
+                [
+                    {
+                        "saga_id": saga_id,
+                        "at": now,
+                        "step": t.step,
+                        "old": t.old,
+                        "new": t.new,
+                        "reason": t.reason,
+                        "actor": "coordinator",
+                    }
+                    for t in decision.transitions
+                ],
+            )
+        written = []
+        for message in messages:
+            new_id = conn.execute(
+                outbox.insert()
+                .values(saga_id=saga_id, body=dict(message.body), created_at=now)
+                .returning(outbox.c.id)
+            ).scalar_one()
+            written.append(OutboxMessage(saga_id, message.body, id=new_id, created_at=now))
+        return tuple(written)
+
+    # -- SagaStore ------------------------------------------------------------------
+
+    def create(
+        self,
+        new: NewSaga,
+        decision: Decision,
+        messages: Sequence[OutboxMessage],
+        now: datetime,
+    ) -> CreateResult:
+        assert decision.state is not None
+        with self._connect() as conn:
+            inserted = conn.execute(
+                self._insert(sagas)
+                .values(
+                    id=new.saga_id,
+                    name=new.name,
+                    business_key=new.business_key,
+                    payload=dict(new.payload),
+                    payload_hash=new.payload_hash,
+                    state=decision.state.value,
+                    current_step=decision.current_step,
+                    token=decision.token,
+                    version=1,
+                    created_at=now,
+                    updated_at=now,
+                )
+                .on_conflict_do_nothing(index_elements=["name", "business_key"])
+            )
+            if inserted.rowcount == 0:
+                existing = conn.execute(
+                    select(sagas.c.id, sagas.c.payload_hash).where(
+                        sagas.c.name == new.name, sagas.c.business_key == new.business_key
+                    )
+                ).one()
+                if existing.payload_hash != new.payload_hash:
+                    raise PayloadConflictError(
+                        f"{new.name} {new.business_key!r} was already started with a "
+                        f"different payload (saga {existing.id}); nothing was written",
+                        saga_id=existing.id,
+                        business_key=new.business_key,
+                    )
+                saga_id = existing.id
+                created = False
+                written: tuple[OutboxMessage, ...] = ()
+            else:
+                conn.execute(
+                    steps.insert(),
+                    [
+                        {"saga_id": new.saga_id, "idx": i, "name": name, "status": "pending"}
+                        for i, name in enumerate(new.step_names)
+                    ],
+                )
+                written = self._write_decision(conn, new.saga_id, decision, messages, now)
+                saga_id, created = new.saga_id, True
+        record = self.load(saga_id)
+        assert record is not None
+        return CreateResult(record=record, created=created, messages=written)
+
+    def load(self, saga_id: str) -> SagaRecord | None:
+        with self._read() as conn:
+            row = conn.execute(select(sagas).where(sagas.c.id == saga_id)).one_or_none()
+            if row is None:
+                return None
+            step_rows = conn.execute(
+                select(steps).where(steps.c.saga_id == saga_id).order_by(steps.c.idx)
+            ).all()
+        return _saga_record(row, step_rows)
+
+    def find(self, ref: str) -> SagaRecord | None:
+        record = self.load(ref)
+        if record is not None:
+            return record
+        with self._read() as conn:
+            saga_id = conn.execute(
+                select(sagas.c.id)
+                .where(sagas.c.business_key == ref)
+                .order_by(sagas.c.created_at.desc())
+                .limit(1)
+            ).scalar_one_or_none()
+        return self.load(saga_id) if saga_id else None
+
+    def commit(
+        self,
+        saga: SagaRecord,
+        decision: Decision,
+        messages: Sequence[OutboxMessage],
+        now: datetime,
+    ) -> tuple[OutboxMessage, ...]:
+        assert decision.accepted and decision.state is not None
+        values: dict[str, Any] = {
+            "state": decision.state.value,
+            "current_step": decision.current_step,
+            "token": decision.token,
+            "version": saga.version + 1,
+            "updated_at": now,
+        }
+        if decision.reason is not None:
+            values["reason"] = decision.reason
+        if decision.state in TERMINAL_STATES:
+            values["finished_at"] = now
+        with self._connect() as conn:
+            changed = conn.execute(
+                update(sagas)
+                .where(sagas.c.id == saga.saga_id, sagas.c.version == saga.version)
+                .values(**values)
+            ).rowcount
+            if changed != 1:
+                raise ConcurrentUpdateError(
+                    f"saga {saga.saga_id} changed since version {saga.version}",
+                    saga_id=saga.saga_id,
+                )
+            return self._write_decision(conn, saga.saga_id, decision, messages, now)
+
+    def mark_sent(self, message_ids: Sequence[int], now: datetime) -> None:
+        if not message_ids:
+            return
+        with self._connect() as conn:
+            if self.is_postgres:
+                # Losing this mark only means a harmless duplicate publish by the relay.
+                conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
+            conn.execute(
+                update(outbox)
+                .where(outbox.c.id.in_(list(message_ids)), outbox.c.sent_at.is_(None))
+                .values(sent_at=now)
+            )
+
+    def unsent(self, created_before: datetime, limit: int) -> tuple[OutboxMessage, ...]:
+        with self._read() as conn:
+            rows = conn.execute(
+                select(outbox)
+                .where(outbox.c.sent_at.is_(None), outbox.c.created_at < created_before)
+                .order_by(outbox.c.id)
+                .limit(limit)
+            ).all()
+        return tuple(
+            OutboxMessage(r.saga_id, r.body, id=r.id, created_at=r.created_at) for r in rows
+        )
+
+    def get_guard(self, key: str) -> GuardRecord | None:
+        with self._read() as conn:
+            row = conn.execute(select(guards).where(guards.c.key == key)).one_or_none()
+        return _guard_record(row) if row else None
+
+    def put_guard(self, guard: GuardRecord, now: datetime) -> GuardRecord:
+        with self._connect() as conn:
+            inserted = conn.execute(
+                self._insert(guards)
+                .values(
+                    key=guard.key,
+                    outcome=guard.outcome,
+                    result=guard.result,
+                    error=guard.error,
+                    recorded_at=now,
+                )
+                .on_conflict_do_nothing(index_elements=["key"])
+            ).rowcount
+            if inserted:
+                return GuardRecord(guard.key, guard.outcome, guard.result, guard.error, now)
+            row = conn.execute(select(guards).where(guards.c.key == guard.key)).one()
+        return _guard_record(row)
+
+    def list_sagas(
+        self, state: SagaState | None = None, name: str | None = None, limit: int = 100
+    ) -> tuple[SagaRecord, ...]:
+        query = select(sagas).order_by(sagas.c.created_at.desc(), sagas.c.id).limit(limit)
+        if state is not None:
+            query = query.where(sagas.c.state == state.value)
+        if name is not None:
+            query = query.where(sagas.c.name == name)
+        with self._read() as conn:
+            rows = conn.execute(query).all()
+        return tuple(_saga_record(r) for r in rows)
+
+    def count_by_state(self) -> Mapping[str, int]:
+        with self._read() as conn:
+            rows = conn.execute(select(sagas.c.state, func.count()).group_by(sagas.c.state)).all()
+        return {state: count for state, count in rows}
+
+    def transitions(self, saga_id: str) -> tuple[TransitionRecord, ...]:
+        with self._read() as conn:
+            rows = conn.execute(
+                select(transitions)
+                .where(transitions.c.saga_id == saga_id)
+                .order_by(transitions.c.id)
+            ).all()
+        return tuple(
+            TransitionRecord(r.saga_id, r.at, r.step, r.old, r.new, r.reason, r.actor) for r in rows
+        )
+
+
+def _guard_record(row: Any) -> GuardRecord:
+    return GuardRecord(row.key, row.outcome, row.result, row.error, row.recorded_at)

@@ -1,0 +1,127 @@
+"""The saga schema (SQLAlchemy Core). Migrations in ``migrations/`` must produce exactly this."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    text,
+)
+
+metadata = MetaData()
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite hands back naive ones)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: use timezone-aware datetimes")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+# BigInteger ids autoincrement on PostgreSQL; SQLite only autoincrements INTEGER keys.
+Id = BigInteger().with_variant(Integer(), "sqlite")
+
+sagas = Table(
+    "saga",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("business_key", String(200), nullable=False),
+    Column("payload", JSON, nullable=False),
+    Column("payload_hash", String(64), nullable=False),
+    Column("state", String(32), nullable=False),
+    Column("current_step", Integer, nullable=False),
+    Column("token", Integer, nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("reason", Text),
+    Column("created_at", UtcDateTime(), nullable=False),
+    Column("updated_at", UtcDateTime(), nullable=False),
+    Column("finished_at", UtcDateTime()),
+    UniqueConstraint("name", "business_key", name="uq_saga_name_business_key"),
+)
+Index("ix_saga_state", sagas.c.state)
+Index("ix_saga_created_at", sagas.c.created_at)
+
+steps = Table(
+    "saga_step",
+    metadata,
+    Column("saga_id", String(36), ForeignKey("saga.id", ondelete="CASCADE"), primary_key=True),
+    Column("idx", Integer, primary_key=True, autoincrement=False),
+    Column("name", String(200), nullable=False),
+    Column("status", String(32), nullable=False),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("result", JSON),
+    Column("error", Text),
+    Column("error_kind", String(16)),
+    Column("started_at", UtcDateTime()),
+    Column("finished_at", UtcDateTime()),
+    Column("compensation_started_at", UtcDateTime()),
+    Column("compensation_finished_at", UtcDateTime()),
+)
+
+transitions = Table(
+    "saga_transition",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("saga_id", String(36), ForeignKey("saga.id", ondelete="CASCADE"), nullable=False),
+    Column("at", UtcDateTime(), nullable=False),
+    Column("step", String(200)),
+    Column("old", String(32), nullable=False),
+    Column("new", String(32), nullable=False),
+    Column("reason", Text),
+    Column("actor", String(200), nullable=False),
+)
+Index("ix_saga_transition_saga_id", transitions.c.saga_id, transitions.c.id)
+
+outbox = Table(
+    "saga_outbox",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("saga_id", String(36), nullable=False),
+    Column("body", JSON, nullable=False),
+    Column("created_at", UtcDateTime(), nullable=False),
+    Column("sent_at", UtcDateTime()),
+)
+Index(
+    "ix_saga_outbox_unsent",
+    outbox.c.created_at,
+    postgresql_where=outbox.c.sent_at.is_(None),
+    sqlite_where=outbox.c.sent_at.is_(None),
+)
+
+guards = Table(
+    "saga_guard",
+    metadata,
+    Column("key", String(300), primary_key=True),
+    Column("outcome", String(16), nullable=False),
+    Column("result", JSON),
+    Column("error", Text),
+    Column("recorded_at", UtcDateTime(), nullable=False),
+)

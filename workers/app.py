@@ -1,0 +1,41 @@
+"""The example Celery app: ``celery -A workers.app worker|beat|flower``.
+
+Configured from the environment (see ``workers.config``); the order-fulfillment saga is
+installed with one call.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from celery import Celery, signals
+
+from celery_sagas import install
+from workers import config, db
+from workers.sagas import order_fulfillment
+
+app = Celery("workers")
+app.conf.broker_url = config.broker_url()
+app.conf.broker_transport_options = config.broker_transport_options(app.conf.broker_url)
+app.conf.task_ignore_result = True
+app.conf.worker_send_task_events = True
+app.conf.broker_connection_retry_on_startup = True
+if os.environ.get("SAGAS_RELAY_INTERVAL"):
+    app.conf.sagas_relay_interval = float(os.environ["SAGAS_RELAY_INTERVAL"])
+if os.environ.get("SAGAS_RELAY_AFTER"):
+    app.conf.sagas_relay_after = float(os.environ["SAGAS_RELAY_AFTER"])
+
+sagas = install(app, [order_fulfillment], database_url=config.database_url())
+
+
+@signals.worker_process_init.connect(weak=False)
+def _fresh_participant_connections(**_: Any) -> None:
+    db.dispose_engine()
+
+
+@signals.after_setup_logger.connect(weak=False)
+def _log_saga_transitions(**_: Any) -> None:
+    """Celery configured logging; show the library's transition lines too."""
+    logging.getLogger("celery_sagas").setLevel(logging.INFO)
