@@ -81,6 +81,7 @@ def saga_detail(record: SagaRecord, log: Sequence[TransitionRecord]) -> dict[str
             "name": s.name,
             "status": s.status.value,
             "attempts": s.attempts,
+            "compensation_attempts": s.compensation_attempts,
             "started_at": _iso(s.started_at),
             "finished_at": _iso(s.finished_at),
             "compensation_started_at": _iso(s.compensation_started_at),
@@ -138,6 +139,7 @@ def render_detail(record: SagaRecord, log: Sequence[TransitionRecord]) -> str:
             s.name,
             s.status.value,
             str(s.attempts),
+            str(s.compensation_attempts),
             _iso(s.started_at) or "-",
             _duration(s.started_at, s.finished_at) if s.started_at else "-",
             _short(s.result) if s.result is not None else "-",
@@ -148,7 +150,10 @@ def render_detail(record: SagaRecord, log: Sequence[TransitionRecord]) -> str:
     out += [
         "",
         "steps",
-        _table(rows, ["#", "step", "status", "tries", "started", "took", "result", "error"]),
+        _table(
+            rows,
+            ["#", "step", "status", "tries", "undo tries", "started", "took", "result", "error"],
+        ),
     ]
     start = log[0].at if log else record.created_at
     timeline = [

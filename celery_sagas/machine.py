@@ -77,6 +77,7 @@ class StepSucceeded:
     step: int
     token: int
     result: Any = None
+    attempts: int | None = None  # how many times the action ran (retries + 1)
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ class StepFailed:
     token: int
     error: str
     business: bool
+    attempts: int | None = None
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,7 @@ class CompensationSucceeded:
     step: int
     token: int
     result: Any = None
+    attempts: int | None = None
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,7 @@ class CompensationFailed:
     step: int
     token: int
     error: str
+    attempts: int | None = None
 
 
 Event = Begin | StepSucceeded | StepFailed | CompensationSucceeded | CompensationFailed
@@ -131,6 +135,7 @@ class StepChange:
     has_result: bool = False
     error: str | None = None
     error_kind: ErrorKind | None = None
+    attempts: int | None = None  # forward or compensation attempts, by the new status
 
 
 @dataclass(frozen=True)
@@ -270,7 +275,13 @@ def _step_succeeded(saga: SagaView, event: StepSucceeded) -> Decision:
     if why:
         return ignore(saga, why)
     draft = _Draft.of(saga)
-    draft.step(event.step, StepStatus.COMPLETED, result=event.result, has_result=True)
+    draft.step(
+        event.step,
+        StepStatus.COMPLETED,
+        result=event.result,
+        has_result=True,
+        attempts=event.attempts,
+    )
     following = event.step + 1
     if following == len(saga.steps):
         draft.saga_state(SagaState.COMPLETED)
@@ -287,7 +298,9 @@ def _step_failed(saga: SagaView, event: StepFailed) -> Decision:
         return ignore(saga, why)
     draft = _Draft.of(saga)
     kind = ErrorKind.BUSINESS if event.business else ErrorKind.ERROR
-    draft.step(event.step, StepStatus.FAILED, error=event.error, error_kind=kind)
+    draft.step(
+        event.step, StepStatus.FAILED, error=event.error, error_kind=kind, attempts=event.attempts
+    )
     for later in range(event.step + 1, len(saga.steps)):
         draft.step(later, StepStatus.SKIPPED)
     draft.reason = f"{saga.steps[event.step].name} failed: {event.error}"
@@ -302,7 +315,7 @@ def _compensation_succeeded(saga: SagaView, event: CompensationSucceeded) -> Dec
     if why:
         return ignore(saga, why)
     draft = _Draft.of(saga)
-    draft.step(event.step, StepStatus.COMPENSATED)
+    draft.step(event.step, StepStatus.COMPENSATED, attempts=event.attempts)
     _compensate_or_fail(draft, below=event.step)
     return draft.done()
 
@@ -314,7 +327,9 @@ def _compensation_failed(saga: SagaView, event: CompensationFailed) -> Decision:
     if why:
         return ignore(saga, why)
     draft = _Draft.of(saga)
-    draft.step(event.step, StepStatus.COMPENSATION_FAILED, error=event.error)
+    draft.step(
+        event.step, StepStatus.COMPENSATION_FAILED, error=event.error, attempts=event.attempts
+    )
     draft.reason = f"compensation of {saga.steps[event.step].name} failed: {event.error}"
     draft.saga_state(SagaState.COMPENSATION_FAILED, draft.reason)
     return draft.done()

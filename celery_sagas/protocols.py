@@ -26,6 +26,7 @@ class StepRecord:
     name: str
     status: StepStatus
     attempts: int = 0
+    compensation_attempts: int = 0
     result: Any = None
     error: str | None = None
     error_kind: ErrorKind | None = None

@@ -71,8 +71,8 @@ class StepTask(Task):  # type: ignore[misc]
         outcome = self._run(context, extra)
         if outcome.outcome == "error" and self.role == "compensation":
             # A failed compensation is not recorded: an operator retry must run it again.
-            return as_outcome(outcome)
-        return as_outcome(store.put_guard(outcome, utcnow()))
+            return {**as_outcome(outcome), "attempts": context.attempt}
+        return {**as_outcome(store.put_guard(outcome, utcnow())), "attempts": context.attempt}
 
     def _run(self, context: StepContext, extra: dict[str, Any]) -> GuardRecord:
         function = self.step_def.action if self.role == "action" else self.step_def.compensation

@@ -43,14 +43,16 @@ class StartSagaTask(Task):  # type: ignore[misc]
 
 def outcome_event(outcome: dict[str, Any], step: int, token: int, role: str) -> machine.Event:
     ok = outcome.get("outcome") == "ok"
+    attempts = outcome.get("attempts")
+    error = outcome.get("error") or "unknown error"
     if role == "action":
         if ok:
-            return machine.StepSucceeded(step, token, outcome.get("result"))
+            return machine.StepSucceeded(step, token, outcome.get("result"), attempts)
         business = outcome.get("outcome") == "business"
-        return machine.StepFailed(step, token, outcome.get("error") or "unknown error", business)
+        return machine.StepFailed(step, token, error, business, attempts)
     if ok:
-        return machine.CompensationSucceeded(step, token, outcome.get("result"))
-    return machine.CompensationFailed(step, token, outcome.get("error") or "unknown error")
+        return machine.CompensationSucceeded(step, token, outcome.get("result"), attempts)
+    return machine.CompensationFailed(step, token, error, attempts)
 
 
 def register_coordinator_tasks(app: Celery, runtime: SagaRuntime) -> None:

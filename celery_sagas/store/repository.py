@@ -57,13 +57,16 @@ def step_values(change: StepChange, now: datetime) -> dict[str, Any]:
     if change.new == StepStatus.RUNNING:
         values["started_at"] = now
         values["finished_at"] = None
-        values["attempts"] = steps.c.attempts + 1
     elif change.new in FINISHED_FORWARD:
         values["finished_at"] = now
+        if change.attempts is not None:
+            values["attempts"] = change.attempts
     elif change.new == StepStatus.COMPENSATING:
         values["compensation_started_at"] = now
     elif change.new in FINISHED_COMPENSATION:
         values["compensation_finished_at"] = now
+        if change.attempts is not None:
+            values["compensation_attempts"] = change.attempts
     return values
 
 
@@ -73,6 +76,7 @@ def _step_record(row: Any) -> StepRecord:
         name=row.name,
         status=StepStatus(row.status),
         attempts=row.attempts,
+        compensation_attempts=row.compensation_attempts,
         result=row.result,
         error=row.error,
         error_kind=ErrorKind(row.error_kind) if row.error_kind else None,

@@ -77,6 +77,7 @@ steps = Table(
     Column("name", String(200), nullable=False),
     Column("status", String(32), nullable=False),
     Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("compensation_attempts", Integer, nullable=False, server_default=text("0")),
     Column("result", JSON),
     Column("error", Text),
     Column("error_kind", String(16)),

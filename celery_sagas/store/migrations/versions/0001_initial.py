@@ -49,6 +49,9 @@ def upgrade() -> None:
         sa.Column("name", sa.String(200), nullable=False),
         sa.Column("status", sa.String(32), nullable=False),
         sa.Column("attempts", sa.Integer(), nullable=False, server_default=sa.text("0")),
+        sa.Column(
+            "compensation_attempts", sa.Integer(), nullable=False, server_default=sa.text("0")
+        ),
         sa.Column("result", sa.JSON()),
         sa.Column("error", sa.Text()),
         sa.Column("error_kind", sa.String(16)),

@@ -1,0 +1,61 @@
+# The README's commands. Everything runs from the project's own virtualenv (.venv).
+#   make test   PYTEST_ARGS="tests/unit -x"    lint gates + the whole pytest suite
+#   make demo   DEMO_ARGS="..."                the demo on the embedded default
+#   make bench  BENCH_ARGS="..."               the benchmark (needs the services)
+#   make lint                                  ruff, ruff format --check, import-linter, mypy
+#   make clean                                 remove .demo and tool caches
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+PYTEST_ARGS ?=
+DEMO_ARGS ?=
+BENCH_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help venv test demo bench lint services clean
+
+help:
+	@echo "make test    [PYTEST_ARGS=...]  ruff + import-linter + pytest (starts local services if needed)"
+	@echo "make demo    [DEMO_ARGS=...]    run the demo (python -m workers.demo)"
+	@echo "make bench   [BENCH_ARGS=...]   run bench/bench.py"
+	@echo "make lint                      ruff check, ruff format --check, lint-imports, mypy"
+	@echo "make clean                     remove .demo and caches"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Reinstalled only when pyproject.toml changes; the stamp is written only on success.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[dev]'
+	@touch $@
+
+venv: $(STAMP)
+
+services:
+	bash scripts/ensure_services.sh
+
+test: $(STAMP) services
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(BIN)/python -m workers.demo $(DEMO_ARGS)
+
+bench: $(STAMP) services
+	$(BIN)/python bench/bench.py $(BENCH_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
+	$(BIN)/mypy celery_sagas
+
+clean:
+	rm -rf .demo .pytest_cache .ruff_cache .mypy_cache .import_linter_cache build
+	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +
+	find . -path ./$(VENV) -prune -o -type d -name '*.egg-info' -prune -exec rm -rf {} +

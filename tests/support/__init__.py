@@ -1,0 +1,1 @@
+"""Test helpers: throwaway databases (``databases``) and real Celery processes (``processes``)."""

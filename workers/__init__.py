@@ -1,0 +1,1 @@
+"""Example participants of the order-fulfillment saga."""

@@ -1,0 +1,285 @@
+"""``make demo``: 200 order sagas through real Celery worker and beat processes.
+
+With no environment it runs on the embedded default (SQLite + kombu's ``filesystem://``
+transport under ``.demo/``, worker ``-P threads``); with ``CELERY_BROKER_URL`` and
+``SAGAS_DATABASE_URL`` it runs the same job on Redis/RabbitMQ and PostgreSQL (prefork).
+It exits non-zero if a saga is left unsettled or an invariant is broken.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from workers import config
+
+STOCK = {"WIDGET": 10_000, "GADGET": 10_000, "RARE-GEM": 6}
+FAILURE_POINTS = ("reserve_inventory", "process_payment", "create_shipment", "send_confirmation")
+
+
+def make_orders(count: int, seed: int) -> list[dict[str, Any]]:
+    """A reproducible mix: mostly good orders, card declines, scarce stock, injected
+    failures at every step, and transient errors that succeed on retry."""
+    rng = random.Random(seed)
+    orders = []
+    for number in range(count):
+        order: dict[str, Any] = {
+            "order_id": f"ORD-{seed}-{number:05d}",
+            "items": [
+                {
+                    "sku": rng.choice(["WIDGET", "GADGET"]),
+                    "qty": rng.randint(1, 3),
+                    "price": rng.randint(100, 5000),
+                }
+            ],
+            "payment": {"method": "card", "card_number": "4111111111111111"},
+            "shipping": {"address": f"{number} Demo Street"},
+        }
+        roll = rng.random()
+        if roll < 0.08:
+            order["payment"]["method"] = "card_declined"
+        elif roll < 0.14:
+            order["items"].append({"sku": "RARE-GEM", "qty": 2, "price": 99_00})
+        elif roll < 0.26:
+            order["simulate"] = {rng.choice(FAILURE_POINTS): "fail"}
+        elif roll < 0.34:
+            order["simulate"] = {rng.choice(FAILURE_POINTS): "transient:1"}
+        orders.append(order)
+    return orders
+
+
+# -- processes -------------------------------------------------------------------------
+
+
+def celery_process(
+    args: Sequence[str], log_path: Path, env: Mapping[str, str]
+) -> subprocess.Popen[bytes]:
+    log = log_path.open("wb")
+    return subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "workers.app", *args],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **env, "PYTHONPATH": str(config.REPO_ROOT)},
+        cwd=config.REPO_ROOT,
+        start_new_session=True,
+    )
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def wait_for_line(
+    log_path: Path, marker: str, process: subprocess.Popen[bytes], timeout: float
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log_path.exists() and marker in log_path.read_text(errors="replace"):
+            return
+        if process.poll() is not None:
+            break
+        time.sleep(0.1)
+    tail = log_path.read_text(errors="replace")[-3000:] if log_path.exists() else ""
+    raise SystemExit(f"demo: {log_path.name} did not report {marker.strip()!r}:\n{tail}")
+
+
+# -- progress and summary -------------------------------------------------------------
+
+
+def progress(done: int, total: int, counts: Mapping[str, int], started: float) -> None:
+    width = 40
+    filled = int(width * done / total) if total else width
+    states = " ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+    sys.stderr.write(
+        f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} settled "
+        f"{time.monotonic() - started:5.1f}s  {states}   "
+    )
+    sys.stderr.flush()
+
+
+def print_summary(report: Mapping[str, Any]) -> None:
+    print("\nsagas by final state")
+    for state, count in sorted(report["states"].items()):
+        print(f"  {state:<22}{count:>6}")
+    print(f"  {'total':<22}{report['total']:>6}")
+    print("\nwhat happened")
+    rows = [
+        ("compensations run", report["compensations"]),
+        ("step retries (transient errors)", report["retries"]),
+        ("business failures (declined, no stock, injected)", report["business_failures"]),
+        ("duplicate start (same order twice) -> sagas", report["duplicate_start_sagas"]),
+        ("mean saga duration", f"{report['mean_ms']:.0f} ms"),
+        ("p95 saga duration", f"{report['p95_ms']:.0f} ms"),
+        ("wall time", f"{report['wall_s']:.1f} s"),
+    ]
+    for label, value in rows:
+        print(f"  {label:<50}{value!s:>12}")
+    print("\ninvariants")
+    for name, ok in report["invariants"].items():
+        print(f"  [{'ok' if ok else 'BROKEN'}] {name}")
+
+
+# -- the job ------------------------------------------------------------------------------
+
+
+def prepare_embedded(fresh: bool) -> bool:
+    """Use the embedded default unless both URLs are set; start from a clean folder."""
+    embedded = not (os.environ.get("CELERY_BROKER_URL") and os.environ.get("SAGAS_DATABASE_URL"))
+    if embedded:
+        os.environ.pop("CELERY_BROKER_URL", None)
+        os.environ.pop("SAGAS_DATABASE_URL", None)
+        if fresh and config.demo_dir().exists():
+            shutil.rmtree(config.demo_dir())
+        config.demo_dir().mkdir(parents=True, exist_ok=True)
+    return embedded
+
+
+def reset_database() -> None:
+    from sqlalchemy import delete
+
+    from celery_sagas.store import upgrade
+    from celery_sagas.store.tables import guards, outbox, sagas, steps, transitions
+    from workers import db
+
+    upgrade(config.database_url())
+    db.create_tables()
+    engine = db.get_engine()
+    with engine.begin() as conn:
+        for table in (
+            guards,
+            outbox,
+            transitions,
+            steps,
+            sagas,
+            *reversed(db.participant_metadata.sorted_tables),
+        ):
+            conn.execute(delete(table))
+    db.seed_inventory(STOCK)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "-n", "--sagas", type=int, default=200, help="how many orders (default 200)"
+    )
+    parser.add_argument("--seed", type=int, default=7, help="random seed for the order mix")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="worker concurrency (default 8 threads embedded, 2 prefork otherwise)",
+    )
+    parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for all sagas")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    args = parser.parse_args(argv)
+    if args.sagas < 1:
+        parser.error("--sagas must be at least 1")
+
+    embedded = prepare_embedded(fresh=True)
+    where = (
+        f"embedded: SQLite + filesystem broker in {config.demo_dir()}"
+        if embedded
+        else f"broker {config.broker_url()}, database {config.database_url()}"
+    )
+    print(f"demo: {where}")
+    reset_database()
+    logs = config.demo_dir()
+    logs.mkdir(parents=True, exist_ok=True)
+    pool = (
+        ["-P", "threads", "-c", str(args.concurrency or 8)]
+        if embedded
+        else ["-P", "prefork", "-c", str(args.concurrency or 2)]
+    )
+    env = {"SAGAS_RELAY_INTERVAL": "2", "SAGAS_RELAY_AFTER": "10"}
+    with ExitStack() as stack:
+        worker = celery_process(
+            ["worker", "-l", "INFO", "-E", *pool, "-n", f"demo-{os.getpid()}@%h"],
+            logs / "worker.log",
+            env,
+        )
+        stack.callback(stop, worker)
+        beat = celery_process(
+            ["beat", "-l", "INFO", "-s", str(logs / "celerybeat-schedule")], logs / "beat.log", env
+        )
+        stack.callback(stop, beat)
+        wait_for_line(logs / "worker.log", " ready.", worker, timeout=60)
+        print(f"demo: worker and beat running (logs in {logs}/worker.log, beat.log)")
+        report = run_job(args, embedded)
+    report["embedded"] = embedded
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print_summary(report)
+        failed = next(iter(report["failed_examples"]), None)
+        if failed:
+            print(
+                f"\nlook at a failed saga:  celery-sagas show {failed}"
+                + ("" if not embedded else f"  (SAGAS_DATABASE_URL={config.database_url()})")
+            )
+    ok = all(report["invariants"].values())
+    print("\ndemo: " + ("all invariants hold" if ok else "INVARIANTS BROKEN"))
+    return 0 if ok else 1
+
+
+def run_job(args: argparse.Namespace, embedded: bool) -> dict[str, Any]:
+    from celery_sagas import InvalidPayloadError
+    from celery_sagas.store import SqlSagaStore
+    from workers.orders import start_saga
+
+    store = SqlSagaStore(config.database_url())
+    orders = make_orders(args.sagas, args.seed)
+    started = time.monotonic()
+    for order in orders:
+        start_saga.delay(order)
+    start_saga.delay(orders[0])  # the same order again: still one saga
+    try:
+        start_saga.delay({"order_id": "", "items": []})
+    except InvalidPayloadError as exc:
+        print(f"demo: an invalid order is refused before anything is sent: {exc}")
+    wait_settled(store, len(orders), started, args.timeout)
+    from workers.report import build_report
+
+    return build_report(store, orders, time.monotonic() - started, STOCK)
+
+
+def wait_settled(store: Any, total: int, started: float, timeout: float) -> None:
+    from celery_sagas.machine import SETTLED_STATES
+
+    settled_names = {s.value for s in SETTLED_STATES}
+    deadline = started + timeout
+    while True:
+        counts = store.count_by_state()
+        done = sum(v for k, v in counts.items() if k in settled_names)
+        progress(done, total, counts, started)
+        if done >= total:
+            sys.stderr.write("\n")
+            return
+        if time.monotonic() > deadline:
+            sys.stderr.write("\n")
+            print(f"demo: timed out after {timeout:.0f}s with {total - done} saga(s) unsettled")
+            return
+        time.sleep(0.25)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
