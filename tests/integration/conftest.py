@@ -1,0 +1,130 @@
+"""The example deployment under test: one PostgreSQL database and one Redis DB for the
+session, the schema migrated, stock seeded, and ``workers.app`` imported in this process
+pointed at them (so tests call ``start_saga.delay(order)`` like application code)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from tests.conftest import require_service
+from tests.support.databases import (
+    create_pg_database,
+    drop_pg_database,
+    redis_test_url,
+    release_redis_db,
+)
+from tests.support.processes import CeleryProcess, wait_until
+
+SETTLED = {"COMPLETED", "FAILED", "COMPENSATION_FAILED"}
+
+
+@dataclass
+class Deployment:
+    database_url: str
+    broker_url: str
+    log_dir: Path
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            "SAGAS_DATABASE_URL": self.database_url,
+            "CELERY_BROKER_URL": self.broker_url,
+            "SAGAS_RELAY_INTERVAL": "0.5",
+            "SAGAS_RELAY_AFTER": "2",
+        }
+
+    def worker(self, app: str = "workers.app", **kwargs: Any) -> CeleryProcess:
+        kwargs.setdefault("pool", "prefork")
+        kwargs.setdefault("concurrency", 2)
+        kwargs.setdefault("log_dir", self.log_dir)
+        kwargs.setdefault("env", self.env)
+        return CeleryProcess(app, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    require_service("postgresql")
+    require_service("redis")
+    database_url = create_pg_database("sagas_e2e")
+    broker_url = redis_test_url()
+    saved = {k: os.environ.get(k) for k in ("SAGAS_DATABASE_URL", "CELERY_BROKER_URL")}
+    os.environ["SAGAS_DATABASE_URL"] = database_url
+    os.environ["CELERY_BROKER_URL"] = broker_url
+    from celery_sagas.store import upgrade
+    from workers import db
+
+    db.reset_engine()
+    upgrade(database_url)
+    db.create_tables()
+    yield Deployment(database_url, broker_url, tmp_path_factory.mktemp("celery"))
+    db.reset_engine()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    release_redis_db(broker_url)
+    drop_pg_database(database_url)
+
+
+@pytest.fixture(scope="session")
+def start_saga(deployment: Deployment) -> Any:
+    from workers.orders import start_saga
+
+    return start_saga
+
+
+def make_order(sku: str, qty: int = 1, **extra: Any) -> dict[str, Any]:
+    order: dict[str, Any] = {
+        "order_id": f"T-{uuid.uuid4().hex[:12]}",
+        "items": [{"sku": sku, "qty": qty, "price": 1250}],
+        "payment": {"method": "card", "card_number": "4111111111111111"},
+    }
+    order.update(extra)
+    return order
+
+
+@pytest.fixture
+def fresh_sku(deployment: Deployment) -> Callable[[int], str]:
+    """A new SKU with the given stock, so tests never share inventory."""
+    from workers import db
+
+    def make(on_hand: int = 100) -> str:
+        sku = f"SKU-{uuid.uuid4().hex[:10]}"
+        db.seed_inventory({sku: on_hand})
+        return sku
+
+    return make
+
+
+def saga_by_key(key: str) -> Any:
+    from celery_sagas.store import SqlSagaStore
+
+    return SqlSagaStore(os.environ["SAGAS_DATABASE_URL"]).find(key)
+
+
+def wait_settled(keys: list[str], timeout: float = 60) -> dict[str, Any]:
+    """Poll the saga table until every saga of ``keys`` is settled; returns records."""
+
+    def settled() -> dict[str, Any] | None:
+        records = {key: saga_by_key(key) for key in keys}
+        if all(r is not None and r.state.value in SETTLED for r in records.values()):
+            return records
+        return None
+
+    return wait_until(settled, timeout=timeout, interval=0.1, message=f"sagas {keys} settled")
+
+
+def rows_for(table: Any, order_id: str) -> list[Any]:
+    from workers import db
+
+    with db.get_engine().connect() as conn:
+        return list(conn.execute(select(table).where(table.c.order_id == order_id)))

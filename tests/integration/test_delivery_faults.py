@@ -1,0 +1,100 @@
+"""Delivery faults: every message delivered twice, and a pool child SIGKILLed mid-step."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+from celery_sagas.store import SqlSagaStore
+from tests.integration.conftest import Deployment, make_order, rows_for, wait_settled
+from tests.support.processes import wait_until
+from workers import db
+
+
+def test_every_message_delivered_twice_causes_no_double_side_effect(
+    deployment: Deployment, start_saga: Any, fresh_sku: Callable[[int], str]
+) -> None:
+    from tests.integration import duplicating_app
+
+    sku = fresh_sku(20)
+    good = [make_order(sku, qty=2) for _ in range(3)]
+    failing = make_order(sku, qty=2, simulate={"create_shipment": "fail"})
+    orders = [*good, failing]
+    counter = redis.Redis.from_url(deployment.broker_url)
+    counter.delete(duplicating_app.DUPLICATES_KEY)
+    duplicating_app.enable()  # the start messages from this process are doubled too
+    try:
+        with deployment.worker("tests.integration.duplicating_app", name="dup-worker") as worker:
+            for order in orders:
+                start_saga.delay(order)
+            records = wait_settled([o["order_id"] for o in orders])
+            log = worker.log_text()
+    finally:
+        duplicating_app.disable()
+
+    # 4 sagas x (start + 4 step/compensation chains + replies) were all doubled
+    assert int(counter.get(duplicating_app.DUPLICATES_KEY) or 0) >= 4 * 9
+    assert "duplicate delivery" in log and "ignored" in log
+    store = SqlSagaStore(db.database_url())
+    for order in good:
+        record = records[order["order_id"]]
+        assert record.state.value == "COMPLETED"
+        assert len(rows_for(db.reservations, order["order_id"])) == 1
+        assert len(rows_for(db.payments, order["order_id"])) == 1
+        assert len(rows_for(db.shipments, order["order_id"])) == 1
+        assert len(rows_for(db.notifications, order["order_id"])) == 1
+        completions = [t.step for t in store.transitions(record.saga_id) if t.new == "completed"]
+        assert completions == [
+            "reserve_inventory",
+            "process_payment",
+            "create_shipment",
+            "send_confirmation",
+        ]
+    failed = records[failing["order_id"]]
+    assert failed.state.value == "FAILED"
+    compensations = [t.step for t in store.transitions(failed.saga_id) if t.new == "compensated"]
+    assert compensations == ["process_payment", "reserve_inventory"]
+    assert [p.status for p in rows_for(db.payments, failing["order_id"])] == ["refunded"]
+    assert db.stock(sku) == 20 - 2 * len(good)
+
+
+def _active_pid(app: Any, hostname: str, task_name: str) -> int | None:
+    replies = app.control.inspect(destination=[hostname], timeout=0.5).active() or {}
+    for tasks in replies.values():
+        for task in tasks:
+            if task["name"] == task_name:
+                return int(task["worker_pid"])
+    return None
+
+
+def test_pool_child_sigkilled_mid_step_saga_still_completes_exactly_once(
+    deployment: Deployment, start_saga: Any, fresh_sku: Callable[[int], str]
+) -> None:
+    from workers.app import app
+
+    sku = fresh_sku(5)
+    order = make_order(sku, qty=1, simulate={"process_payment": "slow:2"})
+    hostname = f"kill-{os.getpid()}@localhost"
+    with deployment.worker(name="kill-worker", hostname=hostname, concurrency=1) as worker:
+        start_saga.delay(order)
+        pid = wait_until(
+            lambda: _active_pid(app, hostname, "order_fulfillment.process_payment"),
+            timeout=30,
+            message="process_payment running in a pool child",
+        )
+        os.kill(pid, signal.SIGKILL)
+        record = wait_settled([order["order_id"]], timeout=60)[order["order_id"]]
+        log = worker.log_text()
+
+    assert "SIGKILL" in log or "signal 9" in log
+    assert record.state.value == "COMPLETED"
+    assert [p.status for p in rows_for(db.payments, order["order_id"])] == ["captured"]
+    assert len(rows_for(db.reservations, order["order_id"])) == 1
+    assert db.stock(sku) == 4
+    store = SqlSagaStore(db.database_url())
+    completions = [t.step for t in store.transitions(record.saga_id) if t.new == "completed"]
+    assert completions.count("process_payment") == 1
