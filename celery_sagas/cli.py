@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import click
@@ -198,19 +198,45 @@ def _store(ctx: click.Context) -> Any:
 @cli.command("list", help="List sagas, newest first.")
 @click.option("--state", type=STATE_CHOICES, help="Only sagas in this state.")
 @click.option("--name", help="Only sagas of this type (e.g. order_fulfillment).")
+@click.option(
+    "--stuck",
+    is_flag=True,
+    help="Only sagas still unfinished (not COMPLETED/FAILED) after --stuck-after seconds.",
+)
+@click.option(
+    "--stuck-after",
+    type=click.FloatRange(min=0, min_open=True),
+    default=SagaSettings.stuck_after,
+    envvar="SAGAS_STUCK_AFTER",
+    show_default=True,
+    help="The stuck-saga threshold in seconds. Env: SAGAS_STUCK_AFTER.",
+)
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @click.pass_context
 def list_command(
-    ctx: click.Context, state: str | None, name: str | None, limit: int, as_json: bool
+    ctx: click.Context,
+    state: str | None,
+    name: str | None,
+    stuck: bool,
+    stuck_after: float,
+    limit: int,
+    as_json: bool,
 ) -> None:
     store = _store(ctx)
-    records = store.list_sagas(SagaState(state.upper()) if state else None, name, limit)
+    records = store.list_sagas(
+        SagaState(state.upper()) if state else None,
+        name,
+        limit,
+        created_before=datetime.now(UTC) - timedelta(seconds=stuck_after) if stuck else None,
+        unfinished=stuck,
+    )
     if as_json:
         _emit_json([saga_summary(r) for r in records])
         return
     if not records:
-        click.echo("no sagas" + (f" in state {state.upper()}" if state else ""))
+        what = " stuck" if stuck else ""
+        click.echo(f"no{what} sagas" + (f" in state {state.upper()}" if state else ""))
         return
     rows = [
         (

@@ -10,16 +10,23 @@ import hashlib
 import json
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from celery_sagas import machine
 from celery_sagas.definition import Saga, idempotency_key
 from celery_sagas.errors import ConcurrentUpdateError, InvalidPayloadError, SagaError
 from celery_sagas.log import log_transition, logger
-from celery_sagas.machine import Decision, RunCompensation, RunStep, SagaView, StepStatus
-from celery_sagas.protocols import NewSaga, OutboxMessage, SagaRecord, SagaStore
+from celery_sagas.machine import (
+    SETTLED_STATES,
+    Decision,
+    RunCompensation,
+    RunStep,
+    SagaView,
+    StepStatus,
+)
+from celery_sagas.protocols import Claim, NewSaga, OutboxMessage, SagaRecord, SagaStore
 
 MAX_CAS_ATTEMPTS = 20
 
@@ -96,16 +103,41 @@ def build_message(
     return OutboxMessage(saga_id=saga_id, body=body)
 
 
+@dataclass(frozen=True)
+class Timing:
+    """Timeouts and deadlines, from the definitions with configuration overrides.
+
+    ``step_timeouts`` keys are ``"saga.step"`` or ``"step"``; ``saga_deadlines`` keys are
+    saga names; values are seconds."""
+
+    step_timeouts: Mapping[str, float] = field(default_factory=dict)
+    saga_deadlines: Mapping[str, float] = field(default_factory=dict)
+    max_redispatches: int = 2
+
+    def timeouts(self, saga: Saga) -> tuple[float | None, ...]:
+        return tuple(
+            self.step_timeouts.get(f"{saga.name}.{step.name}")
+            or self.step_timeouts.get(step.name)
+            or step.timeout_seconds
+            for step in saga.steps
+        )
+
+    def deadline(self, saga: Saga) -> float | None:
+        return self.saga_deadlines.get(saga.name) or saga.deadline  # type: ignore[return-value]
+
+
 class Coordinator:
     def __init__(
         self,
         store: SagaStore,
         sagas: Mapping[str, Saga],
         clock: Callable[[], datetime] = utcnow,
+        timing: Timing | None = None,
     ) -> None:
         self.store = store
         self.sagas = sagas
         self.clock = clock
+        self.timing = timing or Timing()
 
     def definition(self, name: str) -> Saga:
         try:
@@ -113,14 +145,30 @@ class Coordinator:
         except KeyError:
             raise SagaError(f"unknown saga {name!r}; installed: {sorted(self.sagas)}") from None
 
+    def view(self, record: SagaRecord) -> SagaView:
+        saga = self.definition(record.name)
+        return record.view(self.timing.timeouts(saga), self.timing.max_redispatches)
+
+    def messages_for(self, record: SagaRecord, decision: Decision) -> list[OutboxMessage]:
+        saga = self.definition(record.name)
+        return [
+            build_message(saga, record, record.saga_id, record.payload, decision, command)
+            for command in decision.commands
+        ]
+
     def start(self, name: str, payload: Any, saga_id: str | None = None) -> Outcome:
         """Persist a new saga and the message for its first step, in one transaction.
 
         Starting the same business key with the same payload again returns the existing
-        saga; another payload raises ``PayloadConflictError``."""
+        saga; another payload raises ``PayloadConflictError``. A saga type at its
+        ``max_concurrent`` limit leaves the new saga waiting in STARTED."""
         saga = self.definition(name)
         key = check_payload(saga, payload)
         saga_id = saga_id or str(uuid.uuid4())
+        now = self.clock()
+        deadline = self.timing.deadline(saga)
+        deadline_at = now + timedelta(seconds=deadline) if deadline else None
+        timeouts = self.timing.timeouts(saga)
         view = SagaView(
             saga_id=saga_id,
             name=saga.name,
@@ -128,20 +176,22 @@ class Coordinator:
             current_step=0,
             token=0,
             steps=tuple(
-                machine.StepView(i, s.name, StepStatus.PENDING) for i, s in enumerate(saga.steps)
+                machine.StepView(i, s.name, StepStatus.PENDING, timeout=timeouts[i])
+                for i, s in enumerate(saga.steps)
             ),
+            deadline_at=deadline_at,
+            max_redispatches=self.timing.max_redispatches,
         )
-        now = self.clock()
-        decision = machine.decide(view, machine.Begin(), now)
+        decision = machine.decide(view, machine.Begin(admit=saga.max_concurrent is None), now)
         messages = [
             build_message(saga, None, saga_id, payload, decision, command)
             for command in decision.commands
         ]
-        new = NewSaga(saga_id, saga.name, key, payload, payload_hash(payload), saga.step_names)
+        new = NewSaga(
+            saga_id, saga.name, key, payload, payload_hash(payload), saga.step_names, deadline_at
+        )
         created = self.store.create(new, decision, messages, now)
-        if created.created:
-            self._log(saga_id, saga.name, decision)
-        else:
+        if not created.created:
             logger.info(
                 "saga %s already started for %s %r; not started again",
                 created.record.saga_id,
@@ -149,7 +199,10 @@ class Coordinator:
                 key,
                 extra={"saga_id": created.record.saga_id, "saga": saga.name},
             )
-        return Outcome(created.record.saga_id, decision, created.messages, created.created)
+            return Outcome(created.record.saga_id, decision, (), False)
+        self._log(saga_id, saga.name, decision)
+        written = created.messages + self.admit(saga.name)
+        return Outcome(created.record.saga_id, decision, written, True)
 
     def handle(self, saga_id: str, event: machine.Event) -> Outcome:
         """Apply one event with compare-and-set, retrying on a lost race."""
@@ -158,22 +211,44 @@ class Coordinator:
             if record is None:
                 logger.warning("event for unknown saga %s ignored", saga_id)
                 return Outcome(saga_id, None)
-            decision = machine.decide(record.view(), event, self.clock())
+            decision = machine.decide(self.view(record), event, self.clock())
             if not decision.accepted:
                 self._log_ignored(record, event, decision)
                 return Outcome(saga_id, decision)
-            saga = self.definition(record.name)
-            messages = [
-                build_message(saga, record, saga_id, record.payload, decision, command)
-                for command in decision.commands
-            ]
             try:
-                written = self.store.commit(record, decision, messages, self.clock())
+                written = self.store.commit(
+                    record, decision, self.messages_for(record, decision), self.clock()
+                )
             except ConcurrentUpdateError:
                 continue
             self._log(saga_id, record.name, decision)
+            if decision.state in SETTLED_STATES:
+                written += self.admit(record.name)
             return Outcome(saga_id, decision, written)
         raise ConcurrentUpdateError(f"saga {saga_id}: gave up after {MAX_CAS_ATTEMPTS} races")
+
+    def apply_claimed(
+        self, claim: Claim, record: SagaRecord, event: machine.Event, now: datetime
+    ) -> tuple[Decision, tuple[OutboxMessage, ...]]:
+        """Decide and commit inside a scanner's claim (the saga row is locked)."""
+        decision = machine.decide(self.view(record), event, now)
+        if not decision.accepted:
+            return decision, ()
+        written = claim.commit(record, decision, self.messages_for(record, decision), now)
+        self._log(record.saga_id, record.name, decision)
+        return decision, written
+
+    def admit(self, name: str) -> tuple[OutboxMessage, ...]:
+        """Start waiting sagas of ``name`` while its ``max_concurrent`` allows, oldest first."""
+        saga = self.definition(name)
+        if saga.max_concurrent is None:
+            return ()
+        written: tuple[OutboxMessage, ...] = ()
+        now = self.clock()
+        with self.store.claim_waiting(name, saga.max_concurrent) as claim:
+            for record in claim.records:
+                written += self.apply_claimed(claim, record, machine.Admit(), now)[1]
+        return written
 
     @staticmethod
     def _log(saga_id: str, name: str, decision: Decision) -> None:

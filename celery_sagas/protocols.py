@@ -6,10 +6,12 @@ The coordinator and the scanner only talk to these; SQLAlchemy and Celery sit be
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
+from celery_sagas.definition import idempotency_key
 from celery_sagas.machine import (
     Decision,
     ErrorKind,
@@ -34,6 +36,10 @@ class StepRecord:
     finished_at: datetime | None = None
     compensation_started_at: datetime | None = None
     compensation_finished_at: datetime | None = None
+    deadline_at: datetime | None = None
+    redispatch_at: datetime | None = None
+    dispatches: int = 0
+    started: bool = False  # a worker began executing the current send (scans only)
 
 
 @dataclass(frozen=True)
@@ -50,16 +56,36 @@ class SagaRecord:
     updated_at: datetime
     reason: str | None = None
     finished_at: datetime | None = None
+    deadline_at: datetime | None = None
+    due_at: datetime | None = None
+    admitted: bool = True
     steps: tuple[StepRecord, ...] = ()
 
-    def view(self) -> SagaView:
+    def view(self, timeouts: Sequence[float | None] = (), max_redispatches: int = 2) -> SagaView:
+        """The machine's view; ``timeouts`` are the steps' timeouts in seconds."""
+        timeouts = tuple(timeouts) or (None,) * len(self.steps)
         return SagaView(
             saga_id=self.saga_id,
             name=self.name,
             state=self.state,
             current_step=self.current_step,
             token=self.token,
-            steps=tuple(StepView(s.index, s.name, s.status, s.error_kind) for s in self.steps),
+            steps=tuple(
+                StepView(
+                    s.index,
+                    s.name,
+                    s.status,
+                    s.error_kind,
+                    timeout=timeouts[s.index],
+                    deadline_at=s.deadline_at,
+                    redispatch_at=s.redispatch_at,
+                    dispatches=s.dispatches,
+                    started=s.started,
+                )
+                for s in self.steps
+            ),
+            deadline_at=self.deadline_at,
+            max_redispatches=max_redispatches,
         )
 
     def results(self) -> dict[str, Any]:
@@ -75,6 +101,7 @@ class NewSaga:
     payload: Mapping[str, Any]
     payload_hash: str
     step_names: tuple[str, ...]
+    deadline_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -99,6 +126,15 @@ class TransitionRecord:
     actor: str = "coordinator"
 
 
+STARTED = "started"  # guard outcome while an execution is under way
+
+
+def current_execution_key(record: SagaRecord) -> str:
+    """The guard key of what the saga is waiting for: its current action or compensation."""
+    role = "compensation" if record.state == SagaState.COMPENSATING else "action"
+    return idempotency_key(record.saga_id, record.steps[record.current_step].name, role)
+
+
 @dataclass(frozen=True)
 class GuardRecord:
     """The recorded outcome of one step or compensation: ``key`` is
@@ -116,6 +152,21 @@ class CreateResult:
     record: SagaRecord
     created: bool
     messages: tuple[OutboxMessage, ...] = field(default_factory=tuple)
+
+
+class Claim(Protocol):
+    """Sagas claimed by a scan, locked until the claim's transaction ends
+    (``FOR UPDATE SKIP LOCKED`` on PostgreSQL; SQLite serialises writers)."""
+
+    records: tuple[SagaRecord, ...]
+
+    def commit(
+        self,
+        saga: SagaRecord,
+        decision: Decision,
+        messages: Sequence[OutboxMessage],
+        now: datetime,
+    ) -> tuple[OutboxMessage, ...]: ...
 
 
 class SagaStore(Protocol):
@@ -155,17 +206,47 @@ class SagaStore(Protocol):
 
     def get_guard(self, key: str) -> GuardRecord | None: ...
 
+    def begin_guard(self, key: str, now: datetime) -> GuardRecord | None:
+        """Before running: mark the execution started. Returns the recorded final outcome
+        if there is one (a duplicate delivery), else None (go ahead and run)."""
+        ...
+
     def put_guard(self, guard: GuardRecord, now: datetime) -> GuardRecord:
-        """Record an outcome once; returns whichever record won."""
+        """Record a final outcome once; returns whichever record won."""
         ...
 
     def list_sagas(
-        self, state: SagaState | None = None, name: str | None = None, limit: int = 100
+        self,
+        state: SagaState | None = None,
+        name: str | None = None,
+        limit: int = 100,
+        created_before: datetime | None = None,
+        unfinished: bool = False,
     ) -> tuple[SagaRecord, ...]: ...
 
     def count_by_state(self) -> Mapping[str, int]: ...
 
     def transitions(self, saga_id: str) -> tuple[TransitionRecord, ...]: ...
+
+    # -- what the scanner needs --
+
+    def claim_due(self, now: datetime, limit: int) -> AbstractContextManager[Claim]:
+        """Live sagas whose ``due_at`` has passed, oldest first, locked."""
+        ...
+
+    def claim_waiting(self, name: str, max_concurrent: int) -> AbstractContextManager[Claim]:
+        """Sagas of ``name`` waiting for admission, as many as there are free slots,
+        oldest first; the count and the claim are one atomic step."""
+        ...
+
+    def waiting_names(self) -> tuple[str, ...]: ...
+
+    def report_stuck(
+        self, older_than: datetime, now: datetime, limit: int
+    ) -> tuple[SagaRecord, ...]:
+        """Unfinished sagas created before ``older_than`` not reported yet; marks them
+        reported, so each is returned once."""
+        ...
 
 
 class Dispatcher(Protocol):

@@ -1,12 +1,14 @@
 """One frozen settings object, built from the Celery app's config or keyword arguments.
 
 Celery config keys are the field names prefixed with ``sagas_`` (``sagas_database_url``,
-``sagas_relay_interval``, ...). ``SAGAS_DATABASE_URL`` in the environment is the fallback
-for the database URL.
+``sagas_relay_interval``, ...). The environment is the fallback for every field:
+``SAGAS_DATABASE_URL``, ``SAGAS_SCAN_INTERVAL=1``, ``SAGAS_STEP_TIMEOUTS='{"create_shipment":
+900}'`` (values are read as JSON when they parse, else as text).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -24,8 +26,13 @@ class SagaSettings:
     relay_interval: float = 2.0
     relay_after: float = 5.0
     relay_batch: int = 500
+    scan_interval: float = 2.0
+    scan_batch: int = 200
+    stuck_after: float = 600.0
+    max_redispatches: int = 2
     redact_fields: tuple[str, ...] = DEFAULT_REDACT_FIELDS
     step_timeouts: Mapping[str, float] = field(default_factory=dict)
+    saga_deadlines: Mapping[str, float] = field(default_factory=dict)
     engine_options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -41,11 +48,24 @@ class SagaSettings:
                 f"use a postgresql+psycopg2:// URL (SQLAlchemy 2.1 reads a bare "
                 f"postgresql:// as psycopg 3): {redact_url(self.database_url)}"
             )
-        for name in ("relay_interval", "relay_after"):
+        for name in ("relay_interval", "relay_after", "scan_interval", "stuck_after"):
             if getattr(self, name) <= 0:
                 raise SagaConfigurationError(f"{name} must be positive")
-        if self.relay_batch < 1:
-            raise SagaConfigurationError("relay_batch must be >= 1")
+        for name in ("relay_batch", "scan_batch"):
+            if getattr(self, name) < 1:
+                raise SagaConfigurationError(f"{name} must be >= 1")
+        if self.max_redispatches < 0:
+            raise SagaConfigurationError("max_redispatches must be >= 0")
+        for name in ("step_timeouts", "saga_deadlines"):
+            for key, seconds in dict(getattr(self, name)).items():
+                if (
+                    isinstance(seconds, bool)
+                    or not isinstance(seconds, int | float)
+                    or seconds <= 0
+                ):
+                    raise SagaConfigurationError(
+                        f"{name}[{key!r}] must be a positive number of seconds, got {seconds!r}"
+                    )
         object.__setattr__(self, "redact_fields", tuple(self.redact_fields))
 
     @classmethod
@@ -58,10 +78,20 @@ class SagaSettings:
                 values[f.name] = override
             elif conf.get(key) is not None:
                 values[f.name] = conf[key]
+            elif os.environ.get(key.upper()):
+                values[f.name] = _from_env(key.upper())
         if overrides:
             raise SagaConfigurationError(f"unknown settings: {', '.join(sorted(overrides))}")
-        values.setdefault("database_url", os.environ.get("SAGAS_DATABASE_URL", ""))
+        values.setdefault("database_url", "")
         return cls(**values)
+
+
+def _from_env(name: str) -> Any:
+    raw = os.environ[name]
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
 
 
 def redact_url(url: str) -> str:

@@ -7,7 +7,6 @@ installed with one call.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 from celery import Celery, signals
@@ -22,11 +21,6 @@ app.conf.broker_transport_options = config.broker_transport_options(app.conf.bro
 app.conf.task_ignore_result = True
 app.conf.worker_send_task_events = True
 app.conf.broker_connection_retry_on_startup = True
-if os.environ.get("SAGAS_RELAY_INTERVAL"):
-    app.conf.sagas_relay_interval = float(os.environ["SAGAS_RELAY_INTERVAL"])
-if os.environ.get("SAGAS_RELAY_AFTER"):
-    app.conf.sagas_relay_after = float(os.environ["SAGAS_RELAY_AFTER"])
-
 sagas = install(app, [order_fulfillment], database_url=config.database_url())
 
 

@@ -11,15 +11,17 @@ from typing import Any
 
 from celery import Celery, Task, signals
 
-from celery_sagas import machine, outbox
-from celery_sagas.coordinator import Coordinator, utcnow
+from celery_sagas import machine, outbox, scanner
+from celery_sagas.coordinator import Coordinator, Timing, utcnow
 from celery_sagas.definition import Saga, registry
 from celery_sagas.errors import SagaError
 from celery_sagas.integration.config import apply_reliability_config
+from celery_sagas.integration.crash import crash_point
 from celery_sagas.integration.dispatcher import ADVANCE_TASK, COMPENSATED_TASK, CeleryDispatcher
 from celery_sagas.integration.steps import StepTask
 from celery_sagas.integration.tasks import (
     RELAY_TASK,
+    SCAN_TASK,
     register_coordinator_tasks,
     register_start_task,
 )
@@ -50,7 +52,12 @@ class SagaRuntime:
     @property
     def coordinator(self) -> Coordinator:
         if self._coordinator is None:
-            self._coordinator = Coordinator(self.store, self.sagas, utcnow)
+            timing = Timing(
+                step_timeouts=self.settings.step_timeouts,
+                saga_deadlines=self.settings.saga_deadlines,
+                max_redispatches=self.settings.max_redispatches,
+            )
+            self._coordinator = Coordinator(self.store, self.sagas, utcnow, timing)
         return self._coordinator
 
     def start_task(self, saga_name: str) -> Task:
@@ -71,11 +78,29 @@ class SagaRuntime:
 
     def apply(self, saga_id: str, event: machine.Event) -> str | None:
         outcome = self.coordinator.handle(saga_id, event)
+        if outcome.messages:
+            crash_point("after_commit")
         outbox.publish(self.store, self.dispatcher, outcome.messages, utcnow)
         decision = outcome.decision
         if decision is None:
             return None
         return decision.state.value if decision.accepted and decision.state else "ignored"
+
+    def scan(self) -> dict[str, int]:
+        report = scanner.scan(
+            self.coordinator,
+            utcnow(),
+            batch=self.settings.scan_batch,
+            stuck_after=self.settings.stuck_after,
+        )
+        outbox.publish(self.store, self.dispatcher, report.messages, utcnow)
+        return {
+            "timed_out": report.timed_out,
+            "resent": report.resent,
+            "compensation_given_up": report.compensation_given_up,
+            "admitted": report.admitted,
+            "stuck": report.stuck,
+        }
 
     def relay(self) -> int:
         return outbox.relay(
@@ -114,7 +139,9 @@ def _register_step_tasks(app: Celery, runtime: SagaRuntime, saga: Saga) -> None:
 def _route_coordinator(app: Celery, queue: str | None, sagas: Sequence[Saga]) -> None:
     if not queue:
         return
-    names = [ADVANCE_TASK, COMPENSATED_TASK, RELAY_TASK] + [f"{s.name}.start" for s in sagas]
+    names = [ADVANCE_TASK, COMPENSATED_TASK, RELAY_TASK, SCAN_TASK] + [
+        f"{s.name}.start" for s in sagas
+    ]
     app.conf.task_routes = {**(app.conf.task_routes or {}), **{n: {"queue": queue} for n in names}}
 
 
@@ -133,6 +160,7 @@ def install(app: Celery, sagas: Sequence[Saga], **settings: Any) -> SagaRuntime:
     app.conf.beat_schedule = {
         **(app.conf.beat_schedule or {}),
         RELAY_TASK: {"task": RELAY_TASK, "schedule": runtime.settings.relay_interval},
+        SCAN_TASK: {"task": SCAN_TASK, "schedule": runtime.settings.scan_interval},
     }
     signals.worker_process_init.connect(_dispose_engines, weak=False)
     app._celery_sagas_runtime = runtime  # read by `celery -A app sagas …`

@@ -48,7 +48,7 @@ class StepTask(Task):  # type: ignore[misc]
     ) -> dict[str, Any]:
         store: SagaStore = self.store_factory()
         extra = {"saga_id": saga_id, "saga": self.saga.name, "step": self.step_def.name}
-        recorded = store.get_guard(key)
+        recorded = store.begin_guard(key, utcnow())
         if recorded is not None:
             logger.info(
                 "saga %s %s: duplicate delivery, returning the recorded %s outcome",

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from celery_sagas.integration.runtime import SagaRuntime
 
 RELAY_TASK = "celery_sagas.relay_outbox"
+SCAN_TASK = "celery_sagas.scan"
 RETRY_ON_STORE = {
     "autoretry_for": (StoreUnavailableError, ConcurrentUpdateError),
     "retry_backoff": True,
@@ -64,9 +65,13 @@ def register_coordinator_tasks(app: Celery, runtime: SagaRuntime) -> None:
     def compensated(outcome: dict[str, Any], saga_id: str, step: int, token: int) -> str | None:
         return runtime.apply(saga_id, outcome_event(outcome, step, token, "compensation"))
 
-    @app.task(name=RELAY_TASK, ignore_result=True)
+    @app.task(name=RELAY_TASK, ignore_result=True, expires=30)
     def relay_outbox() -> int:
         return runtime.relay()
+
+    @app.task(name=SCAN_TASK, ignore_result=True, expires=30, **RETRY_ON_STORE)
+    def scan() -> dict[str, int]:
+        return runtime.scan()
 
 
 def register_start_task(app: Celery, runtime: SagaRuntime, saga_name: str) -> Task:

@@ -6,12 +6,14 @@ Every write method is one transaction. Saga updates are a compare-and-set on ``v
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Insert, Table, func, select, update
+from sqlalchemy import Connection, Engine, Insert, Table, false, func, select, true, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import InterfaceError, OperationalError
 
@@ -21,6 +23,7 @@ from celery_sagas.errors import (
     StoreUnavailableError,
 )
 from celery_sagas.machine import (
+    LIVE_STATES,
     TERMINAL_STATES,
     Decision,
     ErrorKind,
@@ -29,6 +32,7 @@ from celery_sagas.machine import (
     StepStatus,
 )
 from celery_sagas.protocols import (
+    STARTED,
     CreateResult,
     GuardRecord,
     NewSaga,
@@ -36,6 +40,7 @@ from celery_sagas.protocols import (
     SagaRecord,
     StepRecord,
     TransitionRecord,
+    current_execution_key,
 )
 from celery_sagas.settings import redact_url
 from celery_sagas.store.engine import shared_engine
@@ -54,7 +59,12 @@ def step_values(change: StepChange, now: datetime) -> dict[str, Any]:
         values["error"] = change.error
     if change.error_kind is not None:
         values["error_kind"] = change.error_kind.value
-    if change.new == StepStatus.RUNNING:
+    for timing in ("deadline_at", "redispatch_at", "dispatches"):
+        if getattr(change, timing) is not None:
+            values[timing] = getattr(change, timing)
+    if change.new not in (StepStatus.RUNNING, StepStatus.COMPENSATING):
+        values.update(deadline_at=None, redispatch_at=None)
+    if change.new == StepStatus.RUNNING and change.old != StepStatus.RUNNING:
         values["started_at"] = now
         values["finished_at"] = None
     elif change.new in FINISHED_FORWARD:
@@ -84,6 +94,9 @@ def _step_record(row: Any) -> StepRecord:
         finished_at=row.finished_at,
         compensation_started_at=row.compensation_started_at,
         compensation_finished_at=row.compensation_finished_at,
+        deadline_at=row.deadline_at,
+        redispatch_at=row.redispatch_at,
+        dispatches=row.dispatches,
     )
 
 
@@ -101,6 +114,9 @@ def _saga_record(row: Any, step_rows: Sequence[Any] = ()) -> SagaRecord:
         updated_at=row.updated_at,
         reason=row.reason,
         finished_at=row.finished_at,
+        deadline_at=row.deadline_at,
+        due_at=row.due_at,
+        admitted=row.admitted,
         steps=tuple(_step_record(r) for r in step_rows),
     )
 
@@ -210,6 +226,9 @@ class SqlSagaStore:
                     version=1,
                     created_at=now,
                     updated_at=now,
+                    deadline_at=new.deadline_at,
+                    due_at=decision.due_at,
+                    admitted=decision.admitted,
                 )
                 .on_conflict_do_nothing(index_elements=["name", "business_key"])
             )
@@ -266,8 +285,9 @@ class SqlSagaStore:
             ).scalar_one_or_none()
         return self.load(saga_id) if saga_id else None
 
-    def commit(
+    def _commit_in(
         self,
+        conn: Connection,
         saga: SagaRecord,
         decision: Decision,
         messages: Sequence[OutboxMessage],
@@ -280,23 +300,147 @@ class SqlSagaStore:
             "token": decision.token,
             "version": saga.version + 1,
             "updated_at": now,
+            "due_at": decision.due_at,
         }
         if decision.reason is not None:
             values["reason"] = decision.reason
         if decision.state in TERMINAL_STATES:
             values["finished_at"] = now
+        if decision.admitted:
+            values["admitted"] = True
+        changed = conn.execute(
+            update(sagas)
+            .where(sagas.c.id == saga.saga_id, sagas.c.version == saga.version)
+            .values(**values)
+        ).rowcount
+        if changed != 1:
+            raise ConcurrentUpdateError(
+                f"saga {saga.saga_id} changed since version {saga.version}",
+                saga_id=saga.saga_id,
+            )
+        return self._write_decision(conn, saga.saga_id, decision, messages, now)
+
+    def commit(
+        self,
+        saga: SagaRecord,
+        decision: Decision,
+        messages: Sequence[OutboxMessage],
+        now: datetime,
+    ) -> tuple[OutboxMessage, ...]:
         with self._connect() as conn:
-            changed = conn.execute(
-                update(sagas)
-                .where(sagas.c.id == saga.saga_id, sagas.c.version == saga.version)
-                .values(**values)
-            ).rowcount
-            if changed != 1:
-                raise ConcurrentUpdateError(
-                    f"saga {saga.saga_id} changed since version {saga.version}",
-                    saga_id=saga.saga_id,
+            return self._commit_in(conn, saga, decision, messages, now)
+
+    # -- scanning ---------------------------------------------------------------------
+
+    def _records(self, conn: Connection, rows: Sequence[Any]) -> tuple[SagaRecord, ...]:
+        if not rows:
+            return ()
+        by_saga: dict[str, list[Any]] = {}
+        step_rows = conn.execute(
+            select(steps)
+            .where(steps.c.saga_id.in_([r.id for r in rows]))
+            .order_by(steps.c.saga_id, steps.c.idx)
+        )
+        for step_row in step_rows:
+            by_saga.setdefault(step_row.saga_id, []).append(step_row)
+        records = tuple(_saga_record(r, by_saga.get(r.id, [])) for r in rows)
+        return self._with_started_flags(conn, records)
+
+    def _with_started_flags(
+        self, conn: Connection, records: tuple[SagaRecord, ...]
+    ) -> tuple[SagaRecord, ...]:
+        """Mark each current step a worker is executing right now (its guard says
+        ``started``). The scanner re-sends the others: a message that never reached a
+        worker, or a reply lost after the outcome was recorded (the guard answers it)."""
+        keys = {r.saga_id: current_execution_key(r) for r in records}
+        in_progress = select(guards.c.key).where(
+            guards.c.key.in_(list(keys.values())), guards.c.outcome == STARTED
+        )
+        found = set(conn.execute(in_progress).scalars().all())
+        return tuple(
+            replace(
+                r,
+                steps=tuple(
+                    replace(s, started=keys[r.saga_id] in found) if s.index == r.current_step else s
+                    for s in r.steps
+                ),
+            )
+            for r in records
+        )
+
+    def _locked(self, query: Any) -> Any:
+        return query.with_for_update(skip_locked=True) if self.is_postgres else query
+
+    @contextmanager
+    def claim_due(self, now: datetime, limit: int) -> Iterator[SqlClaim]:
+        with self._connect() as conn:
+            rows = conn.execute(
+                self._locked(
+                    select(sagas)
+                    .where(sagas.c.due_at.is_not(None), sagas.c.due_at <= now)
+                    .order_by(sagas.c.due_at)
+                    .limit(limit)
                 )
-            return self._write_decision(conn, saga.saga_id, decision, messages, now)
+            ).all()
+            yield SqlClaim(self, conn, self._records(conn, rows))
+
+    @contextmanager
+    def claim_waiting(self, name: str, max_concurrent: int) -> Iterator[SqlClaim]:
+        with self._connect() as conn:
+            if self.is_postgres:  # one admitter per saga type at a time
+                conn.execute(select(func.pg_advisory_xact_lock(_lock_key(name))))
+            running = conn.execute(
+                select(func.count())
+                .select_from(sagas)
+                .where(
+                    sagas.c.name == name,
+                    sagas.c.admitted.is_(true()),
+                    sagas.c.state.in_([s.value for s in LIVE_STATES]),
+                )
+            ).scalar_one()
+            free = max(0, max_concurrent - running)
+            rows = (
+                conn.execute(
+                    select(sagas)
+                    .where(sagas.c.name == name, sagas.c.admitted.is_(false()))
+                    .order_by(sagas.c.created_at, sagas.c.id)
+                    .limit(free)
+                ).all()
+                if free
+                else []
+            )
+            yield SqlClaim(self, conn, self._records(conn, rows))
+
+    def waiting_names(self) -> tuple[str, ...]:
+        with self._read() as conn:
+            names = conn.execute(
+                select(sagas.c.name).where(sagas.c.admitted.is_(false())).distinct()
+            ).scalars()
+            return tuple(names)
+
+    def report_stuck(
+        self, older_than: datetime, now: datetime, limit: int
+    ) -> tuple[SagaRecord, ...]:
+        with self._connect() as conn:
+            rows = conn.execute(
+                self._locked(
+                    select(sagas)
+                    .where(
+                        sagas.c.finished_at.is_(None),
+                        sagas.c.created_at < older_than,
+                        sagas.c.stuck_reported_at.is_(None),
+                    )
+                    .order_by(sagas.c.created_at)
+                    .limit(limit)
+                )
+            ).all()
+            if rows:
+                conn.execute(
+                    update(sagas)
+                    .where(sagas.c.id.in_([r.id for r in rows]))
+                    .values(stuck_reported_at=now)
+                )
+            return tuple(_saga_record(r) for r in rows)
 
     def mark_sent(self, message_ids: Sequence[int], now: datetime) -> None:
         if not message_ids:
@@ -328,32 +472,59 @@ class SqlSagaStore:
             row = conn.execute(select(guards).where(guards.c.key == key)).one_or_none()
         return _guard_record(row) if row else None
 
-    def put_guard(self, guard: GuardRecord, now: datetime) -> GuardRecord:
+    def begin_guard(self, key: str, now: datetime) -> GuardRecord | None:
         with self._connect() as conn:
             inserted = conn.execute(
                 self._insert(guards)
-                .values(
-                    key=guard.key,
-                    outcome=guard.outcome,
-                    result=guard.result,
-                    error=guard.error,
-                    recorded_at=now,
-                )
+                .values(key=key, outcome=STARTED, recorded_at=now)
                 .on_conflict_do_nothing(index_elements=["key"])
             ).rowcount
             if inserted:
+                return None
+            row = conn.execute(select(guards).where(guards.c.key == key)).one()
+        return None if row.outcome == STARTED else _guard_record(row)
+
+    def put_guard(self, guard: GuardRecord, now: datetime) -> GuardRecord:
+        values = {
+            "outcome": guard.outcome,
+            "result": guard.result,
+            "error": guard.error,
+            "recorded_at": now,
+        }
+        with self._connect() as conn:
+            updated = conn.execute(
+                update(guards)
+                .where(guards.c.key == guard.key, guards.c.outcome == STARTED)
+                .values(**values)
+            ).rowcount
+            if not updated:
+                updated = conn.execute(
+                    self._insert(guards)
+                    .values(key=guard.key, **values)
+                    .on_conflict_do_nothing(index_elements=["key"])
+                ).rowcount
+            if updated:
                 return GuardRecord(guard.key, guard.outcome, guard.result, guard.error, now)
             row = conn.execute(select(guards).where(guards.c.key == guard.key)).one()
         return _guard_record(row)
 
     def list_sagas(
-        self, state: SagaState | None = None, name: str | None = None, limit: int = 100
+        self,
+        state: SagaState | None = None,
+        name: str | None = None,
+        limit: int = 100,
+        created_before: datetime | None = None,
+        unfinished: bool = False,
     ) -> tuple[SagaRecord, ...]:
         query = select(sagas).order_by(sagas.c.created_at.desc(), sagas.c.id).limit(limit)
         if state is not None:
             query = query.where(sagas.c.state == state.value)
         if name is not None:
             query = query.where(sagas.c.name == name)
+        if created_before is not None:
+            query = query.where(sagas.c.created_at < created_before)
+        if unfinished:
+            query = query.where(sagas.c.finished_at.is_(None))
         with self._read() as conn:
             rows = conn.execute(query).all()
         return tuple(_saga_record(r) for r in rows)
@@ -373,6 +544,32 @@ class SqlSagaStore:
         return tuple(
             TransitionRecord(r.saga_id, r.at, r.step, r.old, r.new, r.reason, r.actor) for r in rows
         )
+
+
+class SqlClaim:
+    """Sagas locked by a scan; ``commit`` writes a decision in the claim's transaction."""
+
+    def __init__(
+        self, store: SqlSagaStore, conn: Connection, records: tuple[SagaRecord, ...]
+    ) -> None:
+        self._store = store
+        self._conn = conn
+        self.records = records
+
+    def commit(
+        self,
+        saga: SagaRecord,
+        decision: Decision,
+        messages: Sequence[OutboxMessage],
+        now: datetime,
+    ) -> tuple[OutboxMessage, ...]:
+        return self._store._commit_in(self._conn, saga, decision, messages, now)
+
+
+def _lock_key(name: str) -> int:
+    """A stable signed 64-bit advisory-lock key for a saga type."""
+    digest = hashlib.sha256(f"celery_sagas:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
 
 
 def _guard_record(row: Any) -> GuardRecord:

@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     Dialect,
@@ -20,7 +21,9 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    false,
     text,
+    true,
 )
 
 metadata = MetaData()
@@ -64,10 +67,35 @@ sagas = Table(
     Column("created_at", UtcDateTime(), nullable=False),
     Column("updated_at", UtcDateTime(), nullable=False),
     Column("finished_at", UtcDateTime()),
+    Column("deadline_at", UtcDateTime()),
+    Column("due_at", UtcDateTime()),
+    Column("admitted", Boolean, nullable=False, server_default=true()),
+    Column("stuck_reported_at", UtcDateTime()),
     UniqueConstraint("name", "business_key", name="uq_saga_name_business_key"),
 )
 Index("ix_saga_state", sagas.c.state)
 Index("ix_saga_created_at", sagas.c.created_at)
+# The scanner's partial indexes cover live sagas only, so they stay small however many
+# finished sagas the table holds.
+Index(
+    "ix_saga_due",
+    sagas.c.due_at,
+    postgresql_where=sagas.c.due_at.is_not(None),
+    sqlite_where=sagas.c.due_at.is_not(None),
+)
+Index(
+    "ix_saga_waiting",
+    sagas.c.name,
+    sagas.c.created_at,
+    postgresql_where=sagas.c.admitted.is_(false()),
+    sqlite_where=sagas.c.admitted.is_(false()),
+)
+Index(
+    "ix_saga_unfinished",
+    sagas.c.created_at,
+    postgresql_where=sagas.c.finished_at.is_(None),
+    sqlite_where=sagas.c.finished_at.is_(None),
+)
 
 steps = Table(
     "saga_step",
@@ -85,6 +113,9 @@ steps = Table(
     Column("finished_at", UtcDateTime()),
     Column("compensation_started_at", UtcDateTime()),
     Column("compensation_finished_at", UtcDateTime()),
+    Column("deadline_at", UtcDateTime()),
+    Column("redispatch_at", UtcDateTime()),
+    Column("dispatches", Integer, nullable=False, server_default=text("0")),
 )
 
 transitions = Table(

@@ -98,7 +98,7 @@ def test_begin_starts_the_first_step() -> None:
     assert decision.current_step == 0
     assert decision.token == 1
     assert decision.reason is None
-    assert decision.step_changes == (StepChange(0, P, R),)
+    assert decision.step_changes == (StepChange(0, P, R, dispatches=1),)
     assert decision.transitions == (
         Transition(None, "-", "STARTED"),
         Transition("reserve", "pending", "running"),
@@ -198,7 +198,7 @@ def test_step_succeeded_records_the_result() -> None:
     assert decision.step_changes[0] == StepChange(
         1, R, C, result={"charge_id": "ch_1"}, has_result=True
     )
-    assert decision.step_changes[1] == StepChange(2, P, R)
+    assert decision.step_changes[1] == StepChange(2, P, R, dispatches=1)
 
 
 @pytest.mark.parametrize(
@@ -342,7 +342,7 @@ def test_reply_to_timed_out_step_is_late(event: Event) -> None:
 
     assert not decision.accepted
     assert "late" in decision.note
-    assert "timed_out" in decision.note
+    assert "timed out" in decision.note
     assert decision.step_changes == decision.transitions == decision.commands == ()
     assert (decision.state, decision.current_step, decision.token) == (S.PENDING, 1, 2)
 
