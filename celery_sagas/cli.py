@@ -316,3 +316,7 @@ def _celery_command() -> click.Command:
 
 
 sagas_celery_command = _celery_command()
+
+
+if __name__ == "__main__":
+    main()

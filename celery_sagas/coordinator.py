@@ -112,6 +112,7 @@ class Timing:
 
     step_timeouts: Mapping[str, float] = field(default_factory=dict)
     saga_deadlines: Mapping[str, float] = field(default_factory=dict)
+    max_concurrent: Mapping[str, int] = field(default_factory=dict)
     max_redispatches: int = 2
 
     def timeouts(self, saga: Saga) -> tuple[float | None, ...]:
@@ -124,6 +125,9 @@ class Timing:
 
     def deadline(self, saga: Saga) -> float | None:
         return self.saga_deadlines.get(saga.name) or saga.deadline  # type: ignore[return-value]
+
+    def limit(self, saga: Saga) -> int | None:
+        return self.max_concurrent.get(saga.name) or saga.max_concurrent
 
 
 class Coordinator:
@@ -182,7 +186,8 @@ class Coordinator:
             deadline_at=deadline_at,
             max_redispatches=self.timing.max_redispatches,
         )
-        decision = machine.decide(view, machine.Begin(admit=saga.max_concurrent is None), now)
+        limited = self.timing.limit(saga) is not None
+        decision = machine.decide(view, machine.Begin(admit=not limited), now)
         messages = [
             build_message(saga, None, saga_id, payload, decision, command)
             for command in decision.commands
@@ -240,12 +245,12 @@ class Coordinator:
 
     def admit(self, name: str) -> tuple[OutboxMessage, ...]:
         """Start waiting sagas of ``name`` while its ``max_concurrent`` allows, oldest first."""
-        saga = self.definition(name)
-        if saga.max_concurrent is None:
+        limit = self.timing.limit(self.definition(name))
+        if limit is None:
             return ()
         written: tuple[OutboxMessage, ...] = ()
         now = self.clock()
-        with self.store.claim_waiting(name, saga.max_concurrent) as claim:
+        with self.store.claim_waiting(name, limit) as claim:
             for record in claim.records:
                 written += self.apply_claimed(claim, record, machine.Admit(), now)[1]
         return written

@@ -33,6 +33,7 @@ class SagaSettings:
     redact_fields: tuple[str, ...] = DEFAULT_REDACT_FIELDS
     step_timeouts: Mapping[str, float] = field(default_factory=dict)
     saga_deadlines: Mapping[str, float] = field(default_factory=dict)
+    max_concurrent: Mapping[str, int] = field(default_factory=dict)
     engine_options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -56,7 +57,7 @@ class SagaSettings:
                 raise SagaConfigurationError(f"{name} must be >= 1")
         if self.max_redispatches < 0:
             raise SagaConfigurationError("max_redispatches must be >= 0")
-        for name in ("step_timeouts", "saga_deadlines"):
+        for name in ("step_timeouts", "saga_deadlines", "max_concurrent"):
             for key, seconds in dict(getattr(self, name)).items():
                 if (
                     isinstance(seconds, bool)

@@ -55,6 +55,7 @@ class SagaRuntime:
             timing = Timing(
                 step_timeouts=self.settings.step_timeouts,
                 saga_deadlines=self.settings.saga_deadlines,
+                max_concurrent=self.settings.max_concurrent,
                 max_redispatches=self.settings.max_redispatches,
             )
             self._coordinator = Coordinator(self.store, self.sagas, utcnow, timing)
