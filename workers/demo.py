@@ -25,6 +25,15 @@ from typing import Any
 from workers import config
 
 STOCK = {"WIDGET": 10_000, "GADGET": 10_000, "RARE-GEM": 6}
+SHIPMENT_TIMEOUT = 3  # seconds: create_shipment's timeout in the demo (code says 300)
+# Admission control keeps the queue short, so step timeouts measure work, not backlog.
+DEMO_SETTINGS = {
+    "SAGAS_STEP_TIMEOUTS": json.dumps({"order_fulfillment.create_shipment": SHIPMENT_TIMEOUT}),
+    "SAGAS_MAX_CONCURRENT": json.dumps({"order_fulfillment": 40}),
+    "SAGAS_SCAN_INTERVAL": "0.5",
+    "SAGAS_RELAY_INTERVAL": "2",
+    "SAGAS_RELAY_AFTER": "10",
+}
 FAILURE_POINTS = ("reserve_inventory", "process_payment", "create_shipment", "send_confirmation")
 
 
@@ -55,6 +64,9 @@ def make_orders(count: int, seed: int) -> list[dict[str, Any]]:
             order["simulate"] = {rng.choice(FAILURE_POINTS): "fail"}
         elif roll < 0.34:
             order["simulate"] = {rng.choice(FAILURE_POINTS): "transient:1"}
+        elif roll < 0.39:
+            order["simulate"] = {"create_shipment": "hang"}  # times out, is compensated
+            order["hang_seconds"] = SHIPMENT_TIMEOUT + 2
         orders.append(order)
     return orders
 
@@ -123,6 +135,7 @@ def print_summary(report: Mapping[str, Any]) -> None:
     print("\nwhat happened")
     rows = [
         ("compensations run", report["compensations"]),
+        (f"create_shipment timed out (> {SHIPMENT_TIMEOUT}s), compensated", report["timed_out"]),
         ("step retries (transient errors)", report["retries"]),
         ("business failures (declined, no stock, injected)", report["business_failures"]),
         ("duplicate start (same order twice) -> sagas", report["duplicate_start_sagas"]),
@@ -210,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if embedded
         else ["-P", "prefork", "-c", str(args.concurrency or 2)]
     )
-    env = {"SAGAS_RELAY_INTERVAL": "2", "SAGAS_RELAY_AFTER": "10"}
+    env = DEMO_SETTINGS
     with ExitStack() as stack:
         worker = celery_process(
             ["worker", "-l", "INFO", "-E", *pool, "-n", f"demo-{os.getpid()}@%h"],

@@ -147,6 +147,7 @@ def build_report(
             max(0, s.attempts - 1) + max(0, s.compensation_attempts - 1) for s in step_rows
         ),
         "business_failures": sum(1 for s in step_rows if s.error_kind == "business"),
+        "timed_out": sum(1 for s in step_rows if s.error_kind == "timeout"),
         "duplicate_start_sagas": duplicates,
         "mean_ms": sum(durations) / len(durations) if durations else 0.0,
         "p95_ms": _percentile(durations, 0.95),

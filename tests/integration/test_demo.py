@@ -57,3 +57,5 @@ def test_demo_on_redis_and_postgresql_prints_json(tmp_path: Path, redis_url: str
     assert report["total"] == 40
     assert sum(report["states"].values()) == 40
     assert all(report["invariants"].values())
+    assert report["timed_out"] >= 1  # some create_shipment hangs were timed out and compensated
+    assert report["compensations"] >= report["timed_out"]
