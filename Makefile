@@ -19,7 +19,7 @@ BENCH_ARGS ?=
 .PHONY: help venv test demo bench lint services clean
 
 help:
-	@echo "make test    [PYTEST_ARGS=...]  ruff + import-linter + pytest (starts local services if needed)"
+	@echo "make test    [PYTEST_ARGS=...]  ruff + import-linter + mypy + pytest (starts services if needed)"
 	@echo "make demo    [DEMO_ARGS=...]    run the demo (python -m workers.demo)"
 	@echo "make bench   [BENCH_ARGS=...]   run bench/bench.py"
 	@echo "make lint                      ruff check, ruff format --check, lint-imports, mypy"
@@ -41,6 +41,7 @@ services:
 test: $(STAMP) services
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
+	$(BIN)/mypy celery_sagas
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 demo: $(STAMP)

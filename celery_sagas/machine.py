@@ -217,7 +217,7 @@ class _Draft:
 
     def step(self, index: int, new: StepStatus, reason: str | None = None, **details: Any) -> None:
         old = self.statuses[index]
-        kept = {
+        kept: dict[str, Any] = {
             k: details[k] for k in ("error_kind", "deadline_at", "redispatch_at") if k in details
         }
         if new not in (StepStatus.RUNNING, StepStatus.COMPENSATING):

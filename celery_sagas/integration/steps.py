@@ -26,7 +26,7 @@ def as_outcome(guard: GuardRecord) -> dict[str, Any]:
     return {"outcome": guard.outcome, "result": guard.result, "error": guard.error}
 
 
-class StepTask(Task):  # type: ignore[misc]
+class StepTask(Task):
     """Base class of every step and compensation task (one per step and role)."""
 
     abstract = True

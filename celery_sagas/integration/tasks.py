@@ -28,7 +28,7 @@ RETRY_ON_STORE = {
 }
 
 
-class StartSagaTask(Task):  # type: ignore[misc]
+class StartSagaTask(Task):
     """``start_saga.delay(payload)``: the payload is checked before anything is sent, so a
     bad payload raises ``InvalidPayloadError`` in the caller and nothing is written."""
 

@@ -13,13 +13,14 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Insert, Table, false, func, select, true, update
+from sqlalchemy import Connection, Engine, Table, false, func, select, true, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
 from celery_sagas.errors import (
     ConcurrentUpdateError,
     PayloadConflictError,
+    SagaError,
     StoreUnavailableError,
 )
 from celery_sagas.machine import (
@@ -136,9 +137,10 @@ class SqlSagaStore:
 
     # -- helpers ------------------------------------------------------------------
 
-    def _insert(self, table: Table) -> Insert:
+    def _insert(self, table: Table) -> Any:
+        """An INSERT with ``on_conflict_do_nothing`` for this backend."""
         dialect_module = postgresql if self.is_postgres else sqlite
-        return dialect_module.insert(table)  # type: ignore[no-any-return]
+        return dialect_module.insert(table)
 
     @contextmanager
     def _unavailable_as_error(self) -> Iterator[None]:
@@ -204,6 +206,22 @@ class SqlSagaStore:
     # -- SagaStore ------------------------------------------------------------------
 
     def create(
+        self,
+        new: NewSaga,
+        decision: Decision,
+        messages: Sequence[OutboxMessage],
+        now: datetime,
+    ) -> CreateResult:
+        assert decision.state is not None
+        try:
+            return self._create(new, decision, messages, now)
+        except IntegrityError as exc:
+            raise SagaError(
+                f"cannot create saga {new.saga_id}: {exc.orig}; nothing was written",
+                saga_id=new.saga_id,
+            ) from exc
+
+    def _create(
         self,
         new: NewSaga,
         decision: Decision,
@@ -402,7 +420,11 @@ class SqlSagaStore:
             rows = (
                 conn.execute(
                     select(sagas)
-                    .where(sagas.c.name == name, sagas.c.admitted.is_(false()))
+                    .where(
+                        sagas.c.name == name,
+                        sagas.c.admitted.is_(false()),
+                        sagas.c.state == SagaState.STARTED.value,
+                    )
                     .order_by(sagas.c.created_at, sagas.c.id)
                     .limit(free)
                 ).all()
@@ -414,7 +436,9 @@ class SqlSagaStore:
     def waiting_names(self) -> tuple[str, ...]:
         with self._read() as conn:
             names = conn.execute(
-                select(sagas.c.name).where(sagas.c.admitted.is_(false())).distinct()
+                select(sagas.c.name)
+                .where(sagas.c.admitted.is_(false()), sagas.c.state == SagaState.STARTED.value)
+                .distinct()
             ).scalars()
             return tuple(names)
 

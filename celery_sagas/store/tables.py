@@ -45,7 +45,8 @@ class UtcDateTime(TypeDecorator[datetime]):
     def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        moment: datetime = value
+        return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 # BigInteger ids autoincrement on PostgreSQL; SQLite only autoincrements INTEGER keys.
@@ -87,8 +88,8 @@ Index(
     "ix_saga_waiting",
     sagas.c.name,
     sagas.c.created_at,
-    postgresql_where=sagas.c.admitted.is_(false()),
-    sqlite_where=sagas.c.admitted.is_(false()),
+    postgresql_where=sagas.c.admitted.is_(false()) & (sagas.c.state == "STARTED"),
+    sqlite_where=sagas.c.admitted.is_(false()) & (sagas.c.state == "STARTED"),
 )
 Index(
     "ix_saga_unfinished",

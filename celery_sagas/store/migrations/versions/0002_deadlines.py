@@ -40,8 +40,8 @@ def upgrade() -> None:
         "ix_saga_waiting",
         "saga",
         ["name", "created_at"],
-        postgresql_where=sa.text("admitted = false"),
-        sqlite_where=sa.text("admitted = 0"),
+        postgresql_where=sa.text("admitted = false AND state = 'STARTED'"),
+        sqlite_where=sa.text("admitted = 0 AND state = 'STARTED'"),
     )
     op.create_index(
         "ix_saga_unfinished",

@@ -1,0 +1,765 @@
+"""One contract for every ``SagaStore``: the in-memory fake, SQLite and PostgreSQL.
+
+Each test gets an empty store. PostgreSQL uses one fresh database per module (migrated once,
+its tables truncated before each test); it is skipped when the server is down, except under
+``CI``, where that is a failure.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from celery_sagas import machine, outbox
+from celery_sagas.coordinator import Coordinator, payload_hash
+from celery_sagas.definition import Saga, Step, StepContext, registry
+from celery_sagas.errors import (
+    BusinessError,
+    ConcurrentUpdateError,
+    PayloadConflictError,
+    SagaError,
+)
+from celery_sagas.machine import (
+    Begin,
+    Decision,
+    ErrorKind,
+    SagaState,
+    SagaView,
+    StepFailed,
+    StepStatus,
+    StepSucceeded,
+    StepView,
+)
+from celery_sagas.protocols import (
+    STARTED,
+    CreateResult,
+    GuardRecord,
+    NewSaga,
+    OutboxMessage,
+    SagaRecord,
+    SagaStore,
+)
+from celery_sagas.store import SqlSagaStore, shared_engine, upgrade
+from celery_sagas.testing import InMemorySagaStore, RecordingDispatcher, run_until_settled
+from tests.conftest import require_service
+from tests.support.databases import create_pg_database, drop_pg_database
+
+TABLES = ("saga", "saga_step", "saga_transition", "saga_outbox", "saga_guard")
+STEP_NAMES = ("reserve", "charge", "ship", "notify")
+T0 = datetime(2030, 1, 1, 12, 0, 0, 123456, tzinfo=UTC)
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+# --------------------------------------------------------------------------- backends
+
+
+@dataclass
+class Backend:
+    name: str
+    store: SagaStore
+    rows: Callable[[], dict[str, int]]
+
+
+def _sql_rows(store: SqlSagaStore) -> Callable[[], dict[str, int]]:
+    def rows() -> dict[str, int]:
+        with store.engine.connect() as conn:
+            return {
+                table: conn.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar_one()
+                for table in TABLES
+            }
+
+    return rows
+
+
+@pytest.fixture(scope="module")
+def contract_pg_url() -> Iterator[str]:
+    """One migrated PostgreSQL database for this module (tables truncated per test)."""
+    require_service("postgresql")
+    url = create_pg_database("sagas_contract")
+    upgrade(url)
+    yield url
+    shared_engine(url).dispose()
+    drop_pg_database(url)
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    if request.param == "memory":
+        memory = InMemorySagaStore()
+        yield Backend("memory", memory, memory.row_counts)
+        return
+    if request.param == "sqlite":
+        url = f"sqlite+pysqlite:///{tmp_path / 'contract.sqlite3'}"
+        upgrade(url)
+    else:
+        url = request.getfixturevalue("contract_pg_url")
+        with shared_engine(url).begin() as conn:
+            conn.execute(sa.text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
+    store = SqlSagaStore(url)
+    yield Backend(request.param, store, _sql_rows(store))
+    if request.param == "sqlite":
+        store.engine.dispose()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def begin_decision(
+    saga_id: str,
+    name: str = "toy",
+    now: datetime = T0,
+    timeout: float | None = None,
+    admit: bool = True,
+    deadline_at: datetime | None = None,
+) -> Decision:
+    steps = tuple(
+        StepView(i, step, StepStatus.PENDING, timeout=timeout) for i, step in enumerate(STEP_NAMES)
+    )
+    view = SagaView(saga_id, name, None, 0, 0, steps, deadline_at=deadline_at)
+    return machine.decide(view, Begin(admit=admit), now)
+
+
+def create(
+    store: SagaStore,
+    key: str = "order-1",
+    payload: Mapping[str, Any] | None = None,
+    now: datetime = T0,
+    name: str = "toy",
+    saga_id: str | None = None,
+    timeout: float | None = None,
+    admit: bool = True,
+    deadline_at: datetime | None = None,
+) -> CreateResult:
+    """Create a 4-step saga; ``timeout`` gives every step one, ``admit=False`` leaves it
+    waiting for a slot."""
+    payload = {"id": key, "items": [{"sku": "BOOK", "qty": 2}]} if payload is None else payload
+    saga_id = saga_id or f"{name}-{key}-{now.timestamp()}"
+    new = NewSaga(saga_id, name, key, payload, payload_hash(payload), STEP_NAMES, deadline_at)
+    decision = begin_decision(saga_id, name, now, timeout, admit, deadline_at)
+    return store.create(new, decision, step_message(saga_id, decision), now)
+
+
+def step_message(saga_id: str, decision: Decision) -> list[OutboxMessage]:
+    return [OutboxMessage(saga_id, {"step": c.step, "token": c.token}) for c in decision.commands]
+
+
+def advance(
+    store: SagaStore,
+    record: SagaRecord,
+    event: machine.Event,
+    now: datetime,
+    timeouts: tuple[float | None, ...] = (),
+) -> tuple[SagaRecord, tuple[OutboxMessage, ...]]:
+    """Decide and commit one event; returns the reloaded saga and the written messages."""
+    decision = machine.decide(record.view(timeouts), event, now)
+    assert decision.accepted, decision.note
+    written = store.commit(record, decision, step_message(record.saga_id, decision), now)
+    loaded = store.load(record.saga_id)
+    assert loaded is not None
+    return loaded, written
+
+
+def utc_offset_is_zero(when: datetime | None) -> bool:
+    return when is not None and when.utcoffset() == timedelta(0)
+
+
+# --------------------------------------------------------------------------- create / load
+
+
+def test_create_then_load_round_trips_everything(backend: Backend) -> None:
+    store = backend.store
+    payload = {"id": "order-1", "items": [{"sku": "BOOK", "qty": 2}], "note": "ü €"}
+    in_paris = T0.astimezone(timezone(timedelta(hours=2)))
+    created = create(store, payload=payload, now=in_paris)
+    assert created.created
+    assert [m.id for m in created.messages] == [1]
+    assert created.messages[0].created_at == T0
+
+    loaded = store.load(created.record.saga_id)
+    assert loaded == created.record
+    assert loaded is not None
+    assert (loaded.name, loaded.business_key, loaded.state) == ("toy", "order-1", "STARTED")
+    assert (loaded.current_step, loaded.token, loaded.version) == (0, 1, 1)
+    assert loaded.payload == payload
+    assert loaded.created_at == loaded.updated_at == T0
+    assert utc_offset_is_zero(loaded.created_at) and utc_offset_is_zero(loaded.updated_at)
+    assert loaded.reason is None and loaded.finished_at is None
+    first, *rest = loaded.steps
+    assert (first.index, first.name, first.status) == (0, "reserve", "running")
+    assert (first.attempts, first.compensation_attempts) == (0, 0)  # counted when it finishes
+    assert first.started_at == T0 and utc_offset_is_zero(first.started_at)
+    assert first.finished_at is None and first.result is None
+    assert [(s.index, s.name, s.status, s.attempts) for s in rest] == [
+        (i, STEP_NAMES[i], StepStatus.PENDING, 0) for i in (1, 2, 3)
+    ]
+    assert all(s.started_at is None for s in rest)
+    assert [(t.step, t.old, t.new, t.actor, t.at) for t in store.transitions(loaded.saga_id)] == [
+        (None, "-", "STARTED", "coordinator", T0),
+        ("reserve", "pending", "running", "coordinator", T0),
+    ]
+    assert backend.rows() == {
+        "saga": 1,
+        "saga_step": 4,
+        "saga_transition": 2,
+        "saga_outbox": 1,
+        "saga_guard": 0,
+    }
+
+
+def test_unknown_saga_loads_as_none(backend: Backend) -> None:
+    assert backend.store.load("nope") is None
+    assert backend.store.find("nope") is None
+    assert backend.store.transitions("nope") == ()
+
+
+def test_same_key_and_payload_returns_the_existing_saga_and_writes_nothing(
+    backend: Backend,
+) -> None:
+    first = create(backend.store, saga_id="first")
+    rows = backend.rows()
+    again = create(backend.store, saga_id="second", now=at(5))
+    assert not again.created
+    assert again.record.saga_id == "first"
+    assert again.record == first.record
+    assert again.messages == ()
+    assert backend.rows() == rows
+    assert backend.rows()["saga_outbox"] == 1
+    assert backend.store.load("second") is None
+
+
+def test_same_key_with_another_payload_conflicts_and_writes_nothing(backend: Backend) -> None:
+    create(backend.store, saga_id="first")
+    rows = backend.rows()
+    with pytest.raises(PayloadConflictError) as raised:
+        create(backend.store, payload={"id": "order-1", "items": []}, saga_id="second")
+    assert raised.value.details["saga_id"] == "first"
+    assert raised.value.details["business_key"] == "order-1"
+    assert backend.rows() == rows
+    assert backend.store.load("second") is None
+
+
+def test_the_same_key_under_another_saga_name_is_another_saga(backend: Backend) -> None:
+    create(backend.store, name="toy", saga_id="a")
+    other = create(backend.store, name="other", saga_id="b", payload={"id": "x"})
+    assert other.created
+    assert backend.rows()["saga"] == 2
+
+
+def test_a_saga_id_already_taken_is_a_saga_error_and_writes_nothing(backend: Backend) -> None:
+    create(backend.store, key="k1", saga_id="same")
+    rows = backend.rows()
+    with pytest.raises(SagaError):
+        create(backend.store, key="k2", saga_id="same")
+    assert backend.rows() == rows
+
+
+# --------------------------------------------------------------------------- commit
+
+
+def test_commit_applies_step_changes_transitions_and_outbox(backend: Backend) -> None:
+    store = backend.store
+    record = create(store).record
+    succeeded = StepSucceeded(0, 1, {"reservation": [1, 2]}, attempts=2)
+    record, written = advance(store, record, succeeded, at(1))
+    assert [m.id for m in written] == [2]
+    assert written[0].created_at == at(1) and written[0].body == {"step": 1, "token": 2}
+    assert (record.state, record.current_step, record.token, record.version) == (
+        SagaState.PENDING,
+        1,
+        2,
+        2,
+    )
+    assert record.created_at == T0 and record.updated_at == at(1)
+    done, running = record.steps[0], record.steps[1]
+    assert done.status == StepStatus.COMPLETED and done.result == {"reservation": [1, 2]}
+    assert (done.started_at, done.finished_at, done.attempts) == (T0, at(1), 2)
+    assert running.status == StepStatus.RUNNING
+    assert (running.started_at, running.finished_at, running.attempts) == (at(1), None, 0)
+
+    declined = StepFailed(1, 2, "card declined", business=True, attempts=1)
+    record, written = advance(store, record, declined, at(2))
+    assert [(m.id, m.body) for m in written] == [(3, {"step": 0, "token": 3})]  # compensation
+    assert record.state == SagaState.COMPENSATING
+    assert record.reason == "charge failed: card declined"
+    failed = record.steps[1]
+    assert (failed.status, failed.error, failed.error_kind) == (
+        StepStatus.FAILED,
+        "card declined",
+        ErrorKind.BUSINESS,
+    )
+    assert (failed.finished_at, failed.attempts) == (at(2), 1)
+    assert [s.status for s in record.steps[2:]] == [StepStatus.SKIPPED] * 2
+    compensating = record.steps[0]
+    assert compensating.status == StepStatus.COMPENSATING
+    assert compensating.compensation_started_at == at(2)
+
+    record, _ = advance(store, record, machine.CompensationSucceeded(0, 3, attempts=3), at(3))
+    assert record.state == SagaState.FAILED
+    assert record.finished_at == at(3) and utc_offset_is_zero(record.finished_at)
+    assert record.reason == "charge failed: card declined"  # kept: the decision had none
+    undone = record.steps[0]
+    assert (undone.compensation_finished_at, undone.compensation_attempts) == (at(3), 3)
+    assert undone.attempts == 2  # the forward count is kept
+    assert record.steps[0].result == {"reservation": [1, 2]}  # kept after compensation
+
+    log = [(t.step, t.old, t.new, t.at) for t in store.transitions(record.saga_id)]
+    assert log == [
+        (None, "-", "STARTED", T0),
+        ("reserve", "pending", "running", T0),
+        ("reserve", "running", "completed", at(1)),
+        (None, "STARTED", "PENDING", at(1)),
+        ("charge", "pending", "running", at(1)),
+        ("charge", "running", "failed", at(2)),
+        ("ship", "pending", "skipped", at(2)),
+        ("notify", "pending", "skipped", at(2)),
+        (None, "PENDING", "COMPENSATING", at(2)),
+        ("reserve", "completed", "compensating", at(2)),
+        ("reserve", "compensating", "compensated", at(3)),
+        (None, "COMPENSATING", "FAILED", at(3)),
+    ]
+    assert backend.rows()["saga_outbox"] == 3  # step 0, step 1, compensation of step 0
+
+
+def test_a_reply_without_attempts_keeps_the_count(backend: Backend) -> None:
+    record = create(backend.store).record
+    record, _ = advance(backend.store, record, StepSucceeded(0, 1, "r", attempts=None), at(1))
+    assert record.steps[0].attempts == 0
+    record, _ = advance(backend.store, record, StepFailed(1, 2, "x", False, attempts=4), at(2))
+    assert record.steps[1].attempts == 4
+    record, _ = advance(backend.store, record, machine.CompensationFailed(1, 3, "y"), at(3))
+    assert record.steps[1].compensation_attempts == 0
+    assert record.state == SagaState.COMPENSATION_FAILED
+    assert record.finished_at is None  # not terminal: an operator can still resume it
+
+
+def test_stale_version_is_refused_and_writes_nothing(backend: Backend) -> None:
+    store = backend.store
+    stale = create(store).record
+    current, _ = advance(store, stale, StepSucceeded(0, 1, "r"), at(1))
+    rows = backend.rows()
+    decision = machine.decide(stale.view(), StepSucceeded(0, 1, "again"), at(2))
+    with pytest.raises(ConcurrentUpdateError):
+        store.commit(stale, decision, step_message(stale.saga_id, decision), at(2))
+    assert backend.rows() == rows
+    assert store.load(stale.saga_id) == current
+
+
+def in_two_threads(work: Callable[[str], str]) -> list[str]:
+    """Run ``work("a")`` and ``work("b")`` at the same moment; returns what they returned."""
+    barrier = threading.Barrier(2)
+    outcomes: list[str] = []
+
+    def run(who: str) -> None:
+        barrier.wait()
+        outcomes.append(work(who))
+
+    threads = [threading.Thread(target=run, args=(who,)) for who in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(outcomes) == 2, "a thread died or hung"
+    return sorted(outcomes)
+
+
+RACE_ROUNDS = 5
+
+
+def test_two_threads_committing_one_version_exactly_one_wins(backend: Backend) -> None:
+    store = backend.store
+    for round_ in range(RACE_ROUNDS):
+        record = create(store, key=f"race-{round_}").record
+
+        def commit(who: str, record: SagaRecord = record) -> str:
+            decision = machine.decide(record.view(), StepSucceeded(0, 1, who), at(1))
+            try:
+                store.commit(record, decision, step_message(record.saga_id, decision), at(1))
+            except ConcurrentUpdateError:
+                return "lost"
+            return who
+
+        winner, loser = in_two_threads(commit)
+        assert loser == "lost" and winner in ("a", "b")
+        loaded = store.load(record.saga_id)
+        assert loaded is not None
+        assert loaded.version == 2 and loaded.steps[0].result == winner
+        assert len(store.transitions(record.saga_id)) == 2 + 3  # created + one commit
+    assert backend.rows()["saga_outbox"] == RACE_ROUNDS * 2
+
+
+def test_two_threads_creating_one_business_key_make_one_saga(backend: Backend) -> None:
+    store = backend.store
+    for round_ in range(RACE_ROUNDS):
+
+        def start(who: str, key: str = f"dup-{round_}") -> str:
+            result = create(store, key=key, saga_id=f"{key}-{who}")
+            return f"{result.created}:{result.record.saga_id}"
+
+        first, second = in_two_threads(start)
+        (created_a, id_a), (created_b, id_b) = first.split(":"), second.split(":")
+        assert {created_a, created_b} == {"True", "False"}
+        assert id_a == id_b
+    assert backend.rows()["saga"] == RACE_ROUNDS
+    assert backend.rows()["saga_outbox"] == RACE_ROUNDS
+
+
+# --------------------------------------------------------------------------- outbox
+
+
+def test_unsent_and_mark_sent(backend: Backend) -> None:
+    store = backend.store
+    record = create(store).record  # outbox 1 at T0
+    _, written = advance(store, record, StepSucceeded(0, 1, None), at(1))  # outbox 2 at at(1)
+    other = create(store, key="order-2", now=at(2))  # outbox 3 at at(2)
+    assert [m.id for m in written] == [2]
+    assert [m.id for m in other.messages] == [3]
+
+    assert store.unsent(T0, 10) == ()  # strictly older than created_before
+    assert [m.id for m in store.unsent(at(1), 10)] == [1]
+    everything = store.unsent(at(3), 10)
+    assert [(m.id, m.saga_id, m.created_at) for m in everything] == [
+        (1, record.saga_id, T0),
+        (2, record.saga_id, at(1)),
+        (3, other.record.saga_id, at(2)),
+    ]
+    assert everything[1].body == {"step": 1, "token": 2}
+    assert all(m.sent_at is None for m in everything)
+    assert [m.id for m in store.unsent(at(3), 2)] == [1, 2]
+
+    store.mark_sent([1, 3], at(4))
+    store.mark_sent([], at(4))
+    store.mark_sent([1, 999], at(5))  # again, and an unknown id: harmless
+    assert [m.id for m in store.unsent(at(9), 10)] == [2]
+    store.mark_sent([2], at(6))
+    assert store.unsent(at(9), 10) == ()
+    assert backend.rows()["saga_outbox"] == 3
+
+
+# --------------------------------------------------------------------------- guards
+
+
+def test_guard_first_writer_wins(backend: Backend) -> None:
+    store = backend.store
+    key = "saga-1:reserve:action"
+    assert store.get_guard(key) is None
+    first = store.put_guard(GuardRecord(key, "ok", {"reserved": [1, 2]}), at(1))
+    assert first == GuardRecord(key, "ok", {"reserved": [1, 2]}, None, at(1))
+    second = store.put_guard(GuardRecord(key, "error", error="boom"), at(2))
+    assert second == first
+    assert store.get_guard(key) == first
+    assert utc_offset_is_zero(first.recorded_at)
+    assert backend.rows()["saga_guard"] == 1
+
+
+# --------------------------------------------------------------------------- queries
+
+
+def test_find_by_id_or_newest_with_the_business_key(backend: Backend) -> None:
+    store = backend.store
+    older = create(store, key="order-7", name="toy", saga_id="older").record
+    newer = create(store, key="order-7", name="other", saga_id="newer", now=at(5)).record
+    assert store.find("older") == older
+    assert store.find("order-7") == newer
+    assert store.find("order-8") is None
+
+
+def test_list_and_count_by_state(backend: Backend) -> None:
+    store = backend.store
+    a = create(store, key="a", now=at(1), saga_id="a").record
+    create(store, key="b", now=at(2), saga_id="b")
+    create(store, key="c", now=at(3), saga_id="c", name="other")
+    advance(store, a, StepFailed(0, 1, "declined", True), at(4))
+
+    def ids(records: tuple[SagaRecord, ...]) -> list[str]:
+        return [r.saga_id for r in records]
+
+    assert ids(store.list_sagas()) == ["c", "b", "a"]  # newest first
+    assert ids(store.list_sagas(limit=2)) == ["c", "b"]
+    assert ids(store.list_sagas(state=SagaState.STARTED)) == ["c", "b"]
+    assert ids(store.list_sagas(state=SagaState.FAILED)) == ["a"]
+    assert ids(store.list_sagas(name="toy")) == ["b", "a"]
+    assert ids(store.list_sagas(state=SagaState.STARTED, name="toy")) == ["b"]
+    assert store.list_sagas(state=SagaState.COMPLETED) == ()
+    listed = store.list_sagas(name="toy", limit=1)[0]
+    assert (listed.state, listed.business_key, listed.version) == ("STARTED", "b", 1)
+    assert dict(store.count_by_state()) == {"STARTED": 2, "FAILED": 1}
+
+
+def test_list_orders_sagas_created_at_the_same_time_by_id(backend: Backend) -> None:
+    for saga_id in ("m", "z", "a"):
+        create(backend.store, key=saga_id, saga_id=saga_id, now=at(1))
+    create(backend.store, key="later", saga_id="later", now=at(2))
+    assert [r.saga_id for r in backend.store.list_sagas()] == ["later", "a", "m", "z"]
+
+
+def test_count_by_state_of_an_empty_store(backend: Backend) -> None:
+    assert dict(backend.store.count_by_state()) == {}
+    assert backend.store.list_sagas() == ()
+
+
+# --------------------------------------------------------------------------- deadlines
+
+TIMEOUTS = (30.0,) * 4  # seconds per step: re-send after 10s (2 re-sends), time out at 30s
+
+
+def test_create_stores_deadlines_due_time_and_admission(backend: Backend) -> None:
+    store = backend.store
+    record = create(store, timeout=30, deadline_at=at(600)).record
+    assert (record.deadline_at, record.due_at, record.admitted) == (at(600), at(10), True)
+    assert utc_offset_is_zero(record.due_at) and utc_offset_is_zero(record.deadline_at)
+    first = record.steps[0]
+    assert (first.deadline_at, first.redispatch_at, first.dispatches) == (at(30), at(10), 1)
+    assert first.started is False  # only scans fill it in
+    assert [(s.deadline_at, s.dispatches) for s in record.steps[1:]] == [(None, 0)] * 3
+
+    waiting = create(store, key="waits", admit=False, deadline_at=at(600)).record
+    assert (waiting.state, waiting.admitted, waiting.due_at) == ("STARTED", False, at(600))
+    assert waiting.steps[0].status == StepStatus.PENDING
+    assert backend.rows()["saga_outbox"] == 1  # nothing sent for the waiting saga
+
+
+def test_commit_moves_step_timing_and_the_due_time(backend: Backend) -> None:
+    store = backend.store
+    record = create(store, timeout=30).record
+    record, _ = advance(store, record, StepSucceeded(0, 1, "r"), at(1), TIMEOUTS)
+    done, running = record.steps[0], record.steps[1]
+    assert (done.deadline_at, done.redispatch_at, done.dispatches) == (None, None, 1)
+    assert (running.deadline_at, running.redispatch_at, running.dispatches) == (at(31), at(11), 1)
+    assert record.due_at == at(11)
+
+    record, written = advance(store, record, machine.Tick(), at(12), TIMEOUTS)  # re-send
+    resent = record.steps[1]
+    assert resent.status == StepStatus.RUNNING
+    assert (resent.dispatches, resent.redispatch_at, resent.deadline_at) == (2, at(22), at(31))
+    assert resent.started_at == at(1)  # a re-send is not a new run
+    assert [m.body for m in written] == [{"step": 1, "token": 2}]  # same token
+    assert record.due_at == at(22)
+
+    for index in (1, 2, 3):
+        record, _ = advance(store, record, StepSucceeded(index, record.token, index), at(13))
+    assert record.state == SagaState.COMPLETED
+    assert record.due_at is None
+    assert all(s.deadline_at is None and s.redispatch_at is None for s in record.steps)
+
+
+def test_begin_guard_marks_started_then_answers_with_the_final_outcome(backend: Backend) -> None:
+    store = backend.store
+    key = "saga-1:charge:action"
+    assert store.begin_guard(key, at(1)) is None  # go ahead
+    assert store.begin_guard(key, at(2)) is None  # started, not finished: run it again
+    started = store.get_guard(key)
+    assert started is not None and started.outcome == STARTED
+    final = store.put_guard(GuardRecord(key, "business", error="declined"), at(3))
+    assert final == GuardRecord(key, "business", None, "declined", at(3))
+    assert store.begin_guard(key, at(4)) == final  # a duplicate delivery
+    assert store.put_guard(GuardRecord(key, "ok", "late"), at(5)) == final
+    assert backend.rows()["saga_guard"] == 1
+
+
+def test_list_sagas_created_before_and_unfinished(backend: Backend) -> None:
+    store = backend.store
+    old = create(store, key="old", saga_id="old", now=at(1)).record
+    create(store, key="new", saga_id="new", now=at(5))
+    advance(store, old, StepFailed(0, 1, "no", True), at(6))  # FAILED: finished
+    assert [r.saga_id for r in store.list_sagas(created_before=at(5))] == ["old"]
+    assert [r.saga_id for r in store.list_sagas(unfinished=True)] == ["new"]
+    assert store.list_sagas(created_before=at(5), unfinished=True) == ()
+
+
+def test_claim_due_hands_out_due_sagas_oldest_due_first(backend: Backend) -> None:
+    store = backend.store
+    ids = [create(store, key=f"k{i}", now=at(i), timeout=30).record.saga_id for i in range(3)]
+    create(store, key="no-timeout", now=at(0))  # nothing to watch: never due
+    with store.claim_due(at(11), 10) as claim:
+        assert [r.saga_id for r in claim.records] == ids[:2]  # due at 10 and 11
+        assert all(len(r.steps) == 4 for r in claim.records)
+    with store.claim_due(at(20), 1) as claim:
+        assert [r.saga_id for r in claim.records] == ids[:1]
+
+    store.begin_guard(f"{ids[0]}:reserve:action", at(12))  # a worker took step 0
+    with store.claim_due(at(20), 10) as claim:
+        assert [r.steps[0].started for r in claim.records] == [True, False, False]
+        assert not any(s.started for r in claim.records for s in r.steps[1:])
+        first = claim.records[0]
+        decision = machine.decide(first.view(TIMEOUTS), machine.Tick(), at(20))
+        assert decision.accepted
+        claim.commit(first, decision, [], at(20))
+    loaded = store.load(ids[0])
+    assert loaded is not None and loaded.version == 2 and loaded.due_at == at(30)
+
+
+def test_an_error_inside_a_claim_undoes_its_commits(backend: Backend) -> None:
+    store = backend.store
+    saga_id = create(store, timeout=30).record.saga_id
+    before, rows = store.load(saga_id), backend.rows()
+    with pytest.raises(RuntimeError), store.claim_due(at(15), 10) as claim:
+        record = claim.records[0]
+        decision = machine.decide(record.view(TIMEOUTS), machine.Tick(), at(15))
+        claim.commit(record, decision, step_message(saga_id, decision), at(15))
+        raise RuntimeError("the scanner crashed mid-claim")
+    assert store.load(saga_id) == before
+    assert backend.rows() == rows
+
+
+def test_two_scanners_never_act_on_one_saga_twice(backend: Backend) -> None:
+    store = backend.store
+    ids = {create(store, key=f"due-{i}", timeout=30).record.saga_id for i in range(6)}
+    acted: list[str] = []
+
+    def scan(who: str) -> str:
+        with store.claim_due(at(15), 10) as claim:
+            time.sleep(0.2)  # hold the claim while the other scanner tries
+            for record in claim.records:
+                decision = machine.decide(record.view(TIMEOUTS), machine.Tick(), at(15))
+                claim.commit(record, decision, [], at(15))  # re-send: next due at 25
+                acted.append(record.saga_id)
+        return who
+
+    in_two_threads(scan)
+    assert sorted(acted) == sorted(ids)
+
+
+def test_claim_waiting_admits_into_free_slots_oldest_first(backend: Backend) -> None:
+    store = backend.store
+    create(store, key="running", saga_id="running", now=at(0))
+    for i in (1, 2, 3):
+        create(store, key=f"w{i}", saga_id=f"w{i}", now=at(i), admit=False)
+    create(store, key="o1", saga_id="o1", name="other", now=at(4), admit=False)
+    assert set(store.waiting_names()) == {"toy", "other"}
+
+    with store.claim_waiting("toy", 2) as claim:  # 1 running: 1 free slot
+        assert [r.saga_id for r in claim.records] == ["w1"]
+        record = claim.records[0]
+        claim.commit(record, machine.decide(record.view(), machine.Admit(), at(5)), [], at(5))
+    admitted = store.load("w1")
+    assert admitted is not None and admitted.admitted
+    assert admitted.steps[0].status == StepStatus.RUNNING
+    with store.claim_waiting("toy", 2) as claim:
+        assert claim.records == ()
+    with store.claim_waiting("toy", 10) as claim:
+        assert [r.saga_id for r in claim.records] == ["w2", "w3"]
+
+
+def test_a_waiting_saga_that_failed_does_not_hold_up_the_next(backend: Backend) -> None:
+    store = backend.store
+    dead = create(store, key="dead", saga_id="dead", now=at(1), admit=False, deadline_at=at(5))
+    create(store, key="next", saga_id="next", now=at(2), admit=False)
+    failed, _ = advance(store, dead.record, machine.Tick(), at(6))  # its deadline passed
+    assert failed.state == SagaState.FAILED and not failed.admitted
+    with store.claim_waiting("toy", 1) as claim:
+        assert [r.saga_id for r in claim.records] == ["next"]
+
+
+def test_report_stuck_reports_each_unfinished_saga_once(backend: Backend) -> None:
+    store = backend.store
+    create(store, key="stuck", saga_id="stuck", now=at(1))
+    finished = create(store, key="done", saga_id="done", now=at(2)).record
+    advance(store, finished, StepFailed(0, 1, "no", True), at(3))
+    create(store, key="young", saga_id="young", now=at(100))
+    reported = store.report_stuck(at(50), at(200), 10)
+    assert [(r.saga_id, r.state) for r in reported] == [("stuck", SagaState.STARTED)]
+    assert store.report_stuck(at(50), at(201), 10) == ()
+    assert [r.saga_id for r in store.report_stuck(at(150), at(202), 10)] == ["young"]
+
+
+# --------------------------------------------------------------------------- whole sagas
+
+
+class Toy:
+    """Four participants that journal their calls; ``decline_at`` raises a business error."""
+
+    def __init__(self, decline_at: int | None = None) -> None:
+        self.decline_at = decline_at
+        self.journal: list[str] = []
+
+    def saga(self, max_concurrent: int | None = None) -> Saga:
+        def action(index: int) -> Callable[[StepContext], Any]:
+            def act(ctx: StepContext) -> Any:
+                self.journal.append(f"do {ctx.step}")
+                if index == self.decline_at:
+                    raise BusinessError(f"{ctx.step} declined")
+                return {"done": ctx.step, "after": sorted(ctx.results)}
+
+            return act
+
+        def compensation(index: int) -> Callable[[StepContext], Any]:
+            def undo(ctx: StepContext) -> None:
+                assert ctx.result == {"done": ctx.step, "after": sorted(STEP_NAMES[:index])}
+                self.journal.append(f"undo {ctx.step}")
+
+            undo.__name__ = f"undo_{STEP_NAMES[index]}"
+            return undo
+
+        steps = [Step(n, action(i), compensation(i)) for i, n in enumerate(STEP_NAMES)]
+        return Saga("toy", steps, business_key="order_id", max_concurrent=max_concurrent)
+
+
+def drive(backend: Backend, toy: Toy) -> SagaRecord:
+    coordinator = Coordinator(backend.store, registry([toy.saga()]))
+    dispatcher = RecordingDispatcher()
+    started = coordinator.start("toy", {"order_id": "A-1", "total": 2800})
+    outbox.publish(backend.store, dispatcher, started.messages, coordinator.clock)
+    return run_until_settled(coordinator, backend.store, dispatcher, started.saga_id)
+
+
+def test_a_whole_saga_completes(backend: Backend) -> None:
+    toy = Toy()
+    final = drive(backend, toy)
+    assert final.state == SagaState.COMPLETED
+    assert toy.journal == [f"do {n}" for n in STEP_NAMES]
+    assert [s.status for s in final.steps] == [StepStatus.COMPLETED] * 4
+    assert final.version == 5  # created at 1, one commit per step reply
+    assert backend.store.unsent(datetime.now(UTC) + timedelta(days=2), 10) == ()
+    assert backend.rows()["saga_guard"] == 4
+
+
+def test_a_business_failure_at_the_third_step_compensates_in_reverse(backend: Backend) -> None:
+    toy = Toy(decline_at=2)
+    final = drive(backend, toy)
+    assert final.state == SagaState.FAILED
+    assert toy.journal == [
+        "do reserve",
+        "do charge",
+        "do ship",
+        "undo charge",
+        "undo reserve",
+    ]
+    assert [s.status for s in final.steps] == [
+        StepStatus.COMPENSATED,
+        StepStatus.COMPENSATED,
+        StepStatus.FAILED,
+        StepStatus.SKIPPED,
+    ]
+    assert final.steps[2].error_kind == ErrorKind.BUSINESS
+    assert final.reason == "ship failed: BusinessError: [business] ship declined"
+    saga_states = [t.new for t in backend.store.transitions(final.saga_id) if t.step is None]
+    assert saga_states == ["STARTED", "PENDING", "COMPENSATING", "FAILED"]
+
+
+def test_sagas_beyond_max_concurrent_wait_and_are_admitted_in_order(backend: Backend) -> None:
+    toy = Toy()
+    coordinator = Coordinator(backend.store, registry([toy.saga(max_concurrent=1)]))
+    dispatcher = RecordingDispatcher()
+    first, second = (coordinator.start("toy", {"order_id": key}) for key in ("A-1", "A-2"))
+    assert len(first.messages) == 1 and second.messages == ()  # the second one waits
+    waiting = backend.store.load(second.saga_id)
+    assert waiting is not None and not waiting.admitted
+    outbox.publish(backend.store, dispatcher, first.messages, coordinator.clock)
+
+    done = run_until_settled(coordinator, backend.store, dispatcher, first.saga_id)
+    assert done.state == SagaState.COMPLETED
+    # The last reply of the first saga admitted the second and published its step 0.
+    after = run_until_settled(coordinator, backend.store, dispatcher, second.saga_id)
+    assert after.state == SagaState.COMPLETED and after.admitted
+    assert toy.journal == [f"do {n}" for n in STEP_NAMES] * 2

@@ -1,0 +1,293 @@
+"""``celery_sagas.testing``: the in-memory store, the recording dispatcher and the driver."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from celery_sagas import outbox, scanner
+from celery_sagas.coordinator import Coordinator
+from celery_sagas.definition import Saga, Step, StepContext, registry
+from celery_sagas.errors import BusinessError, SagaError, TransientError
+from celery_sagas.machine import ErrorKind, SagaState, StepStatus
+from celery_sagas.policy import RetryPolicy
+from celery_sagas.protocols import STARTED, OutboxMessage
+from celery_sagas.testing import InMemorySagaStore, RecordingDispatcher, run_until_settled
+
+STEP_NAMES = ("reserve", "charge", "ship", "notify")
+
+
+class Clock:
+    """A clock that moves one second per reading, so every timestamp is distinct."""
+
+    def __init__(self) -> None:
+        self.now = datetime(2030, 1, 1, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        self.now += timedelta(seconds=1)
+        return self.now
+
+
+class Toy:
+    """Four toy participants that journal what they did; ``fail_at`` declines one step."""
+
+    def __init__(self, fail_at: int | None = None, error: type[Exception] = BusinessError) -> None:
+        self.fail_at = fail_at
+        self.error = error
+        self.journal: list[str] = []
+
+    def action(self, index: int) -> Callable[[StepContext], Any]:
+        def act(ctx: StepContext) -> Any:
+            self.journal.append(f"do {ctx.step}")
+            if index == self.fail_at:
+                raise self.error(f"{ctx.step} declined")
+            return {"step": ctx.step, "seen": sorted(ctx.results)}
+
+        return act
+
+    def compensation(self, index: int) -> Callable[[StepContext], Any]:
+        def undo(ctx: StepContext) -> Any:
+            if index != self.fail_at:  # a step that failed has no result to undo
+                assert ctx.result == {"step": ctx.step, "seen": sorted(STEP_NAMES[:index])}
+            self.journal.append(f"undo {ctx.step}")
+            return None
+
+        undo.__name__ = f"undo_{STEP_NAMES[index]}"
+        return undo
+
+    def saga(self) -> Saga:
+        return Saga(
+            "toy",
+            [
+                Step(
+                    name,
+                    self.action(i),
+                    self.compensation(i),
+                    compensation_retry=RetryPolicy(max_retries=0),
+                )
+                for i, name in enumerate(STEP_NAMES)
+            ],
+        )
+
+
+def run(
+    toy: Toy, dispatcher: RecordingDispatcher | None = None, **kwargs: Any
+) -> tuple[InMemorySagaStore, Any]:
+    store = InMemorySagaStore()
+    dispatcher = dispatcher or RecordingDispatcher()
+    coordinator = Coordinator(store, registry([toy.saga()]), clock=Clock())
+    started = coordinator.start("toy", {"id": "order-1"})
+    outbox.publish(store, dispatcher, started.messages, coordinator.clock)
+    return store, run_until_settled(coordinator, store, dispatcher, started.saga_id, **kwargs)
+
+
+def test_happy_path_completes_every_step_in_order() -> None:
+    toy = Toy()
+    store, final = run(toy)
+    assert final.state == SagaState.COMPLETED
+    assert toy.journal == [f"do {name}" for name in STEP_NAMES]
+    assert [s.status for s in final.steps] == [StepStatus.COMPLETED] * 4
+    assert final.results()["notify"] == {"step": "notify", "seen": sorted(STEP_NAMES[:3])}
+    assert final.finished_at is not None
+    assert store.row_counts() == {
+        "saga": 1,
+        "saga_step": 4,
+        # saga -→STARTED→PENDING→COMPLETED, each step pending→running→completed
+        "saga_transition": 3 + 2 * 4,
+        "saga_outbox": 4,
+        "saga_guard": 4,
+    }
+    assert store.unsent(datetime(2100, 1, 1, tzinfo=UTC), 100) == ()
+
+
+@pytest.mark.parametrize("fail_at", range(4))
+def test_business_failure_at_each_step_compensates_earlier_steps_in_reverse(fail_at: int) -> None:
+    toy = Toy(fail_at=fail_at)
+    _, final = run(toy)
+    done = STEP_NAMES[:fail_at]
+    assert final.state == SagaState.FAILED
+    assert toy.journal == [f"do {n}" for n in (*done, STEP_NAMES[fail_at])] + [
+        f"undo {n}" for n in reversed(done)
+    ]
+    assert [s.status for s in final.steps] == (
+        [StepStatus.COMPENSATED] * fail_at
+        + [StepStatus.FAILED]
+        + [StepStatus.SKIPPED] * (3 - fail_at)
+    )
+    assert final.reason == f"{STEP_NAMES[fail_at]} failed: BusinessError: [business] " + (
+        f"{STEP_NAMES[fail_at]} declined"
+    )
+
+
+@pytest.mark.parametrize("fail_at", range(4))
+def test_unexpected_error_compensates_the_failed_step_too(fail_at: int) -> None:
+    toy = Toy(fail_at=fail_at, error=RuntimeError)
+    _, final = run(toy)
+    assert final.state == SagaState.FAILED
+    undone = [entry for entry in toy.journal if entry.startswith("undo")]
+    assert undone == [f"undo {n}" for n in reversed(STEP_NAMES[: fail_at + 1])]
+
+
+@pytest.mark.parametrize(
+    ("fail_at", "commits"),
+    [
+        (None, 4),  # 4 step replies; start is a create, not a commit
+        (0, 1),  # the failure only: nothing to compensate, FAILED at once
+        (1, 3),  # 1 success + the failure + 1 compensation
+        (2, 5),  # 2 successes + the failure + 2 compensations
+        (3, 7),  # 3 successes + the failure + 3 compensations
+    ],
+)
+def test_one_commit_per_transition(fail_at: int | None, commits: int) -> None:
+    # Rule 2 of ARCHITECTURE.md: one transaction per transition. A 4-step saga takes one
+    # `create` (start: STARTED + step 0 running + outbox) and then exactly one `commit` per
+    # reply: k successes before the failing step, the failure, and one per compensation
+    # (k of them, strictly in reverse). The happy path is 4 commits.
+    store, _ = run(Toy(fail_at=fail_at))
+    assert store.calls.count("create") == 1
+    assert store.calls.count("commit") == commits
+    # Each delivery marks its guard started once and records the outcome once (every reply
+    # here is ok or business, and both are recorded); each commit's messages are published
+    # and marked sent.
+    assert store.calls.count("begin_guard") == commits
+    assert store.calls.count("put_guard") == commits
+    assert store.calls.count("mark_sent") == 1 + commits  # after start, after each commit
+
+
+def test_the_exact_store_calls_of_a_happy_four_step_saga() -> None:
+    store, _ = run(Toy())
+    per_step = [
+        "load",  # the driver: settled yet?
+        "begin_guard",  # the step task: already done? if not, mark it started
+        "put_guard",  # the step task: record the outcome
+        "load",  # coordinator.handle
+        "commit",  # state + step changes + transition log + next outbox row, one transaction
+        "mark_sent",  # publish after commit
+    ]
+    assert store.calls == ["create", "mark_sent", *per_step * 4, "load"]
+
+
+def test_publish_failures_are_relayed_and_the_saga_still_completes() -> None:
+    dispatcher = RecordingDispatcher(fail_next=3)
+    toy = Toy()
+    store, final = run(toy, dispatcher)
+    assert final.state == SagaState.COMPLETED
+    assert toy.journal == [f"do {name}" for name in STEP_NAMES]  # each step ran once
+    assert dispatcher.fail_next == 0
+    assert len(dispatcher.sent) == 4
+    assert "unsent" in store.calls
+
+
+def test_a_redelivered_message_is_answered_from_the_guard() -> None:
+    toy = Toy()
+    store = InMemorySagaStore()
+    dispatcher = RecordingDispatcher()
+    coordinator = Coordinator(store, registry([toy.saga()]), clock=Clock())
+    started = coordinator.start("toy", {"id": "order-1"})
+    outbox.publish(store, dispatcher, started.messages, coordinator.clock)
+    dispatcher.sent.append(dispatcher.sent[0])  # the broker delivered it twice
+    final = run_until_settled(coordinator, store, dispatcher, started.saga_id)
+    assert final.state == SagaState.COMPLETED
+    assert toy.journal.count("do reserve") == 1
+
+
+def test_participants_override_the_definition_by_task_name() -> None:
+    def declined(ctx: StepContext) -> Any:
+        raise BusinessError("no stock today")
+
+    toy = Toy()
+    _, final = run(toy, participants={"toy.ship": declined})
+    assert final.state == SagaState.FAILED
+    assert toy.journal == ["do reserve", "do charge", "undo charge", "undo reserve"]
+
+
+def test_failing_compensation_is_retried_then_settles_compensation_failed() -> None:
+    attempts: list[int] = []
+
+    def flaky_undo(ctx: StepContext) -> Any:
+        attempts.append(ctx.attempt)
+        raise RuntimeError("refund service down")
+
+    saga = Saga(
+        "flaky",
+        [
+            Step("one", lambda ctx: 1, flaky_undo, compensation_retry=RetryPolicy(max_retries=2)),
+            Step("two", lambda ctx: 2, lambda ctx: None, compensation_name="undo_two"),
+        ],
+    )
+    store = InMemorySagaStore()
+    dispatcher = RecordingDispatcher()
+    coordinator = Coordinator(store, registry([saga]), clock=Clock())
+    started = coordinator.start("flaky", {"id": "x"})
+    overrides = {"flaky.two": Toy(fail_at=0).action(0)}
+    final = run_until_settled(coordinator, store, dispatcher, started.saga_id, overrides)
+    assert final.state == SagaState.COMPENSATION_FAILED
+    assert attempts == [1, 2, 3]
+    assert final.steps[0].status == StepStatus.COMPENSATION_FAILED
+    assert final.steps[0].compensation_attempts == 3
+    # No final outcome is recorded for it, so an operator's retry runs it again.
+    guard = store.get_guard(f"{started.saga_id}:one:compensation")
+    assert guard is not None and guard.outcome == STARTED
+
+
+def test_transient_errors_are_retried_and_the_attempts_recorded() -> None:
+    calls: list[int] = []
+
+    def flaky_charge(ctx: StepContext) -> Any:
+        calls.append(ctx.attempt)
+        if ctx.attempt < 3:
+            raise TransientError("gateway timeout")
+        return "charged"
+
+    toy = Toy()
+    _, final = run(toy, participants={"toy.charge": flaky_charge})
+    assert final.state == SagaState.COMPLETED
+    assert calls == [1, 2, 3]
+    assert [s.attempts for s in final.steps] == [1, 3, 1, 1]
+    assert final.results()["charge"] == "charged"
+
+
+def test_a_saga_with_nothing_to_deliver_is_reported_not_looped() -> None:
+    store = InMemorySagaStore()
+    coordinator = Coordinator(store, registry([Toy().saga()]), clock=Clock())
+    started = coordinator.start("toy", {"id": "order-1"})
+    outbox.publish(store, RecordingDispatcher(), started.messages, coordinator.clock)
+    with pytest.raises(SagaError, match="nothing to deliver"):
+        run_until_settled(coordinator, store, RecordingDispatcher(), started.saga_id)
+
+
+def test_recording_dispatcher_fails_the_requested_number_of_sends() -> None:
+    dispatcher = RecordingDispatcher(fail_next=1)
+    message = OutboxMessage("s", {"kind": "action"}, id=1)
+    with pytest.raises(ConnectionError):
+        dispatcher.send(message)
+    dispatcher.send(message)
+    assert dispatcher.sent == [message]
+
+
+def test_the_memory_store_refuses_naive_datetimes_like_the_sql_columns() -> None:
+    store = InMemorySagaStore()
+    with pytest.raises(ValueError, match="naive"):
+        store.mark_sent([1], datetime(2030, 1, 1))  # noqa: DTZ001 - the point of the test
+    assert store.calls == []
+
+
+def test_scanner_claims_are_recorded_apart_from_commits() -> None:
+    store = InMemorySagaStore()
+    saga = Saga(
+        "slow",
+        [Step("one", lambda ctx: 1, lambda ctx: None, timeout=30, compensation_name="undo_one")],
+    )
+    clock = Clock()
+    coordinator = Coordinator(store, registry([saga]), clock=clock)
+    started = coordinator.start("slow", {"id": "s-1"})
+    scanner.scan(coordinator, clock.now + timedelta(seconds=31), batch=10, stuck_after=3600)
+    assert store.calls[store.calls.index("claim_due") + 1 :][:1] == ["claim.commit"]
+    assert "commit" not in store.calls
+    record = store.load(started.saga_id)
+    assert record is not None and record.state == SagaState.COMPENSATING
+    assert record.steps[0].status == StepStatus.COMPENSATING  # timed out: it may have acted
+    assert record.steps[0].error_kind == ErrorKind.TIMEOUT
