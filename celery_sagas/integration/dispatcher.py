@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from celery import Celery, chain
 
 from celery_sagas.definition import Saga
 from celery_sagas.protocols import OutboxMessage
+from celery_sagas.redaction import redact
 
 ADVANCE_TASK = "celery_sagas.advance"
 COMPENSATED_TASK = "celery_sagas.compensated"
@@ -30,10 +31,23 @@ def step_kwargs(body: Mapping[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
+def kwargs_repr(kwargs: Mapping[str, Any], redact_fields: Sequence[str]) -> str:
+    """What Flower and the worker log show: a dict literal (Flower's ``kwargs:saga_id=…``
+    search parses it) with the payload's secrets masked."""
+    shown = {
+        key: redact(value, redact_fields) if key in ("payload", "results", "result") else value
+        for key, value in kwargs.items()
+    }
+    return repr(shown)
+
+
 class CeleryDispatcher:
-    def __init__(self, app: Celery, sagas: Mapping[str, Saga]) -> None:
+    def __init__(
+        self, app: Celery, sagas: Mapping[str, Saga], redact_fields: Sequence[str] = ()
+    ) -> None:
         self.app = app
         self.sagas = sagas
+        self.redact_fields = tuple(redact_fields)
 
     def send(self, message: OutboxMessage) -> None:
         body = message.body
@@ -43,7 +57,13 @@ class CeleryDispatcher:
             task_name, reply_name = saga.step_task_name(index), ADVANCE_TASK
         else:
             task_name, reply_name = saga.compensation_task_name(index), COMPENSATED_TASK
-        step = self.app.signature(task_name, kwargs=step_kwargs(body), immutable=True)
+        kwargs = step_kwargs(body)
+        step = self.app.signature(
+            task_name,
+            kwargs=kwargs,
+            immutable=True,
+            kwargsrepr=kwargs_repr(kwargs, self.redact_fields),
+        )
         reply = self.app.signature(
             reply_name,
             kwargs={"saga_id": body["saga_id"], "step": index, "token": body["token"]},

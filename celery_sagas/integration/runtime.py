@@ -36,7 +36,7 @@ class SagaRuntime:
         self.app = app
         self.sagas = sagas
         self.settings = settings
-        self.dispatcher = CeleryDispatcher(app, sagas)
+        self.dispatcher = CeleryDispatcher(app, sagas, settings.redact_fields)
         self.start_tasks: dict[str, Task] = {}
         self._store: SqlSagaStore | None = None
         self._coordinator: Coordinator | None = None

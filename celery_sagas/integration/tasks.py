@@ -14,6 +14,7 @@ from celery_sagas import machine
 from celery_sagas.coordinator import check_payload
 from celery_sagas.errors import ConcurrentUpdateError, StoreUnavailableError
 from celery_sagas.integration.dispatcher import ADVANCE_TASK, COMPENSATED_TASK
+from celery_sagas.redaction import redact
 
 if TYPE_CHECKING:
     from celery_sagas.integration.runtime import SagaRuntime
@@ -39,6 +40,9 @@ class StartSagaTask(Task):
     def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
         payload = args[0] if args else (kwargs or {}).get("payload")
         check_payload(self.runtime.sagas[self.saga_name], payload)
+        fields = self.runtime.settings.redact_fields
+        options.setdefault("argsrepr", repr([redact(a, fields) for a in args or ()]))
+        options.setdefault("kwargsrepr", repr(redact(dict(kwargs or {}), fields)))
         return super().apply_async(args, kwargs, **options)
 
 

@@ -158,3 +158,46 @@ guards = Table(
     Column("error", Text),
     Column("recorded_at", UtcDateTime(), nullable=False),
 )
+
+dead_letters = Table(
+    "saga_dead_letter",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("saga_id", String(36), ForeignKey("saga.id", ondelete="CASCADE"), nullable=False),
+    Column("saga_name", String(200), nullable=False),
+    Column("step", Integer, nullable=False),
+    Column("step_name", String(200), nullable=False),
+    Column("task_name", String(400), nullable=False),
+    # dead -> retrying -> resolved | dead again; dead -> discarded (fixed by hand)
+    Column("status", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("deaths", Integer, nullable=False, server_default=text("1")),
+    Column("error", Text),
+    Column("traceback", Text),
+    Column("payload", JSON, nullable=False),  # redacted
+    Column("created_at", UtcDateTime(), nullable=False),
+    Column("updated_at", UtcDateTime(), nullable=False),
+    Column("resolved_at", UtcDateTime()),
+    Column("resolution", Text),
+    Column("auto_retries", Integer, nullable=False, server_default=text("0")),
+    Column("next_auto_retry_at", UtcDateTime()),
+    UniqueConstraint("saga_id", "step", name="uq_saga_dead_letter_step"),
+)
+Index(
+    "ix_saga_dead_letter_open",
+    dead_letters.c.created_at,
+    postgresql_where=dead_letters.c.status.in_(["dead", "retrying"]),
+    sqlite_where=dead_letters.c.status.in_(["dead", "retrying"]),
+)
+
+attempts = Table(
+    "saga_attempt",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("saga_id", String(36), ForeignKey("saga.id", ondelete="CASCADE"), nullable=False),
+    Column("key", String(300), nullable=False),  # saga_id:step:action|compensation
+    Column("attempt", Integer, nullable=False),
+    Column("at", UtcDateTime(), nullable=False),
+    Column("error", Text, nullable=False),
+)
+Index("ix_saga_attempt_key", attempts.c.key, attempts.c.attempt)

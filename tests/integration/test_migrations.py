@@ -16,7 +16,7 @@ from alembic.script import ScriptDirectory
 from celery_sagas.store import migrate, shared_engine, upgrade
 from celery_sagas.store.tables import metadata
 
-SAGA_TABLES = {"saga", "saga_step", "saga_transition", "saga_outbox", "saga_guard"}
+SAGA_TABLES = set(metadata.tables)  # every table the models declare
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
