@@ -9,8 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -20,13 +20,16 @@ from celery_sagas.errors import ConcurrentUpdateError, InvalidPayloadError, Saga
 from celery_sagas.log import log_transition, logger
 from celery_sagas.machine import (
     SETTLED_STATES,
+    Command,
     Decision,
-    RunCompensation,
     RunStep,
     SagaView,
+    SendToDeadLetterQueue,
     StepStatus,
 )
 from celery_sagas.protocols import Claim, NewSaga, OutboxMessage, SagaRecord, SagaStore
+from celery_sagas.redaction import redact
+from celery_sagas.settings import DEFAULT_REDACT_FIELDS
 
 MAX_CAS_ATTEMPTS = 20
 
@@ -77,14 +80,26 @@ def build_message(
     saga_id: str,
     payload: Mapping[str, Any],
     decision: Decision,
-    command: RunStep | RunCompensation,
+    command: Command,
 ) -> OutboxMessage:
-    """The outbox body for one command: everything needed to publish the step's chain."""
+    """The outbox body for one command: everything needed to publish the step's chain
+    (or, for a dead letter, the ids of the DLQ message)."""
+    step = saga.steps[command.step]
+    if isinstance(command, SendToDeadLetterQueue):
+        return OutboxMessage(
+            saga_id=saga_id,
+            body={
+                "kind": "dead_letter",
+                "saga": saga.name,
+                "saga_id": saga_id,
+                "step": command.step,
+                "step_name": step.name,
+            },
+        )
     results: dict[str, Any] = record.results() if record else {}
     for change in decision.step_changes:
         if change.has_result and change.new == StepStatus.COMPLETED:
             results[saga.steps[change.index].name] = change.result
-    step = saga.steps[command.step]
     role = "action" if isinstance(command, RunStep) else "compensation"
     body: dict[str, Any] = {
         "kind": role,
@@ -100,6 +115,8 @@ def build_message(
         body["results"] = {k: v for k, v in results.items() if k in saga.step_names}
     else:
         body["result"] = record.steps[command.step].result if record else None
+        # attempts already made (before an operator retry), so attempt numbers continue
+        body["attempts_before"] = record.steps[command.step].compensation_attempts if record else 0
     return OutboxMessage(saga_id=saga_id, body=body)
 
 
@@ -137,11 +154,15 @@ class Coordinator:
         sagas: Mapping[str, Saga],
         clock: Callable[[], datetime] = utcnow,
         timing: Timing | None = None,
+        redact_fields: Sequence[str] = DEFAULT_REDACT_FIELDS,
+        auto_retry_interval: float = 3600.0,
     ) -> None:
         self.store = store
         self.sagas = sagas
         self.clock = clock
         self.timing = timing or Timing()
+        self.redact_fields = tuple(redact_fields)
+        self.auto_retry_interval = auto_retry_interval
 
     def definition(self, name: str) -> Saga:
         try:
@@ -152,6 +173,23 @@ class Coordinator:
     def view(self, record: SagaRecord) -> SagaView:
         saga = self.definition(record.name)
         return record.view(self.timing.timeouts(saga), self.timing.max_redispatches)
+
+    def complete(self, record: SagaRecord, decision: Decision) -> Decision:
+        """Fill in what the pure machine cannot know: the dead letter's task name and
+        its (redacted) payload."""
+        dead = decision.dead_letter
+        if dead is None or dead.status != "dead":
+            return decision
+        saga = self.definition(record.name)
+        return replace(
+            decision,
+            dead_letter=replace(
+                dead,
+                task_name=saga.compensation_task_name(dead.step),
+                payload=redact(record.payload, self.redact_fields),
+                next_auto_retry_at=self.clock() + timedelta(seconds=self.auto_retry_interval),
+            ),
+        )
 
     def messages_for(self, record: SagaRecord, decision: Decision) -> list[OutboxMessage]:
         saga = self.definition(record.name)
@@ -220,6 +258,7 @@ class Coordinator:
             if not decision.accepted:
                 self._log_ignored(record, event, decision)
                 return Outcome(saga_id, decision)
+            decision = self.complete(record, decision)
             try:
                 written = self.store.commit(
                     record, decision, self.messages_for(record, decision), self.clock()
@@ -239,6 +278,7 @@ class Coordinator:
         decision = machine.decide(self.view(record), event, now)
         if not decision.accepted:
             return decision, ()
+        decision = self.complete(record, decision)
         written = claim.commit(record, decision, self.messages_for(record, decision), now)
         self._log(record.saga_id, record.name, decision)
         return decision, written

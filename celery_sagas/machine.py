@@ -123,10 +123,46 @@ class CompensationFailed:
     token: int
     error: str
     attempts: int | None = None
+    traceback: str | None = None
+
+
+@dataclass(frozen=True)
+class OperatorRetry:
+    """An operator (or the DLQ recovery worker) re-runs a dead compensation."""
+
+    step: int
+    actor: str
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class OperatorDiscard:
+    """An operator undid the step by hand: count it compensated and carry on."""
+
+    step: int
+    actor: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """Stop a running saga and compensate what it did, like a failure."""
+
+    actor: str
+    reason: str
 
 
 Event = (
-    Begin | Admit | Tick | StepSucceeded | StepFailed | CompensationSucceeded | CompensationFailed
+    Begin
+    | Admit
+    | Tick
+    | StepSucceeded
+    | StepFailed
+    | CompensationSucceeded
+    | CompensationFailed
+    | OperatorRetry
+    | OperatorDiscard
+    | Cancel
 )
 
 
@@ -145,7 +181,29 @@ class RunCompensation:
     token: int
 
 
-Command = RunStep | RunCompensation
+@dataclass(frozen=True)
+class SendToDeadLetterQueue:
+    step: int
+
+
+Command = RunStep | RunCompensation | SendToDeadLetterQueue
+
+
+@dataclass(frozen=True)
+class DeadLetterChange:
+    """What happens to the dead-letter entry of ``step``: ``dead`` (create, or dead
+    again), ``retrying``, ``resolved`` (only from retrying), ``discarded``.
+    ``task_name`` and ``payload`` are filled in by the coordinator."""
+
+    step: int
+    status: str
+    error: str | None = None
+    traceback: str | None = None
+    attempts: int | None = None
+    resolution: str | None = None
+    task_name: str | None = None
+    payload: Any = None
+    next_auto_retry_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -184,6 +242,8 @@ class Decision:
     commands: tuple[Command, ...] = ()
     admitted: bool = False  # step 0 was dispatched: the saga holds a concurrency slot
     due_at: datetime | None = None  # when the scanner must next look (accepted decisions)
+    actor: str | None = None  # who caused it, for the transition log (None: the coordinator)
+    dead_letter: DeadLetterChange | None = None
 
 
 def ignore(saga: SagaView, note: str) -> Decision:
@@ -207,6 +267,8 @@ class _Draft:
     token: int
     statuses: list[StepView]
     reason: str | None = None
+    actor: str | None = None
+    dead_letter: DeadLetterChange | None = None
     changes: list[StepChange] = field(default_factory=list)
     transitions: list[Transition] = field(default_factory=list)
     commands: list[Command] = field(default_factory=list)
@@ -273,6 +335,8 @@ class _Draft:
             transitions=tuple(self.transitions),
             commands=tuple(self.commands),
             due_at=self.due_at(),
+            actor=self.actor,
+            dead_letter=self.dead_letter,
         )
 
 
@@ -391,6 +455,8 @@ def _compensation_succeeded(
         return ignore(saga, why)
     draft = _Draft.of(saga, now)
     draft.step(event.step, StepStatus.COMPENSATED, attempts=event.attempts)
+    # a no-op unless this compensation was re-run from the dead-letter queue
+    draft.dead_letter = DeadLetterChange(event.step, "resolved", resolution="compensated")
     _compensate_or_fail(draft, below=event.step)
     return draft.done()
 
@@ -407,6 +473,64 @@ def _compensation_failed(saga: SagaView, event: CompensationFailed, now: datetim
     )
     draft.reason = f"compensation of {saga.steps[event.step].name} failed: {event.error}"
     draft.saga_state(SagaState.COMPENSATION_FAILED, draft.reason)
+    draft.dead_letter = DeadLetterChange(
+        event.step, "dead", event.error, event.traceback, event.attempts
+    )
+    draft.commands.append(SendToDeadLetterQueue(event.step))
+    return draft.done()
+
+
+def _dead_step(saga: SagaView, step: int) -> str | None:
+    """Why an operator action on ``step`` does not apply, or None if it does."""
+    if saga.state != SagaState.COMPENSATION_FAILED:
+        return f"saga is {saga.state}, not COMPENSATION_FAILED"
+    if step != saga.current_step or saga.steps[step].status != StepStatus.COMPENSATION_FAILED:
+        return f"the compensation of step {step} is not the dead one"
+    return None
+
+
+def _operator_retry(saga: SagaView, event: OperatorRetry, now: datetime) -> Decision:
+    why = _dead_step(saga, event.step)
+    if why:
+        return ignore(saga, why)
+    draft = _Draft.of(saga, now)
+    draft.actor = event.actor
+    said = f"retry by {event.actor}" + (f": {event.reason}" if event.reason else "")
+    draft.saga_state(SagaState.COMPENSATING, said)
+    timing = draft.timing(event.step, 1, forward=False)
+    draft.step(event.step, StepStatus.COMPENSATING, reason=said, **timing)
+    draft.dispatch(RunCompensation, event.step)
+    draft.dead_letter = DeadLetterChange(event.step, "retrying", resolution=said)
+    return draft.done()
+
+
+def _operator_discard(saga: SagaView, event: OperatorDiscard, now: datetime) -> Decision:
+    why = _dead_step(saga, event.step)
+    if why:
+        return ignore(saga, why)
+    draft = _Draft.of(saga, now)
+    draft.actor = event.actor
+    said = f"compensated manually by {event.actor}: {event.reason}"
+    draft.step(event.step, StepStatus.COMPENSATED, reason=said)
+    draft.dead_letter = DeadLetterChange(event.step, "discarded", resolution=said)
+    _compensate_or_fail(draft, below=event.step)
+    return draft.done()
+
+
+def _cancel(saga: SagaView, event: Cancel, now: datetime) -> Decision:
+    if saga.state not in FORWARD_STATES:
+        return ignore(saga, f"saga is {saga.state}: only a running saga can be cancelled")
+    draft = _Draft.of(saga, now)
+    draft.actor = event.actor
+    said = f"cancelled by {event.actor}: {event.reason}"
+    index = saga.current_step
+    if saga.steps[index].status == StepStatus.RUNNING:  # it may have acted: compensate it
+        draft.step(index, StepStatus.FAILED, error=said, error_kind=ErrorKind.ERROR)
+    else:
+        draft.step(index, StepStatus.SKIPPED, reason=said)
+    _skip_later_steps(draft, index)
+    draft.reason = said
+    _compensate_or_fail(draft, below=index + 1)
     return draft.done()
 
 
@@ -506,4 +630,10 @@ def decide(saga: SagaView, event: Event, now: datetime) -> Decision:
             return _compensation_succeeded(saga, event, now)
         case CompensationFailed():
             return _compensation_failed(saga, event, now)
+        case OperatorRetry():
+            return _operator_retry(saga, event, now)
+        case OperatorDiscard():
+            return _operator_discard(saga, event, now)
+        case Cancel():
+            return _cancel(saga, event, now)
     raise TypeError(f"unknown event {event!r}")

@@ -148,6 +148,42 @@ class GuardRecord:
 
 
 @dataclass(frozen=True)
+class DeadLetterRecord:
+    """A compensation that exhausted its retries. ``status``: dead, retrying (an operator
+    re-ran it), resolved (the re-run succeeded), discarded (fixed by hand)."""
+
+    id: int
+    saga_id: str
+    saga_name: str
+    step: int
+    step_name: str
+    task_name: str
+    status: str
+    attempts: int
+    deaths: int
+    error: str | None
+    traceback: str | None
+    payload: Any
+    created_at: datetime
+    updated_at: datetime
+    resolved_at: datetime | None = None
+    resolution: str | None = None
+    auto_retries: int = 0
+    next_auto_retry_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class AttemptRecord:
+    """One failed attempt of a step or compensation (successes are in the guard)."""
+
+    saga_id: str
+    key: str
+    attempt: int
+    at: datetime
+    error: str
+
+
+@dataclass(frozen=True)
 class CreateResult:
     record: SagaRecord
     created: bool
@@ -227,6 +263,29 @@ class SagaStore(Protocol):
     def count_by_state(self) -> Mapping[str, int]: ...
 
     def transitions(self, saga_id: str) -> tuple[TransitionRecord, ...]: ...
+
+    # -- failed attempts and the dead-letter queue --
+
+    def record_attempt(
+        self, saga_id: str, key: str, attempt: int, error: str, now: datetime
+    ) -> None: ...
+
+    def attempts(self, key: str) -> tuple[AttemptRecord, ...]: ...
+
+    def dead_letters(
+        self, saga_id: str | None = None, status: str | None = None, limit: int = 100
+    ) -> tuple[DeadLetterRecord, ...]:
+        """Oldest first; ``status="open"`` means dead or retrying, ``"all"`` any status."""
+        ...
+
+    def dead_letter(self, entry_id: int) -> DeadLetterRecord | None: ...
+
+    def dead_letter_for(self, saga_id: str, step: int) -> DeadLetterRecord | None: ...
+
+    def claim_auto_retry(self, entry: DeadLetterRecord, next_at: datetime) -> bool:
+        """Count one automatic retry of a dead entry (compare-and-set); False if another
+        recovery worker or an operator got there first."""
+        ...
 
     # -- what the scanner needs --
 

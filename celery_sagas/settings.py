@@ -34,6 +34,10 @@ class SagaSettings:
     step_timeouts: Mapping[str, float] = field(default_factory=dict)
     saga_deadlines: Mapping[str, float] = field(default_factory=dict)
     max_concurrent: Mapping[str, int] = field(default_factory=dict)
+    retry_policies: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    dlq_queue: str = "sagas.dlq"
+    dlq_auto_retry_interval: float = 3600.0
+    dlq_auto_retries: int = 3
     engine_options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -55,6 +59,12 @@ class SagaSettings:
         for name in ("relay_batch", "scan_batch"):
             if getattr(self, name) < 1:
                 raise SagaConfigurationError(f"{name} must be >= 1")
+        if self.dlq_auto_retry_interval <= 0 or self.dlq_auto_retries < 0:
+            raise SagaConfigurationError(
+                "dlq_auto_retry_interval must be positive and dlq_auto_retries >= 0"
+            )
+        if not self.dlq_queue:
+            raise SagaConfigurationError("dlq_queue must be a queue name")
         if self.max_redispatches < 0:
             raise SagaConfigurationError("max_redispatches must be >= 0")
         for name in ("step_timeouts", "saga_deadlines", "max_concurrent"):

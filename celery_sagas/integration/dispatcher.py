@@ -13,6 +13,7 @@ from celery_sagas.redaction import redact
 
 ADVANCE_TASK = "celery_sagas.advance"
 COMPENSATED_TASK = "celery_sagas.compensated"
+DEAD_LETTER_TASK = "celery_sagas.dead_letter"
 
 
 def step_kwargs(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -28,6 +29,7 @@ def step_kwargs(body: Mapping[str, Any]) -> dict[str, Any]:
         kwargs["results"] = body.get("results", {})
     else:
         kwargs["result"] = body.get("result")
+        kwargs["attempts_before"] = body.get("attempts_before", 0)
     return kwargs
 
 
@@ -51,6 +53,12 @@ class CeleryDispatcher:
 
     def send(self, message: OutboxMessage) -> None:
         body = message.body
+        if body["kind"] == "dead_letter":
+            # ids only: the database row is the source of truth
+            self.app.signature(
+                DEAD_LETTER_TASK, kwargs={"saga_id": body["saga_id"], "step": body["step"]}
+            ).apply_async()
+            return
         saga = self.sagas[body["saga"]]
         index = body["step"]
         if body["kind"] == "action":

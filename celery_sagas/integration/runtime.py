@@ -11,13 +11,18 @@ from typing import Any
 
 from celery import Celery, Task, signals
 
-from celery_sagas import machine, outbox, scanner
+from celery_sagas import dlq, machine, outbox, scanner
 from celery_sagas.coordinator import Coordinator, Timing, utcnow
 from celery_sagas.definition import Saga, registry
 from celery_sagas.errors import SagaError
 from celery_sagas.integration.config import apply_reliability_config
 from celery_sagas.integration.crash import crash_point
-from celery_sagas.integration.dispatcher import ADVANCE_TASK, COMPENSATED_TASK, CeleryDispatcher
+from celery_sagas.integration.dispatcher import (
+    ADVANCE_TASK,
+    COMPENSATED_TASK,
+    DEAD_LETTER_TASK,
+    CeleryDispatcher,
+)
 from celery_sagas.integration.steps import StepTask
 from celery_sagas.integration.tasks import (
     RELAY_TASK,
@@ -25,6 +30,7 @@ from celery_sagas.integration.tasks import (
     register_coordinator_tasks,
     register_start_task,
 )
+from celery_sagas.protocols import OutboxMessage
 from celery_sagas.settings import SagaSettings
 from celery_sagas.store import SqlSagaStore, dispose_all_after_fork
 
@@ -58,7 +64,14 @@ class SagaRuntime:
                 max_concurrent=self.settings.max_concurrent,
                 max_redispatches=self.settings.max_redispatches,
             )
-            self._coordinator = Coordinator(self.store, self.sagas, utcnow, timing)
+            self._coordinator = Coordinator(
+                self.store,
+                self.sagas,
+                utcnow,
+                timing,
+                redact_fields=self.settings.redact_fields,
+                auto_retry_interval=self.settings.dlq_auto_retry_interval,
+            )
         return self._coordinator
 
     def start_task(self, saga_name: str) -> Task:
@@ -103,6 +116,22 @@ class SagaRuntime:
             "stuck": report.stuck,
         }
 
+    def publish(self, messages: Sequence[OutboxMessage]) -> int:
+        return outbox.publish(self.store, self.dispatcher, messages, utcnow)
+
+    def auto_retry(self, saga_id: str, step: int) -> tuple[str, float | None]:
+        """The DLQ recovery worker's slow automatic retry of one dead compensation."""
+        verdict, result = dlq.auto_retry(
+            self.coordinator,
+            saga_id,
+            step,
+            max_retries=self.settings.dlq_auto_retries,
+            interval=self.settings.dlq_auto_retry_interval,
+        )
+        if result is not None:
+            self.publish(result.messages)
+        return verdict.action, verdict.wait
+
     def relay(self) -> int:
         return outbox.relay(
             self.store,
@@ -131,6 +160,7 @@ def _register_step_tasks(app: Celery, runtime: SagaRuntime, saga: Saga) -> None:
                 step_def=step,
                 role=role,
                 store_factory=staticmethod(lambda: runtime.store),
+                retry_overrides=runtime.settings.retry_policies,
                 acks_late=True,
             )(run)
             if step.queue:
@@ -158,6 +188,10 @@ def install(app: Celery, sagas: Sequence[Saga], **settings: Any) -> SagaRuntime:
         _register_step_tasks(app, runtime, saga)
         runtime.start_tasks[saga.name] = register_start_task(app, runtime, saga.name)
     _route_coordinator(app, runtime.settings.coordinator_queue, sagas)
+    app.conf.task_routes = {
+        **(app.conf.task_routes or {}),
+        DEAD_LETTER_TASK: {"queue": runtime.settings.dlq_queue},
+    }
     app.conf.beat_schedule = {
         **(app.conf.beat_schedule or {}),
         RELAY_TASK: {"task": RELAY_TASK, "schedule": runtime.settings.relay_interval},

@@ -13,7 +13,7 @@ from celery import Celery, Task
 from celery_sagas import machine
 from celery_sagas.coordinator import check_payload
 from celery_sagas.errors import ConcurrentUpdateError, StoreUnavailableError
-from celery_sagas.integration.dispatcher import ADVANCE_TASK, COMPENSATED_TASK
+from celery_sagas.integration.dispatcher import ADVANCE_TASK, COMPENSATED_TASK, DEAD_LETTER_TASK
 from celery_sagas.redaction import redact
 
 if TYPE_CHECKING:
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 RELAY_TASK = "celery_sagas.relay_outbox"
 SCAN_TASK = "celery_sagas.scan"
+MAX_DLQ_WAIT = 300  # seconds a DLQ message waits per hop: far below any visibility timeout
 RETRY_ON_STORE = {
     "autoretry_for": (StoreUnavailableError, ConcurrentUpdateError),
     "retry_backoff": True,
@@ -57,7 +58,7 @@ def outcome_event(outcome: dict[str, Any], step: int, token: int, role: str) -> 
         return machine.StepFailed(step, token, error, business, attempts)
     if ok:
         return machine.CompensationSucceeded(step, token, outcome.get("result"), attempts)
-    return machine.CompensationFailed(step, token, error, attempts)
+    return machine.CompensationFailed(step, token, error, attempts, outcome.get("traceback"))
 
 
 def register_coordinator_tasks(app: Celery, runtime: SagaRuntime) -> None:
@@ -76,6 +77,15 @@ def register_coordinator_tasks(app: Celery, runtime: SagaRuntime) -> None:
     @app.task(name=SCAN_TASK, ignore_result=True, expires=30, **RETRY_ON_STORE)
     def scan() -> dict[str, int]:
         return runtime.scan()
+
+    @app.task(name=DEAD_LETTER_TASK, bind=True, ignore_result=True, max_retries=None)
+    def dead_letter(self: Task, saga_id: str, step: int) -> str:
+        """A message on the DLQ queue. Only a recovery worker (``-Q sagas.dlq``) consumes
+        it: it retries the dead compensation on a slow schedule, then gives up for good."""
+        verdict, wait = runtime.auto_retry(saga_id, step)
+        if wait is not None:
+            raise self.retry(countdown=min(wait, MAX_DLQ_WAIT))
+        return verdict
 
 
 def register_start_task(app: Celery, runtime: SagaRuntime, saga_name: str) -> Task:

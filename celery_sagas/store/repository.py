@@ -34,7 +34,9 @@ from celery_sagas.machine import (
 )
 from celery_sagas.protocols import (
     STARTED,
+    AttemptRecord,
     CreateResult,
+    DeadLetterRecord,
     GuardRecord,
     NewSaga,
     OutboxMessage,
@@ -44,8 +46,17 @@ from celery_sagas.protocols import (
     current_execution_key,
 )
 from celery_sagas.settings import redact_url
+from celery_sagas.store import dead_letters as dead_letter_rows
 from celery_sagas.store.engine import shared_engine
-from celery_sagas.store.tables import guards, outbox, sagas, steps, transitions
+from celery_sagas.store.tables import (
+    attempts,
+    dead_letters,
+    guards,
+    outbox,
+    sagas,
+    steps,
+    transitions,
+)
 
 FINISHED_FORWARD = (StepStatus.COMPLETED, StepStatus.FAILED, StepStatus.TIMED_OUT)
 FINISHED_COMPENSATION = (StepStatus.COMPENSATED, StepStatus.COMPENSATION_FAILED)
@@ -188,10 +199,14 @@ class SqlSagaStore:
                         "old": t.old,
                         "new": t.new,
                         "reason": t.reason,
-                        "actor": "coordinator",
+                        "actor": decision.actor or "coordinator",
                     }
                     for t in decision.transitions
                 ],
+            )
+        if decision.dead_letter is not None:
+            dead_letter_rows.write_change(
+                conn, self._insert(dead_letters), saga_id, decision.dead_letter, now
             )
         written = []
         for message in messages:
@@ -531,6 +546,48 @@ class SqlSagaStore:
                 return GuardRecord(guard.key, guard.outcome, guard.result, guard.error, now)
             row = conn.execute(select(guards).where(guards.c.key == guard.key)).one()
         return _guard_record(row)
+
+    # -- failed attempts and the dead-letter queue ------------------------------------
+
+    def record_attempt(
+        self, saga_id: str, key: str, attempt: int, error: str, now: datetime
+    ) -> None:
+        try:
+            with self._connect() as conn:
+                conn.execute(
+                    attempts.insert().values(
+                        saga_id=saga_id, key=key, attempt=attempt, at=now, error=error
+                    )
+                )
+        except IntegrityError as exc:
+            raise SagaError(f"cannot record an attempt for saga {saga_id}: {exc.orig}") from exc
+
+    def attempts(self, key: str) -> tuple[AttemptRecord, ...]:
+        with self._read() as conn:
+            return dead_letter_rows.attempt_rows(conn, key)
+
+    def dead_letters(
+        self, saga_id: str | None = None, status: str | None = None, limit: int = 100
+    ) -> tuple[DeadLetterRecord, ...]:
+        with self._read() as conn:
+            rows = conn.execute(dead_letter_rows.query(saga_id, status, limit)).all()
+        return tuple(dead_letter_rows.record(r) for r in rows)
+
+    def dead_letter(self, entry_id: int) -> DeadLetterRecord | None:
+        with self._read() as conn:
+            row = conn.execute(
+                select(dead_letters).where(dead_letters.c.id == entry_id)
+            ).one_or_none()
+        return dead_letter_rows.record(row) if row else None
+
+    def dead_letter_for(self, saga_id: str, step: int) -> DeadLetterRecord | None:
+        with self._read() as conn:
+            row = conn.execute(dead_letter_rows.by_step(saga_id, step)).one_or_none()
+        return dead_letter_rows.record(row) if row else None
+
+    def claim_auto_retry(self, entry: DeadLetterRecord, next_at: datetime) -> bool:
+        with self._connect() as conn:
+            return dead_letter_rows.claim_auto_retry(conn, entry.id, entry.auto_retries, next_at)
 
     def list_sagas(
         self,

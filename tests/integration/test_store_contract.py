@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from celery_sagas import machine, outbox
+from celery_sagas import dlq, machine, outbox
 from celery_sagas.coordinator import Coordinator, payload_hash
 from celery_sagas.definition import Saga, Step, StepContext, registry
 from celery_sagas.errors import (
@@ -29,18 +29,22 @@ from celery_sagas.errors import (
 )
 from celery_sagas.machine import (
     Begin,
+    DeadLetterChange,
     Decision,
     ErrorKind,
     SagaState,
     SagaView,
+    SendToDeadLetterQueue,
     StepFailed,
     StepStatus,
     StepSucceeded,
     StepView,
 )
+from celery_sagas.policy import RetryPolicy
 from celery_sagas.protocols import (
     STARTED,
     CreateResult,
+    DeadLetterRecord,
     GuardRecord,
     NewSaga,
     OutboxMessage,
@@ -52,7 +56,15 @@ from celery_sagas.testing import InMemorySagaStore, RecordingDispatcher, run_unt
 from tests.conftest import require_service
 from tests.support.databases import create_pg_database, drop_pg_database
 
-TABLES = ("saga", "saga_step", "saga_transition", "saga_outbox", "saga_guard")
+TABLES = (
+    "saga",
+    "saga_step",
+    "saga_transition",
+    "saga_outbox",
+    "saga_guard",
+    "saga_dead_letter",
+    "saga_attempt",
+)
 STEP_NAMES = ("reserve", "charge", "ship", "notify")
 T0 = datetime(2030, 1, 1, 12, 0, 0, 123456, tzinfo=UTC)
 
@@ -151,7 +163,12 @@ def create(
 
 
 def step_message(saga_id: str, decision: Decision) -> list[OutboxMessage]:
-    return [OutboxMessage(saga_id, {"step": c.step, "token": c.token}) for c in decision.commands]
+    return [
+        OutboxMessage(saga_id, {"kind": "dead_letter", "step": c.step})
+        if isinstance(c, SendToDeadLetterQueue)
+        else OutboxMessage(saga_id, {"step": c.step, "token": c.token})
+        for c in decision.commands
+    ]
 
 
 def advance(
@@ -214,6 +231,8 @@ def test_create_then_load_round_trips_everything(backend: Backend) -> None:
         "saga_transition": 2,
         "saga_outbox": 1,
         "saga_guard": 0,
+        "saga_dead_letter": 0,
+        "saga_attempt": 0,
     }
 
 
@@ -673,6 +692,379 @@ def test_report_stuck_reports_each_unfinished_saga_once(backend: Backend) -> Non
     assert [r.saga_id for r in store.report_stuck(at(150), at(202), 10)] == ["young"]
 
 
+# --------------------------------------------------------------------------- dead letters
+
+REFUND_DOWN = "ConnectionError: refund API down"
+
+
+def compensating_charge(
+    store: SagaStore, payload: Mapping[str, Any] | None = None, key: str = "order-1"
+) -> SagaRecord:
+    """A saga compensating step 1 (charge, token 3) after it failed unexpectedly at at(2)."""
+    record = create(store, key=key, payload=payload).record
+    record, _ = advance(store, record, StepSucceeded(0, 1, "r"), at(1))
+    record, _ = advance(store, record, StepFailed(1, 2, "timeout", False, attempts=4), at(2))
+    assert (record.state, record.current_step, record.token) == ("COMPENSATING", 1, 3)
+    return record
+
+
+def die(
+    store: SagaStore,
+    record: SagaRecord,
+    now: datetime,
+    error: str = REFUND_DOWN,
+    attempts: int | None = 3,
+    **filled: Any,
+) -> tuple[SagaRecord, tuple[OutboxMessage, ...]]:
+    """The compensation of the current step failed for good: commit the machine's decision
+    with its dead-letter change filled in by ``filled`` (what ``Coordinator.complete`` adds)."""
+    event = machine.CompensationFailed(
+        record.current_step, record.token, error, attempts, f"Traceback: {error}"
+    )
+    decision = machine.decide(record.view(), event, now)
+    assert decision.accepted and decision.dead_letter is not None
+    decision = replace(decision, dead_letter=replace(decision.dead_letter, **filled))
+    written = store.commit(record, decision, step_message(record.saga_id, decision), now)
+    loaded = store.load(record.saga_id)
+    assert loaded is not None
+    return loaded, written
+
+
+def only_entry(store: SagaStore) -> DeadLetterRecord:
+    (entry,) = store.dead_letters()
+    return entry
+
+
+def test_a_dead_compensation_creates_one_dead_letter_entry(backend: Backend) -> None:
+    store = backend.store
+    payload = {"id": "order-1", "payment": {"card_number": "4111111111111111"}}
+    record = compensating_charge(store, payload)
+    event = machine.CompensationFailed(1, 3, REFUND_DOWN, 3, "Traceback: boom")
+    decision = machine.decide(record.view(), event, at(3))
+    assert decision.dead_letter == DeadLetterChange(1, "dead", REFUND_DOWN, "Traceback: boom", 3)
+    assert decision.commands == (SendToDeadLetterQueue(1),)
+    decision = Coordinator(store, registry([Toy().saga()])).complete(record, decision)
+    in_paris = at(63).astimezone(timezone(timedelta(hours=2)))
+    assert decision.dead_letter is not None
+    decision = replace(
+        decision, dead_letter=replace(decision.dead_letter, next_auto_retry_at=in_paris)
+    )
+    written = store.commit(record, decision, step_message(record.saga_id, decision), at(3))
+    assert [m.body for m in written] == [{"kind": "dead_letter", "step": 1}]
+
+    entry = only_entry(store)
+    assert entry == DeadLetterRecord(
+        id=1,
+        saga_id=record.saga_id,
+        saga_name="toy",
+        step=1,
+        step_name="charge",
+        task_name="toy.undo_charge",
+        status="dead",
+        attempts=3,
+        deaths=1,
+        error=REFUND_DOWN,
+        traceback="Traceback: boom",
+        payload={"id": "order-1", "payment": {"card_number": "***"}},  # redacted
+        created_at=at(3),
+        updated_at=at(3),
+        resolved_at=None,
+        resolution=None,
+        auto_retries=0,
+        next_auto_retry_at=at(63),
+    )
+    assert utc_offset_is_zero(entry.created_at) and utc_offset_is_zero(entry.updated_at)
+    assert utc_offset_is_zero(entry.next_auto_retry_at)
+    assert store.dead_letter(1) == entry
+    assert store.dead_letter_for(record.saga_id, 1) == entry
+    assert store.dead_letter_for(record.saga_id, 0) is None
+    assert store.dead_letter_for("nope", 1) is None
+    assert store.dead_letter(2) is None
+    saga = store.load(record.saga_id)
+    assert saga is not None and saga.state == SagaState.COMPENSATION_FAILED
+    assert {t.actor for t in store.transitions(record.saga_id)} == {"coordinator"}
+    assert backend.rows()["saga_dead_letter"] == 1
+
+
+def test_a_dead_letter_not_filled_in_gets_the_default_task_name_and_payload(
+    backend: Backend,
+) -> None:
+    store = backend.store
+    record = compensating_charge(store)
+    die(store, record, at(3), attempts=None)
+    entry = only_entry(store)
+    assert (entry.task_name, entry.payload, entry.attempts) == ("toy.charge", {}, 0)
+    assert entry.next_auto_retry_at is None
+
+
+def test_an_operator_retry_then_success_resolves_the_entry(backend: Backend) -> None:
+    store = backend.store
+    record, _ = die(store, compensating_charge(store), at(3), task_name="toy.refund")
+
+    retry = machine.OperatorRetry(1, "alice", "refund API is back")
+    record, written = advance(store, record, retry, at(10))
+    assert [m.body for m in written] == [{"step": 1, "token": 4}]  # the compensation again
+    assert record.state == SagaState.COMPENSATING
+    assert record.steps[1].status == StepStatus.COMPENSATING
+    retrying = only_entry(store)
+    assert (retrying.status, retrying.deaths, retrying.attempts) == ("retrying", 1, 3)
+    assert retrying.resolution == "retry by alice: refund API is back"
+    assert (retrying.created_at, retrying.updated_at, retrying.resolved_at) == (at(3), at(10), None)
+    assert store.dead_letters(status="open") == (retrying,)
+    said = "retry by alice: refund API is back"
+    assert [
+        (t.step, t.old, t.new, t.reason, t.actor, t.at) for t in store.transitions(record.saga_id)
+    ][-2:] == [
+        (None, "COMPENSATION_FAILED", "COMPENSATING", said, "alice", at(10)),
+        ("charge", "compensation_failed", "compensating", said, "alice", at(10)),
+    ]
+
+    record, _ = advance(store, record, machine.CompensationSucceeded(1, 4, attempts=4), at(20))
+    assert record.steps[1].status == StepStatus.COMPENSATED
+    assert record.steps[1].compensation_attempts == 4
+    resolved = only_entry(store)
+    assert (resolved.status, resolved.resolution) == ("resolved", "compensated")
+    assert (resolved.updated_at, resolved.resolved_at) == (at(20), at(20))
+    assert utc_offset_is_zero(resolved.resolved_at)
+    assert (resolved.deaths, resolved.task_name, resolved.error) == (1, "toy.refund", REFUND_DOWN)
+    assert store.dead_letters(status="open") == ()
+    assert store.dead_letters(status="resolved") == (resolved,)
+    assert store.transitions(record.saga_id)[-1].actor == "coordinator"  # the reply's
+
+
+def test_a_second_death_of_the_same_step_makes_the_entry_dead_again(backend: Backend) -> None:
+    store = backend.store
+    first_payload = {"id": "order-1"}
+    record, _ = die(
+        store,
+        compensating_charge(store),
+        at(3),
+        task_name="toy.refund",
+        payload=first_payload,
+        next_auto_retry_at=at(60),
+    )
+    assert store.claim_auto_retry(only_entry(store), at(3600))
+    record, _ = advance(store, record, machine.OperatorRetry(1, "bob"), at(10))
+    record, written = die(
+        store, record, at(20), error="RuntimeError: still down", attempts=5, payload={"x": 1}
+    )
+    assert record.state == SagaState.COMPENSATION_FAILED
+    assert [m.body for m in written] == [{"kind": "dead_letter", "step": 1}]
+
+    again = only_entry(store)
+    assert again.id == 1 and backend.rows()["saga_dead_letter"] == 1
+    assert (again.status, again.deaths, again.attempts) == ("dead", 2, 5)
+    assert (again.error, again.traceback) == (
+        "RuntimeError: still down",
+        "Traceback: RuntimeError: still down",
+    )
+    assert (again.created_at, again.updated_at, again.resolved_at) == (at(3), at(20), None)
+    assert again.next_auto_retry_at is None  # replaced by the (unfilled) change
+    # kept from the first death, and the count of automatic retries goes on
+    assert (again.task_name, again.payload) == ("toy.refund", first_payload)
+    assert again.resolution == "retry by bob"
+    assert again.auto_retries == 1
+
+
+def test_an_operator_discard_closes_the_entry(backend: Backend) -> None:
+    store = backend.store
+    record, _ = die(store, compensating_charge(store), at(3))
+    discard = machine.OperatorDiscard(1, "carol", "refunded by hand in the PSP console")
+    record, written = advance(store, record, discard, at(10))
+    assert [m.body for m in written] == [{"step": 0, "token": 4}]  # on to reserve
+    said = "compensated manually by carol: refunded by hand in the PSP console"
+    entry = only_entry(store)
+    assert (entry.status, entry.resolution) == ("discarded", said)
+    assert (entry.updated_at, entry.resolved_at, entry.deaths) == (at(10), at(10), 1)
+    assert store.dead_letters(status="open") == ()
+    assert store.dead_letters(status="discarded") == (entry,)
+    assert {t.actor for t in store.transitions(record.saga_id) if t.at == at(10)} == {"carol"}
+
+
+def change_only(store: SagaStore, saga_id: str, change: DeadLetterChange, now: datetime) -> None:
+    """Commit a decision that changes nothing but the dead-letter entry."""
+    record = store.load(saga_id)
+    assert record is not None
+    decision = Decision(True, record.state, record.current_step, record.token, dead_letter=change)
+    store.commit(record, decision, [], now)
+
+
+def test_a_change_from_the_wrong_status_changes_nothing(backend: Backend) -> None:
+    store = backend.store
+    record, _ = die(store, compensating_charge(store), at(3))
+    saga_id, dead = record.saga_id, only_entry(store)
+    # "resolved" applies only to a retrying entry: on a dead one it is silently nothing
+    change_only(store, saga_id, DeadLetterChange(1, "resolved", resolution="done"), at(4))
+    assert only_entry(store) == dead
+    # a change for a step without an entry creates none
+    for status in ("retrying", "resolved", "discarded"):
+        change_only(store, saga_id, DeadLetterChange(0, status, resolution="x"), at(5))
+    assert store.dead_letters() == (dead,)
+
+    change_only(store, saga_id, DeadLetterChange(1, "retrying", resolution="by hand"), at(6))
+    retrying = only_entry(store)
+    assert (retrying.status, retrying.resolution, retrying.updated_at) == (
+        "retrying",
+        "by hand",
+        at(6),
+    )
+    for status in ("retrying", "discarded"):  # only from dead
+        change_only(store, saga_id, DeadLetterChange(1, status, resolution="late"), at(7))
+        assert only_entry(store) == retrying
+
+    change_only(store, saga_id, DeadLetterChange(1, "resolved"), at(8))
+    resolved = only_entry(store)
+    assert (resolved.status, resolved.resolved_at) == ("resolved", at(8))
+    assert resolved.resolution == "by hand"  # no new text: kept
+    for status in ("retrying", "discarded", "resolved"):
+        change_only(store, saga_id, DeadLetterChange(1, status, resolution="late"), at(9))
+        assert only_entry(store) == resolved
+
+
+def test_a_death_reopens_any_entry_and_clears_resolved_at(backend: Backend) -> None:
+    store = backend.store
+    record, _ = die(store, compensating_charge(store), at(3), payload={"kept": True})
+    saga_id = record.saga_id
+    change_only(store, saga_id, DeadLetterChange(1, "discarded", resolution="by hand"), at(4))
+    assert only_entry(store).resolved_at == at(4)
+    change_only(store, saga_id, DeadLetterChange(1, "dead", "again", None, 7), at(5))
+    reopened = only_entry(store)
+    assert (reopened.id, reopened.status, reopened.deaths) == (1, "dead", 2)
+    assert (reopened.error, reopened.traceback, reopened.attempts) == ("again", None, 7)
+    assert (reopened.created_at, reopened.updated_at, reopened.resolved_at) == (at(3), at(5), None)
+    assert (reopened.payload, reopened.resolution) == ({"kept": True}, "by hand")
+
+
+def test_dead_letters_oldest_first_filtered_by_saga_and_status(backend: Backend) -> None:
+    store = backend.store
+    first, _ = die(store, compensating_charge(store), at(3))
+    second = create(store, key="order-2", saga_id="second", now=at(4)).record
+    second, _ = advance(store, second, StepSucceeded(0, 1, "r"), at(5))
+    second, _ = advance(store, second, StepFailed(1, 2, "x", False), at(6))
+    second, _ = die(store, second, at(7))
+    third = create(store, key="order-3", saga_id="third", now=at(8)).record
+    third, _ = advance(store, third, StepFailed(0, 1, "x", False), at(9))
+    third, _ = die(store, third, at(10))
+    advance(store, second, machine.OperatorRetry(1, "alice"), at(11))
+    advance(store, third, machine.OperatorDiscard(0, "bob", "by hand"), at(12))
+
+    def listed(**query: Any) -> list[tuple[str, int, str]]:
+        return [(e.saga_id, e.step, e.status) for e in store.dead_letters(**query)]
+
+    assert listed() == [
+        (first.saga_id, 1, "dead"),
+        ("second", 1, "retrying"),
+        ("third", 0, "discarded"),
+    ]
+    assert [e.id for e in store.dead_letters()] == [1, 2, 3]
+    assert listed(status="all") == listed()
+    assert listed(status="open") == [(first.saga_id, 1, "dead"), ("second", 1, "retrying")]
+    assert listed(status="dead") == [(first.saga_id, 1, "dead")]
+    assert listed(status="discarded") == [("third", 0, "discarded")]
+    assert listed(status="resolved") == []
+    assert listed(status="no such status") == []
+    assert listed(saga_id="second") == [("second", 1, "retrying")]
+    assert listed(saga_id="third", status="open") == []
+    assert listed(limit=2) == listed()[:2]
+    assert listed(status="open", limit=1) == [(first.saga_id, 1, "dead")]
+
+
+def test_claim_auto_retry_is_a_compare_and_set(backend: Backend) -> None:
+    store = backend.store
+    record, _ = die(store, compensating_charge(store), at(3))
+    seen = only_entry(store)
+    in_paris = at(3600).astimezone(timezone(timedelta(hours=2)))
+    assert store.claim_auto_retry(seen, in_paris) is True
+    assert store.claim_auto_retry(seen, at(7200)) is False  # the same snapshot: lost
+    claimed = only_entry(store)
+    assert (claimed.auto_retries, claimed.next_auto_retry_at) == (1, at(3600))
+    assert utc_offset_is_zero(claimed.next_auto_retry_at)
+    assert (claimed.status, claimed.updated_at) == ("dead", at(3))
+    assert store.claim_auto_retry(claimed, at(7200)) is True
+    assert only_entry(store).auto_retries == 2
+
+    advance(store, record, machine.OperatorRetry(1, "alice"), at(10))
+    retrying = only_entry(store)
+    assert store.claim_auto_retry(retrying, at(9000)) is False  # only a dead entry
+    assert only_entry(store) == retrying
+    missing = replace(retrying, id=99, status="dead")
+    assert store.claim_auto_retry(missing, at(9000)) is False
+
+
+def test_two_recovery_workers_claiming_one_retry_exactly_one_wins(backend: Backend) -> None:
+    store = backend.store
+    for round_ in range(RACE_ROUNDS):
+        record, _ = die(store, compensating_charge(store, key=f"race-{round_}"), at(3))
+        entry = store.dead_letter_for(record.saga_id, 1)
+        assert entry is not None
+
+        def claim(who: str, entry: DeadLetterRecord = entry) -> str:
+            return who if store.claim_auto_retry(entry, at(60)) else "lost"
+
+        winner, loser = in_two_threads(claim)
+        assert loser == "lost" and winner in ("a", "b")
+        claimed = store.dead_letter(entry.id)
+        assert claimed is not None and claimed.auto_retries == 1
+
+
+def test_a_stale_commit_writes_no_dead_letter(backend: Backend) -> None:
+    store = backend.store
+    stale = compensating_charge(store)
+    die(store, stale, at(3))
+    rows = backend.rows()
+    decision = machine.decide(stale.view(), machine.CompensationFailed(1, 3, "late", 9), at(4))
+    with pytest.raises(ConcurrentUpdateError):
+        store.commit(stale, decision, step_message(stale.saga_id, decision), at(4))
+    assert backend.rows() == rows
+    assert only_entry(store).attempts == 3
+
+
+def test_an_error_inside_a_claim_undoes_its_dead_letter(backend: Backend) -> None:
+    store = backend.store
+    record = create(store, timeout=30).record
+    record, _ = advance(store, record, StepFailed(0, 1, "x", False), at(1), TIMEOUTS)
+    assert record.state == SagaState.COMPENSATING and record.due_at is not None
+    rows = backend.rows()
+    with pytest.raises(RuntimeError), store.claim_due(at(100), 10) as claim:
+        (claimed,) = claim.records
+        event = machine.CompensationFailed(0, claimed.token, REFUND_DOWN, 3)
+        decision = machine.decide(claimed.view(TIMEOUTS), event, at(100))
+        claim.commit(claimed, decision, step_message(claimed.saga_id, decision), at(100))
+        raise RuntimeError("the scanner crashed mid-claim")
+    assert backend.rows() == rows
+    assert store.dead_letters() == ()
+
+
+def test_record_attempt_and_attempts_by_attempt_number(backend: Backend) -> None:
+    store = backend.store
+    saga_id = create(store).record.saga_id
+    key = f"{saga_id}:charge:compensation"
+    in_paris = at(2).astimezone(timezone(timedelta(hours=2)))
+    store.record_attempt(saga_id, key, 2, "second", in_paris)
+    store.record_attempt(saga_id, key, 1, "first", at(1))
+    store.record_attempt(saga_id, key, 2, "second, redelivered", at(3))
+    store.record_attempt(saga_id, f"{saga_id}:charge:action", 1, "other key", at(4))
+    attempts = store.attempts(key)
+    assert [(a.saga_id, a.key) for a in attempts] == [(saga_id, key)] * 3
+    assert [(a.attempt, a.error, a.at) for a in attempts] == [
+        (1, "first", at(1)),
+        (2, "second", at(2)),
+        (2, "second, redelivered", at(3)),
+    ]
+    assert all(utc_offset_is_zero(a.at) for a in attempts)
+    assert [a.error for a in store.attempts(f"{saga_id}:charge:action")] == ["other key"]
+    assert store.attempts("nope") == ()
+    assert backend.rows()["saga_attempt"] == 4
+
+
+def test_an_attempt_of_an_unknown_saga_is_refused(backend: Backend) -> None:
+    rows = backend.rows()
+    # SagaError in memory; SqlSagaStore lets the foreign key's IntegrityError through
+    with pytest.raises((SagaError, sa.exc.IntegrityError)):
+        backend.store.record_attempt("nope", "nope:charge:action", 1, "boom", at(1))
+    assert backend.rows() == rows
+
+
 # --------------------------------------------------------------------------- whole sagas
 
 
@@ -763,3 +1155,48 @@ def test_sagas_beyond_max_concurrent_wait_and_are_admitted_in_order(backend: Bac
     after = run_until_settled(coordinator, backend.store, dispatcher, second.saga_id)
     assert after.state == SagaState.COMPLETED and after.admitted
     assert toy.journal == [f"do {n}" for n in STEP_NAMES] * 2
+
+
+def test_a_dead_compensation_retried_by_an_operator_through_the_driver(backend: Backend) -> None:
+    refunds: list[int] = []
+
+    def refund(ctx: StepContext) -> str:
+        refunds.append(ctx.attempt)
+        if len(refunds) <= 2:  # dead after its 2 attempts; the operator's retry works
+            raise ConnectionError("refund API down")
+        return "refunded"
+
+    def ship(ctx: StepContext) -> None:
+        raise BusinessError("no stock")
+
+    saga = Saga(
+        "shop",
+        [
+            Step("charge", lambda ctx: 1, refund, compensation_retry=RetryPolicy(max_retries=1)),
+            Step("ship", ship, lambda ctx: None, compensation_name="unship"),
+        ],
+    )
+    store = backend.store
+    coordinator = Coordinator(store, registry([saga]))
+    dispatcher = RecordingDispatcher()
+    started = coordinator.start("shop", {"id": "o-1", "card_number": "4111"})
+    outbox.publish(store, dispatcher, started.messages, coordinator.clock)
+    dead = run_until_settled(coordinator, store, dispatcher, started.saga_id)
+    assert dead.state == SagaState.COMPENSATION_FAILED
+    (entry,) = store.dead_letters(status="open")
+    assert (entry.task_name, entry.attempts, entry.status) == ("shop.refund", 2, "dead")
+    assert entry.payload == {"id": "o-1", "card_number": "***"}
+    assert entry.error == "ConnectionError: refund API down"
+    key = f"{started.saga_id}:charge:compensation"
+    assert [a.attempt for a in store.attempts(key)] == [1, 2]
+    assert dispatcher.sent[-1].body["kind"] == "dead_letter"
+
+    retried = dlq.retry(coordinator, entry.id, "alice")
+    outbox.publish(store, dispatcher, retried.messages, coordinator.clock)
+    final = run_until_settled(coordinator, store, dispatcher, started.saga_id)
+    assert final.state == SagaState.FAILED
+    assert refunds == [1, 2, 3]
+    resolved = store.dead_letter(entry.id)
+    assert resolved is not None and resolved.status == "resolved"
+    assert {t.actor for t in store.transitions(final.saga_id)} == {"coordinator", "alice"}
+    assert backend.rows()["saga_dead_letter"] == 1 and backend.rows()["saga_attempt"] == 2

@@ -11,6 +11,7 @@ from celery_sagas.machine import (
     Begin,
     CompensationFailed,
     CompensationSucceeded,
+    DeadLetterChange,
     Decision,
     ErrorKind,
     Event,
@@ -18,6 +19,7 @@ from celery_sagas.machine import (
     RunStep,
     SagaState,
     SagaView,
+    SendToDeadLetterQueue,
     StepChange,
     StepFailed,
     StepStatus,
@@ -552,7 +554,8 @@ def test_compensation_failed_stops_the_saga() -> None:
     assert decision.state == S.COMPENSATION_FAILED
     assert decision.current_step == 1
     assert decision.token == 6
-    assert decision.commands == ()
+    assert decision.commands == (SendToDeadLetterQueue(1),)
+    assert decision.dead_letter == DeadLetterChange(1, "dead", "refund API down")
     assert decision.step_changes == (StepChange(1, X, XF, error="refund API down"),)
     assert decision.transitions == (
         Transition("charge", "compensating", "compensation_failed", "refund API down"),
@@ -632,7 +635,7 @@ def run_saga(
     while True:
         view = apply(view, decision)
         assert len(decision.commands) <= 1
-        if not decision.commands:
+        if not decision.commands or isinstance(decision.commands[0], SendToDeadLetterQueue):
             return view, sent
         (command,) = decision.commands
         sent.append(command)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
-from celery_sagas import outbox, scanner
+from celery_sagas import dlq, outbox, scanner
 from celery_sagas.coordinator import Coordinator
 from celery_sagas.definition import Saga, Step, StepContext, registry
 from celery_sagas.errors import BusinessError, SagaError, TransientError
@@ -99,6 +100,8 @@ def test_happy_path_completes_every_step_in_order() -> None:
         "saga_transition": 3 + 2 * 4,
         "saga_outbox": 4,
         "saga_guard": 4,
+        "saga_dead_letter": 0,
+        "saga_attempt": 0,
     }
     assert store.unsent(datetime(2100, 1, 1, tzinfo=UTC), 100) == ()
 
@@ -229,8 +232,20 @@ def test_failing_compensation_is_retried_then_settles_compensation_failed() -> N
     assert final.steps[0].status == StepStatus.COMPENSATION_FAILED
     assert final.steps[0].compensation_attempts == 3
     # No final outcome is recorded for it, so an operator's retry runs it again.
-    guard = store.get_guard(f"{started.saga_id}:one:compensation")
+    key = f"{started.saga_id}:one:compensation"
+    guard = store.get_guard(key)
     assert guard is not None and guard.outcome == STARTED
+    # Every failed attempt is recorded, as the step task does.
+    assert [(a.attempt, a.error) for a in store.attempts(key)] == [
+        (n, "RuntimeError: refund service down") for n in (1, 2, 3)
+    ]
+    # It is in the dead-letter queue, and the message for the DLQ queue was published.
+    (entry,) = store.dead_letters(status="open")
+    assert (entry.status, entry.step, entry.step_name, entry.attempts) == ("dead", 0, "one", 3)
+    assert entry.task_name == "flaky.flaky_undo"
+    assert entry.error == "RuntimeError: refund service down"
+    assert entry.traceback is not None and "RuntimeError" in entry.traceback
+    assert dispatcher.sent[-1].body["kind"] == "dead_letter"
 
 
 def test_transient_errors_are_retried_and_the_attempts_recorded() -> None:
@@ -243,10 +258,12 @@ def test_transient_errors_are_retried_and_the_attempts_recorded() -> None:
         return "charged"
 
     toy = Toy()
-    _, final = run(toy, participants={"toy.charge": flaky_charge})
+    store, final = run(toy, participants={"toy.charge": flaky_charge})
     assert final.state == SagaState.COMPLETED
     assert calls == [1, 2, 3]
     assert [s.attempts for s in final.steps] == [1, 3, 1, 1]
+    key = f"{final.saga_id}:charge:action"
+    assert [a.attempt for a in store.attempts(key)] == [1, 2]  # the failed ones
     assert final.results()["charge"] == "charged"
 
 
@@ -291,3 +308,145 @@ def test_scanner_claims_are_recorded_apart_from_commits() -> None:
     assert record is not None and record.state == SagaState.COMPENSATING
     assert record.steps[0].status == StepStatus.COMPENSATING  # timed out: it may have acted
     assert record.steps[0].error_kind == ErrorKind.TIMEOUT
+
+
+class Refunds:
+    """A refund that fails its first ``failures`` attempts, journaling attempt numbers."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.attempts: list[int] = []
+
+    def refund(self, ctx: StepContext) -> Any:
+        self.attempts.append(ctx.attempt)
+        if len(self.attempts) <= self.failures:
+            raise ConnectionError("refund API down")
+        return "refunded"
+
+
+def dying_saga(refunds: Refunds) -> Saga:
+    def charge(ctx: StepContext) -> Any:
+        return "charged"
+
+    def ship(ctx: StepContext) -> Any:
+        raise BusinessError("no stock")
+
+    return Saga(
+        "shop",
+        [
+            Step("charge", charge, refunds.refund, compensation_retry=RetryPolicy(max_retries=1)),
+            Step("ship", ship, lambda ctx: None, compensation_name="unship"),
+        ],
+    )
+
+
+def dead(refunds: Refunds) -> tuple[InMemorySagaStore, RecordingDispatcher, Coordinator, str]:
+    """A saga whose refund died after 2 attempts: COMPENSATION_FAILED, one DLQ entry."""
+    store, dispatcher = InMemorySagaStore(), RecordingDispatcher()
+    coordinator = Coordinator(store, registry([dying_saga(refunds)]), clock=Clock())
+    started = coordinator.start("shop", {"id": "o-1", "card_number": "4111"})
+    outbox.publish(store, dispatcher, started.messages, coordinator.clock)
+    final = run_until_settled(coordinator, store, dispatcher, started.saga_id)
+    assert final.state == SagaState.COMPENSATION_FAILED
+    return store, dispatcher, coordinator, started.saga_id
+
+
+def test_an_operator_retry_runs_the_dead_compensation_again_and_resolves_it() -> None:
+    refunds = Refunds(failures=2)
+    store, dispatcher, coordinator, saga_id = dead(refunds)
+    (entry,) = store.dead_letters()
+    assert (entry.status, entry.task_name, entry.attempts) == ("dead", "shop.refund", 2)
+    assert entry.payload == {"id": "o-1", "card_number": "***"}
+    assert store.row_counts()["saga_dead_letter"] == 1
+    assert store.row_counts()["saga_attempt"] == 2
+
+    retried = dlq.retry(coordinator, entry.id, "alice", "the refund API is back")
+    assert retried.changed
+    assert store.dead_letters(status="open")[0].status == "retrying"
+    outbox.publish(store, dispatcher, retried.messages, coordinator.clock)
+    # The driver skips the dead-letter message and delivers only what is new: the
+    # compensation, whose attempt numbers go on after the dead ones.
+    final = run_until_settled(coordinator, store, dispatcher, saga_id)
+    assert final.state == SagaState.FAILED
+    assert final.steps[0].status == StepStatus.COMPENSATED
+    assert final.steps[0].compensation_attempts == 3
+    assert refunds.attempts == [1, 2, 3]
+    (resolved,) = store.dead_letters()
+    assert (resolved.status, resolved.resolution, resolved.deaths) == ("resolved", "compensated", 1)
+    assert resolved.resolved_at is not None
+    actors = {t.actor for t in store.transitions(saga_id)}
+    assert actors == {"coordinator", "alice"}
+
+
+def test_a_compensation_that_dies_again_makes_the_entry_dead_again() -> None:
+    refunds = Refunds(failures=100)
+    store, dispatcher, coordinator, saga_id = dead(refunds)
+    (entry,) = store.dead_letters()
+    retried = dlq.retry(coordinator, entry.id, "alice")
+    outbox.publish(store, dispatcher, retried.messages, coordinator.clock)
+    final = run_until_settled(coordinator, store, dispatcher, saga_id)
+    assert final.state == SagaState.COMPENSATION_FAILED
+    (again,) = store.dead_letters()
+    assert (again.id, again.status, again.deaths) == (entry.id, "dead", 2)
+    kinds = [m.body["kind"] for m in dispatcher.sent]
+    assert kinds.count("dead_letter") == 2
+
+
+def test_an_operator_discard_lets_the_saga_finish() -> None:
+    store, _, coordinator, saga_id = dead(Refunds(failures=100))
+    (entry,) = store.dead_letters()
+    discarded = dlq.discard(coordinator, entry.id, "bob", "refunded in the PSP console")
+    assert discarded.changed
+    final = store.load(saga_id)
+    assert final is not None and final.state == SagaState.FAILED
+    assert store.dead_letters(status="open") == ()
+    assert store.dead_letter(entry.id) == replace(
+        entry,
+        status="discarded",
+        updated_at=final.updated_at,
+        resolved_at=final.updated_at,
+        resolution="compensated manually by bob: refunded in the PSP console",
+    )
+
+
+def test_the_driver_does_not_deliver_dead_letter_messages() -> None:
+    store, dispatcher, coordinator, saga_id = dead(Refunds(failures=100))
+    (entry,) = store.dead_letters()
+    calls = len(store.calls)
+    # settled: nothing is delivered, the dead letter included
+    assert run_until_settled(coordinator, store, dispatcher, saga_id).state == (
+        SagaState.COMPENSATION_FAILED
+    )
+    assert store.calls[calls:] == ["load"]
+    # an unsettled saga with only a dead letter to deliver has nothing to deliver
+    retried = dlq.retry(coordinator, entry.id, "alice")
+    store.mark_sent([m.id for m in retried.messages if m.id], coordinator.clock())  # lost
+    letter = OutboxMessage(saga_id, {"kind": "dead_letter", "saga_id": saga_id, "step": 0})
+    dispatcher.sent.append(letter)
+    with pytest.raises(SagaError, match="nothing to deliver"):
+        run_until_settled(coordinator, store, dispatcher, saga_id)
+
+
+def test_the_dead_letter_store_calls_are_recorded() -> None:
+    store, _, coordinator, saga_id = dead(Refunds(failures=100))
+    del store.calls[:]
+    entry = store.dead_letter_for(saga_id, 0)
+    assert entry is not None
+    assert store.claim_auto_retry(entry, coordinator.clock())
+    assert not store.claim_auto_retry(entry, coordinator.clock())
+    store.dead_letter(entry.id)
+    store.dead_letters()
+    store.attempts("x")
+    store.record_attempt(saga_id, "x", 1, "boom", coordinator.clock())
+    assert store.calls == [
+        "dead_letter_for",
+        "claim_auto_retry",
+        "claim_auto_retry",
+        "dead_letter",
+        "dead_letters",
+        "attempts",
+        "record_attempt",
+    ]
+    with pytest.raises(SagaError, match="unknown saga"):
+        store.record_attempt("nope", "x", 1, "boom", coordinator.clock())
+    assert store.row_counts()["saga_attempt"] == 3

@@ -1,54 +1,35 @@
-"""Test doubles shipped with the library: run sagas in one process, without Celery or a database.
+"""``InMemorySagaStore``: the ``SagaStore`` contract of ``SqlSagaStore`` in memory.
 
-``InMemorySagaStore`` keeps the ``SagaStore`` contract of ``SqlSagaStore`` (the same contract
-suite runs against both) and records the calls it got in ``calls``. ``RecordingDispatcher``
-keeps what was published in ``sent``. ``run_until_settled`` delivers those messages to the
-participants and feeds their outcomes back to the coordinator until the saga settles::
-
-    store, dispatcher = InMemorySagaStore(), RecordingDispatcher()
-    coordinator = Coordinator(store, registry([order_saga]))
-    started = coordinator.start("order", {"id": "A-1"})
-    final = run_until_settled(coordinator, store, dispatcher, started.saga_id)
-    assert final.state == SagaState.COMPLETED
+The same contract suite (``tests/integration/test_store_contract.py``) runs against both.
 """
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from dataclasses import replace
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from celery_sagas import outbox
-from celery_sagas.coordinator import Coordinator
-from celery_sagas.definition import Step, StepContext, StepFunction
 from celery_sagas.errors import (
     ConcurrentUpdateError,
     PayloadConflictError,
     SagaError,
-    SagaNotFoundError,
 )
 from celery_sagas.machine import (
     LIVE_STATES,
-    SETTLED_STATES,
     TERMINAL_STATES,
-    CompensationFailed,
-    CompensationSucceeded,
     Decision,
-    Event,
     SagaState,
     StepChange,
-    StepFailed,
     StepStatus,
-    StepSucceeded,
 )
-from celery_sagas.policy import RetryAt, decide_retry
 from celery_sagas.protocols import (
     STARTED,
+    AttemptRecord,
     CreateResult,
+    DeadLetterRecord,
     GuardRecord,
     NewSaga,
     OutboxMessage,
@@ -58,30 +39,19 @@ from celery_sagas.protocols import (
     TransitionRecord,
     current_execution_key,
 )
-
-__all__ = ["InMemorySagaStore", "RecordingDispatcher", "run_until_settled"]
+from celery_sagas.testing import dead_letters
+from celery_sagas.testing.columns import as_json, as_utc
 
 FINISHED_FORWARD = (StepStatus.COMPLETED, StepStatus.FAILED, StepStatus.TIMED_OUT)
 FINISHED_COMPENSATION = (StepStatus.COMPENSATED, StepStatus.COMPENSATION_FAILED)
 ACTIVE = (StepStatus.RUNNING, StepStatus.COMPENSATING)
 
 
-def _json(value: Any) -> Any:
-    """A JSON round trip: what a JSON column hands back (and a TypeError for what it refuses)."""
-    return json.loads(json.dumps(value))
-
-
-def _utc(when: datetime) -> datetime:
-    if when.tzinfo is None:
-        raise ValueError(f"naive datetime {when!r}: use timezone-aware datetimes")
-    return when.astimezone(UTC)
-
-
 def _apply(step: StepRecord, change: StepChange, now: datetime) -> StepRecord:
     """One step status change; timestamps follow the status (as ``repository.step_values``)."""
     values: dict[str, Any] = {"status": change.new}
     if change.has_result:
-        values["result"] = _json(change.result)
+        values["result"] = as_json(change.result)
     if change.error is not None:
         values["error"] = change.error
     if change.error_kind is not None:
@@ -108,8 +78,8 @@ def _apply(step: StepRecord, change: StepChange, now: datetime) -> StepRecord:
 
 def _copy(record: SagaRecord, with_steps: bool = True) -> SagaRecord:
     """A detached copy, as a fresh load from a database would be."""
-    steps = tuple(replace(s, result=_json(s.result)) for s in record.steps) if with_steps else ()
-    return replace(record, payload=_json(record.payload), steps=steps)
+    steps = tuple(replace(s, result=as_json(s.result)) for s in record.steps) if with_steps else ()
+    return replace(record, payload=as_json(record.payload), steps=steps)
 
 
 class MemoryClaim:
@@ -148,6 +118,8 @@ class InMemorySagaStore:
         self._transitions: list[TransitionRecord] = []
         self._outbox: dict[int, OutboxMessage] = {}
         self._guards: dict[str, GuardRecord] = {}
+        self._dead_letters: dict[int, DeadLetterRecord] = {}
+        self._attempts: list[AttemptRecord] = []  # in insertion (id) order
 
     def __repr__(self) -> str:
         return f"InMemorySagaStore({len(self._sagas)} sagas)"
@@ -160,6 +132,8 @@ class InMemorySagaStore:
                 "saga_transition": len(self._transitions),
                 "saga_outbox": len(self._outbox),
                 "saga_guard": len(self._guards),
+                "saga_dead_letter": len(self._dead_letters),
+                "saga_attempt": len(self._attempts),
             }
 
     @contextmanager
@@ -167,15 +141,24 @@ class InMemorySagaStore:
         """Hold the lock; on an error, put every table back as it was."""
         with self._lock:
             self.calls.append(call)
-            tables = ("_sagas", "_hashes", "_keys", "_stuck_reported", "_outbox", "_guards")
+            tables = (
+                "_sagas",
+                "_hashes",
+                "_keys",
+                "_stuck_reported",
+                "_outbox",
+                "_guards",
+                "_dead_letters",
+            )
             saved = {name: dict(getattr(self, name)) for name in tables}
-            transitions = len(self._transitions)
+            transitions, attempts = len(self._transitions), len(self._attempts)
             try:
                 yield
             except BaseException:
                 for name, table in saved.items():
                     setattr(self, name, table)
                 del self._transitions[transitions:]
+                del self._attempts[attempts:]
                 raise
 
     # -- writes (under the lock; nothing changes until everything is built) ------------
@@ -190,17 +173,25 @@ class InMemorySagaStore:
         steps = list(saga.steps)
         for change in decision.step_changes:
             steps[change.index] = _apply(steps[change.index], change, now)
-        bodies = [_json(dict(m.body)) for m in messages]
+        saga = replace(saga, steps=tuple(steps))
+        bodies = [as_json(dict(m.body)) for m in messages]
+        entry = None
+        if decision.dead_letter is not None:
+            entry = dead_letters.changed(self._dead_letters, saga, decision.dead_letter, now)
+        # everything is built: from here on, nothing can fail half-way
+        actor = decision.actor or "coordinator"
         self._transitions.extend(
-            TransitionRecord(saga.saga_id, now, t.step, t.old, t.new, t.reason)
+            TransitionRecord(saga.saga_id, now, t.step, t.old, t.new, t.reason, actor)
             for t in decision.transitions
         )
+        if entry is not None:
+            self._dead_letters[entry.id] = entry
         written = []
         for message, body in zip(messages, bodies, strict=True):
             new_id = len(self._outbox) + 1
             self._outbox[new_id] = OutboxMessage(saga.saga_id, body, id=new_id, created_at=now)
             written.append(OutboxMessage(saga.saga_id, message.body, id=new_id, created_at=now))
-        return replace(saga, steps=tuple(steps)), tuple(written)
+        return saga, tuple(written)
 
     def _commit(
         self,
@@ -211,7 +202,7 @@ class InMemorySagaStore:
         now: datetime,
     ) -> tuple[OutboxMessage, ...]:
         assert decision.accepted and decision.state is not None
-        now = _utc(now)
+        now = as_utc(now)
         with self._lock:
             self.calls.append(call)
             current = self._sagas.get(saga.saga_id)
@@ -246,7 +237,7 @@ class InMemorySagaStore:
         now: datetime,
     ) -> CreateResult:
         assert decision.state is not None
-        now = _utc(now)
+        now = as_utc(now)
         with self._lock:
             self.calls.append("create")
             existing_id = self._keys.get((new.name, new.business_key))
@@ -269,10 +260,10 @@ class InMemorySagaStore:
                 current_step=decision.current_step,
                 token=decision.token,
                 version=1,
-                payload=_json(dict(new.payload)),
+                payload=as_json(dict(new.payload)),
                 created_at=now,
                 updated_at=now,
-                deadline_at=None if new.deadline_at is None else _utc(new.deadline_at),
+                deadline_at=None if new.deadline_at is None else as_utc(new.deadline_at),
                 due_at=decision.due_at,
                 admitted=decision.admitted,
                 steps=tuple(
@@ -295,7 +286,7 @@ class InMemorySagaStore:
         return self._commit("commit", saga, decision, messages, now)
 
     def mark_sent(self, message_ids: Sequence[int], now: datetime) -> None:
-        now = _utc(now)
+        now = as_utc(now)
         with self._lock:
             self.calls.append("mark_sent")
             for message_id in message_ids:
@@ -304,24 +295,26 @@ class InMemorySagaStore:
                     self._outbox[message_id] = replace(message, sent_at=now)
 
     def begin_guard(self, key: str, now: datetime) -> GuardRecord | None:
-        now = _utc(now)
+        now = as_utc(now)
         with self._lock:
             self.calls.append("begin_guard")
             guard = self._guards.setdefault(key, GuardRecord(key, STARTED, recorded_at=now))
-            return None if guard.outcome == STARTED else replace(guard, result=_json(guard.result))
+            return (
+                None if guard.outcome == STARTED else replace(guard, result=as_json(guard.result))
+            )
 
     def put_guard(self, guard: GuardRecord, now: datetime) -> GuardRecord:
-        now = _utc(now)
+        now = as_utc(now)
         with self._lock:
             self.calls.append("put_guard")
             recorded = self._guards.get(guard.key)
             if recorded is None or recorded.outcome == STARTED:
-                result = _json(guard.result)
+                result = as_json(guard.result)
                 self._guards[guard.key] = GuardRecord(
                     guard.key, guard.outcome, result, guard.error, now
                 )
             recorded = self._guards[guard.key]
-            return replace(recorded, result=_json(recorded.result))
+            return replace(recorded, result=as_json(recorded.result))
 
     # -- reads -------------------------------------------------------------------------
 
@@ -341,11 +334,11 @@ class InMemorySagaStore:
             return _copy(saga) if saga else None
 
     def unsent(self, created_before: datetime, limit: int) -> tuple[OutboxMessage, ...]:
-        created_before = _utc(created_before)
+        created_before = as_utc(created_before)
         with self._lock:
             self.calls.append("unsent")
             pending = [
-                replace(m, body=_json(m.body))
+                replace(m, body=as_json(m.body))
                 for _, m in sorted(self._outbox.items())
                 if m.sent_at is None and m.created_at is not None and m.created_at < created_before
             ]
@@ -355,7 +348,7 @@ class InMemorySagaStore:
         with self._lock:
             self.calls.append("get_guard")
             guard = self._guards.get(key)
-            return replace(guard, result=_json(guard.result)) if guard else None
+            return replace(guard, result=as_json(guard.result)) if guard else None
 
     def list_sagas(
         self,
@@ -390,6 +383,67 @@ class InMemorySagaStore:
             self.calls.append("transitions")
             return tuple(t for t in self._transitions if t.saga_id == saga_id)
 
+    # -- failed attempts and the dead-letter queue ---------------------------------------
+
+    def record_attempt(
+        self, saga_id: str, key: str, attempt: int, error: str, now: datetime
+    ) -> None:
+        now = as_utc(now)
+        with self._lock:
+            self.calls.append("record_attempt")
+            if saga_id not in self._sagas:  # a foreign key in SQL
+                raise SagaError(
+                    f"cannot record an attempt of unknown saga {saga_id}; nothing was written",
+                    saga_id=saga_id,
+                )
+            self._attempts.append(AttemptRecord(saga_id, key, attempt, now, error))
+
+    def attempts(self, key: str) -> tuple[AttemptRecord, ...]:
+        with self._lock:
+            self.calls.append("attempts")
+            mine = [a for a in self._attempts if a.key == key]
+        return tuple(sorted(mine, key=lambda a: a.attempt))  # stable: then insertion order
+
+    def dead_letters(
+        self, saga_id: str | None = None, status: str | None = None, limit: int = 100
+    ) -> tuple[DeadLetterRecord, ...]:
+        with self._lock:
+            self.calls.append("dead_letters")
+            found = [
+                dead_letters.detached(entry)
+                for _, entry in sorted(self._dead_letters.items())
+                if dead_letters.matches(entry, saga_id, status)
+            ]
+        return tuple(found[: max(0, limit)])
+
+    def dead_letter(self, entry_id: int) -> DeadLetterRecord | None:
+        with self._lock:
+            self.calls.append("dead_letter")
+            entry = self._dead_letters.get(entry_id)
+            return dead_letters.detached(entry) if entry else None
+
+    def dead_letter_for(self, saga_id: str, step: int) -> DeadLetterRecord | None:
+        with self._lock:
+            self.calls.append("dead_letter_for")
+            entry = dead_letters.entry_for(self._dead_letters, saga_id, step)
+            return dead_letters.detached(entry) if entry else None
+
+    def claim_auto_retry(self, entry: DeadLetterRecord, next_at: datetime) -> bool:
+        next_at = as_utc(next_at)
+        with self._lock:
+            self.calls.append("claim_auto_retry")
+            current = self._dead_letters.get(entry.id)
+            if (
+                current is None
+                or current.auto_retries != entry.auto_retries
+                or current.status != "dead"
+            ):
+                return False
+            self._dead_letters[entry.id] = replace(
+                current, auto_retries=entry.auto_retries + 1, next_auto_retry_at=next_at
+            )
+            return True
+
     # -- what the scanner needs ----------------------------------------------------------
 
     def _claimed(self, sagas: Sequence[SagaRecord]) -> MemoryClaim:
@@ -406,7 +460,7 @@ class InMemorySagaStore:
 
     @contextmanager
     def claim_due(self, now: datetime, limit: int) -> Iterator[MemoryClaim]:
-        now = _utc(now)
+        now = as_utc(now)
         with self._transaction("claim_due"):
             due = [s for s in self._sagas.values() if s.due_at is not None and s.due_at <= now]
             due.sort(key=lambda s: s.due_at or now)
@@ -428,7 +482,7 @@ class InMemorySagaStore:
     def report_stuck(
         self, older_than: datetime, now: datetime, limit: int
     ) -> tuple[SagaRecord, ...]:
-        older_than, now = _utc(older_than), _utc(now)
+        older_than, now = as_utc(older_than), as_utc(now)
         with self._transaction("report_stuck"):
             stuck = sorted(
                 (
@@ -446,8 +500,7 @@ class InMemorySagaStore:
 
 
 def _waiting(saga: SagaRecord) -> bool:
-    """Never admitted and still STARTED. (SqlSagaStore also counts sagas that failed while
-    waiting, which then take the free slots for ever: see the contract suite.)"""
+    """Never admitted and still STARTED (a saga that failed while waiting is not waiting)."""
     return not saga.admitted and saga.state == SagaState.STARTED
 
 
@@ -463,154 +516,3 @@ def _newest_first(sagas: list[SagaRecord]) -> list[SagaRecord]:
 
 if TYPE_CHECKING:  # mypy proves the fake keeps the whole protocol
     _conforms: SagaStore = InMemorySagaStore()
-
-
-class RecordingDispatcher:
-    """A ``Dispatcher`` that keeps what it was asked to publish in ``sent``.
-
-    ``fail_next=n`` makes the next ``n`` sends raise ``ConnectionError`` (a broker outage):
-    those messages stay unsent in the outbox, for the relay.
-    """
-
-    def __init__(self, fail_next: int = 0) -> None:
-        self.sent: list[OutboxMessage] = []
-        self.fail_next = fail_next
-        self._lock = threading.Lock()
-
-    def send(self, message: OutboxMessage) -> None:
-        with self._lock:
-            if self.fail_next > 0:
-                self.fail_next -= 1
-                raise ConnectionError(f"simulated publish failure of outbox {message.id}")
-            self.sent.append(message)
-
-
-# -- the driver ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Delivery:
-    message: OutboxMessage
-    step: Step
-    role: str  # "action" | "compensation"
-    function: StepFunction
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
-
-
-def _run(delivery: _Delivery, context: StepContext, now: datetime) -> tuple[GuardRecord, int]:
-    """Call the participant, retrying as its policy says (without waiting); returns the
-    outcome and the number of attempts it took."""
-    step, key = delivery.step, context.idempotency_key
-    while True:
-        try:
-            return GuardRecord(key, "ok", delivery.function(context)), context.attempt
-        except Exception as exc:
-            if delivery.role == "action" and isinstance(exc, tuple(step.business_errors)):
-                return GuardRecord(key, "business", error=_describe(exc)), context.attempt
-            if delivery.role == "action":
-                policy, retryable = step.retry, isinstance(exc, tuple(step.retry_on))
-            else:
-                policy, retryable = step.compensation_retry, True
-            if not isinstance(decide_retry(policy, context.attempt, retryable, now), RetryAt):
-                return GuardRecord(key, "error", error=_describe(exc)), context.attempt
-            context = replace(context, attempt=context.attempt + 1)
-
-
-def _event(delivery: _Delivery, outcome: GuardRecord, attempts: int | None) -> Event:
-    index, token = delivery.message.body["step"], delivery.message.body["token"]
-    error = outcome.error or "unknown error"
-    if delivery.role == "action":
-        if outcome.outcome == "ok":
-            return StepSucceeded(index, token, outcome.result, attempts)
-        return StepFailed(index, token, error, outcome.outcome == "business", attempts)
-    if outcome.outcome == "ok":
-        return CompensationSucceeded(index, token, outcome.result, attempts)
-    return CompensationFailed(index, token, error, attempts)
-
-
-def _deliver(
-    coordinator: Coordinator,
-    store: SagaStore,
-    dispatcher: RecordingDispatcher,
-    delivery: _Delivery,
-) -> None:
-    """What the step task and the reply task do: guard, run, record, advance, publish."""
-    body = delivery.message.body
-    outcome = store.begin_guard(body["key"], coordinator.clock())
-    attempts = None  # a duplicate delivery: the recorded outcome, attempts unknown
-    if outcome is None:
-        context = StepContext(
-            saga_id=body["saga_id"],
-            saga=body["saga"],
-            step=delivery.step.name,
-            payload=body["payload"],
-            results=body.get("results", {}),
-            idempotency_key=body["key"],
-            result=body.get("result"),
-        )
-        outcome, attempts = _run(delivery, context, coordinator.clock())
-        if not (outcome.outcome == "error" and delivery.role == "compensation"):
-            # As the real task: a failed compensation is not recorded (it may be retried).
-            outcome = store.put_guard(outcome, coordinator.clock())
-    handled = coordinator.handle(body["saga_id"], _event(delivery, outcome, attempts))
-    outbox.publish(store, dispatcher, handled.messages, coordinator.clock)
-
-
-def _delivery(
-    coordinator: Coordinator, message: OutboxMessage, participants: Mapping[str, StepFunction]
-) -> _Delivery:
-    body = message.body
-    saga = coordinator.definition(body["saga"])
-    index = body["step"]
-    step = saga.steps[index]
-    if body["kind"] == "action":
-        task, function = saga.step_task_name(index), step.action
-    else:
-        task, function = saga.compensation_task_name(index), step.compensation
-    return _Delivery(message, step, body["kind"], participants.get(task, function))
-
-
-def run_until_settled(
-    coordinator: Coordinator,
-    store: SagaStore,
-    dispatcher: RecordingDispatcher,
-    saga_id: str,
-    participants: Mapping[str, StepFunction] | None = None,
-    *,
-    max_deliveries: int = 1000,
-) -> SagaRecord:
-    """Deliver the saga's published messages, in order, until it settles; returns it.
-
-    Each message is run like the Celery step task would (``begin_guard`` first, outcome
-    recorded, retries per the step's policy but without waiting), its outcome becomes the
-    machine event handed to ``coordinator.handle``, and the new outbox messages are
-    published to ``dispatcher``. Messages left unsent (``fail_next``) are relayed.
-    ``participants`` overrides the definition's functions by task name, e.g.
-    ``{"order.charge": fake_charge, "order.refund": fake_refund}``.
-    """
-    overrides = participants or {}
-    cursor, budget = 0, max_deliveries
-    while True:
-        record = store.load(saga_id)
-        if record is None:
-            raise SagaNotFoundError(f"saga {saga_id} not found", saga_id=saga_id)
-        if record.state in SETTLED_STATES:
-            return record
-        budget -= 1
-        if budget < 0:
-            raise SagaError(f"saga {saga_id} did not settle in {max_deliveries} deliveries")
-        sent = dispatcher.sent
-        found = next((i for i in range(cursor, len(sent)) if sent[i].saga_id == saga_id), None)
-        if found is None:
-            # What the beat relay does: republish the rows left unsent after a failed publish.
-            later = coordinator.clock() + timedelta(days=1)
-            unsent = [m for m in store.unsent(later, max_deliveries) if m.saga_id == saga_id]
-            if not unsent:
-                raise SagaError(f"saga {saga_id} is {record.state} but has nothing to deliver")
-            outbox.publish(store, dispatcher, unsent, coordinator.clock)
-            continue
-        cursor = found + 1
-        _deliver(coordinator, store, dispatcher, _delivery(coordinator, sent[found], overrides))

@@ -1,0 +1,87 @@
+"""The benchmark's Celery app: ``celery -A bench.app worker``.
+
+One app, one worker, one queue for both workloads:
+
+- ``bench_noop``: a 4-step saga whose actions and compensations are no-ops (9 task hops:
+  start + 4 x (step + advance)). Completion is read from the ``saga`` table.
+- ``bench.noop_1`` .. ``bench.noop_4``: the bare-chain baseline (4 task hops). The last task
+  records its completion in Redis (``ZADD`` of the completion time under the chain id), the
+  minimal completion signal that needs no result backend.
+
+Configured from the environment: ``CELERY_BROKER_URL``, ``SAGAS_DATABASE_URL`` and
+``BENCH_REDIS_URL`` (where chain completions go; defaults to the broker URL).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import redis
+from celery import Celery
+
+from celery_sagas import Saga, Step, StepContext, install
+
+CHAIN_DONE_KEY = "bench:chains:done"
+SAGA_NAME = "bench_noop"
+
+app = Celery("bench")
+app.conf.broker_url = os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/12")
+app.conf.task_ignore_result = True
+app.conf.broker_connection_retry_on_startup = True
+
+
+# --- the saga -------------------------------------------------------------------------
+
+
+def act(context: StepContext) -> dict[str, Any]:
+    return {"ok": context.step}
+
+
+def undo(context: StepContext) -> dict[str, Any]:
+    return {"undone": context.step}
+
+
+def noop_step(name: str) -> Step:
+    return Step(name, action=act, compensation=undo, compensation_name=f"undo_{name}")
+
+
+bench_saga = Saga(SAGA_NAME, steps=[noop_step(f"step_{i}") for i in range(1, 5)])
+
+runtime = install(app, [bench_saga], database_url=os.environ.get("SAGAS_DATABASE_URL"))
+start_saga = runtime.start_task(SAGA_NAME)
+
+
+# --- the bare-chain baseline ------------------------------------------------------------
+
+_completions: redis.Redis | None = None
+
+
+def completions() -> redis.Redis:
+    """The Redis client chain completions are written to (one per process, made on use)."""
+    global _completions
+    if _completions is None:
+        url = os.environ.get("BENCH_REDIS_URL") or app.conf.broker_url
+        _completions = redis.Redis.from_url(url)
+    return _completions
+
+
+@app.task(name="bench.noop_1")
+def noop_1() -> None:
+    return None
+
+
+@app.task(name="bench.noop_2")
+def noop_2() -> None:
+    return None
+
+
+@app.task(name="bench.noop_3")
+def noop_3() -> None:
+    return None
+
+
+@app.task(name="bench.noop_4")
+def noop_4(_previous: None, chain_id: str) -> None:
+    completions().zadd(CHAIN_DONE_KEY, {chain_id: time.time()})

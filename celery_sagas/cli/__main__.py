@@ -1,0 +1,3 @@
+from celery_sagas.cli import main
+
+main()

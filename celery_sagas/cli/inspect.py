@@ -1,0 +1,114 @@
+"""Read-only commands (list, show) and migrate."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+
+import click
+
+from celery_sagas.cli.context import store_of
+from celery_sagas.cli.render import (
+    duration,
+    emit_json,
+    iso,
+    render_detail,
+    saga_detail,
+    saga_summary,
+    table,
+)
+from celery_sagas.machine import SETTLED_STATES, SagaState
+from celery_sagas.settings import SagaSettings, redact_url
+
+STATE_CHOICES = click.Choice([s.value for s in SagaState], case_sensitive=False)
+
+
+@click.command("list", help="List sagas, newest first.")
+@click.option("--state", type=STATE_CHOICES, help="Only sagas in this state.")
+@click.option("--name", help="Only sagas of this type (e.g. order_fulfillment).")
+@click.option(
+    "--stuck",
+    is_flag=True,
+    help="Only sagas still unfinished (not COMPLETED/FAILED) after --stuck-after seconds.",
+)
+@click.option(
+    "--stuck-after",
+    type=click.FloatRange(min=0, min_open=True),
+    default=SagaSettings.stuck_after,
+    envvar="SAGAS_STUCK_AFTER",
+    show_default=True,
+    help="The stuck-saga threshold in seconds. Env: SAGAS_STUCK_AFTER.",
+)
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.pass_context
+def list_command(
+    ctx: click.Context,
+    state: str | None,
+    name: str | None,
+    stuck: bool,
+    stuck_after: float,
+    limit: int,
+    as_json: bool,
+) -> None:
+    store = store_of(ctx)
+    records = store.list_sagas(
+        SagaState(state.upper()) if state else None,
+        name,
+        limit,
+        created_before=datetime.now(UTC) - timedelta(seconds=stuck_after) if stuck else None,
+        unfinished=stuck,
+    )
+    if as_json:
+        emit_json([saga_summary(r) for r in records])
+        return
+    if not records:
+        what = " stuck" if stuck else ""
+        click.echo(f"no{what} sagas" + (f" in state {state.upper()}" if state else ""))
+        return
+    rows = [
+        (
+            r.saga_id,
+            r.name,
+            r.business_key,
+            r.state.value,
+            str(r.current_step),
+            iso(r.created_at) or "",
+            duration(r.created_at, r.finished_at if r.state in SETTLED_STATES else None),
+        )
+        for r in records
+    ]
+    click.echo(table(rows, ["saga_id", "name", "key", "state", "step", "created", "age/took"]))
+    counts: Mapping[str, int] = store.count_by_state()
+    click.echo("\n" + "  ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+
+
+@click.command("show", help="Show one saga (by saga id or business key) with its timeline.")
+@click.argument("ref")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.pass_context
+def show_command(ctx: click.Context, ref: str, as_json: bool) -> None:
+    store = store_of(ctx)
+    record = store.find(ref)
+    if record is None:
+        raise click.ClickException(f"no saga with id or business key {ref!r}")
+    log = store.transitions(record.saga_id)
+    if as_json:
+        emit_json(saga_detail(record, log))
+    else:
+        click.echo(render_detail(record, log))
+
+
+@click.command("migrate", help="Create or upgrade the saga schema (its own Alembic version table).")
+@click.pass_context
+def migrate_command(ctx: click.Context) -> None:
+    from celery_sagas.store import migrate
+
+    store = store_of(ctx)
+    before = migrate.current_revision(store.engine)
+    after = migrate.upgrade(store.engine)
+    url = redact_url(str(store.engine.url))
+    if before == after:
+        click.echo(f"schema already at revision {after} ({url})")
+    else:
+        click.echo(f"schema upgraded {before or '(empty)'} → {after} ({url})")

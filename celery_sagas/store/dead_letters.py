@@ -1,0 +1,138 @@
+"""The dead-letter table: compensations that exhausted their retries, and what operators
+(or the DLQ recovery worker) did about them. Written in the saga's own transaction."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, Row, select, update
+
+from celery_sagas.machine import DeadLetterChange
+from celery_sagas.protocols import AttemptRecord, DeadLetterRecord
+from celery_sagas.store.tables import attempts, dead_letters, sagas, steps
+
+OPEN = ("dead", "retrying")
+# which status a change may move an entry from
+ALLOWED_FROM = {"retrying": ("dead",), "discarded": ("dead",), "resolved": ("retrying",)}
+
+
+def write_change(
+    conn: Connection, insert: Any, saga_id: str, change: DeadLetterChange, now: datetime
+) -> None:
+    if change.status == "dead":
+        _bury(conn, insert, saga_id, change, now)
+        return
+    values: dict[str, Any] = {"status": change.status, "updated_at": now}
+    if change.resolution:
+        values["resolution"] = change.resolution
+    if change.status in ("resolved", "discarded"):
+        values["resolved_at"] = now
+    conn.execute(
+        update(dead_letters)
+        .where(
+            dead_letters.c.saga_id == saga_id,
+            dead_letters.c.step == change.step,
+            dead_letters.c.status.in_(ALLOWED_FROM[change.status]),
+        )
+        .values(**values)
+    )
+
+
+def _bury(
+    conn: Connection, insert: Any, saga_id: str, change: DeadLetterChange, now: datetime
+) -> None:
+    """Create the entry, or make it dead again (a retried compensation failed again)."""
+    names = conn.execute(
+        select(sagas.c.name, steps.c.name.label("step_name"))
+        .join(steps, steps.c.saga_id == sagas.c.id)
+        .where(sagas.c.id == saga_id, steps.c.idx == change.step)
+    ).one()
+    values = {
+        "status": "dead",
+        "attempts": change.attempts or 0,
+        "error": change.error,
+        "traceback": change.traceback,
+        "updated_at": now,
+        "resolved_at": None,
+        "next_auto_retry_at": change.next_auto_retry_at,
+    }
+    statement = insert.values(
+        saga_id=saga_id,
+        saga_name=names.name,
+        step=change.step,
+        step_name=names.step_name,
+        task_name=change.task_name or f"{names.name}.{names.step_name}",
+        payload=change.payload if change.payload is not None else {},
+        created_at=now,
+        deaths=1,
+        **values,
+    )
+    conn.execute(
+        statement.on_conflict_do_update(
+            index_elements=["saga_id", "step"],
+            set_={**values, "deaths": dead_letters.c.deaths + 1},
+        )
+    )
+
+
+def record(row: Row[Any]) -> DeadLetterRecord:
+    return DeadLetterRecord(
+        id=row.id,
+        saga_id=row.saga_id,
+        saga_name=row.saga_name,
+        step=row.step,
+        step_name=row.step_name,
+        task_name=row.task_name,
+        status=row.status,
+        attempts=row.attempts,
+        deaths=row.deaths,
+        error=row.error,
+        traceback=row.traceback,
+        payload=row.payload,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        resolved_at=row.resolved_at,
+        resolution=row.resolution,
+        auto_retries=row.auto_retries,
+        next_auto_retry_at=row.next_auto_retry_at,
+    )
+
+
+def query(saga_id: str | None, status: str | None, limit: int) -> Any:
+    statement = select(dead_letters).order_by(dead_letters.c.id).limit(limit)
+    if saga_id is not None:
+        statement = statement.where(dead_letters.c.saga_id == saga_id)
+    if status == "open":
+        statement = statement.where(dead_letters.c.status.in_(OPEN))
+    elif status not in (None, "all"):
+        statement = statement.where(dead_letters.c.status == status)
+    return statement
+
+
+def by_step(saga_id: str, step: int) -> Any:
+    return select(dead_letters).where(
+        dead_letters.c.saga_id == saga_id, dead_letters.c.step == step
+    )
+
+
+def claim_auto_retry(conn: Connection, entry_id: int, seen: int, next_at: datetime) -> bool:
+    """Count one automatic retry, compare-and-set on ``auto_retries`` (two recovery
+    workers never both retry)."""
+    changed = conn.execute(
+        update(dead_letters)
+        .where(
+            dead_letters.c.id == entry_id,
+            dead_letters.c.auto_retries == seen,
+            dead_letters.c.status == "dead",
+        )
+        .values(auto_retries=seen + 1, next_auto_retry_at=next_at)
+    ).rowcount
+    return bool(changed == 1)
+
+
+def attempt_rows(conn: Connection, key: str) -> tuple[AttemptRecord, ...]:
+    rows = conn.execute(
+        select(attempts).where(attempts.c.key == key).order_by(attempts.c.attempt, attempts.c.id)
+    )
+    return tuple(AttemptRecord(r.saga_id, r.key, r.attempt, r.at, r.error) for r in rows)

@@ -1,0 +1,101 @@
+"""The dead-letter rows of ``InMemorySagaStore``, as ``celery_sagas.store.dead_letters``
+writes them (without SQLAlchemy): pure functions from the current entries to new ones."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+from datetime import datetime
+from typing import Any
+
+from celery_sagas.errors import SagaError
+from celery_sagas.machine import DeadLetterChange
+from celery_sagas.protocols import DeadLetterRecord, SagaRecord
+from celery_sagas.testing.columns import as_json, as_utc
+
+OPEN = ("dead", "retrying")
+# which status a change may move an entry from (the same table as the SQL store's)
+ALLOWED_FROM = {"retrying": ("dead",), "discarded": ("dead",), "resolved": ("retrying",)}
+
+
+def detached(entry: DeadLetterRecord) -> DeadLetterRecord:
+    """A copy as a fresh read would return it (the payload is not shared)."""
+    return replace(entry, payload=as_json(entry.payload))
+
+
+def entry_for(
+    entries: Mapping[int, DeadLetterRecord], saga_id: str, step: int
+) -> DeadLetterRecord | None:
+    """The entry of ``(saga_id, step)``: there is at most one (a unique constraint in SQL)."""
+    return next((e for e in entries.values() if e.saga_id == saga_id and e.step == step), None)
+
+
+def changed(
+    entries: Mapping[int, DeadLetterRecord],
+    saga: SagaRecord,
+    change: DeadLetterChange,
+    now: datetime,
+) -> DeadLetterRecord | None:
+    """The entry as ``change`` leaves it (written in the saga's transaction), or None when
+    the change does not apply (e.g. ``resolved`` on an entry that is not ``retrying``)."""
+    existing = entry_for(entries, saga.saga_id, change.step)
+    if change.status == "dead":
+        return _buried(entries, existing, saga, change, now)
+    if existing is None or existing.status not in ALLOWED_FROM[change.status]:
+        return None
+    values: dict[str, Any] = {"status": change.status, "updated_at": now}
+    if change.resolution:
+        values["resolution"] = change.resolution
+    if change.status in ("resolved", "discarded"):
+        values["resolved_at"] = now
+    return replace(existing, **values)
+
+
+def _buried(
+    entries: Mapping[int, DeadLetterRecord],
+    existing: DeadLetterRecord | None,
+    saga: SagaRecord,
+    change: DeadLetterChange,
+    now: datetime,
+) -> DeadLetterRecord:
+    """A new entry, or the existing one dead again (a retried compensation failed again)."""
+    if not 0 <= change.step < len(saga.steps):
+        raise SagaError(
+            f"saga {saga.saga_id} has no step {change.step}; nothing was written",
+            saga_id=saga.saga_id,
+        )
+    retry_at = change.next_auto_retry_at
+    values: dict[str, Any] = {
+        "status": "dead",
+        "attempts": change.attempts or 0,
+        "error": change.error,
+        "traceback": change.traceback,
+        "updated_at": now,
+        "resolved_at": None,
+        "next_auto_retry_at": None if retry_at is None else as_utc(retry_at),
+    }
+    if existing is not None:
+        return replace(existing, deaths=existing.deaths + 1, **values)
+    step_name = saga.steps[change.step].name
+    return DeadLetterRecord(
+        id=max(entries, default=0) + 1,
+        saga_id=saga.saga_id,
+        saga_name=saga.name,
+        step=change.step,
+        step_name=step_name,
+        task_name=change.task_name or f"{saga.name}.{step_name}",
+        payload=as_json(change.payload if change.payload is not None else {}),
+        created_at=now,
+        deaths=1,
+        **values,
+    )
+
+
+def matches(entry: DeadLetterRecord, saga_id: str | None, status: str | None) -> bool:
+    """The filter of ``dead_letters()``: ``status="open"`` is dead or retrying; None and
+    ``"all"`` are every status."""
+    if saga_id is not None and entry.saga_id != saga_id:
+        return False
+    if status == "open":
+        return entry.status in OPEN
+    return status in (None, "all") or entry.status == status
