@@ -30,6 +30,10 @@ SHIPMENT_TIMEOUT = 3  # seconds: create_shipment's timeout in the demo (code say
 DEMO_SETTINGS = {
     "SAGAS_STEP_TIMEOUTS": json.dumps({"order_fulfillment.create_shipment": SHIPMENT_TIMEOUT}),
     "SAGAS_MAX_CONCURRENT": json.dumps({"order_fulfillment": 40}),
+    # refunds give up after 3 quick attempts (the code says 6, backing off to a minute)
+    "SAGAS_RETRY_POLICIES": json.dumps(
+        {"refund_payment": {"max_retries": 2, "backoff_base": 0.2, "backoff_cap": 1}}
+    ),
     "SAGAS_SCAN_INTERVAL": "0.5",
     "SAGAS_RELAY_INTERVAL": "2",
     "SAGAS_RELAY_AFTER": "10",
@@ -67,6 +71,9 @@ def make_orders(count: int, seed: int) -> list[dict[str, Any]]:
         elif roll < 0.39:
             order["simulate"] = {"create_shipment": "hang"}  # times out, is compensated
             order["hang_seconds"] = SHIPMENT_TIMEOUT + 2
+        elif roll < 0.42:
+            # the refund keeps failing: it lands in the DLQ and the drain resolves it
+            order["simulate"] = {"send_confirmation": "fail", "refund_payment": "transient:3"}
         orders.append(order)
     return orders
 
@@ -139,6 +146,8 @@ def print_summary(report: Mapping[str, Any]) -> None:
         ("step retries (transient errors)", report["retries"]),
         ("business failures (declined, no stock, injected)", report["business_failures"]),
         ("duplicate start (same order twice) -> sagas", report["duplicate_start_sagas"]),
+        ("compensations dead-lettered, then drained", report["dead_letters"]["landed"]),
+        ("  resolved by `celery-sagas dlq drain`", report["dead_letters"]["resolved"]),
         ("mean saga duration", f"{report['mean_ms']:.0f} ms"),
         ("p95 saga duration", f"{report['p95_ms']:.0f} ms"),
         ("wall time", f"{report['wall_s']:.1f} s"),
@@ -270,9 +279,37 @@ def run_job(args: argparse.Namespace, embedded: bool) -> dict[str, Any]:
     except InvalidPayloadError as exc:
         print(f"demo: an invalid order is refused before anything is sent: {exc}")
     wait_settled(store, len(orders), started, args.timeout)
+    drained = drain_dead_letters(store)
     from workers.report import build_report
 
-    return build_report(store, orders, time.monotonic() - started, STOCK)
+    report = build_report(store, orders, time.monotonic() - started, STOCK)
+    report["dead_letters"] = drained
+    report["invariants"]["every dead-lettered compensation was resolved by the drain"] = (
+        drained["resolved"] == drained["landed"] and drained["drain_exit"] == 0
+    )
+    return report
+
+
+def drain_dead_letters(store: Any) -> dict[str, int]:
+    """The demo's last act: the operator's one command, `celery-sagas dlq drain`."""
+    landed = len(store.dead_letters(status="all", limit=100_000))
+    command = [sys.executable, "-m", "celery_sagas.cli", "--app", "workers.app", "dlq", "drain"]
+    print(
+        f"demo: {landed} compensation(s) in the dead-letter queue; draining: "
+        "celery-sagas --app workers.app dlq drain"
+    )
+    result = subprocess.run(
+        command,
+        env={**os.environ, **DEMO_SETTINGS, "PYTHONPATH": str(config.REPO_ROOT)},
+        cwd=config.REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    sys.stderr.write(result.stderr)
+    print(result.stdout.rstrip())
+    resolved = len(store.dead_letters(status="resolved", limit=100_000))
+    return {"landed": landed, "resolved": resolved, "drain_exit": result.returncode}
 
 
 def wait_settled(store: Any, total: int, started: float, timeout: float) -> None:

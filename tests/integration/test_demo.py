@@ -59,3 +59,5 @@ def test_demo_on_redis_and_postgresql_prints_json(tmp_path: Path, redis_url: str
     assert all(report["invariants"].values())
     assert report["timed_out"] >= 1  # some create_shipment hangs were timed out and compensated
     assert report["compensations"] >= report["timed_out"]
+    assert report["dead_letters"]["landed"] >= 1  # refunds that kept failing, then drained
+    assert report["dead_letters"]["resolved"] == report["dead_letters"]["landed"]
