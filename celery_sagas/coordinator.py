@@ -248,23 +248,28 @@ class Coordinator:
         return Outcome(created.record.saga_id, decision, written, True)
 
     def handle(self, saga_id: str, event: machine.Event) -> Outcome:
-        """Apply one event with compare-and-set, retrying on a lost race."""
+        """Apply one event: load, decide and save in one transaction (the saga row locked
+        on PostgreSQL, compare-and-set everywhere), retrying a lost race."""
+        now = self.clock()
+
+        def decide(record: SagaRecord) -> tuple[Decision, list[OutboxMessage]]:
+            decision = machine.decide(self.view(record), event, now)
+            if not decision.accepted:
+                return decision, []
+            decision = self.complete(record, decision)
+            return decision, self.messages_for(record, decision)
+
         for _ in range(MAX_CAS_ATTEMPTS):
-            record = self.store.load(saga_id)
-            if record is None:
+            try:
+                record, decision, written = self.store.update(saga_id, decide, now)
+            except ConcurrentUpdateError:
+                continue
+            if record is None or decision is None:
                 logger.warning("event for unknown saga %s ignored", saga_id)
                 return Outcome(saga_id, None)
-            decision = machine.decide(self.view(record), event, self.clock())
             if not decision.accepted:
                 self._log_ignored(record, event, decision)
                 return Outcome(saga_id, decision)
-            decision = self.complete(record, decision)
-            try:
-                written = self.store.commit(
-                    record, decision, self.messages_for(record, decision), self.clock()
-                )
-            except ConcurrentUpdateError:
-                continue
             self._log(saga_id, record.name, decision)
             if decision.state in SETTLED_STATES:
                 written += self.admit(record.name)

@@ -14,9 +14,12 @@ def publish(
     dispatcher: Dispatcher,
     messages: Sequence[OutboxMessage],
     now: Callable[[], datetime],
+    relayed: bool = False,
 ) -> int:
-    """Publish committed outbox messages, then mark them sent. A message whose publish
-    fails stays unsent and is picked up by the relay; returns how many were sent."""
+    """Publish committed outbox messages. Step messages need no "sent" mark: the saga's
+    next transition marks them (one transaction fewer per hop). Other messages (DLQ) are
+    marked here. A failed publish leaves the row for the relay; returns how many were
+    sent."""
     sent: list[int] = []
     for message in messages:
         try:
@@ -31,7 +34,8 @@ def publish(
             continue
         if message.id is not None:
             sent.append(message.id)
-    store.mark_sent(sent, now())
+    marked = [m.id for m in messages if m.id in sent and (relayed or not m.body.get("key"))]
+    store.mark_sent([i for i in marked if i is not None], now())
     return len(sent)
 
 
@@ -47,4 +51,4 @@ def relay(
     pending = store.unsent(now() - timedelta(seconds=older_than), batch)
     if pending:
         logger.warning("relaying %d unsent outbox message(s)", len(pending))
-    return publish(store, dispatcher, pending, now)
+    return publish(store, dispatcher, pending, now, relayed=True)

@@ -5,7 +5,7 @@ The coordinator and the scanner only talk to these; SQLAlchemy and Celery sit be
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -205,6 +205,9 @@ class Claim(Protocol):
     ) -> tuple[OutboxMessage, ...]: ...
 
 
+Decide = Callable[[SagaRecord], tuple[Decision, Sequence[OutboxMessage]]]
+
+
 class SagaStore(Protocol):
     def create(
         self,
@@ -236,9 +239,19 @@ class SagaStore(Protocol):
         ``ConcurrentUpdateError`` if the saga changed since it was loaded."""
         ...
 
+    def update(
+        self, saga_id: str, decide: Decide, now: datetime
+    ) -> tuple[SagaRecord | None, Decision | None, tuple[OutboxMessage, ...]]:
+        """Load the saga, call ``decide(record)`` and commit an accepted decision, all in
+        one transaction with the saga locked. Returns (record, decision, written)."""
+        ...
+
     def mark_sent(self, message_ids: Sequence[int], now: datetime) -> None: ...
 
-    def unsent(self, created_before: datetime, limit: int) -> tuple[OutboxMessage, ...]: ...
+    def unsent(self, created_before: datetime, limit: int) -> tuple[OutboxMessage, ...]:
+        """Messages never published nor consumed (no worker took their key), created
+        before ``created_before``: what the relay must publish."""
+        ...
 
     def get_guard(self, key: str) -> GuardRecord | None: ...
 

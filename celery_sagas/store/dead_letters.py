@@ -6,11 +6,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Row, select, update
+from sqlalchemy import Connection, Row, delete, select, update
 
+from celery_sagas.definition import idempotency_key
 from celery_sagas.machine import DeadLetterChange
-from celery_sagas.protocols import AttemptRecord, DeadLetterRecord
-from celery_sagas.store.tables import attempts, dead_letters, sagas, steps
+from celery_sagas.protocols import STARTED, AttemptRecord, DeadLetterRecord
+from celery_sagas.store.tables import attempts, dead_letters, guards, sagas, steps
 
 OPEN = ("dead", "retrying")
 # which status a change may move an entry from
@@ -28,7 +29,7 @@ def write_change(
         values["resolution"] = change.resolution
     if change.status in ("resolved", "discarded"):
         values["resolved_at"] = now
-    conn.execute(
+    changed = conn.execute(
         update(dead_letters)
         .where(
             dead_letters.c.saga_id == saga_id,
@@ -36,6 +37,22 @@ def write_change(
             dead_letters.c.status.in_(ALLOWED_FROM[change.status]),
         )
         .values(**values)
+    ).rowcount
+    if changed and change.status == "retrying":
+        _forget_started_marker(conn, saga_id, change.step)
+
+
+def _forget_started_marker(conn: Connection, saga_id: str, step: int) -> None:
+    """The dead compensation's guard still says "started" (failures are not recorded):
+    drop it, so the scanner and the relay treat the retry's message like a fresh one."""
+    name = conn.execute(
+        select(steps.c.name).where(steps.c.saga_id == saga_id, steps.c.idx == step)
+    ).scalar_one()
+    conn.execute(
+        delete(guards).where(
+            guards.c.key == idempotency_key(saga_id, name, "compensation"),
+            guards.c.outcome == STARTED,
+        )
     )
 
 

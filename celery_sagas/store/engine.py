@@ -36,7 +36,9 @@ def build_engine(url: str, **options: Any) -> Engine:
         engine = create_engine(url, **options)
         _make_sqlite_serialised(engine)
         return engine
-    options.setdefault("pool_pre_ping", True)
+    # No pre-ping: it is a round trip per checkout on the hot path. A dropped connection
+    # is discarded on its error, which the tasks retry (StoreUnavailableError).
+    options.setdefault("pool_pre_ping", False)
     options.setdefault("pool_size", 5)
     options.setdefault("max_overflow", 10)
     return create_engine(url, **options)

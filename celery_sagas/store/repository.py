@@ -7,10 +7,11 @@ Every write method is one transaction. Saga updates are a compare-and-set on ``v
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection, Engine, Table, false, func, select, true, update
@@ -37,6 +38,7 @@ from celery_sagas.protocols import (
     AttemptRecord,
     CreateResult,
     DeadLetterRecord,
+    Decide,
     GuardRecord,
     NewSaga,
     OutboxMessage,
@@ -181,6 +183,7 @@ class SqlSagaStore:
         decision: Decision,
         messages: Sequence[OutboxMessage],
         now: datetime,
+        fresh: bool = False,
     ) -> tuple[OutboxMessage, ...]:
         for change in decision.step_changes:
             conn.execute(
@@ -208,11 +211,24 @@ class SqlSagaStore:
             dead_letter_rows.write_change(
                 conn, self._insert(dead_letters), saga_id, decision.dead_letter, now
             )
+        if not fresh:
+            # The saga moved on, so the messages that moved it were delivered: the relay
+            # must not republish them.
+            conn.execute(
+                update(outbox)
+                .where(outbox.c.saga_id == saga_id, outbox.c.sent_at.is_(None))
+                .values(sent_at=now)
+            )
         written = []
         for message in messages:
             new_id = conn.execute(
                 outbox.insert()
-                .values(saga_id=saga_id, body=dict(message.body), created_at=now)
+                .values(
+                    saga_id=saga_id,
+                    body=dict(message.body),
+                    created_at=now,
+                    key=message.body.get("key"),
+                )
                 .returning(outbox.c.id)
             ).scalar_one()
             written.append(OutboxMessage(saga_id, message.body, id=new_id, created_at=now))
@@ -289,8 +305,10 @@ class SqlSagaStore:
                         for i, name in enumerate(new.step_names)
                     ],
                 )
-                written = self._write_decision(conn, new.saga_id, decision, messages, now)
-                saga_id, created = new.saga_id, True
+                written = self._write_decision(
+                    conn, new.saga_id, decision, messages, now, fresh=True
+                )
+                return CreateResult(_fresh_record(new, decision, now), True, written)
         record = self.load(saga_id)
         assert record is not None
         return CreateResult(record=record, created=created, messages=written)
@@ -362,6 +380,28 @@ class SqlSagaStore:
     ) -> tuple[OutboxMessage, ...]:
         with self._connect() as conn:
             return self._commit_in(conn, saga, decision, messages, now)
+
+    def update(
+        self, saga_id: str, decide: Decide, now: datetime
+    ) -> tuple[SagaRecord | None, Decision | None, tuple[OutboxMessage, ...]]:
+        """Load (locked), decide and write in one transaction: one connection, no race."""
+        with self._connect() as conn:
+            row = conn.execute(
+                self._for_update(select(sagas).where(sagas.c.id == saga_id))
+            ).one_or_none()
+            if row is None:
+                return None, None, ()
+            step_rows = conn.execute(
+                select(steps).where(steps.c.saga_id == saga_id).order_by(steps.c.idx)
+            ).all()
+            record = _saga_record(row, step_rows)
+            decision, messages = decide(record)
+            if not decision.accepted:
+                return record, decision, ()
+            return record, decision, self._commit_in(conn, record, decision, messages, now)
+
+    def _for_update(self, query: Any) -> Any:
+        return query.with_for_update() if self.is_postgres else query
 
     # -- scanning ---------------------------------------------------------------------
 
@@ -495,10 +535,15 @@ class SqlSagaStore:
             )
 
     def unsent(self, created_before: datetime, limit: int) -> tuple[OutboxMessage, ...]:
+        taken = select(guards.c.key).where(guards.c.key == outbox.c.key).exists()
         with self._read() as conn:
             rows = conn.execute(
                 select(outbox)
-                .where(outbox.c.sent_at.is_(None), outbox.c.created_at < created_before)
+                .where(
+                    outbox.c.sent_at.is_(None),
+                    outbox.c.created_at < created_before,
+                    ~taken,
+                )
                 .order_by(outbox.c.id)
                 .limit(limit)
             ).all()
@@ -513,6 +558,9 @@ class SqlSagaStore:
 
     def begin_guard(self, key: str, now: datetime) -> GuardRecord | None:
         with self._connect() as conn:
+            if self.is_postgres:
+                # Losing this marker only means the scanner may re-send a running step.
+                conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
             inserted = conn.execute(
                 self._insert(guards)
                 .values(key=key, outcome=STARTED, recorded_at=now)
@@ -625,6 +673,44 @@ class SqlSagaStore:
         return tuple(
             TransitionRecord(r.saga_id, r.at, r.step, r.old, r.new, r.reason, r.actor) for r in rows
         )
+
+
+def _fresh_record(new: NewSaga, decision: Decision, now: datetime) -> SagaRecord:
+    """The record just inserted, without reading it back."""
+    changed = {c.index: c for c in decision.step_changes}
+    assert decision.state is not None
+    now = now.astimezone(UTC)
+    return SagaRecord(
+        saga_id=new.saga_id,
+        name=new.name,
+        business_key=new.business_key,
+        state=decision.state,
+        current_step=decision.current_step,
+        token=decision.token,
+        version=1,
+        payload=json.loads(json.dumps(new.payload)),
+        created_at=now,
+        updated_at=now,
+        deadline_at=_utc(new.deadline_at),
+        due_at=decision.due_at,
+        admitted=decision.admitted,
+        steps=tuple(
+            StepRecord(
+                index=i,
+                name=name,
+                status=changed[i].new if i in changed else StepStatus.PENDING,
+                started_at=now if i in changed and changed[i].new == StepStatus.RUNNING else None,
+                deadline_at=_utc(changed[i].deadline_at) if i in changed else None,
+                redispatch_at=_utc(changed[i].redispatch_at) if i in changed else None,
+                dispatches=(changed[i].dispatches or 0) if i in changed else 0,
+            )
+            for i, name in enumerate(new.step_names)
+        ),
+    )
+
+
+def _utc(moment: datetime | None) -> datetime | None:
+    return moment.astimezone(UTC) if moment else None
 
 
 class SqlClaim:

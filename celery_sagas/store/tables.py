@@ -141,6 +141,13 @@ outbox = Table(
     Column("body", JSON, nullable=False),
     Column("created_at", UtcDateTime(), nullable=False),
     Column("sent_at", UtcDateTime()),
+    Column("key", String(300)),  # the guard key of a step message; None for DLQ messages
+)
+Index(
+    "ix_saga_outbox_unsent_saga",
+    outbox.c.saga_id,
+    postgresql_where=outbox.c.sent_at.is_(None),
+    sqlite_where=outbox.c.sent_at.is_(None),
 )
 Index(
     "ix_saga_outbox_unsent",

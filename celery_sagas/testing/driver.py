@@ -213,7 +213,7 @@ def run_until_settled(
             unsent = [m for m in store.unsent(later, max_deliveries) if m.saga_id == saga_id]
             if not any(_for_a_step(m, saga_id) for m in unsent):
                 raise SagaError(f"saga {saga_id} is {record.state} but has nothing to deliver")
-            outbox.publish(store, dispatcher, unsent, coordinator.clock)
+            outbox.publish(store, dispatcher, unsent, coordinator.clock, relayed=True)
             continue
         delivered.add(found)
         _deliver(coordinator, store, dispatcher, _delivery(coordinator, sent[found], overrides))

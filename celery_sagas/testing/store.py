@@ -12,6 +12,7 @@ from dataclasses import replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from celery_sagas.definition import idempotency_key
 from celery_sagas.errors import (
     ConcurrentUpdateError,
     PayloadConflictError,
@@ -30,6 +31,7 @@ from celery_sagas.protocols import (
     AttemptRecord,
     CreateResult,
     DeadLetterRecord,
+    Decide,
     GuardRecord,
     NewSaga,
     OutboxMessage,
@@ -104,7 +106,8 @@ class InMemorySagaStore:
     """The ``SagaStore`` contract in memory, thread-safe behind one (re-entrant) lock.
 
     ``calls`` lists the name of every store method called, in order, so a test can assert
-    e.g. ``store.calls.count("commit")`` (a claim's commits are ``"claim.commit"``).
+    e.g. ``store.calls.count("update")`` (``update`` is one call, not ``"update"`` and
+    ``"commit"``; a claim's commits are ``"claim.commit"``).
     ``row_counts()`` gives the rows per table, named like the SQL tables.
     """
 
@@ -117,6 +120,7 @@ class InMemorySagaStore:
         self._stuck_reported: dict[str, datetime] = {}
         self._transitions: list[TransitionRecord] = []
         self._outbox: dict[int, OutboxMessage] = {}
+        self._outbox_keys: dict[int, str | None] = {}  # the ``key`` column: a step's guard key
         self._guards: dict[str, GuardRecord] = {}
         self._dead_letters: dict[int, DeadLetterRecord] = {}
         self._attempts: list[AttemptRecord] = []  # in insertion (id) order
@@ -147,6 +151,7 @@ class InMemorySagaStore:
                 "_keys",
                 "_stuck_reported",
                 "_outbox",
+                "_outbox_keys",
                 "_guards",
                 "_dead_letters",
             )
@@ -186,16 +191,25 @@ class InMemorySagaStore:
         )
         if entry is not None:
             self._dead_letters[entry.id] = entry
+            if entry.status == "retrying":  # as the SQL store: forget the "started" marker
+                key = idempotency_key(saga.saga_id, entry.step_name, "compensation")
+                if key in self._guards and self._guards[key].outcome == STARTED:
+                    del self._guards[key]
+        # The saga moved on, so the messages that moved it were delivered: no relay needed.
+        for message_id, row in self._outbox.items():
+            if row.saga_id == saga.saga_id and row.sent_at is None:
+                self._outbox[message_id] = replace(row, sent_at=now)
         written = []
         for message, body in zip(messages, bodies, strict=True):
             new_id = len(self._outbox) + 1
             self._outbox[new_id] = OutboxMessage(saga.saga_id, body, id=new_id, created_at=now)
+            self._outbox_keys[new_id] = body.get("key")  # None for a DLQ message
             written.append(OutboxMessage(saga.saga_id, message.body, id=new_id, created_at=now))
         return saga, tuple(written)
 
     def _commit(
         self,
-        call: str,
+        call: str | None,
         saga: SagaRecord,
         decision: Decision,
         messages: Sequence[OutboxMessage],
@@ -204,7 +218,8 @@ class InMemorySagaStore:
         assert decision.accepted and decision.state is not None
         now = as_utc(now)
         with self._lock:
-            self.calls.append(call)
+            if call is not None:
+                self.calls.append(call)
             current = self._sagas.get(saga.saga_id)
             if current is None or current.version != saga.version:
                 raise ConcurrentUpdateError(
@@ -285,6 +300,21 @@ class InMemorySagaStore:
     ) -> tuple[OutboxMessage, ...]:
         return self._commit("commit", saga, decision, messages, now)
 
+    def update(
+        self, saga_id: str, decide: Decide, now: datetime
+    ) -> tuple[SagaRecord | None, Decision | None, tuple[OutboxMessage, ...]]:
+        """One call, one transaction (recorded as ``"update"`` only, no ``"commit"``)."""
+        with self._lock:
+            self.calls.append("update")
+            saga = self._sagas.get(saga_id)
+            if saga is None:
+                return None, None, ()
+            record = _copy(saga)
+            decision, messages = decide(record)
+            if not decision.accepted:
+                return record, decision, ()
+            return record, decision, self._commit(None, record, decision, messages, now)
+
     def mark_sent(self, message_ids: Sequence[int], now: datetime) -> None:
         now = as_utc(now)
         with self._lock:
@@ -339,8 +369,11 @@ class InMemorySagaStore:
             self.calls.append("unsent")
             pending = [
                 replace(m, body=as_json(m.body))
-                for _, m in sorted(self._outbox.items())
-                if m.sent_at is None and m.created_at is not None and m.created_at < created_before
+                for i, m in sorted(self._outbox.items())
+                if m.sent_at is None
+                and m.created_at is not None
+                and m.created_at < created_before
+                and self._outbox_keys.get(i) not in self._guards  # no worker took it yet
             ]
             return tuple(pending[:limit])
 

@@ -152,14 +152,15 @@ def create(
     timeout: float | None = None,
     admit: bool = True,
     deadline_at: datetime | None = None,
+    messages: Callable[[str, Decision], list[OutboxMessage]] | None = None,
 ) -> CreateResult:
     """Create a 4-step saga; ``timeout`` gives every step one, ``admit=False`` leaves it
-    waiting for a slot."""
+    waiting for a slot; ``messages`` builds its outbox rows (``step_message`` if None)."""
     payload = {"id": key, "items": [{"sku": "BOOK", "qty": 2}]} if payload is None else payload
     saga_id = saga_id or f"{name}-{key}-{now.timestamp()}"
     new = NewSaga(saga_id, name, key, payload, payload_hash(payload), STEP_NAMES, deadline_at)
     decision = begin_decision(saga_id, name, now, timeout, admit, deadline_at)
-    return store.create(new, decision, step_message(saga_id, decision), now)
+    return store.create(new, decision, (messages or step_message)(saga_id, decision), now)
 
 
 def step_message(saga_id: str, decision: Decision) -> list[OutboxMessage]:
@@ -169,6 +170,22 @@ def step_message(saga_id: str, decision: Decision) -> list[OutboxMessage]:
         else OutboxMessage(saga_id, {"step": c.step, "token": c.token})
         for c in decision.commands
     ]
+
+
+def keyed_message(saga_id: str, decision: Decision) -> list[OutboxMessage]:
+    """As ``step_message``, but a step message carries its guard ``key`` (as the
+    coordinator's do): the store keeps it in the outbox row's ``key`` column."""
+    return [
+        m
+        if m.body.get("kind") == "dead_letter"
+        else replace(m, body={**m.body, "key": f"{saga_id}:{m.body['step']}"})
+        for m in step_message(saga_id, decision)
+    ]
+
+
+def with_dead_letter(saga_id: str, decision: Decision) -> list[OutboxMessage]:
+    """A keyed step message and a dead letter message (no key)."""
+    return [*keyed_message(saga_id, decision), OutboxMessage(saga_id, {"kind": "dead_letter"})]
 
 
 def advance(
@@ -234,6 +251,18 @@ def test_create_then_load_round_trips_everything(backend: Backend) -> None:
         "saga_dead_letter": 0,
         "saga_attempt": 0,
     }
+
+
+def test_create_returns_exactly_what_a_load_returns(backend: Backend) -> None:
+    payload = {"id": "order-1", "pair": (1, 2)}
+    in_paris = T0.astimezone(timezone(timedelta(hours=2)))
+    created = create(backend.store, payload=payload, now=in_paris, deadline_at=in_paris)
+    assert created.record.payload is not payload
+    assert created.record.payload == {"id": "order-1", "pair": [1, 2]}
+    assert utc_offset_is_zero(created.record.created_at)
+    assert utc_offset_is_zero(created.record.deadline_at)
+    assert utc_offset_is_zero(created.record.steps[0].started_at)
+    assert created.record == backend.store.load(created.record.saga_id)
 
 
 def test_unknown_saga_loads_as_none(backend: Backend) -> None:
@@ -438,31 +467,149 @@ def test_two_threads_creating_one_business_key_make_one_saga(backend: Backend) -
 
 def test_unsent_and_mark_sent(backend: Backend) -> None:
     store = backend.store
-    record = create(store).record  # outbox 1 at T0
-    _, written = advance(store, record, StepSucceeded(0, 1, None), at(1))  # outbox 2 at at(1)
-    other = create(store, key="order-2", now=at(2))  # outbox 3 at at(2)
-    assert [m.id for m in written] == [2]
-    assert [m.id for m in other.messages] == [3]
+    a = create(store, saga_id="a", messages=keyed_message).record  # outbox 1 at T0
+    b = create(store, "order-2", now=at(1), saga_id="b", messages=with_dead_letter)  # 2, 3
+    c = create(store, "order-3", now=at(2), saga_id="c", messages=keyed_message)  # outbox 4
+    assert [m.id for m in b.messages] == [2, 3] and [m.id for m in c.messages] == [4]
 
     assert store.unsent(T0, 10) == ()  # strictly older than created_before
     assert [m.id for m in store.unsent(at(1), 10)] == [1]
     everything = store.unsent(at(3), 10)
     assert [(m.id, m.saga_id, m.created_at) for m in everything] == [
-        (1, record.saga_id, T0),
-        (2, record.saga_id, at(1)),
-        (3, other.record.saga_id, at(2)),
+        (1, "a", T0),
+        (2, "b", at(1)),
+        (3, "b", at(1)),
+        (4, "c", at(2)),
     ]
-    assert everything[1].body == {"step": 1, "token": 2}
+    assert everything[1].body == {"step": 0, "token": 1, "key": "b:0"}
+    assert everything[2].body == {"kind": "dead_letter"}
     assert all(m.sent_at is None for m in everything)
     assert [m.id for m in store.unsent(at(3), 2)] == [1, 2]
 
-    store.mark_sent([1, 3], at(4))
-    store.mark_sent([], at(4))
-    store.mark_sent([1, 999], at(5))  # again, and an unknown id: harmless
-    assert [m.id for m in store.unsent(at(9), 10)] == [2]
-    store.mark_sent([2], at(6))
+    # A commit of saga a marks all its unsent rows sent (the saga moved on, so they were
+    # delivered) before writing its new row 5; the other sagas' rows are untouched.
+    decision = machine.decide(a.view(), StepSucceeded(0, 1, None), at(3))
+    written = store.commit(a, decision, keyed_message("a", decision), at(3))
+    assert [(m.id, m.created_at) for m in written] == [(5, at(3))]
+    assert [m.id for m in store.unsent(at(9), 10)] == [2, 3, 4, 5]
+
+    # A row whose key has a guard row (a worker took the message) is not unsent, whatever
+    # the guard's outcome, "started" included; a dead letter row has no key.
+    assert store.begin_guard("b:0", at(4)) is None  # started
+    assert [m.id for m in store.unsent(at(9), 10)] == [3, 4, 5]
+    store.put_guard(GuardRecord("c:0", "ok", {"done": True}), at(4))
+    assert [m.id for m in store.unsent(at(9), 10)] == [3, 5]
+    assert store.get_guard("c:0") is not None
+
+    # The dead letter row stays unsent until mark_sent.
+    store.mark_sent([3], at(5))
+    store.mark_sent([], at(5))
+    store.mark_sent([3, 999], at(6))  # again, and an unknown id: harmless
+    assert [m.id for m in store.unsent(at(9), 10)] == [5]
+    store.mark_sent([5], at(7))
     assert store.unsent(at(9), 10) == ()
-    assert backend.rows()["saga_outbox"] == 3
+    assert backend.rows()["saga_outbox"] == 5
+
+
+def test_a_commit_marks_a_dead_letter_row_of_its_saga_sent_too(backend: Backend) -> None:
+    store = backend.store
+    record = create(store, saga_id="a", messages=with_dead_letter).record  # outbox 1, 2
+    store.begin_guard("a:0", at(1))
+    assert [m.id for m in store.unsent(at(9), 10)] == [2]
+    decision = machine.decide(record.view(), StepSucceeded(0, 1, None), at(2))
+    store.commit(record, decision, [], at(2))  # no new message: only the marking
+    assert store.unsent(at(9), 10) == ()
+
+
+def test_a_claim_commit_marks_the_rows_of_its_saga_sent(backend: Backend) -> None:
+    store = backend.store
+    create(store, saga_id="a", timeout=30, messages=keyed_message)  # outbox 1, due
+    create(store, "order-2", saga_id="b", messages=keyed_message)  # outbox 2, never due
+    with store.claim_due(at(11), 10) as claim:
+        (due,) = claim.records
+        decision = machine.decide(due.view(TIMEOUTS), machine.Tick(), at(11))
+        assert decision.accepted
+        written = claim.commit(due, decision, keyed_message("a", decision), at(11))
+    assert [m.id for m in written] == [3]  # step 0 re-sent
+    assert [m.id for m in store.unsent(at(20), 10)] == [2, 3]  # row 1 is marked sent
+
+
+# --------------------------------------------------------------------------- update
+
+
+def test_update_loads_decides_and_commits_in_one_call(backend: Backend) -> None:
+    store = backend.store
+    created = create(store, saga_id="u", messages=keyed_message)  # outbox 1
+    twin = create(store, "order-2", saga_id="twin", messages=keyed_message)  # outbox 2
+    rows = backend.rows()
+    seen: list[SagaRecord] = []
+
+    def stale(record: SagaRecord) -> tuple[Decision, list[OutboxMessage]]:
+        seen.append(record)
+        decision = machine.decide(record.view(), StepSucceeded(0, 99, "late"), at(1))
+        return decision, keyed_message(record.saga_id, decision)
+
+    record, decision, written = store.update("u", stale, at(1))
+    assert seen == [created.record] and record == created.record
+    assert decision is not None and not decision.accepted
+    assert written == ()
+    assert backend.rows() == rows  # an ignored decision writes nothing
+    assert store.load("u") == created.record
+    assert [m.id for m in store.unsent(at(9), 10)] == [1, 2]  # not even the marking
+
+    event = StepSucceeded(0, 1, {"reservation": [1, 2]}, attempts=2)
+
+    def succeed(record: SagaRecord) -> tuple[Decision, list[OutboxMessage]]:
+        decision = machine.decide(record.view(), event, at(2))
+        return decision, keyed_message(record.saga_id, decision)
+
+    record, decision, written = store.update("u", succeed, at(2))
+    assert record == created.record  # the record the decision was taken on
+    assert decision is not None and decision.accepted and decision.state == SagaState.PENDING
+    assert [(m.id, m.saga_id, m.created_at, m.body) for m in written] == [
+        (3, "u", at(2), {"step": 1, "token": 2, "key": "u:1"})
+    ]
+    loaded = store.load("u")
+    assert loaded is not None
+    assert (loaded.version, loaded.current_step, loaded.token) == (2, 1, 2)
+    assert loaded.updated_at == at(2) and loaded.steps[0].result == {"reservation": [1, 2]}
+    assert len(store.transitions("u")) == 2 + 3
+    assert [m.id for m in store.unsent(at(9), 10)] == [2, 3]  # row 1 is marked sent
+
+    # exactly what a commit of the same decision writes
+    committed, _ = advance(store, twin.record, event, at(2))
+    assert replace(loaded, saga_id="twin", business_key="order-2") == replace(
+        committed, payload=loaded.payload
+    )
+    assert [(t.step, t.old, t.new, t.reason, t.at) for t in store.transitions("u")] == [
+        (t.step, t.old, t.new, t.reason, t.at) for t in store.transitions("twin")
+    ]
+
+
+def test_update_of_an_unknown_saga_returns_nothing_and_writes_nothing(backend: Backend) -> None:
+    store = backend.store
+    create(store, saga_id="known")
+    rows = backend.rows()
+
+    def never(record: SagaRecord) -> tuple[Decision, list[OutboxMessage]]:
+        raise AssertionError("decide called for an unknown saga")
+
+    assert store.update("nope", never, at(1)) == (None, None, ())
+    assert backend.rows() == rows
+
+
+def test_an_error_in_decide_writes_nothing(backend: Backend) -> None:
+    store = backend.store
+    created = create(store, saga_id="u")
+    rows = backend.rows()
+
+    def boom(record: SagaRecord) -> tuple[Decision, list[OutboxMessage]]:
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        store.update("u", boom, at(1))
+    assert backend.rows() == rows
+    assert store.load("u") == created.record
 
 
 # --------------------------------------------------------------------------- guards

@@ -146,18 +146,22 @@ def test_unexpected_error_compensates_the_failed_step_too(fail_at: int) -> None:
 )
 def test_one_commit_per_transition(fail_at: int | None, commits: int) -> None:
     # Rule 2 of ARCHITECTURE.md: one transaction per transition. A 4-step saga takes one
-    # `create` (start: STARTED + step 0 running + outbox) and then exactly one `commit` per
-    # reply: k successes before the failing step, the failure, and one per compensation
-    # (k of them, strictly in reverse). The happy path is 4 commits.
+    # `create` (start: STARTED + step 0 running + outbox) and then exactly one `update`
+    # (coordinator.handle: load, decide and commit in one transaction) per reply: k
+    # successes before the failing step, the failure, and one per compensation (k of them,
+    # strictly in reverse). The happy path is 4 updates, and no separate `commit`.
     store, _ = run(Toy(fail_at=fail_at))
     assert store.calls.count("create") == 1
-    assert store.calls.count("commit") == commits
+    assert store.calls.count("update") == commits
+    assert store.calls.count("commit") == 0
     # Each delivery marks its guard started once and records the outcome once (every reply
-    # here is ok or business, and both are recorded); each commit's messages are published
-    # and marked sent.
+    # here is ok or business, and both are recorded). publish still calls mark_sent after
+    # start and after each update, but with no ids: step messages are marked sent by the
+    # saga's next transition, not by publish, and none of these sagas has a dead letter.
     assert store.calls.count("begin_guard") == commits
     assert store.calls.count("put_guard") == commits
-    assert store.calls.count("mark_sent") == 1 + commits  # after start, after each commit
+    assert store.calls.count("mark_sent") == 1 + commits
+    assert store.unsent(datetime(2100, 1, 1, tzinfo=UTC), 100) == ()
 
 
 def test_the_exact_store_calls_of_a_happy_four_step_saga() -> None:
@@ -166,11 +170,17 @@ def test_the_exact_store_calls_of_a_happy_four_step_saga() -> None:
         "load",  # the driver: settled yet?
         "begin_guard",  # the step task: already done? if not, mark it started
         "put_guard",  # the step task: record the outcome
-        "load",  # coordinator.handle
-        "commit",  # state + step changes + transition log + next outbox row, one transaction
-        "mark_sent",  # publish after commit
+        # coordinator.handle: load + decide + state, step changes, transition log, earlier
+        # outbox rows marked sent, next outbox row; one transaction (was load, then commit)
+        "update",
+        # publish after update: step messages are no longer marked sent here (the next
+        # transition does it), so mark_sent gets no ids (the SQL store then does nothing)
+        "mark_sent",
     ]
+    # 1 create + 1 mark_sent, then 5 calls per step (6 before: load + commit are one
+    # update now), then the driver's final load: 2 + 4 * 5 + 1 = 23 calls.
     assert store.calls == ["create", "mark_sent", *per_step * 4, "load"]
+    assert len(store.calls) == 23
 
 
 def test_publish_failures_are_relayed_and_the_saga_still_completes() -> None:
@@ -272,8 +282,29 @@ def test_a_saga_with_nothing_to_deliver_is_reported_not_looped() -> None:
     coordinator = Coordinator(store, registry([Toy().saga()]), clock=Clock())
     started = coordinator.start("toy", {"id": "order-1"})
     outbox.publish(store, RecordingDispatcher(), started.messages, coordinator.clock)
+    (message,) = started.messages
+    # a worker took the message (its guard says started), then vanished: not relayed
+    store.begin_guard(message.body["key"], coordinator.clock())
     with pytest.raises(SagaError, match="nothing to deliver"):
         run_until_settled(coordinator, store, RecordingDispatcher(), started.saga_id)
+
+
+def test_a_published_step_message_no_worker_took_is_relayed() -> None:
+    # publish does not mark a step message sent: until a worker takes it (its guard) or
+    # the saga moves on, the relay publishes it again (marking it sent, relayed=True)
+    toy = Toy()
+    store = InMemorySagaStore()
+    coordinator = Coordinator(store, registry([toy.saga()]), clock=Clock())
+    started = coordinator.start("toy", {"id": "order-1"})
+    outbox.publish(store, RecordingDispatcher(), started.messages, coordinator.clock)  # lost
+    later = coordinator.clock() + timedelta(days=1)
+    assert [m.id for m in store.unsent(later, 10)] == [m.id for m in started.messages]
+    calls = len(store.calls)
+    final = run_until_settled(coordinator, store, RecordingDispatcher(), started.saga_id)
+    assert final.state == SagaState.COMPLETED
+    assert toy.journal == [f"do {name}" for name in STEP_NAMES]
+    assert store.calls[calls:].count("unsent") == 1  # relayed once, then marked sent
+    assert store.unsent(later + timedelta(days=1), 10) == ()
 
 
 def test_recording_dispatcher_fails_the_requested_number_of_sends() -> None:

@@ -1,0 +1,307 @@
+"""``StatsReader``: a :class:`~celery_sagas.stats.SagaStats` from a few aggregate queries.
+
+Called at scrape time, so every exporter process sees the same numbers whatever the worker
+pool does. Finished sagas never change again (COMPLETED and FAILED are final, late replies
+are no-ops), so their aggregates are folded into an in-memory base once and only recent or
+still-moving sagas are aggregated on each call:
+
+- *settled*: sagas created more than ``settle_after`` seconds ago that had finished when they
+  were folded — summed once, kept in ``self._base``;
+- *pending*: ids of sagas created before the watermark that were still unfinished at the last
+  fold — re-read by primary key each call until they finish;
+- *recent*: sagas created since the watermark — an index range scan on ``created_at``.
+
+One call = about eight queries, each bounded by the recent and unfinished sagas (plus the
+dead-letter table). The very first call folds the whole history once, in chunks.
+
+Each exporter process keeps its own base; a restart recomputes it from the database, so the
+numbers are the same. Sagas deleted by a retention job stay counted until the exporter
+restarts (counters never go down while it runs; Prometheus reads a restart as a reset).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Engine,
+    Float,
+    String,
+    and_,
+    any_,
+    bindparam,
+    case,
+    cast,
+    create_engine,
+    func,
+    or_,
+    select,
+    union,
+)
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.exc import DBAPIError
+
+from celery_sagas.errors import StoreUnavailableError
+from celery_sagas.settings import redact_url
+from celery_sagas.stats import (
+    DEFAULT_BUCKETS,
+    Histogram,
+    SagaStats,
+    StepKey,
+    StepStats,
+    add_states,
+    add_steps,
+)
+from celery_sagas.store.engine import build_engine
+from celery_sagas.store.tables import dead_letters, sagas, steps
+
+MOVING_STATES = ("STARTED", "PENDING", "COMPENSATING")
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class _Part:
+    """The additive part of the stats: saga counts by state and per-step aggregates."""
+
+    states: dict[str, dict[str, int]] = field(default_factory=dict)
+    steps: dict[StepKey, StepStats] = field(default_factory=dict)
+
+    def __add__(self, other: _Part) -> _Part:
+        return _Part(add_states(self.states, other.states), add_steps(self.steps, other.steps))
+
+
+def _seconds(conn: Connection, start: Any, end: Any) -> ColumnElement[Any]:
+    if conn.dialect.name == "postgresql":
+        return func.date_part("epoch", end - start)  # double precision (EXTRACT is numeric)
+    return (func.julianday(end) - func.julianday(start)) * 86400.0
+
+
+def _retries(column: Any) -> ColumnElement[Any]:
+    return func.sum(case((column > 1, column - 1), else_=0))
+
+
+def _histogram_columns(duration: ColumnElement[Any], bounds: tuple[float, ...]) -> list[Any]:
+    """count, sum, then one cumulative ``SUM(CASE …)`` per bound (all in one pass)."""
+    return [
+        func.count(duration),
+        func.coalesce(func.sum(cast(duration, Float)), 0.0),
+        *(func.sum(case((duration <= bound, 1), else_=0)) for bound in bounds),
+    ]
+
+
+def _histogram(values: Any, bounds: tuple[float, ...]) -> Histogram:
+    count, total, *cumulative = values
+    return Histogram(bounds, tuple(int(c or 0) for c in cumulative), int(count), float(total))
+
+
+def _ids_in(conn: Connection, ids: Collection[str]) -> ColumnElement[bool]:
+    if not ids:
+        return sagas.c.id.in_([])
+    if conn.dialect.name == "postgresql":  # one array parameter, however many ids
+        array = bindparam("pending_ids", list(ids), type_=postgresql.ARRAY(String))
+        return sagas.c.id == any_(array)
+    return sagas.c.id.in_(list(ids))
+
+
+class StatsReader:
+    """``Callable[[], SagaStats]`` over the saga database (PostgreSQL or SQLite).
+
+    ``buckets`` are the duration histogram bounds (see ``stats.bucket_bounds``).
+    ``settle_after`` (seconds) is how old a finished saga must be before it is folded into the
+    base; it only needs to exceed the time between a saga's ``created_at`` and its commit
+    (plus clock skew between hosts). ``None`` disables folding: every call scans everything.
+    The first call folds the history ``fold_batch`` sagas per statement, so no statement
+    runs into ``statement_timeout`` however long the history; later calls only read sagas
+    created within ``settle_after`` and those still unfinished.
+    """
+
+    def __init__(
+        self,
+        url_or_engine: str | Engine,
+        *,
+        buckets: tuple[float, ...] = DEFAULT_BUCKETS,
+        settle_after: float | None = 60.0,
+        fold_batch: int = 100_000,
+        statement_timeout: float = 30.0,
+        clock: Callable[[], datetime] = _utcnow,
+    ) -> None:
+        self.engine = (
+            _reader_engine(url_or_engine) if isinstance(url_or_engine, str) else url_or_engine
+        )
+        self.buckets = tuple(buckets)
+        self.settle_after = settle_after
+        self.fold_batch = fold_batch
+        self.statement_timeout = statement_timeout
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._base = _Part()
+        self._watermark: datetime | None = None
+        self._pending: frozenset[str] = frozenset()
+
+    def __call__(self) -> SagaStats:
+        with self._lock:
+            now = self.clock()
+            try:
+                with self.engine.connect() as conn, conn.begin():
+                    self._configure(conn)
+                    return self._read(conn, now)
+            except DBAPIError as exc:
+                raise StoreUnavailableError(
+                    f"cannot read saga stats from {redact_url(str(self.engine.url))}: "
+                    f"{type(exc.orig).__name__}: {str(exc.orig).strip()}"
+                ) from exc
+
+    def _configure(self, conn: Connection) -> None:
+        if conn.dialect.name == "postgresql":
+            # one consistent snapshot for all the queries of this call, read-only, bounded
+            conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            conn.exec_driver_sql(
+                f"SET LOCAL statement_timeout = {int(self.statement_timeout * 1000)}"
+            )
+
+    def _read(self, conn: Connection, now: datetime) -> SagaStats:
+        watermark = self._fold(conn, now)
+        recent = (
+            or_(sagas.c.created_at >= watermark, _ids_in(conn, self._pending))
+            if watermark is not None
+            else sagas.c.id.is_not(None)
+        )
+        live = self._base + self._part(conn, recent)
+        return SagaStats(
+            states=live.states,
+            compensation_failed=self._compensation_failed(conn),
+            steps=live.steps,
+            dead_letters=self._dead_letters(conn),
+            oldest_unfinished_age=self._oldest(conn, now),
+        )
+
+    def _fold(self, conn: Connection, now: datetime) -> datetime | None:
+        """Move sagas that finished before ``now - settle_after`` into the base, at most
+        ``fold_batch`` sagas per statement; returns the watermark (``None``: no folding)."""
+        if self.settle_after is None:
+            return None
+        target = now - timedelta(seconds=self.settle_after)
+        while self._watermark is None or self._watermark < target:
+            self._fold_to(conn, self._chunk_end(conn, target))
+        return self._watermark
+
+    def _chunk_end(self, conn: Connection, target: datetime) -> datetime:
+        """``target``, or sooner: the ``created_at`` of the ``fold_batch``-th saga after the
+        watermark (an index-only walk), so that no statement aggregates the whole history."""
+        query = select(sagas.c.created_at).where(sagas.c.created_at < target)
+        if self._watermark is not None:
+            query = query.where(sagas.c.created_at >= self._watermark)
+        query = query.order_by(sagas.c.created_at).offset(self.fold_batch).limit(1)
+        found: datetime | None = conn.execute(query).scalar_one_or_none()
+        return target if found is None or found == self._watermark else found
+
+    def _fold_to(self, conn: Connection, end: datetime) -> None:
+        """One atomic step: sagas created in [watermark, end) and the pending ones."""
+        window = sagas.c.created_at < end
+        if self._watermark is not None:
+            window = and_(sagas.c.created_at >= self._watermark, window)
+        scope = or_(window, _ids_in(conn, self._pending))
+        pending = frozenset(
+            conn.execute(select(sagas.c.id).where(scope, sagas.c.finished_at.is_(None))).scalars()
+        )
+        settled = self._part(conn, and_(scope, sagas.c.finished_at.is_not(None)))
+        self._base, self._pending, self._watermark = self._base + settled, pending, end
+
+    def _part(self, conn: Connection, where: ColumnElement[bool]) -> _Part:
+        part = _Part()
+        for name, state, count in conn.execute(
+            select(sagas.c.name, sagas.c.state, func.count())
+            .where(where)
+            .group_by(sagas.c.name, sagas.c.state)
+        ):
+            part.states.setdefault(name, {})[state] = int(count)
+        part.steps = self._step_stats(conn, where)
+        return part
+
+    def _step_stats(self, conn: Connection, where: ColumnElement[bool]) -> dict[StepKey, StepStats]:
+        bounds = self.buckets
+        rows = (
+            select(
+                sagas.c.name.label("saga"),
+                steps.c.name.label("step"),
+                steps.c.attempts,
+                steps.c.compensation_attempts,
+                steps.c.error_kind,
+                _seconds(conn, steps.c.started_at, steps.c.finished_at).label("forward"),
+                _seconds(
+                    conn, steps.c.compensation_started_at, steps.c.compensation_finished_at
+                ).label("undo"),
+            )
+            .select_from(steps.join(sagas, sagas.c.id == steps.c.saga_id))
+            .where(where)
+            # OFFSET 0 keeps PostgreSQL from inlining the subquery, so each duration is
+            # computed once per row instead of once per bucket (3x faster on big scans)
+            .offset(0)
+            .subquery()
+        )
+        query = select(
+            rows.c.saga,
+            rows.c.step,
+            _retries(rows.c.attempts),
+            _retries(rows.c.compensation_attempts),
+            func.sum(case((rows.c.error_kind == "timeout", 1), else_=0)),
+            *_histogram_columns(rows.c.forward, bounds),
+            *_histogram_columns(rows.c.undo, bounds),
+        ).group_by(rows.c.saga, rows.c.step)
+        width = 2 + len(bounds)
+        found: dict[StepKey, StepStats] = {}
+        for row in conn.execute(query):
+            saga, step, retries, undo_retries, timeouts, *hists = row
+            found[(saga, step)] = StepStats(
+                durations=_histogram(hists[:width], bounds),
+                compensation_durations=_histogram(hists[width:], bounds),
+                retries=int(retries or 0),
+                compensation_retries=int(undo_retries or 0),
+                timeouts=int(timeouts or 0),
+            )
+        return found
+
+    def _compensation_failed(self, conn: Connection) -> dict[str, int]:
+        """Sagas that gave up compensating: in COMPENSATION_FAILED now, or with a dead letter
+        (kept after an operator resolved it, so the count never goes down)."""
+        ids = union(
+            select(sagas.c.id, sagas.c.name).where(sagas.c.state == "COMPENSATION_FAILED"),
+            select(dead_letters.c.saga_id, dead_letters.c.saga_name),
+        ).subquery()
+        rows = conn.execute(select(ids.c.name, func.count()).group_by(ids.c.name))
+        return {name: int(count) for name, count in rows}
+
+    def _dead_letters(self, conn: Connection) -> dict[str, int]:
+        rows = conn.execute(
+            select(dead_letters.c.status, func.count()).group_by(dead_letters.c.status)
+        )
+        return {status: int(count) for status, count in rows}
+
+    def _oldest(self, conn: Connection, now: datetime) -> dict[str, float]:
+        rows = conn.execute(
+            select(sagas.c.name, func.min(sagas.c.created_at))
+            .where(sagas.c.finished_at.is_(None), sagas.c.state.in_(MOVING_STATES))
+            .group_by(sagas.c.name)
+        )
+        return {name: max(0.0, (now - oldest).total_seconds()) for name, oldest in rows}
+
+
+def _reader_engine(url: str) -> Engine:
+    """A small pool with short connect timeouts: a scrape must fail fast, not hang."""
+    if url.startswith("sqlite"):
+        return create_engine(url, connect_args={"timeout": 5})
+    return build_engine(url, pool_size=1, max_overflow=1, connect_args={"connect_timeout": 5})
+
+
+def read_stats(url_or_engine: str | Engine, **options: Any) -> SagaStats:
+    """One-off read (scripts and tests); an exporter keeps one ``StatsReader``."""
+    return StatsReader(url_or_engine, **options)()
