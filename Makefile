@@ -39,6 +39,7 @@ services:
 	bash scripts/ensure_services.sh
 
 test: $(STAMP) services
+	bash scripts/install_browser.sh
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	$(BIN)/mypy celery_sagas

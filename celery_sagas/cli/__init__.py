@@ -82,6 +82,12 @@ def _celery_command() -> click.Command:
 
     for command in COMMANDS:
         sagas.add_command(command)
+    try:  # the `flower` extra: `celery -A app sagas flower` = Flower + the Sagas pages
+        from celery_sagas.integration.flower import flower_command
+    except ImportError:
+        pass
+    else:
+        sagas.add_command(flower_command)
     return sagas
 
 

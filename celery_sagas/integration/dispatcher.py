@@ -76,4 +76,6 @@ class CeleryDispatcher:
             reply_name,
             kwargs={"saga_id": body["saga_id"], "step": index, "token": body["token"]},
         )
-        chain(step, reply).apply_async()
+        # every task of a saga hangs under one root (the start task, whose id is the saga id)
+        # even when the relay, the scanner or an operator command sends it
+        chain(step, reply).apply_async(root_id=body["saga_id"])

@@ -85,8 +85,10 @@ class SagaRuntime:
 
     # -- what the tasks do ----------------------------------------------------------
 
-    def start(self, saga_name: str, payload: dict[str, Any]) -> dict[str, Any]:
-        outcome = self.coordinator.start(saga_name, payload)
+    def start(
+        self, saga_name: str, payload: dict[str, Any], saga_id: str | None = None
+    ) -> dict[str, Any]:
+        outcome = self.coordinator.start(saga_name, payload, saga_id)
         outbox.publish(self.store, self.dispatcher, outcome.messages, utcnow)
         return {"saga_id": outcome.saga_id, "created": outcome.created}
 
@@ -161,6 +163,7 @@ def _register_step_tasks(app: Celery, runtime: SagaRuntime, saga: Saga) -> None:
                 role=role,
                 store_factory=staticmethod(lambda: runtime.store),
                 retry_overrides=runtime.settings.retry_policies,
+                redact_fields=runtime.settings.redact_fields,
                 acks_late=True,
             )(run)
             if step.queue:

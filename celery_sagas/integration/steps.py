@@ -16,6 +16,7 @@ from celery import Task
 
 from celery_sagas.coordinator import utcnow
 from celery_sagas.definition import Saga, Step, StepContext
+from celery_sagas.integration.dispatcher import kwargs_repr
 from celery_sagas.log import logger
 from celery_sagas.policy import RetryAt, RetryPolicy, decide_retry
 from celery_sagas.protocols import GuardRecord, SagaStore
@@ -55,6 +56,7 @@ class StepTask(Task):
     role: str  # "action" | "compensation"
     store_factory: Any
     retry_overrides: Mapping[str, Mapping[str, Any]] = {}
+    redact_fields: tuple[str, ...] = ()
 
     def execute(
         self,
@@ -139,7 +141,9 @@ class StepTask(Task):
                 countdown,
                 extra=extra,
             )
-            raise self.retry(exc=exc, countdown=countdown)
+            # Celery does not carry kwargsrepr over to a retry: mask the payload again
+            shown = kwargs_repr(self.request.kwargs or {}, self.redact_fields)
+            raise self.retry(exc=exc, countdown=countdown, kwargsrepr=shown)
         logger.error(
             "saga %s %s %s gave up after %d attempt(s): %s (%s)",
             context.saga_id,

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery, Task
+from celery.utils import uuid
 
 from celery_sagas import machine
 from celery_sagas.coordinator import check_payload
@@ -39,12 +40,24 @@ class StartSagaTask(Task):
     runtime: SagaRuntime
 
     def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+        """The start task's id becomes the saga id (unless the business key already has a
+        saga): Flower's ``kwargs:saga_id=…`` finds the start task with the others, and it
+        is the root of all of them."""
         payload = args[0] if args else (kwargs or {}).get("payload")
         check_payload(self.runtime.sagas[self.saga_name], payload)
+        task_id = options.setdefault("task_id", uuid())
+        kwargs = {**(kwargs or {}), "saga_id": task_id}
         fields = self.runtime.settings.redact_fields
         options.setdefault("argsrepr", repr([redact(a, fields) for a in args or ()]))
-        options.setdefault("kwargsrepr", repr(redact(dict(kwargs or {}), fields)))
+        options.setdefault("kwargsrepr", repr(redact(kwargs, fields)))
         return super().apply_async(args, kwargs, **options)
+
+    def retry(self, *args: Any, **options: Any) -> Any:
+        """Celery does not carry argsrepr/kwargsrepr over to a retry: mask them again."""
+        fields = self.runtime.settings.redact_fields
+        options.setdefault("argsrepr", repr(redact(list(self.request.args or ()), fields)))
+        options.setdefault("kwargsrepr", repr(redact(dict(self.request.kwargs or {}), fields)))
+        return super().retry(*args, **options)
 
 
 def outcome_event(outcome: dict[str, Any], step: int, token: int, role: str) -> machine.Event:
@@ -97,7 +110,7 @@ def register_start_task(app: Celery, runtime: SagaRuntime, saga_name: str) -> Ta
         runtime=runtime,
         **RETRY_ON_STORE,
     )
-    def start(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
-        return runtime.start(saga_name, payload)
+    def start(self: Task, payload: dict[str, Any], saga_id: str | None = None) -> dict[str, Any]:
+        return runtime.start(saga_name, payload, saga_id or self.request.id)
 
     return start

@@ -279,14 +279,22 @@ class SqlSagaStore:
                     due_at=decision.due_at,
                     admitted=decision.admitted,
                 )
-                .on_conflict_do_nothing(index_elements=["name", "business_key"])
+                # any conflict: the business key, or the same start delivered twice (its
+                # task id is the saga id)
+                .on_conflict_do_nothing()
             )
             if inserted.rowcount == 0:
                 existing = conn.execute(
                     select(sagas.c.id, sagas.c.payload_hash).where(
                         sagas.c.name == new.name, sagas.c.business_key == new.business_key
                     )
-                ).one()
+                ).one_or_none()
+                if existing is None:
+                    raise SagaError(
+                        f"saga id {new.saga_id} is already used by another saga; "
+                        "nothing was written",
+                        saga_id=new.saga_id,
+                    )
                 if existing.payload_hash != new.payload_hash:
                     raise PayloadConflictError(
                         f"{new.name} {new.business_key!r} was already started with a "

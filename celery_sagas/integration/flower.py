@@ -1,0 +1,409 @@
+"""The Sagas pages inside Flower, and ``celery -A app sagas flower [flower options…]``.
+
+Flower has no plugin API, but its app is a ``tornado.web.Application``: :func:`install_pages`
+adds ``/sagas`` (sagas filtered by state and name, counts per state) and ``/sagas/<id>``
+(header, step timeline, the saga's tasks in Flower, dead letters, operator actions) ahead of
+Flower's catch-all route. The pages read the saga database, never the broker. They sit
+behind Flower's own auth (basic auth, OAuth): the handlers subclass Flower's ``BaseHandler``
+and use ``@web.authenticated`` like Flower's views. Templates autoescape everything; the
+payload and step results are shown redacted.
+"""
+
+from __future__ import annotations
+
+import ast
+import atexit
+import contextlib
+import json
+import signal
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import click
+from celery import Celery
+from celery.bin.base import CeleryCommand
+from flower import command as flower_cli
+from flower.app import Flower
+from flower.utils.search import QuerySyntaxError
+from flower.utils.tasks import iter_tasks
+from flower.views import BaseHandler
+from tornado import template, web
+from tornado.ioloop import IOLoop
+from tornado.options import options as flower_options
+
+from celery_sagas.definition import Saga
+from celery_sagas.integration.dispatcher import ADVANCE_TASK, COMPENSATED_TASK, DEAD_LETTER_TASK
+from celery_sagas.machine import SETTLED_STATES, SagaState
+from celery_sagas.protocols import DeadLetterRecord, SagaRecord, StepRecord, TransitionRecord
+from celery_sagas.redaction import redact
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+LIST_LIMIT, MAX_LIMIT = 100, 10_000
+T = TypeVar("T")
+
+
+def base_path(url_prefix: str | None) -> str:
+    """Where the pages live: ``/sagas``, under Flower's ``--url_prefix`` if it has one."""
+    return f"/{url_prefix.strip('/')}/sagas" if url_prefix else "/sagas"
+
+
+# --------------------------------------------------------------------------- view model
+
+
+def when(value: datetime | None) -> str:
+    """A timestamp as shown on the pages: UTC, milliseconds."""
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] if value else "-"
+
+
+def clock(value: datetime | None) -> str:
+    """Time of day (UTC, milliseconds): the date is in the page's header."""
+    return value.astimezone(UTC).strftime("%H:%M:%S.%f")[:-3] if value else "-"
+
+
+def as_json(value: Any, indent: int | None = None) -> str:
+    return json.dumps(value, indent=indent, default=str, ensure_ascii=False)
+
+
+def took(start: datetime | None, end: datetime | None) -> str:
+    if start is None or end is None:
+        return "-"
+    seconds = (end - start).total_seconds()
+    return f"{seconds:.3f}s" if seconds < 120 else f"{seconds / 60:.1f}m"
+
+
+@dataclass(frozen=True)
+class TaskLink:
+    """One task of the saga as Flower's events know it."""
+
+    uuid: str
+    name: str
+    state: str
+    step: int | None
+    role: str  # start | action | advance | compensation | compensated | dead letter | other
+    received: datetime | None
+    runtime: float | None
+    retries: int
+    root_id: str | None
+
+
+@dataclass(frozen=True)
+class TimelineRow:
+    offset: str
+    at: datetime
+    step: str
+    old: str
+    new: str
+    reason: str
+    actor: str
+    phase: str  # saga | forward | compensation
+
+
+def timeline(log: Sequence[TransitionRecord]) -> list[TimelineRow]:
+    start = log[0].at if log else None
+    rows = []
+    for t in log:
+        if t.step is None:
+            phase = "saga"
+        else:
+            phase = "compensation" if t.new.startswith("compensat") else "forward"
+        offset = f"+{(t.at - start).total_seconds():.3f}s" if start else ""
+        rows.append(
+            TimelineRow(
+                offset, t.at, t.step or "(saga)", t.old, t.new, t.reason or "", t.actor, phase
+            )
+        )
+    return rows
+
+
+def compensation_order(log: Sequence[TransitionRecord]) -> list[str]:
+    """The steps in the order their compensations finished."""
+    return [t.step for t in log if t.step and t.new == "compensated"]
+
+
+def operator_actions(log: Sequence[TransitionRecord]) -> list[TransitionRecord]:
+    return [t for t in log if t.actor != "coordinator"]
+
+
+def step_tasks(tasks: Sequence[TaskLink], step: StepRecord, roles: set[str]) -> list[TaskLink]:
+    return [t for t in tasks if t.step == step.index and t.role in roles]
+
+
+@dataclass(frozen=True)
+class SagaDetail:
+    record: SagaRecord
+    payload: Any
+    results: Mapping[str, Any]
+    timeline: list[TimelineRow]
+    compensations: list[str]
+    operator_actions: list[TransitionRecord]
+    dead_letters: Sequence[DeadLetterRecord]
+
+
+class SagaReader(Protocol):
+    """What the pages read (``SqlSagaStore`` has it)."""
+
+    def list_sagas(
+        self, state: SagaState | None = None, name: str | None = None, limit: int = 100
+    ) -> Sequence[SagaRecord]: ...
+
+    def count_by_state(self) -> Mapping[str, int]: ...
+
+    def find(self, ref: str) -> SagaRecord | None: ...
+
+    def transitions(self, saga_id: str) -> Sequence[TransitionRecord]: ...
+
+    def dead_letters(
+        self, saga_id: str | None = None, status: str | None = None, limit: int = 100
+    ) -> Sequence[DeadLetterRecord]: ...
+
+
+def read_detail(store: SagaReader, ref: str, redact_fields: Sequence[str]) -> SagaDetail | None:
+    """Everything the saga page shows from the database (blocking: run in an executor)."""
+    record = store.find(ref)
+    if record is None:
+        return None
+    log = store.transitions(record.saga_id)
+    return SagaDetail(
+        record=record,
+        payload=redact(dict(record.payload), redact_fields),
+        results={s.name: redact(s.result, redact_fields) for s in record.steps},
+        timeline=timeline(log),
+        compensations=compensation_order(log),
+        operator_actions=operator_actions(log),
+        dead_letters=store.dead_letters(saga_id=record.saga_id, status="all"),
+    )
+
+
+# --------------------------------------------------------------------------- Flower's tasks
+
+
+def search_term(saga_id: str) -> str:
+    """Flower's search for the tasks that carry ``saga_id`` in their kwargs."""
+    return f"kwargs:saga_id={saga_id}"
+
+
+def _task_roles(sagas: Mapping[str, Saga]) -> dict[str, tuple[str, int | None]]:
+    roles: dict[str, tuple[str, int | None]] = {
+        ADVANCE_TASK: ("advance", None),
+        COMPENSATED_TASK: ("compensated", None),
+        DEAD_LETTER_TASK: ("dead letter", None),
+    }
+    for saga in sagas.values():
+        roles[f"{saga.name}.start"] = ("start", None)
+        for index in range(len(saga.steps)):
+            roles[saga.step_task_name(index)] = ("action", index)
+            roles[saga.compensation_task_name(index)] = ("compensation", index)
+    return roles
+
+
+def _kwargs_step(kwargs: Any) -> int | None:
+    try:
+        parsed = ast.literal_eval(kwargs) if isinstance(kwargs, str) else kwargs
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return None
+    step = parsed.get("step") if isinstance(parsed, dict) else None
+    return step if isinstance(step, int) else None
+
+
+def _timestamp(value: Any) -> datetime | None:
+    return datetime.fromtimestamp(value, UTC) if isinstance(value, int | float) else None
+
+
+def saga_tasks(events: Any, saga_id: str, sagas: Mapping[str, Saga]) -> list[TaskLink]:
+    """The saga's tasks in Flower's in-memory events state, oldest first; the root task
+    (the start task, which runs before the saga id exists) is found through ``root_id``."""
+    roles = _task_roles(sagas)
+    try:
+        found = dict(iter_tasks(events, search=search_term(saga_id), sort_by="received"))
+    except QuerySyntaxError:
+        return []
+    for root_id in {getattr(t, "root_id", None) for t in found.values()} - {None, *found}:
+        root = events.state.tasks.get(root_id)
+        if root is not None:
+            found = {root_id: root, **found}
+    links = []
+    for uuid, task in found.items():
+        name = getattr(task, "name", None) or "?"
+        role, step = roles.get(name, ("other", None))
+        links.append(
+            TaskLink(
+                uuid=uuid,
+                name=name,
+                state=getattr(task, "state", None) or "?",
+                step=step if step is not None else _kwargs_step(getattr(task, "kwargs", None)),
+                role=role,
+                received=_timestamp(getattr(task, "received", None)),
+                runtime=getattr(task, "runtime", None),
+                retries=getattr(task, "retries", None) or 0,
+                root_id=getattr(task, "root_id", None),
+            )
+        )
+    return links
+
+
+# --------------------------------------------------------------------------- handlers
+
+
+class _PagesLoader(template.Loader):
+    """Our templates first, then Flower's (its ``base.html`` and ``navbar.html``)."""
+
+    def _create_template(self, name: str) -> template.Template:
+        own = TEMPLATES / name
+        if own.is_file():
+            return template.Template(own.read_bytes(), name=name, loader=self)
+        return super()._create_template(name)
+
+
+@dataclass(frozen=True)
+class SagaPages:
+    """What the handlers need: the store to read and the installed saga definitions."""
+
+    store: SagaReader
+    sagas: Mapping[str, Saga]
+    redact_fields: Sequence[str] = ()
+
+
+class _SagaHandler(BaseHandler):
+    pages: SagaPages
+
+    def initialize(self, pages: SagaPages) -> None:
+        self.pages = pages
+
+    def get_template_path(self) -> str:
+        return str(TEMPLATES)  # the key of this loader in tornado's cache
+
+    def create_template_loader(self, template_path: str) -> template.Loader:
+        return _PagesLoader(self.application.settings["template_path"])
+
+    async def blocking(self, function: Callable[..., T], *args: Any) -> T:
+        return await IOLoop.current().run_in_executor(None, function, *args)
+
+    def render_page(self, template_name: str, **kwargs: Any) -> None:
+        self.render(
+            template_name,
+            when=when,
+            clock=clock,
+            took=took,
+            as_json=as_json,
+            sagas_url=self.sagas_url,
+            **kwargs,
+        )
+
+    def sagas_url(self, path: str = "") -> str:
+        return base_path(self.application.options.url_prefix) + path
+
+
+class SagaListView(_SagaHandler):
+    @web.authenticated
+    async def get(self) -> None:
+        state = self.get_argument("state", "", escape=False).upper() or None
+        name = self.get_argument("name", "", escape=False) or None
+        limit = self.get_argument("limit", LIST_LIMIT, type=int)
+        if state is not None and state not in SagaState.__members__:
+            raise web.HTTPError(400, f"unknown state {state!r}")
+        if not 1 <= limit <= MAX_LIMIT:
+            raise web.HTTPError(400, f"limit must be between 1 and {MAX_LIMIT}")
+        store = self.pages.store
+        wanted = SagaState(state) if state else None
+        records = await self.blocking(store.list_sagas, wanted, name, limit)
+        counts: Mapping[str, int] = await self.blocking(store.count_by_state)
+        names = sorted({*self.pages.sagas, *([name] if name else [])})
+        self.render_page(
+            "sagas.html",
+            records=records,
+            counts={s.value: counts.get(s.value, 0) for s in SagaState},
+            states=[s.value for s in SagaState],
+            names=names,
+            state=state,
+            name=name,
+            limit=limit,
+            settled=SETTLED_STATES,
+            now=datetime.now(UTC),
+        )
+
+
+class SagaView(_SagaHandler):
+    @web.authenticated
+    async def get(self, ref: str) -> None:
+        pages = self.pages
+        detail = await self.blocking(read_detail, pages.store, ref, pages.redact_fields)
+        if detail is None:
+            raise web.HTTPError(404, f"no saga with id or business key {ref!r}")
+        tasks = saga_tasks(self.application.events, detail.record.saga_id, pages.sagas)
+        self.render_page(
+            "saga.html",
+            d=detail,
+            r=detail.record,
+            tasks=tasks,
+            step_tasks=step_tasks,
+            search=search_term(detail.record.saga_id),
+        )
+
+
+def install_pages(flower_app: Flower, pages: SagaPages) -> None:
+    """Add the Sagas pages to a Flower app (before its catch-all 404 route)."""
+    base = base_path(flower_app.options.url_prefix)
+    flower_app.add_handlers(
+        r".*",
+        [
+            web.url(rf"{base}/?", SagaListView, {"pages": pages}, name="sagas"),
+            web.url(rf"{base}/([^/]+)", SagaView, {"pages": pages}, name="saga"),
+        ],
+    )
+
+
+def pages_for(app: Celery) -> SagaPages:
+    """The pages of the sagas ``install(app, …)`` wired into ``app``."""
+    runtime = getattr(app, "_celery_sagas_runtime", None)
+    if runtime is None:
+        raise click.UsageError(
+            f"{app.main or 'the app'} has no sagas installed: call celery_sagas.install(app, …)"
+        )
+    return SagaPages(runtime.store, runtime.sagas, runtime.settings.redact_fields)
+
+
+# --------------------------------------------------------------------------- command
+
+
+def _celery_context(ctx: click.Context) -> Any:
+    """Celery's CLI context (``ctx.obj.app``); the ``sagas`` group replaces ``ctx.obj``."""
+    current: click.Context | None = ctx
+    while current is not None:
+        if hasattr(current.obj, "app"):
+            return current.obj
+        current = current.parent
+    raise click.UsageError("run as `celery -A yourapp sagas flower`")
+
+
+@click.command(
+    "flower",
+    cls=CeleryCommand,
+    context_settings={"ignore_unknown_options": True},
+    help="Start Flower with the Sagas pages (/sagas). Takes Flower's options "
+    "(--port=5555 --address=127.0.0.1 …) and its FLOWER_* environment variables; put "
+    "credentials in FLOWER_BASIC_AUTH, never on the command line.",
+)
+@click.argument("flower_argv", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+def flower_command(ctx: click.Context, flower_argv: tuple[str, ...]) -> None:
+    celery_ctx = _celery_context(ctx)
+    app: Celery = celery_ctx.app
+    pages = pages_for(app)
+    # Flower's own option handling: FLOWER_* variables, flowerconfig.py, --options.
+    flower_cli.apply_env_options()
+    flower_cli.apply_options(sys.argv[0], list(flower_argv))
+    flower_cli.extract_settings()
+    flower_cli.setup_logging()
+    flower_app = Flower(capp=app, options=flower_options, **flower_cli.settings)
+    install_pages(flower_app, pages)
+    atexit.register(flower_app.stop)
+    signal.signal(signal.SIGTERM, flower_cli.sigterm_handler)
+    port = flower_app.start_http_server()
+    if not getattr(celery_ctx, "quiet", False):
+        flower_cli.print_banner(app, "ssl_options" in flower_cli.settings, port)
+    with contextlib.suppress(KeyboardInterrupt, SystemExit):
+        flower_app.start()

@@ -1,0 +1,336 @@
+"""The Sagas pages inside Flower (``celery -A workers.app sagas flower``), behind basic auth:
+HTTP checks (auth, escaping, errors, dead letters) and a real headless Chromium that filters
+the list by state, opens a failed saga and reads its compensations in reverse order.
+
+The browser is Debian's ``chromium`` with its ``chromedriver`` (``scripts/install_browser.sh``
+installs both). Without them the browser test skips locally and fails under CI.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+
+from celery_sagas.store import SqlSagaStore
+from tests.conftest import in_ci
+from tests.integration.conftest import Deployment, make_order, wait_settled
+from tests.integration.test_flower import (
+    FlowerProcess,
+    sagas_flower_argv,
+    wait_for_event_capture,
+)
+from tests.support.processes import wait_until
+from workers import db
+
+CHROMIUM = os.environ.get("SAGAS_CHROMIUM", "/usr/bin/chromium")
+CHROMEDRIVER = os.environ.get("SAGAS_CHROMEDRIVER", "/usr/bin/chromedriver")
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+    "--window-size=1440,1800",
+]
+FAST_REFUNDS = json.dumps(
+    {"refund_payment": {"max_retries": 1, "backoff_base": 0.2, "backoff_cap": 1, "jitter": 0}}
+)
+HOSTILE_KEY = "T-<script>alert('key')</script>"
+HOSTILE_REASON = "refunded by phone <b>bold</b> & <img src=x onerror=alert(1)>"
+
+
+@dataclass
+class Site:
+    flower: FlowerProcess
+    completed: str  # saga ids
+    failed: str
+    hostile: str
+    dead: str | None  # COMPENSATION_FAILED, then discarded by an operator
+
+
+def _operator_cli(deployment: Deployment, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "celery_sagas.cli", "--app", "workers.app", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **deployment.env, "SAGAS_RETRY_POLICIES": FAST_REFUNDS},
+        timeout=60,
+    )
+
+
+def _wait_state(key: str, state: str) -> Any:
+    def reached() -> Any:
+        record = SqlSagaStore(db.database_url()).find(key)
+        return record if record is not None and record.state.value == state else None
+
+    return wait_until(reached, timeout=30, interval=0.1, message=f"{key} {state}")
+
+
+def _dead_then_discarded(deployment: Deployment, start_saga: Any, sku: str) -> str:
+    order = make_order(sku, simulate={"create_shipment": "fail", "refund_payment": "fail"})
+    start_saga.delay(order)
+    record = _wait_state(order["order_id"], "COMPENSATION_FAILED")
+    (entry,) = SqlSagaStore(db.database_url()).dead_letters(saga_id=record.saga_id)
+    done = _operator_cli(deployment, "dlq", "discard", str(entry.id), "--reason", HOSTILE_REASON)
+    assert done.returncode == 0, done.stdout + done.stderr
+    _wait_state(order["order_id"], "FAILED")
+    return str(record.saga_id)
+
+
+@pytest.fixture(scope="module")
+def site(
+    deployment: Deployment, start_saga: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Site]:
+    logs = tmp_path_factory.mktemp("sagas-page")
+    env = {**deployment.env, "SAGAS_RETRY_POLICIES": FAST_REFUNDS}
+    credentials = f"operator:{secrets.token_urlsafe(12)}"
+    flower = FlowerProcess(
+        sagas_flower_argv(),
+        {**env, "FLOWER_BASIC_AUTH": credentials},  # never on the command line
+        logs / "flower.log",
+        credentials=credentials,
+    )
+    worker = deployment.worker(name="page-worker", events=True, log_dir=logs, env=env)
+    with contextlib.ExitStack() as stack:
+        stack.callback(flower.stop)
+        flower.start()
+        stack.enter_context(worker)
+        wait_for_event_capture(flower)
+        sku = f"SKU-{uuid.uuid4().hex[:10]}"
+        db.seed_inventory({sku: 50})
+        completed = make_order(sku)
+        failed = make_order(sku, simulate={"create_shipment": "fail"})
+        hostile = make_order(sku, order_id=HOSTILE_KEY + uuid.uuid4().hex[:6])
+        for order in (completed, failed, hostile):
+            start_saga.delay(order)
+        records = wait_settled([o["order_id"] for o in (completed, failed, hostile)])
+        dead = _dead_then_discarded(deployment, start_saga, sku)
+        yield Site(
+            flower,
+            completed=records[completed["order_id"]].saga_id,
+            failed=records[failed["order_id"]].saga_id,
+            hostile=records[hostile["order_id"]].saga_id,
+            dead=dead,
+        )
+        assert credentials not in flower.log_text()
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+def test_the_pages_refuse_requests_without_flowers_basic_auth(site: Site) -> None:
+    for path in ("/sagas", f"/sagas/{site.failed}", "/sagas?state=FAILED"):
+        status, body = site.flower.get(path, auth=False)
+        assert status == 401, (path, status)
+        assert site.failed not in body
+    wrong = FlowerProcess(site.flower.argv, {}, site.flower.log_path, "operator:wrong")
+    wrong.port = site.flower.port
+    assert wrong.get("/sagas")[0] == 401
+    assert site.flower.get("/sagas")[0] == 200
+
+
+def test_the_list_counts_states_and_filters_by_state_and_name(site: Site) -> None:
+    _, everything = site.flower.get("/sagas?limit=1000")
+    for saga_id in (site.completed, site.failed, site.hostile):
+        assert saga_id in everything
+    status, failed = site.flower.get("/sagas?state=FAILED&name=order_fulfillment&limit=1000")
+    assert status == 200
+    assert site.failed in failed
+    assert site.completed not in failed
+    counts = SqlSagaStore(db.database_url()).count_by_state()
+    assert 'data-state="FAILED"' in failed
+    assert f"FAILED</span> {counts['FAILED']}</a>" in failed
+    _, other = site.flower.get("/sagas?name=no_such_saga")
+    assert site.failed not in other and "No sagas" in other
+
+
+def test_unknown_state_is_a_400_and_unknown_saga_a_404(site: Site) -> None:
+    assert site.flower.get("/sagas?state=BOGUS")[0] == 400
+    assert site.flower.get("/sagas?limit=0")[0] == 400
+    assert site.flower.get("/sagas/no-such-saga")[0] == 404
+
+
+def test_everything_from_the_database_is_escaped(site: Site) -> None:
+    _, listing = site.flower.get("/sagas?limit=1000")
+    assert "<script>alert('key')</script>" not in listing
+    assert "&lt;script&gt;alert(&#x27;key&#x27;)&lt;/script&gt;" in listing
+    _, page = site.flower.get(f"/sagas/{site.hostile}")
+    assert "<script>alert" not in page
+    assert "&lt;script&gt;" in page
+    if site.dead is not None:
+        _, dead = site.flower.get(f"/sagas/{site.dead}")
+        assert HOSTILE_REASON not in dead
+        assert "refunded by phone &lt;b&gt;bold&lt;/b&gt; &amp; &lt;img" in dead
+
+
+def test_a_saga_is_found_by_its_business_key_too(site: Site) -> None:
+    record = SqlSagaStore(db.database_url()).load(site.completed)
+    assert record is not None
+    status, page = site.flower.get("/sagas/" + quote(record.business_key, safe=""))
+    assert status == 200 and site.completed in page
+
+
+def test_the_saga_page_shows_dead_letters_and_operator_actions(site: Site) -> None:
+    assert site.dead is not None
+    status, page = site.flower.get(f"/sagas/{site.dead}")
+    assert status == 200
+    assert 'id="dead-letters-table"' in page
+    assert 'data-status="discarded"' in page
+    assert "order_fulfillment.refund_payment" in page
+    assert "simulated compensation failure" in page
+    assert 'id="operator-actions-table"' in page
+    assert "4111111111111111" not in page  # the payload is redacted
+
+
+def test_the_saga_page_links_the_sagas_tasks_in_flower(site: Site) -> None:
+    _, page = site.flower.get(f"/sagas/{site.completed}")
+    assert page.count('<tr data-task-name="order_fulfillment.start"') == 1
+    links = [part.split('"', 1)[0] for part in page.split('href="/task/')[1:]]
+    assert len(set(links)) == 9  # start + 4 steps + 4 advances
+    for task_id in set(links):
+        assert site.flower.get(f"/task/{task_id}")[0] == 200
+
+
+# --------------------------------------------------------------------------- browser
+
+
+def _require_browser() -> None:
+    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not shutil.which(p)]
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        missing.append("the selenium package")
+    if not missing:
+        return
+    why = f"{', '.join(missing)} missing (run scripts/install_browser.sh)"
+    if in_ci():
+        pytest.fail(f"{why}; CI must have it", pytrace=False)
+    pytest.skip(why)
+
+
+@pytest.fixture
+def browser(site: Site, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    _require_browser()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    monkeypatch.setenv("SE_OFFLINE", "true")  # never let Selenium Manager download anything
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in [*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}"]:
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    service = Service(CHROMEDRIVER, log_output=str(tmp_path / "chromedriver.log"))
+    driver = webdriver.Chrome(options=options, service=service)
+    try:
+        assert site.flower.credentials is not None
+        token = base64.b64encode(site.flower.credentials.encode()).decode()
+        driver.execute_cdp_cmd("Network.enable", {})
+        driver.execute_cdp_cmd(
+            "Network.setExtraHTTPHeaders", {"headers": {"Authorization": f"Basic {token}"}}
+        )
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _texts(driver: Any, css: str) -> list[str]:
+    from selenium.webdriver.common.by import By
+
+    return [e.text.strip() for e in driver.find_elements(By.CSS_SELECTOR, css)]
+
+
+def _screenshot(driver: Any, path: Path) -> None:
+    """The whole page, not only the window: resize to the document's height first."""
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.set_window_size(1440, max(900, min(int(height) + 120, 8000)))
+    driver.save_screenshot(str(path))
+    driver.set_window_size(1440, 1800)
+
+
+def test_an_operator_filters_failed_sagas_and_reads_the_compensations_in_reverse(
+    site: Site, browser: Any, tmp_path: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    wait = WebDriverWait(browser, 10)
+    browser.get(site.flower.url + "/sagas")
+    wait.until(lambda d: d.find_elements(By.ID, "sagas-table"))
+    assert "Sagas" in browser.title
+    _screenshot(browser, tmp_path / "sagas.png")
+
+    Select(browser.find_element(By.ID, "filter-state")).select_by_value("FAILED")
+    browser.find_element(By.ID, "filter-submit").click()
+    wait.until(lambda d: "state=FAILED" in d.current_url)
+    rows = browser.find_elements(By.CSS_SELECTOR, "#sagas-table tbody tr")
+    assert rows and {r.get_attribute("data-state") for r in rows} == {"FAILED"}
+    _screenshot(browser, tmp_path / "sagas-failed.png")
+
+    browser.find_element(By.CSS_SELECTOR, f'tr[data-saga-id="{site.failed}"] a').click()
+    wait.until(lambda d: d.find_elements(By.ID, "compensation-order"))
+    assert browser.find_element(By.ID, "saga-id").text == site.failed
+    assert browser.find_element(By.ID, "saga-state").text == "FAILED"
+    assert "create_shipment" in browser.find_element(By.ID, "saga-reason").text
+    assert _texts(browser, "#compensation-order li") == ["process_payment", "reserve_inventory"]
+    compensated = browser.find_elements(
+        By.CSS_SELECTOR, '#timeline-table tr[data-new="compensated"]'
+    )
+    assert [r.get_attribute("data-step") for r in compensated] == [
+        "process_payment",
+        "reserve_inventory",
+    ]
+    statuses = [
+        r.get_attribute("data-status")
+        for r in browser.find_elements(By.CSS_SELECTOR, "#steps-table tbody tr")
+    ]
+    assert statuses == ["compensated", "compensated", "failed", "skipped"]
+    assert browser.find_elements(By.ID, "dead-letters-none")
+    _screenshot(browser, tmp_path / "saga-failed.png")
+
+    # the saga's tasks link to Flower's own task pages
+    link = browser.find_element(By.CSS_SELECTOR, "#tasks-table-saga a")
+    task_id = link.text
+    # Bootstrap scrolls smoothly: scroll at once, or the click lands mid-animation
+    browser.execute_script(
+        "arguments[0].scrollIntoView({block: 'center', behavior: 'instant'})", link
+    )
+    link.click()
+    wait.until(lambda d: f"/task/{task_id}" in d.current_url)
+    assert task_id in browser.page_source
+    severe = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert severe == [], severe
+
+
+def test_the_dead_letter_and_the_operators_action_read_well(
+    site: Site, browser: Any, tmp_path: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    assert site.dead is not None
+    browser.get(f"{site.flower.url}/sagas/{site.dead}")
+    rows = browser.find_elements(By.CSS_SELECTOR, "#dead-letters-table tr[data-status]")
+    assert [r.get_attribute("data-status") for r in rows] == ["discarded"]
+    actions = _texts(browser, "#operator-actions-table tbody tr")
+    assert len(actions) >= 1 and HOSTILE_REASON in "\n".join(actions)
+    _screenshot(browser, tmp_path / "saga-dead-letter.png")
+    assert browser.get_log("browser") == [] or all(
+        e["level"] != "SEVERE" for e in browser.get_log("browser")
+    )
