@@ -1,0 +1,67 @@
+"""The saga machine's vocabulary of state: saga and step statuses, error kinds, the
+state sets the store and scanner query by, and the read-only views ``decide`` gets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+
+
+class SagaState(StrEnum):
+    STARTED = "STARTED"
+    PENDING = "PENDING"
+    COMPENSATING = "COMPENSATING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    COMPENSATION_FAILED = "COMPENSATION_FAILED"
+
+
+class StepStatus(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    COMPENSATING = "compensating"
+    COMPENSATED = "compensated"
+    COMPENSATION_FAILED = "compensation_failed"
+    SKIPPED = "skipped"
+
+
+class ErrorKind(StrEnum):
+    BUSINESS = "business"  # the step declined and did not act: not compensated
+    ERROR = "error"  # unknown outcome: compensated
+    TIMEOUT = "timeout"
+
+
+TERMINAL_STATES = frozenset({SagaState.COMPLETED, SagaState.FAILED})
+SETTLED_STATES = TERMINAL_STATES | {SagaState.COMPENSATION_FAILED}
+FORWARD_STATES = frozenset({SagaState.STARTED, SagaState.PENDING})
+LIVE_STATES = FORWARD_STATES | {SagaState.COMPENSATING}
+
+
+@dataclass(frozen=True)
+class StepView:
+    index: int
+    name: str
+    status: StepStatus
+    error_kind: ErrorKind | None = None
+    timeout: float | None = None  # seconds one attempt may take (from definition/config)
+    deadline_at: datetime | None = None  # while running: when it times out
+    redispatch_at: datetime | None = None  # when to re-send if no reply came (lost message)
+    dispatches: int = 0  # sends of the current run or compensation, re-sends included
+    started: bool = False  # a worker began executing it: the message was not lost
+
+
+@dataclass(frozen=True)
+class SagaView:
+    saga_id: str
+    name: str
+    state: SagaState | None  # None: not persisted yet
+    current_step: int
+    token: int
+    steps: tuple[StepView, ...]
+    deadline_at: datetime | None = None  # the saga-wide deadline
+    max_redispatches: int = 2  # re-sends of a silent step before it counts as timed out

@@ -1,0 +1,169 @@
+"""The scanner's claims: due sagas, sagas waiting for a free slot, and sagas stuck for too
+long. On PostgreSQL they are locked ``FOR UPDATE SKIP LOCKED``, so two scanners never take
+the same saga; ``SqlClaim`` writes decisions in the claiming transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import replace
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Connection, false, func, select, true, update
+
+from celery_sagas.machine import LIVE_STATES, Decision, SagaState
+from celery_sagas.protocols import STARTED, OutboxMessage, SagaRecord, current_execution_key
+from celery_sagas.store.records import _saga_record
+from celery_sagas.store.tables import guards, sagas, steps
+
+if TYPE_CHECKING:
+    from celery_sagas.store.repository import SqlSagaStore
+
+
+def claim_due(
+    conn: Connection, now: datetime, limit: int, is_postgres: bool
+) -> tuple[SagaRecord, ...]:
+    rows = conn.execute(
+        _locked(
+            select(sagas)
+            .where(sagas.c.due_at.is_not(None), sagas.c.due_at <= now)
+            .order_by(sagas.c.due_at)
+            .limit(limit),
+            is_postgres,
+        )
+    ).all()
+    return _records(conn, rows)
+
+
+def claim_waiting(
+    conn: Connection, name: str, max_concurrent: int, is_postgres: bool
+) -> tuple[SagaRecord, ...]:
+    if is_postgres:  # one admitter per saga type at a time
+        conn.execute(select(func.pg_advisory_xact_lock(_lock_key(name))))
+    running = conn.execute(
+        select(func.count())
+        .select_from(sagas)
+        .where(
+            sagas.c.name == name,
+            sagas.c.admitted.is_(true()),
+            sagas.c.state.in_([s.value for s in LIVE_STATES]),
+        )
+    ).scalar_one()
+    free = max(0, max_concurrent - running)
+    rows = (
+        conn.execute(
+            select(sagas)
+            .where(
+                sagas.c.name == name,
+                sagas.c.admitted.is_(false()),
+                sagas.c.state == SagaState.STARTED.value,
+            )
+            .order_by(sagas.c.created_at, sagas.c.id)
+            .limit(free)
+        ).all()
+        if free
+        else []
+    )
+    return _records(conn, rows)
+
+
+def waiting_names(conn: Connection) -> tuple[str, ...]:
+    names = conn.execute(
+        select(sagas.c.name)
+        .where(sagas.c.admitted.is_(false()), sagas.c.state == SagaState.STARTED.value)
+        .distinct()
+    ).scalars()
+    return tuple(names)
+
+
+def report_stuck(
+    conn: Connection, older_than: datetime, now: datetime, limit: int, is_postgres: bool
+) -> tuple[SagaRecord, ...]:
+    rows = conn.execute(
+        _locked(
+            select(sagas)
+            .where(
+                sagas.c.finished_at.is_(None),
+                sagas.c.created_at < older_than,
+                sagas.c.stuck_reported_at.is_(None),
+            )
+            .order_by(sagas.c.created_at)
+            .limit(limit),
+            is_postgres,
+        )
+    ).all()
+    if rows:
+        conn.execute(
+            update(sagas).where(sagas.c.id.in_([r.id for r in rows])).values(stuck_reported_at=now)
+        )
+    return tuple(_saga_record(r) for r in rows)
+
+
+def _records(conn: Connection, rows: Sequence[Any]) -> tuple[SagaRecord, ...]:
+    if not rows:
+        return ()
+    by_saga: dict[str, list[Any]] = {}
+    step_rows = conn.execute(
+        select(steps)
+        .where(steps.c.saga_id.in_([r.id for r in rows]))
+        .order_by(steps.c.saga_id, steps.c.idx)
+    )
+    for step_row in step_rows:
+        by_saga.setdefault(step_row.saga_id, []).append(step_row)
+    records = tuple(_saga_record(r, by_saga.get(r.id, [])) for r in rows)
+    return _with_started_flags(conn, records)
+
+
+def _with_started_flags(
+    conn: Connection, records: tuple[SagaRecord, ...]
+) -> tuple[SagaRecord, ...]:
+    """Mark each current step a worker is executing right now (its guard says
+    ``started``). The scanner re-sends the others: a message that never reached a
+    worker, or a reply lost after the outcome was recorded (the guard answers it)."""
+    keys = {r.saga_id: current_execution_key(r) for r in records}
+    in_progress = select(guards.c.key).where(
+        guards.c.key.in_(list(keys.values())), guards.c.outcome == STARTED
+    )
+    found = set(conn.execute(in_progress).scalars().all())
+    return tuple(
+        replace(
+            r,
+            steps=tuple(
+                replace(s, started=keys[r.saga_id] in found) if s.index == r.current_step else s
+                for s in r.steps
+            ),
+        )
+        for r in records
+    )
+
+
+def _locked(query: Any, is_postgres: bool) -> Any:
+    return query.with_for_update(skip_locked=True) if is_postgres else query
+
+
+class SqlClaim:
+    """Sagas locked by a scan; ``commit`` writes a decision in the claim's transaction."""
+
+    def __init__(
+        self, store: SqlSagaStore, conn: Connection, records: tuple[SagaRecord, ...]
+    ) -> None:
+        self._store = store
+        self._conn = conn
+        self.records = records
+
+    def commit(
+        self,
+        saga: SagaRecord,
+        decision: Decision,
+        messages: Sequence[OutboxMessage],
+        now: datetime,
+    ) -> tuple[OutboxMessage, ...]:
+        return self._store._commit_in(self._conn, saga, decision, messages, now)
+
+
+def _lock_key(name: str) -> int:
+    """A stable signed 64-bit advisory-lock key for a saga type."""
+    digest = hashlib.sha256(f"celery_sagas:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)

@@ -1,0 +1,125 @@
+"""Rows to records and back: ``SagaRecord``/``StepRecord`` from ``sagas`` and ``steps``
+rows, the column values of a step status change, and the record of a saga just inserted.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from celery_sagas.machine import Decision, ErrorKind, SagaState, StepChange, StepStatus
+from celery_sagas.protocols import NewSaga, SagaRecord, StepRecord
+
+FINISHED_FORWARD = (StepStatus.COMPLETED, StepStatus.FAILED, StepStatus.TIMED_OUT)
+FINISHED_COMPENSATION = (StepStatus.COMPENSATED, StepStatus.COMPENSATION_FAILED)
+
+
+def step_values(change: StepChange, now: datetime) -> dict[str, Any]:
+    """Column values for one step status change (timestamps follow the status)."""
+    values: dict[str, Any] = {"status": change.new.value}
+    if change.has_result:
+        values["result"] = change.result
+    if change.error is not None:
+        values["error"] = change.error
+    if change.error_kind is not None:
+        values["error_kind"] = change.error_kind.value
+    for timing in ("deadline_at", "redispatch_at", "dispatches"):
+        if getattr(change, timing) is not None:
+            values[timing] = getattr(change, timing)
+    if change.new not in (StepStatus.RUNNING, StepStatus.COMPENSATING):
+        values.update(deadline_at=None, redispatch_at=None)
+    if change.new == StepStatus.RUNNING and change.old != StepStatus.RUNNING:
+        values["started_at"] = now
+        values["finished_at"] = None
+    elif change.new in FINISHED_FORWARD:
+        values["finished_at"] = now
+        if change.attempts is not None:
+            values["attempts"] = change.attempts
+    elif change.new == StepStatus.COMPENSATING:
+        values["compensation_started_at"] = now
+    elif change.new in FINISHED_COMPENSATION:
+        values["compensation_finished_at"] = now
+        if change.attempts is not None:
+            values["compensation_attempts"] = change.attempts
+    return values
+
+
+def _step_record(row: Any) -> StepRecord:
+    return StepRecord(
+        index=row.idx,
+        name=row.name,
+        status=StepStatus(row.status),
+        attempts=row.attempts,
+        compensation_attempts=row.compensation_attempts,
+        result=row.result,
+        error=row.error,
+        error_kind=ErrorKind(row.error_kind) if row.error_kind else None,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        compensation_started_at=row.compensation_started_at,
+        compensation_finished_at=row.compensation_finished_at,
+        deadline_at=row.deadline_at,
+        redispatch_at=row.redispatch_at,
+        dispatches=row.dispatches,
+    )
+
+
+def _saga_record(row: Any, step_rows: Sequence[Any] = ()) -> SagaRecord:
+    return SagaRecord(
+        saga_id=row.id,
+        name=row.name,
+        business_key=row.business_key,
+        state=SagaState(row.state),
+        current_step=row.current_step,
+        token=row.token,
+        version=row.version,
+        payload=row.payload,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        reason=row.reason,
+        finished_at=row.finished_at,
+        deadline_at=row.deadline_at,
+        due_at=row.due_at,
+        admitted=row.admitted,
+        steps=tuple(_step_record(r) for r in step_rows),
+    )
+
+
+def _fresh_record(new: NewSaga, decision: Decision, now: datetime) -> SagaRecord:
+    """The record just inserted, without reading it back."""
+    changed = {c.index: c for c in decision.step_changes}
+    assert decision.state is not None
+    now = now.astimezone(UTC)
+    return SagaRecord(
+        saga_id=new.saga_id,
+        name=new.name,
+        business_key=new.business_key,
+        state=decision.state,
+        current_step=decision.current_step,
+        token=decision.token,
+        version=1,
+        payload=json.loads(json.dumps(new.payload)),
+        created_at=now,
+        updated_at=now,
+        deadline_at=_utc(new.deadline_at),
+        due_at=decision.due_at,
+        admitted=decision.admitted,
+        steps=tuple(
+            StepRecord(
+                index=i,
+                name=name,
+                status=changed[i].new if i in changed else StepStatus.PENDING,
+                started_at=now if i in changed and changed[i].new == StepStatus.RUNNING else None,
+                deadline_at=_utc(changed[i].deadline_at) if i in changed else None,
+                redispatch_at=_utc(changed[i].redispatch_at) if i in changed else None,
+                dispatches=(changed[i].dispatches or 0) if i in changed else 0,
+            )
+            for i, name in enumerate(new.step_names)
+        ),
+    )
+
+
+def _utc(moment: datetime | None) -> datetime | None:
+    return moment.astimezone(UTC) if moment else None
