@@ -17,6 +17,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -159,6 +161,31 @@ def print_summary(report: Mapping[str, Any]) -> None:
         print(f"  [{'ok' if ok else 'BROKEN'}] {name}")
 
 
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=0.5):
+            return True
+    except urllib.error.HTTPError:
+        return True  # it answered (e.g. 401 behind auth)
+    except OSError:
+        return False
+
+
+def print_where_to_look(report: Mapping[str, Any], embedded: bool) -> None:
+    env = f"SAGAS_DATABASE_URL={config.database_url()} " if embedded else ""
+    print("\nwhere to look")
+    failed = next(iter(report["failed_examples"]), None)
+    if failed:
+        print(f"  a failed saga:   {env}celery-sagas show {failed}")
+    print(f"  dead letters:    {env}celery-sagas --app workers.app dlq list --status all")
+    flower = "http://127.0.0.1:5555/sagas"
+    state = "running" if _answers(flower) else "start it: celery -A workers.app sagas flower"
+    print(f"  Flower + Sagas:  {flower}  ({state})")
+    metrics = "http://127.0.0.1:9808/metrics"
+    state = "running" if _answers(metrics) else "start it: celery-sagas --app workers.app metrics"
+    print(f"  Prometheus:      {metrics}  ({state})")
+
+
 # -- the job ------------------------------------------------------------------------------
 
 
@@ -252,12 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(report, indent=2, default=str))
     else:
         print_summary(report)
-        failed = next(iter(report["failed_examples"]), None)
-        if failed:
-            print(
-                f"\nlook at a failed saga:  celery-sagas show {failed}"
-                + ("" if not embedded else f"  (SAGAS_DATABASE_URL={config.database_url()})")
-            )
+        print_where_to_look(report, embedded)
     ok = all(report["invariants"].values())
     print("\ndemo: " + ("all invariants hold" if ok else "INVARIANTS BROKEN"))
     return 0 if ok else 1

@@ -16,6 +16,7 @@ import click
 from celery_sagas.cli.context import APP_ENV, CliContext
 from celery_sagas.cli.dlq import cancel_saga, dlq_group
 from celery_sagas.cli.inspect import list_command, migrate_command, show_command
+from celery_sagas.cli.metrics import metrics_command
 from celery_sagas.errors import SagaError
 
 
@@ -29,7 +30,7 @@ class SagaGroup(click.Group):
             raise click.ClickException(str(exc)) from exc
 
 
-COMMANDS = (list_command, show_command, migrate_command, dlq_group, cancel_saga)
+COMMANDS = (list_command, show_command, migrate_command, dlq_group, cancel_saga, metrics_command)
 
 
 def _configure_logging(verbose: bool) -> None:

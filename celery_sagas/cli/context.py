@@ -27,6 +27,10 @@ class CliContext:
         self.via = "celery sagas" if app is not None else "celery-sagas"
 
     @property
+    def has_app(self) -> bool:
+        return self._app is not None
+
+    @property
     def runtime(self) -> Any:
         """The installed saga runtime of the Celery app (``install(app, …)``)."""
         app = self._app
