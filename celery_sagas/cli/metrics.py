@@ -36,21 +36,21 @@ def _budgets(runtime: Any) -> dict[tuple[str, str], float]:
 )
 @click.pass_context
 def metrics_command(ctx: click.Context, host: str, port: int) -> None:
-    try:
-        from celery_sagas.metrics import serve
-    except ImportError as exc:  # pragma: no cover - depends on the installed extras
-        raise click.ClickException(
-            f"{exc}: install the prometheus extra (pip install 'celery-sagas[prometheus]')"
-        ) from exc
+    from celery_sagas.metrics import serve  # prometheus_client is imported when serving
+    from celery_sagas.stats import bucket_bounds
     from celery_sagas.store.stats import StatsReader
 
     context = context_of(ctx)
     has_app = context.app_name or context.has_app
-    budgets = _budgets(context.runtime) if has_app else None
+    budgets = _budgets(context.runtime) if has_app else {}
     url = str(context.store.engine.url.render_as_string(hide_password=False))
-    server = serve(StatsReader(url), host, port, step_budgets=budgets)
-    click.echo(f"serving http://{host}:{server.server.server_port}/metrics", err=True)
+    # every step budget is a bucket bound, so "p99 over budget" compares exactly
+    reader = StatsReader(url, buckets=bucket_bounds(budgets.values()))
+    click.echo("reading the saga history once…", err=True)
+    reader()  # the first read folds finished sagas; do it before the first scrape
+    server = serve(reader, host, port, step_budgets=budgets or None)
+    click.echo(f"serving http://{host}:{server.port}/metrics", err=True)
     try:
-        server.thread.join()
+        server.wait()
     except KeyboardInterrupt:  # pragma: no cover - interactive
         server.stop()

@@ -48,6 +48,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import DBAPIError
 
 from celery_sagas.errors import StoreUnavailableError
+from celery_sagas.machine import LIVE_STATES, TERMINAL_STATES
 from celery_sagas.settings import redact_url
 from celery_sagas.stats import (
     DEFAULT_BUCKETS,
@@ -61,7 +62,9 @@ from celery_sagas.stats import (
 from celery_sagas.store.engine import build_engine
 from celery_sagas.store.tables import dead_letters, sagas, steps
 
-MOVING_STATES = ("STARTED", "PENDING", "COMPENSATING")
+MOVING_STATES = tuple(sorted(state.value for state in LIVE_STATES))
+# Sagas in these states with a finished_at never change again: they can be folded.
+FINAL_STATES = tuple(sorted(state.value for state in TERMINAL_STATES))
 
 
 def _utcnow() -> datetime:
@@ -130,7 +133,7 @@ class StatsReader:
         *,
         buckets: tuple[float, ...] = DEFAULT_BUCKETS,
         settle_after: float | None = 60.0,
-        fold_batch: int = 100_000,
+        fold_batch: int = 250_000,
         statement_timeout: float = 30.0,
         clock: Callable[[], datetime] = _utcnow,
     ) -> None:
@@ -210,10 +213,9 @@ class StatsReader:
         if self._watermark is not None:
             window = and_(sagas.c.created_at >= self._watermark, window)
         scope = or_(window, _ids_in(conn, self._pending))
-        pending = frozenset(
-            conn.execute(select(sagas.c.id).where(scope, sagas.c.finished_at.is_(None))).scalars()
-        )
-        settled = self._part(conn, and_(scope, sagas.c.finished_at.is_not(None)))
+        final = and_(sagas.c.finished_at.is_not(None), sagas.c.state.in_(FINAL_STATES))
+        pending = frozenset(conn.execute(select(sagas.c.id).where(scope, ~final)).scalars())
+        settled = self._part(conn, and_(scope, final))
         self._base, self._pending, self._watermark = self._base + settled, pending, end
 
     def _part(self, conn: Connection, where: ColumnElement[bool]) -> _Part:

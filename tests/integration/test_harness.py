@@ -122,7 +122,7 @@ def _send_marker_task(broker_url: str, marker: Path, queue: str = "tiny") -> Non
     # An explicit connection: `Celery.close()` alone leaves the AMQP publish socket open.
     with (
         Celery("harness-client", broker=broker_url) as client,
-        client.connection_for_write() as conn,
+        client.connection_for_write(url=broker_url) as conn,
     ):
         client.send_task(
             "tiny.write_marker", args=[str(marker), "hello"], queue=queue, connection=conn
@@ -208,5 +208,8 @@ def test_worker_on_rabbitmq_runs_task(
         _send_marker_task(rabbitmq_url, marker, queue=queue)
         wait_until(marker.exists, timeout=20, message="worker on RabbitMQ ran the task")
     finally:
-        with Celery("harness-cleanup", broker=rabbitmq_url) as client, client.connection() as conn:
+        with (
+            Celery("harness-cleanup", broker=rabbitmq_url) as client,
+            client.connection(rabbitmq_url) as conn,
+        ):
             conn.default_channel.queue_delete(queue)
