@@ -69,10 +69,14 @@ def test_a_hanging_step_times_out_and_its_late_reply_changes_nothing(
         ]
         assert order_of_undo == ["create_shipment", "process_payment", "reserve_inventory"]
         log_before = len(_store().transitions(record.saga_id))
+
         # the hanging step finishes afterwards: its reply is late and changes nothing
-        wait_until(lambda: "late" in worker.log_text(), timeout=15, message="late reply logged")
-        late_lines = [line for line in worker.log_text().splitlines() if "late" in line]
-    assert any(record.saga_id in line and "create_shipment" in line for line in late_lines)
+        def late_lines() -> list[str]:
+            lines = worker.log_text().splitlines()
+            return [line for line in lines if record.saga_id in line and "late" in line]
+
+        lines = wait_until(late_lines, timeout=15, message="this saga's late reply logged")
+    assert any("create_shipment" in line for line in lines)
     after = _store().find(order["order_id"])
     assert after.state.value == "FAILED"
     assert len(_store().transitions(record.saga_id)) == log_before
