@@ -1,7 +1,7 @@
 """celery-sagas: durable sagas on Celery, with the database as the source of truth."""
 
 # Declaring sagas
-from celery_sagas.definition import Saga, Step, StepContext
+from celery_sagas.definition import RetryPolicy, Saga, Step, StepContext
 
 # Errors
 from celery_sagas.errors import (
@@ -15,7 +15,6 @@ from celery_sagas.errors import (
 
 # States
 from celery_sagas.machine import SagaState, StepStatus
-from celery_sagas.policy import RetryPolicy
 
 # Wiring into Celery (imported lazily so declaring a saga needs no Celery import)
 

@@ -12,10 +12,38 @@ from datetime import timedelta
 from typing import Any
 
 from celery_sagas.errors import BusinessError, SagaDefinitionError, TransientError
-from celery_sagas.policy import RetryPolicy
 
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
 DEFAULT_STEP_TIMEOUT = 300.0
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff: delay = min(cap, base * 2**(attempt-1)), then jitter.
+
+    ``attempt`` counts attempts made so far (1 after the first failure). ``jitter``
+    is the fraction of the delay that is randomised (1.0 = full jitter, 0 = none).
+    """
+
+    max_retries: int = 3
+    backoff_base: float = 1.0
+    backoff_cap: float = 60.0
+    jitter: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.max_retries < 0:
+            raise SagaDefinitionError("must be >= 0", field="retry.max_retries")
+        if self.backoff_base <= 0:
+            raise SagaDefinitionError("must be > 0", field="retry.backoff_base")
+        if self.backoff_cap < self.backoff_base:
+            raise SagaDefinitionError("must be >= backoff_base", field="retry.backoff_cap")
+        if not 0 <= self.jitter <= 1:
+            raise SagaDefinitionError("must be between 0 and 1", field="retry.jitter")
+
+    def delay(self, attempt: int, rand: float) -> float:
+        """Seconds to wait after failed attempt number ``attempt``; ``rand`` in [0, 1)."""
+        raw = min(self.backoff_cap, self.backoff_base * 2.0 ** min(max(0, attempt - 1), 64))
+        return raw * (1 - self.jitter) + raw * self.jitter * rand
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from celery_sagas.machine import (
     ErrorKind,
     SagaState,
     SagaView,
+    StepChange,
     StepStatus,
     StepView,
 )
@@ -40,6 +41,41 @@ class StepRecord:
     redispatch_at: datetime | None = None
     dispatches: int = 0
     started: bool = False  # a worker began executing the current send (scans only)
+
+
+FINISHED_FORWARD = (StepStatus.COMPLETED, StepStatus.FAILED, StepStatus.TIMED_OUT)
+FINISHED_COMPENSATION = (StepStatus.COMPENSATED, StepStatus.COMPENSATION_FAILED)
+
+
+def step_values(change: StepChange, now: datetime) -> dict[str, Any]:
+    """The fields one step status change sets (timestamps follow the status): the one
+    rule both stores apply, the SQL store as column values, the fake on its records."""
+    values: dict[str, Any] = {"status": change.new}
+    if change.has_result:
+        values["result"] = change.result
+    if change.error is not None:
+        values["error"] = change.error
+    if change.error_kind is not None:
+        values["error_kind"] = change.error_kind
+    for timing in ("deadline_at", "redispatch_at", "dispatches"):
+        if getattr(change, timing) is not None:
+            values[timing] = getattr(change, timing)
+    if change.new not in (StepStatus.RUNNING, StepStatus.COMPENSATING):
+        values.update(deadline_at=None, redispatch_at=None)
+    if change.new == StepStatus.RUNNING and change.old != StepStatus.RUNNING:
+        values["started_at"] = now
+        values["finished_at"] = None
+    elif change.new in FINISHED_FORWARD:
+        values["finished_at"] = now
+        if change.attempts is not None:
+            values["attempts"] = change.attempts
+    elif change.new == StepStatus.COMPENSATING:
+        values["compensation_started_at"] = now
+    elif change.new in FINISHED_COMPENSATION:
+        values["compensation_finished_at"] = now
+        if change.attempts is not None:
+            values["compensation_attempts"] = change.attempts
+    return values
 
 
 @dataclass(frozen=True)

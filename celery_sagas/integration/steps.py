@@ -15,10 +15,10 @@ from typing import Any
 from celery import Task
 
 from celery_sagas.coordinator import utcnow
-from celery_sagas.definition import Saga, Step, StepContext
+from celery_sagas.definition import RetryPolicy, Saga, Step, StepContext
 from celery_sagas.integration.dispatcher import kwargs_repr
 from celery_sagas.log import logger
-from celery_sagas.policy import RetryAt, RetryPolicy, decide_retry
+from celery_sagas.policy import RetryAt, decide_retry
 from celery_sagas.protocols import GuardRecord, SagaStore
 
 MAX_ERROR = 2000

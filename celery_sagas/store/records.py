@@ -9,41 +9,8 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from celery_sagas.machine import Decision, ErrorKind, SagaState, StepChange, StepStatus
+from celery_sagas.machine import Decision, ErrorKind, SagaState, StepStatus
 from celery_sagas.protocols import NewSaga, SagaRecord, StepRecord
-
-FINISHED_FORWARD = (StepStatus.COMPLETED, StepStatus.FAILED, StepStatus.TIMED_OUT)
-FINISHED_COMPENSATION = (StepStatus.COMPENSATED, StepStatus.COMPENSATION_FAILED)
-
-
-def step_values(change: StepChange, now: datetime) -> dict[str, Any]:
-    """Column values for one step status change (timestamps follow the status)."""
-    values: dict[str, Any] = {"status": change.new.value}
-    if change.has_result:
-        values["result"] = change.result
-    if change.error is not None:
-        values["error"] = change.error
-    if change.error_kind is not None:
-        values["error_kind"] = change.error_kind.value
-    for timing in ("deadline_at", "redispatch_at", "dispatches"):
-        if getattr(change, timing) is not None:
-            values[timing] = getattr(change, timing)
-    if change.new not in (StepStatus.RUNNING, StepStatus.COMPENSATING):
-        values.update(deadline_at=None, redispatch_at=None)
-    if change.new == StepStatus.RUNNING and change.old != StepStatus.RUNNING:
-        values["started_at"] = now
-        values["finished_at"] = None
-    elif change.new in FINISHED_FORWARD:
-        values["finished_at"] = now
-        if change.attempts is not None:
-            values["attempts"] = change.attempts
-    elif change.new == StepStatus.COMPENSATING:
-        values["compensation_started_at"] = now
-    elif change.new in FINISHED_COMPENSATION:
-        values["compensation_finished_at"] = now
-        if change.attempts is not None:
-            values["compensation_attempts"] = change.attempts
-    return values
 
 
 def _step_record(row: Any) -> StepRecord:

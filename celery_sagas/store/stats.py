@@ -302,8 +302,3 @@ def _reader_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         return create_engine(url, connect_args={"timeout": 5})
     return build_engine(url, pool_size=1, max_overflow=1, connect_args={"connect_timeout": 5})
-
-
-def read_stats(url_or_engine: str | Engine, **options: Any) -> SagaStats:
-    """One-off read (scripts and tests); an exporter keeps one ``StatsReader``."""
-    return StatsReader(url_or_engine, **options)()

@@ -12,9 +12,8 @@ from sqlalchemy import Connection, Table, update
 
 from celery_sagas.errors import ConcurrentUpdateError
 from celery_sagas.machine import TERMINAL_STATES, Decision
-from celery_sagas.protocols import OutboxMessage, SagaRecord
+from celery_sagas.protocols import OutboxMessage, SagaRecord, step_values
 from celery_sagas.store import dead_letters as dead_letter_rows
-from celery_sagas.store.records import step_values
 from celery_sagas.store.tables import dead_letters, outbox, sagas, steps, transitions
 
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from celery_sagas.definition import idempotency_key
 from celery_sagas.errors import (
@@ -40,41 +40,17 @@ from celery_sagas.protocols import (
     StepRecord,
     TransitionRecord,
     current_execution_key,
+    step_values,
 )
 from celery_sagas.testing import dead_letters
 from celery_sagas.testing.columns import as_json, as_utc
 
-FINISHED_FORWARD = (StepStatus.COMPLETED, StepStatus.FAILED, StepStatus.TIMED_OUT)
-FINISHED_COMPENSATION = (StepStatus.COMPENSATED, StepStatus.COMPENSATION_FAILED)
-ACTIVE = (StepStatus.RUNNING, StepStatus.COMPENSATING)
-
 
 def _apply(step: StepRecord, change: StepChange, now: datetime) -> StepRecord:
-    """One step status change; timestamps follow the status (as ``repository.step_values``)."""
-    values: dict[str, Any] = {"status": change.new}
-    if change.has_result:
-        values["result"] = as_json(change.result)
-    if change.error is not None:
-        values["error"] = change.error
-    if change.error_kind is not None:
-        values["error_kind"] = change.error_kind
-    for timing in ("deadline_at", "redispatch_at", "dispatches"):
-        if getattr(change, timing) is not None:
-            values[timing] = getattr(change, timing)
-    if change.new not in ACTIVE:
-        values.update(deadline_at=None, redispatch_at=None)
-    if change.new == StepStatus.RUNNING and change.old != StepStatus.RUNNING:
-        values.update(started_at=now, finished_at=None)
-    elif change.new in FINISHED_FORWARD:
-        values["finished_at"] = now
-        if change.attempts is not None:
-            values["attempts"] = change.attempts
-    elif change.new == StepStatus.COMPENSATING:
-        values["compensation_started_at"] = now
-    elif change.new in FINISHED_COMPENSATION:
-        values["compensation_finished_at"] = now
-        if change.attempts is not None:
-            values["compensation_attempts"] = change.attempts
+    """One step status change, by the same rule as the SQL store (``step_values``)."""
+    values = step_values(change, now)
+    if "result" in values:
+        values["result"] = as_json(values["result"])
     return replace(step, **values)
 
 
