@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import traceback
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any
 
 from celery import Task
@@ -118,16 +119,16 @@ class StepTask(Task):
             store.record_attempt(
                 context.saga_id, context.idempotency_key, context.attempt, describe(exc), failed_at
             )
-            self._retry_or_give_up(exc, context, extra)
+            self._retry_or_give_up(exc, context, extra, failed_at)
             trace = "".join(traceback.format_exception(exc))[-MAX_TRACEBACK:]
             return GuardRecord(context.idempotency_key, "error", error=describe(exc)), trace
 
     def _retry_or_give_up(
-        self, exc: Exception, context: StepContext, extra: dict[str, Any]
+        self, exc: Exception, context: StepContext, extra: dict[str, Any], failed_at: datetime
     ) -> None:
+        """Retry after the policy's delay, counted from the recorded failure time."""
         policy = policy_for(self.saga, self.step_def, self.role, self.retry_overrides)
         retryable = self.role == "compensation" or isinstance(exc, tuple(self.step_def.retry_on))
-        failed_at = utcnow()
         decision = decide_retry(policy, self.request.retries + 1, retryable, failed_at)
         if isinstance(decision, RetryAt):
             countdown = max(0.0, (decision.when - utcnow()).total_seconds())
