@@ -27,7 +27,14 @@ from celery_sagas.machine import (
     SendToDeadLetterQueue,
     StepStatus,
 )
-from celery_sagas.protocols import Claim, NewSaga, OutboxMessage, SagaRecord, SagaStore
+from celery_sagas.protocols import (
+    Claim,
+    GuardRecord,
+    NewSaga,
+    OutboxMessage,
+    SagaRecord,
+    SagaStore,
+)
 from celery_sagas.redaction import redact
 from celery_sagas.settings import DEFAULT_REDACT_FIELDS
 
@@ -247,9 +254,12 @@ class Coordinator:
         written = created.messages + self.admit(saga.name)
         return Outcome(created.record.saga_id, decision, written, True)
 
-    def handle(self, saga_id: str, event: machine.Event) -> Outcome:
+    def handle(
+        self, saga_id: str, event: machine.Event, guard: GuardRecord | None = None
+    ) -> Outcome:
         """Apply one event: load, decide and save in one transaction (the saga row locked
-        on PostgreSQL, compare-and-set everywhere), retrying a lost race."""
+        on PostgreSQL, compare-and-set everywhere), retrying a lost race. ``guard``: the
+        step outcome behind ``event``, recorded in that same transaction."""
         now = self.clock()
 
         def decide(record: SagaRecord) -> tuple[Decision, list[OutboxMessage]]:
@@ -261,7 +271,7 @@ class Coordinator:
 
         for _ in range(MAX_CAS_ATTEMPTS):
             try:
-                record, decision, written = self.store.update(saga_id, decide, now)
+                record, decision, written = self.store.update(saga_id, decide, now, guard)
             except ConcurrentUpdateError:
                 continue
             if record is None or decision is None:

@@ -276,10 +276,13 @@ class SagaStore(Protocol):
         ...
 
     def update(
-        self, saga_id: str, decide: Decide, now: datetime
+        self, saga_id: str, decide: Decide, now: datetime, guard: GuardRecord | None = None
     ) -> tuple[SagaRecord | None, Decision | None, tuple[OutboxMessage, ...]]:
         """Load the saga, call ``decide(record)`` and commit an accepted decision, all in
-        one transaction with the saga locked. Returns (record, decision, written)."""
+        one transaction with the saga locked. Returns (record, decision, written).
+
+        ``guard``: a step's final outcome, recorded (as ``put_guard`` does) in the same
+        transaction, before the saga is loaded."""
         ...
 
     def mark_sent(self, message_ids: Sequence[int], now: datetime) -> None: ...

@@ -23,6 +23,7 @@ DEFAULT_REDACT_FIELDS = ("card_number", "cvv", "password", "secret", "token", "a
 class SagaSettings:
     database_url: str
     coordinator_queue: str | None = None
+    coordinator_hop: bool = False
     relay_interval: float = 2.0
     relay_after: float = 5.0
     relay_batch: int = 500

@@ -236,7 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--concurrency",
         type=int,
         default=None,
-        help="worker concurrency (default 8 threads embedded, 2 prefork otherwise)",
+        help="worker concurrency (default 8 threads embedded, 4 prefork otherwise, so "
+        "children blocked by hung steps do not starve beat's scan)",
     )
     parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for all sagas")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -257,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     pool = (
         ["-P", "threads", "-c", str(args.concurrency or 8)]
         if embedded
-        else ["-P", "prefork", "-c", str(args.concurrency or 2)]
+        else ["-P", "prefork", "-c", str(args.concurrency or 4)]
     )
     env = DEMO_SETTINGS
     with ExitStack() as stack:

@@ -38,7 +38,6 @@ def apply_reliability_config(app: Celery, step_timeouts: Iterable[float]) -> Non
     conf.task_serializer = "json"
     conf.result_serializer = "json"
     conf.result_accept_content = ["json"]
-    conf.task_send_sent_event = True
     broker = str(conf.broker_url or "")
     options = dict(conf.broker_transport_options or {})
     if broker.startswith(("redis", "rediss", "sentinel")):

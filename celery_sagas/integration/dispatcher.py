@@ -45,11 +45,16 @@ def kwargs_repr(kwargs: Mapping[str, Any], redact_fields: Sequence[str]) -> str:
 
 class CeleryDispatcher:
     def __init__(
-        self, app: Celery, sagas: Mapping[str, Saga], redact_fields: Sequence[str] = ()
+        self,
+        app: Celery,
+        sagas: Mapping[str, Saga],
+        redact_fields: Sequence[str] = (),
+        coordinator_hop: bool = False,
     ) -> None:
         self.app = app
         self.sagas = sagas
         self.redact_fields = tuple(redact_fields)
+        self.coordinator_hop = coordinator_hop
 
     def send(self, message: OutboxMessage) -> None:
         body = message.body
@@ -72,10 +77,14 @@ class CeleryDispatcher:
             immutable=True,
             kwargsrepr=kwargs_repr(kwargs, self.redact_fields),
         )
+        # every task of a saga hangs under one root (the start task, whose id is the saga id)
+        # even when the relay, the scanner or an operator command sends it
+        if not self.coordinator_hop:
+            # the step task applies its own outcome: no second hop
+            step.apply_async(root_id=body["saga_id"])
+            return
         reply = self.app.signature(
             reply_name,
             kwargs={"saga_id": body["saga_id"], "step": index, "token": body["token"]},
         )
-        # every task of a saga hangs under one root (the start task, whose id is the saga id)
-        # even when the relay, the scanner or an operator command sends it
         chain(step, reply).apply_async(root_id=body["saga_id"])

@@ -30,7 +30,7 @@ from celery_sagas.integration.tasks import (
     register_coordinator_tasks,
     register_start_task,
 )
-from celery_sagas.protocols import OutboxMessage
+from celery_sagas.protocols import GuardRecord, OutboxMessage
 from celery_sagas.settings import SagaSettings
 from celery_sagas.store import SqlSagaStore, dispose_all_after_fork
 
@@ -42,7 +42,9 @@ class SagaRuntime:
         self.app = app
         self.sagas = sagas
         self.settings = settings
-        self.dispatcher = CeleryDispatcher(app, sagas, settings.redact_fields)
+        self.dispatcher = CeleryDispatcher(
+            app, sagas, settings.redact_fields, settings.coordinator_hop
+        )
         self.start_tasks: dict[str, Task] = {}
         self._store: SqlSagaStore | None = None
         self._coordinator: Coordinator | None = None
@@ -92,8 +94,10 @@ class SagaRuntime:
         outbox.publish(self.store, self.dispatcher, outcome.messages, utcnow)
         return {"saga_id": outcome.saga_id, "created": outcome.created}
 
-    def apply(self, saga_id: str, event: machine.Event) -> str | None:
-        outcome = self.coordinator.handle(saga_id, event)
+    def apply(
+        self, saga_id: str, event: machine.Event, guard: GuardRecord | None = None
+    ) -> str | None:
+        outcome = self.coordinator.handle(saga_id, event, guard)
         if outcome.messages:
             crash_point("after_commit")
         outbox.publish(self.store, self.dispatcher, outcome.messages, utcnow)
@@ -152,7 +156,7 @@ def _register_step_tasks(app: Celery, runtime: SagaRuntime, saga: Saga) -> None:
         ):
 
             def run(self: StepTask, **kwargs: Any) -> dict[str, Any]:
-                return self.execute(**kwargs)
+                return self.perform(**kwargs)
 
             app.task(
                 name=name,
@@ -164,6 +168,7 @@ def _register_step_tasks(app: Celery, runtime: SagaRuntime, saga: Saga) -> None:
                 store_factory=staticmethod(lambda: runtime.store),
                 retry_overrides=runtime.settings.retry_policies,
                 redact_fields=runtime.settings.redact_fields,
+                apply_outcome=None if runtime.settings.coordinator_hop else runtime.apply,
                 acks_late=True,
             )(run)
             if step.queue:

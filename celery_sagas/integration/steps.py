@@ -1,22 +1,29 @@
-"""Step and compensation tasks: check the guard, run the participant, record the outcome.
+"""Step and compensation tasks: check the guard, run the participant, record the outcome,
+then apply it to the saga.
 
-The outcome travels down the chain to the coordinator task, so a failure costs no extra
-hop and no errback: ``{"outcome": "ok"|"business"|"error", "result": …, "error": …,
-"attempts": n}``. Every failed attempt is a row (``saga_attempt``); retries follow the
-pure retry policy, with the delay measured from the recorded attempt time.
+The outcome is ``{"outcome": "ok"|"business"|"error", "result": …, "error": …,
+"attempts": n}``. By default the step task applies it itself, in the same worker process
+(one coordinator transaction, then the next step is published): a step costs one task hop.
+With ``coordinator_hop`` it travels down the chain to the coordinator task
+(``celery_sagas.advance``) instead. Either way a failure costs no errback. Every failed
+attempt is a row (``saga_attempt``); retries follow the pure retry policy, with the delay
+measured from the recorded attempt time.
 """
 
 from __future__ import annotations
 
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from celery import Task
 
+from celery_sagas import machine
 from celery_sagas.coordinator import utcnow
 from celery_sagas.definition import RetryPolicy, Saga, Step, StepContext
+from celery_sagas.errors import ConcurrentUpdateError, StoreUnavailableError
 from celery_sagas.integration.dispatcher import kwargs_repr
 from celery_sagas.log import logger
 from celery_sagas.policy import RetryAt, decide_retry
@@ -24,6 +31,7 @@ from celery_sagas.protocols import GuardRecord, SagaStore
 
 MAX_ERROR = 2000
 MAX_TRACEBACK = 8000
+STORE_RETRY_CAP = 30.0  # seconds between attempts to apply an outcome while the store is down
 
 
 def describe(exc: BaseException) -> str:
@@ -31,8 +39,35 @@ def describe(exc: BaseException) -> str:
     return text if len(text) <= MAX_ERROR else text[:MAX_ERROR] + "…"
 
 
+def outcome_event(outcome: dict[str, Any], step: int, token: int, role: str) -> machine.Event:
+    ok = outcome.get("outcome") == "ok"
+    attempts = outcome.get("attempts")
+    error = outcome.get("error") or "unknown error"
+    if role == "action":
+        if ok:
+            return machine.StepSucceeded(step, token, outcome.get("result"), attempts)
+        business = outcome.get("outcome") == "business"
+        return machine.StepFailed(step, token, error, business, attempts)
+    if ok:
+        return machine.CompensationSucceeded(step, token, outcome.get("result"), attempts)
+    return machine.CompensationFailed(step, token, error, attempts, outcome.get("traceback"))
+
+
 def as_outcome(guard: GuardRecord) -> dict[str, Any]:
     return {"outcome": guard.outcome, "result": guard.result, "error": guard.error}
+
+
+@dataclass(frozen=True)
+class StepRun:
+    """What one delivery of a step task produced: the outcome handed to the coordinator,
+    and the guard record still to be written (None: recorded before, or not recorded)."""
+
+    outcome: dict[str, Any]
+    to_record: GuardRecord | None = None
+
+    def recorded(self, winner: GuardRecord) -> StepRun:
+        """After ``put_guard``: the outcome is whichever record won."""
+        return StepRun({**self.outcome, **as_outcome(winner)})
 
 
 def policy_for(
@@ -58,6 +93,37 @@ class StepTask(Task):
     store_factory: Any
     retry_overrides: Mapping[str, Mapping[str, Any]] = {}
     redact_fields: tuple[str, ...] = ()
+    # applies an outcome (and records its guard) in one transaction and publishes what
+    # follows; None when the chain's coordinator task (``coordinator_hop``) does it
+    apply_outcome: Callable[[str, machine.Event, GuardRecord | None], str | None] | None = None
+
+    def perform(self, **kwargs: Any) -> dict[str, Any]:
+        """The task body: run the step behind its guard; then either record the outcome and
+        hand it down the chain (``coordinator_hop``), or record it and apply it to the saga
+        in one transaction. A store that fails while applying is retried with backoff; if
+        the outcome was recorded, the retry returns it without running the participant."""
+        run = self.execute(**kwargs)
+        if self.apply_outcome is None:
+            if run.to_record is not None:
+                run = run.recorded(self.store_factory().put_guard(run.to_record, utcnow()))
+            return run.outcome
+        event = outcome_event(run.outcome, kwargs["step"], kwargs["token"], self.role)
+        try:
+            self.apply_outcome(kwargs["saga_id"], event, run.to_record)
+        except (StoreUnavailableError, ConcurrentUpdateError) as exc:
+            countdown = min(STORE_RETRY_CAP, 2.0**self.request.retries)
+            logger.warning(
+                "saga %s %s: cannot apply the %s outcome (%s); retry in %.0fs",
+                kwargs["saga_id"],
+                self.step_def.name,
+                self.role,
+                exc,
+                countdown,
+                extra={"saga_id": kwargs["saga_id"], "saga": self.saga.name},
+            )
+            shown = kwargs_repr(self.request.kwargs or {}, self.redact_fields)
+            raise self.retry(exc=exc, countdown=countdown, kwargsrepr=shown) from exc
+        return run.outcome
 
     def execute(
         self,
@@ -69,7 +135,8 @@ class StepTask(Task):
         results: dict[str, Any] | None = None,
         result: Any = None,
         attempts_before: int = 0,
-    ) -> dict[str, Any]:
+    ) -> StepRun:
+        """Check the guard and run the participant unless an outcome is recorded."""
         store: SagaStore = self.store_factory()
         extra = {"saga_id": saga_id, "saga": self.saga.name, "step": self.step_def.name}
         recorded = store.begin_guard(key, utcnow())
@@ -81,7 +148,7 @@ class StepTask(Task):
                 recorded.outcome,
                 extra=extra,
             )
-            return as_outcome(recorded)
+            return StepRun(as_outcome(recorded))
         context = StepContext(
             saga_id=saga_id,
             saga=self.saga.name,
@@ -96,8 +163,8 @@ class StepTask(Task):
         counted = {"attempts": context.attempt}
         if outcome.outcome == "error" and self.role == "compensation":
             # A failed compensation is not recorded: an operator retry must run it again.
-            return {**as_outcome(outcome), **counted, "traceback": trace}
-        return {**as_outcome(store.put_guard(outcome, utcnow())), **counted}
+            return StepRun({**as_outcome(outcome), **counted, "traceback": trace})
+        return StepRun({**as_outcome(outcome), **counted}, to_record=outcome)
 
     def _run(
         self, store: SagaStore, context: StepContext, extra: dict[str, Any]

@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING, Any
 from celery import Celery, Task
 from celery.utils import uuid
 
-from celery_sagas import machine
 from celery_sagas.coordinator import check_payload
 from celery_sagas.errors import ConcurrentUpdateError, StoreUnavailableError
 from celery_sagas.integration.dispatcher import ADVANCE_TASK, COMPENSATED_TASK, DEAD_LETTER_TASK
+from celery_sagas.integration.steps import outcome_event
 from celery_sagas.redaction import redact
 
 if TYPE_CHECKING:
@@ -58,20 +58,6 @@ class StartSagaTask(Task):
         options.setdefault("argsrepr", repr(redact(list(self.request.args or ()), fields)))
         options.setdefault("kwargsrepr", repr(redact(dict(self.request.kwargs or {}), fields)))
         return super().retry(*args, **options)
-
-
-def outcome_event(outcome: dict[str, Any], step: int, token: int, role: str) -> machine.Event:
-    ok = outcome.get("outcome") == "ok"
-    attempts = outcome.get("attempts")
-    error = outcome.get("error") or "unknown error"
-    if role == "action":
-        if ok:
-            return machine.StepSucceeded(step, token, outcome.get("result"), attempts)
-        business = outcome.get("outcome") == "business"
-        return machine.StepFailed(step, token, error, business, attempts)
-    if ok:
-        return machine.CompensationSucceeded(step, token, outcome.get("result"), attempts)
-    return machine.CompensationFailed(step, token, error, attempts, outcome.get("traceback"))
 
 
 def register_coordinator_tasks(app: Celery, runtime: SagaRuntime) -> None:

@@ -53,6 +53,18 @@ def shared_engine(url: str, **options: Any) -> Engine:
         return engine
 
 
+def autocommit_engine(engine: Engine) -> Engine:
+    """An engine whose connections stay in autocommit, for single-statement writes: its
+    own small pool, so no isolation level is set and reset on every checkout."""
+    url = engine.url.render_as_string(hide_password=False)
+    key = f"autocommit {url}"
+    with _lock:
+        found = _engines.get(key)
+        if found is None:
+            found = _engines[key] = build_engine(url, isolation_level="AUTOCOMMIT")
+        return found
+
+
 def dispose_all_after_fork() -> None:
     """For ``worker_process_init``: drop connections inherited from the parent process."""
     with _lock:

@@ -7,10 +7,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, select, update
+from sqlalchemy import Connection, bindparam, select
 
 from celery_sagas.protocols import STARTED, GuardRecord
 from celery_sagas.store.tables import guards
+
+GUARD_FIELDS = ("outcome", "result", "error", "recorded_at")
 
 
 def get_guard(conn: Connection, key: str) -> GuardRecord | None:
@@ -18,40 +20,53 @@ def get_guard(conn: Connection, key: str) -> GuardRecord | None:
     return _guard_record(row) if row else None
 
 
-def begin_guard(
-    conn: Connection, insert: Any, key: str, now: datetime, is_postgres: bool
-) -> GuardRecord | None:
-    if is_postgres:
-        # Losing this marker only means the scanner may re-send a running step.
-        conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
-    inserted = conn.execute(
-        insert.values(key=key, outcome=STARTED, recorded_at=now).on_conflict_do_nothing(
-            index_elements=["key"]
-        )
-    ).rowcount
+def mark_started_statement(insert: Any) -> Any:
+    """INSERT a ``started`` marker unless the key has a row; built once per store (its
+    parameters ``g_key`` and ``g_now``), since building costs more than running it."""
+    values = {"key": bindparam("g_key"), "outcome": STARTED, "recorded_at": bindparam("g_now")}
+    return insert.values(**values).on_conflict_do_nothing(index_elements=["key"])
+
+
+def begin_guard(conn: Connection, mark_started: Any, key: str, now: datetime) -> GuardRecord | None:
+    """Mark ``key`` started (one statement; the caller runs it in autocommit). Returns the
+    recorded final outcome of an earlier delivery, if there is one."""
+    inserted = conn.execute(mark_started, {"g_key": key, "g_now": now}).rowcount
     if inserted:
         return None
     row = conn.execute(select(guards).where(guards.c.key == key)).one()
     return None if row.outcome == STARTED else _guard_record(row)
 
 
-def put_guard(conn: Connection, insert: Any, guard: GuardRecord, now: datetime) -> GuardRecord:
-    values = {
+def guard_values(guard: GuardRecord, now: datetime) -> dict[str, Any]:
+    return {
+        "key": guard.key,
         "outcome": guard.outcome,
         "result": guard.result,
         "error": guard.error,
         "recorded_at": now,
     }
-    updated = conn.execute(
-        update(guards)
-        .where(guards.c.key == guard.key, guards.c.outcome == STARTED)
-        .values(**values)
-    ).rowcount
-    if not updated:
-        updated = conn.execute(
-            insert.values(key=guard.key, **values).on_conflict_do_nothing(index_elements=["key"])
-        ).rowcount
-    if updated:
+
+
+def keep_first_final(statement: Any) -> Any:
+    """``statement`` (an INSERT into the guards) as an upsert where the first final outcome
+    wins: it replaces a ``started`` marker, never another final outcome."""
+    return statement.on_conflict_do_update(
+        index_elements=["key"],
+        set_={name: statement.excluded[name] for name in GUARD_FIELDS},
+        where=guards.c.outcome == STARTED,
+    )
+
+
+def record_guard(conn: Connection, insert: Any, guard: GuardRecord, now: datetime) -> bool:
+    """Record a final outcome unless one is recorded already (one statement). True if this
+    one was written."""
+    written = conn.execute(keep_first_final(insert.values(**guard_values(guard, now))))
+    return bool(written.rowcount)
+
+
+def put_guard(conn: Connection, insert: Any, guard: GuardRecord, now: datetime) -> GuardRecord:
+    """Record a final outcome once; returns whichever record won."""
+    if record_guard(conn, insert, guard, now):
         return GuardRecord(guard.key, guard.outcome, guard.result, guard.error, now)
     row = conn.execute(select(guards).where(guards.c.key == guard.key)).one()
     return _guard_record(row)

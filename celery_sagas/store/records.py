@@ -11,6 +11,7 @@ from typing import Any
 
 from celery_sagas.machine import Decision, ErrorKind, SagaState, StepStatus
 from celery_sagas.protocols import NewSaga, SagaRecord, StepRecord
+from celery_sagas.store.tables import steps
 
 
 def _step_record(row: Any) -> StepRecord:
@@ -31,6 +32,30 @@ def _step_record(row: Any) -> StepRecord:
         redispatch_at=row.redispatch_at,
         dispatches=row.dispatches,
     )
+
+
+STEP_PREFIX = "step_"
+# the step columns of a saga-and-steps join, labelled apart from the saga's own
+STEP_COLUMNS = tuple(c.label(STEP_PREFIX + c.name) for c in steps.c)
+
+
+class _StepColumns:
+    """One joined row seen as a step row (``row.idx`` reads ``step_idx``)."""
+
+    __slots__ = ("row",)
+
+    def __init__(self, row: Any) -> None:
+        self.row = row
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.row, STEP_PREFIX + name)
+
+
+def _joined_record(rows: Sequence[Any]) -> SagaRecord | None:
+    """The saga record from the rows of a saga-and-steps join (None: no such saga)."""
+    if not rows:
+        return None
+    return _saga_record(rows[0], [_StepColumns(r) for r in rows])
 
 
 def _saga_record(row: Any, step_rows: Sequence[Any] = ()) -> SagaRecord:

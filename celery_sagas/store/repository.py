@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Table, func, select, update
+from sqlalchemy import Connection, Engine, Table, bindparam, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
@@ -36,10 +36,10 @@ from celery_sagas.settings import redact_url
 from celery_sagas.store import claims as claim_rows
 from celery_sagas.store import dead_letters as dead_letter_rows
 from celery_sagas.store import guards as guard_rows
-from celery_sagas.store import writes
+from celery_sagas.store import one_statement, writes
 from celery_sagas.store.claims import SqlClaim
-from celery_sagas.store.engine import shared_engine
-from celery_sagas.store.records import _fresh_record, _saga_record
+from celery_sagas.store.engine import autocommit_engine, shared_engine
+from celery_sagas.store.records import STEP_COLUMNS, _fresh_record, _joined_record, _saga_record
 from celery_sagas.store.tables import (
     attempts,
     dead_letters,
@@ -48,6 +48,14 @@ from celery_sagas.store.tables import (
     sagas,
     steps,
     transitions,
+)
+
+# the saga row and its steps in one round trip (built once: see ``one_statement``)
+WITH_STEPS = (
+    select(sagas, *STEP_COLUMNS)
+    .join(steps, steps.c.saga_id == sagas.c.id)
+    .where(sagas.c.id == bindparam("p_saga_id"))
+    .order_by(steps.c.idx)
 )
 
 
@@ -60,6 +68,8 @@ class SqlSagaStore:
         else:
             self.engine = url_or_engine
         self.is_postgres = self.engine.dialect.name == "postgresql"
+        self._autocommit = autocommit_engine(self.engine) if self.is_postgres else None
+        self._mark_started = guard_rows.mark_started_statement(self._insert(guards))
 
     def __repr__(self) -> str:
         return f"SqlSagaStore({redact_url(str(self.engine.url))})"
@@ -85,6 +95,17 @@ class SqlSagaStore:
     def _connect(self) -> Iterator[Connection]:
         """One write transaction."""
         with self._unavailable_as_error(), self.engine.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def _one_statement(self) -> Iterator[Connection]:
+        """A write that is a single statement: autocommit on PostgreSQL (no BEGIN and
+        COMMIT round trips), a transaction on SQLite (whose writers begin IMMEDIATE)."""
+        if self._autocommit is None:
+            with self._connect() as conn:
+                yield conn
+            return
+        with self._unavailable_as_error(), self._autocommit.connect() as conn:
             yield conn
 
     @contextmanager
@@ -117,67 +138,56 @@ class SqlSagaStore:
         messages: Sequence[OutboxMessage],
         now: datetime,
     ) -> CreateResult:
-        assert decision.state is not None
+        if self.is_postgres:
+            with self._one_statement() as conn:
+                written = one_statement.create(conn, new, decision, messages, now)
+                if written is not None:
+                    return CreateResult(_fresh_record(new, decision, now), True, written)
+                return self._existing(conn, new)
         with self._connect() as conn:
             inserted = conn.execute(
                 self._insert(sagas)
-                .values(
-                    id=new.saga_id,
-                    name=new.name,
-                    business_key=new.business_key,
-                    payload=dict(new.payload),
-                    payload_hash=new.payload_hash,
-                    state=decision.state.value,
-                    current_step=decision.current_step,
-                    token=decision.token,
-                    version=1,
-                    created_at=now,
-                    updated_at=now,
-                    deadline_at=new.deadline_at,
-                    due_at=decision.due_at,
-                    admitted=decision.admitted,
-                )
+                .values(**writes.new_saga_values(new, decision, now))
                 # any conflict: the business key, or the same start delivered twice (its
                 # task id is the saga id)
                 .on_conflict_do_nothing()
             )
             if inserted.rowcount == 0:
-                existing = conn.execute(
-                    select(sagas.c.id, sagas.c.payload_hash).where(
-                        sagas.c.name == new.name, sagas.c.business_key == new.business_key
-                    )
-                ).one_or_none()
-                if existing is None:
-                    raise SagaError(
-                        f"saga id {new.saga_id} is already used by another saga; "
-                        "nothing was written",
-                        saga_id=new.saga_id,
-                    )
-                if existing.payload_hash != new.payload_hash:
-                    raise PayloadConflictError(
-                        f"{new.name} {new.business_key!r} was already started with a "
-                        f"different payload (saga {existing.id}); nothing was written",
-                        saga_id=existing.id,
-                        business_key=new.business_key,
-                    )
-                saga_id = existing.id
-                created = False
-                written: tuple[OutboxMessage, ...] = ()
-            else:
-                conn.execute(
-                    steps.insert(),
-                    [
-                        {"saga_id": new.saga_id, "idx": i, "name": name, "status": "pending"}
-                        for i, name in enumerate(new.step_names)
-                    ],
-                )
-                written = writes.write_decision(
-                    conn, self._insert, new.saga_id, decision, messages, now, fresh=True
-                )
-                return CreateResult(_fresh_record(new, decision, now), True, written)
-        record = self.load(saga_id)
+                return self._existing(conn, new)
+            conn.execute(
+                steps.insert(),
+                [
+                    {"saga_id": new.saga_id, "idx": i, "name": name, "status": "pending"}
+                    for i, name in enumerate(new.step_names)
+                ],
+            )
+            written = writes.write_decision(
+                conn, self._insert, new.saga_id, decision, messages, now, fresh=True
+            )
+            return CreateResult(_fresh_record(new, decision, now), True, written)
+
+    def _existing(self, conn: Connection, new: NewSaga) -> CreateResult:
+        """A start whose saga exists: the same payload returns it, another is refused."""
+        existing = conn.execute(
+            select(sagas.c.id, sagas.c.payload_hash).where(
+                sagas.c.name == new.name, sagas.c.business_key == new.business_key
+            )
+        ).one_or_none()
+        if existing is None:
+            raise SagaError(
+                f"saga id {new.saga_id} is already used by another saga; nothing was written",
+                saga_id=new.saga_id,
+            )
+        if existing.payload_hash != new.payload_hash:
+            raise PayloadConflictError(
+                f"{new.name} {new.business_key!r} was already started with a "
+                f"different payload (saga {existing.id}); nothing was written",
+                saga_id=existing.id,
+                business_key=new.business_key,
+            )
+        record = _joined_record(conn.execute(WITH_STEPS, {"p_saga_id": existing.id}).all())
         assert record is not None
-        return CreateResult(record=record, created=created, messages=written)
+        return CreateResult(record=record, created=False, messages=())
 
     def load(self, saga_id: str) -> SagaRecord | None:
         with self._read() as conn:
@@ -224,26 +234,41 @@ class SqlSagaStore:
             return self._commit_in(conn, saga, decision, messages, now)
 
     def update(
-        self, saga_id: str, decide: Decide, now: datetime
+        self, saga_id: str, decide: Decide, now: datetime, guard: GuardRecord | None = None
     ) -> tuple[SagaRecord | None, Decision | None, tuple[OutboxMessage, ...]]:
-        """Load (locked), decide and write in one transaction: one connection, no race."""
+        """Load, decide and write atomically. On PostgreSQL: read, then ONE statement
+        gated on the compare-and-set of the version read (``one_statement``), both in
+        autocommit; on SQLite (and for a dead-letter change): one transaction."""
+        if not self.is_postgres:
+            return self._update_in_transaction(saga_id, decide, now, guard)
+        with self._one_statement() as conn:
+            record = _joined_record(conn.execute(WITH_STEPS, {"p_saga_id": saga_id}).all())
+            decision, messages = (None, ()) if record is None else decide(record)
+            if record is None or decision is None or not decision.accepted:
+                if guard is not None:
+                    guard_rows.record_guard(conn, self._insert(guards), guard, now)
+                return record, decision, ()
+            if one_statement.fits(decision):
+                written = one_statement.write(conn, record, decision, messages, now, guard)
+                return record, decision, written
         with self._connect() as conn:
-            row = conn.execute(
-                self._for_update(select(sagas).where(sagas.c.id == saga_id))
-            ).one_or_none()
-            if row is None:
+            if guard is not None:
+                guard_rows.record_guard(conn, self._insert(guards), guard, now)
+            return record, decision, self._commit_in(conn, record, decision, messages, now)
+
+    def _update_in_transaction(
+        self, saga_id: str, decide: Decide, now: datetime, guard: GuardRecord | None
+    ) -> tuple[SagaRecord | None, Decision | None, tuple[OutboxMessage, ...]]:
+        with self._connect() as conn:
+            if guard is not None:
+                guard_rows.record_guard(conn, self._insert(guards), guard, now)
+            record = _joined_record(conn.execute(WITH_STEPS, {"p_saga_id": saga_id}).all())
+            if record is None:
                 return None, None, ()
-            step_rows = conn.execute(
-                select(steps).where(steps.c.saga_id == saga_id).order_by(steps.c.idx)
-            ).all()
-            record = _saga_record(row, step_rows)
             decision, messages = decide(record)
             if not decision.accepted:
                 return record, decision, ()
             return record, decision, self._commit_in(conn, record, decision, messages, now)
-
-    def _for_update(self, query: Any) -> Any:
-        return query.with_for_update() if self.is_postgres else query
 
     # -- scanning ---------------------------------------------------------------------
 
@@ -303,8 +328,8 @@ class SqlSagaStore:
             return guard_rows.get_guard(conn, key)
 
     def begin_guard(self, key: str, now: datetime) -> GuardRecord | None:
-        with self._connect() as conn:
-            return guard_rows.begin_guard(conn, self._insert(guards), key, now, self.is_postgres)
+        with self._one_statement() as conn:
+            return guard_rows.begin_guard(conn, self._mark_started, key, now)
 
     def put_guard(self, guard: GuardRecord, now: datetime) -> GuardRecord:
         with self._connect() as conn:

@@ -12,14 +12,34 @@ from sqlalchemy import Connection, Table, update
 
 from celery_sagas.errors import ConcurrentUpdateError
 from celery_sagas.machine import TERMINAL_STATES, Decision
-from celery_sagas.protocols import OutboxMessage, SagaRecord, step_values
+from celery_sagas.protocols import NewSaga, OutboxMessage, SagaRecord, step_values
 from celery_sagas.store import dead_letters as dead_letter_rows
 from celery_sagas.store.tables import dead_letters, outbox, sagas, steps, transitions
 
 
-def update_saga(conn: Connection, saga: SagaRecord, decision: Decision, now: datetime) -> None:
-    """Move the saga row to ``decision``; ``ConcurrentUpdateError`` if it changed since
-    ``saga.version`` was read."""
+def new_saga_values(new: NewSaga, decision: Decision, now: datetime) -> dict[str, Any]:
+    """The columns of a new saga row."""
+    assert decision.state is not None
+    return {
+        "id": new.saga_id,
+        "name": new.name,
+        "business_key": new.business_key,
+        "payload": dict(new.payload),
+        "payload_hash": new.payload_hash,
+        "state": decision.state.value,
+        "current_step": decision.current_step,
+        "token": decision.token,
+        "version": 1,
+        "created_at": now,
+        "updated_at": now,
+        "deadline_at": new.deadline_at,
+        "due_at": decision.due_at,
+        "admitted": decision.admitted,
+    }
+
+
+def saga_values(saga: SagaRecord, decision: Decision, now: datetime) -> dict[str, Any]:
+    """The saga row's columns after ``decision`` (its version one up)."""
     assert decision.accepted and decision.state is not None
     values: dict[str, Any] = {
         "state": decision.state.value,
@@ -35,10 +55,16 @@ def update_saga(conn: Connection, saga: SagaRecord, decision: Decision, now: dat
         values["finished_at"] = now
     if decision.admitted:
         values["admitted"] = True
+    return values
+
+
+def update_saga(conn: Connection, saga: SagaRecord, decision: Decision, now: datetime) -> None:
+    """Move the saga row to ``decision``; ``ConcurrentUpdateError`` if it changed since
+    ``saga.version`` was read."""
     changed = conn.execute(
         update(sagas)
         .where(sagas.c.id == saga.saga_id, sagas.c.version == saga.version)
-        .values(**values)
+        .values(**saga_values(saga, decision, now))
     ).rowcount
     if changed != 1:
         raise ConcurrentUpdateError(

@@ -277,11 +277,13 @@ class InMemorySagaStore:
         return self._commit("commit", saga, decision, messages, now)
 
     def update(
-        self, saga_id: str, decide: Decide, now: datetime
+        self, saga_id: str, decide: Decide, now: datetime, guard: GuardRecord | None = None
     ) -> tuple[SagaRecord | None, Decision | None, tuple[OutboxMessage, ...]]:
         """One call, one transaction (recorded as ``"update"`` only, no ``"commit"``)."""
         with self._lock:
             self.calls.append("update")
+            if guard is not None:
+                self._put_guard(guard, as_utc(now))
             saga = self._sagas.get(saga_id)
             if saga is None:
                 return None, None, ()
@@ -310,17 +312,19 @@ class InMemorySagaStore:
             )
 
     def put_guard(self, guard: GuardRecord, now: datetime) -> GuardRecord:
-        now = as_utc(now)
         with self._lock:
             self.calls.append("put_guard")
-            recorded = self._guards.get(guard.key)
-            if recorded is None or recorded.outcome == STARTED:
-                result = as_json(guard.result)
-                self._guards[guard.key] = GuardRecord(
-                    guard.key, guard.outcome, result, guard.error, now
-                )
-            recorded = self._guards[guard.key]
-            return replace(recorded, result=as_json(recorded.result))
+            return self._put_guard(guard, as_utc(now))
+
+    def _put_guard(self, guard: GuardRecord, now: datetime) -> GuardRecord:
+        recorded = self._guards.get(guard.key)
+        if recorded is None or recorded.outcome == STARTED:
+            result = as_json(guard.result)
+            self._guards[guard.key] = GuardRecord(
+                guard.key, guard.outcome, result, guard.error, now
+            )
+        recorded = self._guards[guard.key]
+        return replace(recorded, result=as_json(recorded.result))
 
     # -- reads -------------------------------------------------------------------------
 

@@ -30,9 +30,14 @@ COMPENSATIONS = [
 RESULT_ID = ["reservation_id", "payment_id", "shipment_id", "notification_id"]
 
 
-@pytest.fixture(scope="module")
-def worker(deployment: Deployment) -> Iterator[CeleryProcess]:
-    with deployment.worker(name="e2e-worker") as process:
+@pytest.fixture(scope="module", params=["inline", "coordinator_hop"])
+def worker(deployment: Deployment, request: pytest.FixtureRequest) -> Iterator[CeleryProcess]:
+    """Every test here runs twice: step tasks applying their own outcome (the default, one
+    hop per step) and the chain ``step | celery_sagas.advance`` (``coordinator_hop``)."""
+    hop = "true" if request.param == "coordinator_hop" else "false"
+    env = {**deployment.env, "SAGAS_COORDINATOR_HOP": hop}
+    with deployment.worker(name=f"e2e-{request.param}", env=env) as process:
+        process.mode = request.param  # type: ignore[attr-defined]
         yield process
 
 
@@ -43,6 +48,9 @@ def test_happy_path_completes_with_one_side_effect_of_each_kind(
     order = make_order(sku, qty=3)
     start_saga.delay(order)
     record = wait_settled([order["order_id"]])[order["order_id"]]
+    # the outcome reached the saga through the coordinator task only in that mode
+    advanced = "Task celery_sagas.advance[" in worker.log_text()
+    assert advanced == (worker.mode == "coordinator_hop")  # type: ignore[attr-defined]
     assert record.state.value == "COMPLETED"
     assert [s.status.value for s in record.steps] == ["completed"] * 4
     assert db.stock(sku) == 7

@@ -35,7 +35,6 @@ from tests.support.processes import REPO_ROOT, CeleryProcess, wait_until
 
 STEPS = ["reserve_inventory", "process_payment", "create_shipment", "send_confirmation"]
 STEP_TASKS = [f"order_fulfillment.{s}" for s in STEPS]
-ADVANCE = "celery_sagas.advance"
 START = "order_fulfillment.start"
 
 
@@ -291,10 +290,10 @@ def observed(
         )
         for which in ("plain", "retried"):
             wait_until(
-                lambda w=which: _settled_in_flower(result, w, 9),
+                lambda w=which: _settled_in_flower(result, w, 5),
                 timeout=20,
                 interval=0.3,
-                message=f"Flower saw the 9 tasks of the {which} saga succeed",
+                message=f"Flower saw the 5 tasks of the {which} saga succeed",
             )
         yield result
 
@@ -307,7 +306,7 @@ def test_kwargs_search_finds_every_step_and_coordinator_task_by_stable_name(
 ) -> None:
     tasks = observed.saga_tasks("plain")
     names = sorted(t["name"] for t in tasks.values())
-    assert names == sorted([START, *STEP_TASKS, *[ADVANCE] * 4])
+    assert names == sorted([START, *STEP_TASKS])
     assert {t["state"] for t in tasks.values()} == {"SUCCESS"}
     saga_id = observed.saga_ids["plain"]
     for task in tasks.values():
@@ -344,7 +343,7 @@ def test_every_task_of_the_saga_shares_one_root_and_chains_by_parent(
 
 def test_task_types_are_stable_names_without_ids(observed: Observed) -> None:
     types = observed.fetch("/api/task/types")["task-types"]
-    assert {*STEP_TASKS, ADVANCE, START} <= set(types)
+    assert {*STEP_TASKS, START} <= set(types)
     for saga_id in observed.saga_ids.values():
         assert not [t for t in types if saga_id in t]
     assert all(len(t) < 80 and " " not in t for t in types), types
@@ -390,7 +389,7 @@ def test_secrets_of_an_order_never_leave_the_saga(observed: Observed) -> None:
 def test_in_the_retried_saga_only_the_payment_step_retried(observed: Observed) -> None:
     tasks = observed.saga_tasks("retried").values()
     assert [t["name"] for t in tasks if t["retries"]] == ["order_fulfillment.process_payment"]
-    assert sorted(t["name"] for t in tasks) == sorted([START, *STEP_TASKS, *[ADVANCE] * 4])
+    assert sorted(t["name"] for t in tasks) == sorted([START, *STEP_TASKS])
 
 
 def test_secrets_never_leave_a_saga_whose_step_retried(observed: Observed) -> None:
