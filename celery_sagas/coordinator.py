@@ -255,11 +255,16 @@ class Coordinator:
         return Outcome(created.record.saga_id, decision, written, True)
 
     def handle(
-        self, saga_id: str, event: machine.Event, guard: GuardRecord | None = None
+        self,
+        saga_id: str,
+        event: machine.Event,
+        guard: GuardRecord | None = None,
+        known: SagaRecord | None = None,
     ) -> Outcome:
-        """Apply one event: load, decide and save in one transaction (the saga row locked
-        on PostgreSQL, compare-and-set everywhere), retrying a lost race. ``guard``: the
-        step outcome behind ``event``, recorded in that same transaction."""
+        """Apply one event: load, decide and save atomically (a compare-and-set on the
+        saga's version), retrying a lost race with a fresh load. ``guard``: the step
+        outcome behind ``event``, recorded in that same transaction; ``known``: a snapshot
+        of the saga to try first (read when the step began)."""
         now = self.clock()
 
         def decide(record: SagaRecord) -> tuple[Decision, list[OutboxMessage]]:
@@ -271,8 +276,9 @@ class Coordinator:
 
         for _ in range(MAX_CAS_ATTEMPTS):
             try:
-                record, decision, written = self.store.update(saga_id, decide, now, guard)
+                record, decision, written = self.store.update(saga_id, decide, now, guard, known)
             except ConcurrentUpdateError:
+                known = None  # the snapshot is stale: load
                 continue
             if record is None or decision is None:
                 logger.warning("event for unknown saga %s ignored", saga_id)

@@ -276,13 +276,20 @@ class SagaStore(Protocol):
         ...
 
     def update(
-        self, saga_id: str, decide: Decide, now: datetime, guard: GuardRecord | None = None
+        self,
+        saga_id: str,
+        decide: Decide,
+        now: datetime,
+        guard: GuardRecord | None = None,
+        known: SagaRecord | None = None,
     ) -> tuple[SagaRecord | None, Decision | None, tuple[OutboxMessage, ...]]:
-        """Load the saga, call ``decide(record)`` and commit an accepted decision, all in
-        one transaction with the saga locked. Returns (record, decision, written).
+        """Load the saga, call ``decide(record)`` and commit an accepted decision,
+        atomically (the saga locked, or a compare-and-set on the version read). Returns
+        (record, decision, written).
 
         ``guard``: a step's final outcome, recorded (as ``put_guard`` does) in the same
-        transaction, before the saga is loaded."""
+        transaction. ``known``: a snapshot read earlier (``begin_step``) a store may decide
+        on instead of loading; the compare-and-set then fails if the saga changed since."""
         ...
 
     def mark_sent(self, message_ids: Sequence[int], now: datetime) -> None: ...
@@ -293,6 +300,13 @@ class SagaStore(Protocol):
         ...
 
     def get_guard(self, key: str) -> GuardRecord | None: ...
+
+    def begin_step(
+        self, key: str, saga_id: str, now: datetime
+    ) -> tuple[GuardRecord | None, SagaRecord | None]:
+        """``begin_guard`` and a snapshot of the saga (``load``), in one round trip where
+        the store can."""
+        ...
 
     def begin_guard(self, key: str, now: datetime) -> GuardRecord | None:
         """Before running: mark the execution started. Returns the recorded final outcome

@@ -30,7 +30,7 @@ from celery_sagas.integration.tasks import (
     register_coordinator_tasks,
     register_start_task,
 )
-from celery_sagas.protocols import GuardRecord, OutboxMessage
+from celery_sagas.protocols import GuardRecord, OutboxMessage, SagaRecord
 from celery_sagas.settings import SagaSettings
 from celery_sagas.store import SqlSagaStore, dispose_all_after_fork
 
@@ -95,9 +95,13 @@ class SagaRuntime:
         return {"saga_id": outcome.saga_id, "created": outcome.created}
 
     def apply(
-        self, saga_id: str, event: machine.Event, guard: GuardRecord | None = None
+        self,
+        saga_id: str,
+        event: machine.Event,
+        guard: GuardRecord | None = None,
+        known: SagaRecord | None = None,
     ) -> str | None:
-        outcome = self.coordinator.handle(saga_id, event, guard)
+        outcome = self.coordinator.handle(saga_id, event, guard, known)
         if outcome.messages:
             crash_point("after_commit")
         outbox.publish(self.store, self.dispatcher, outcome.messages, utcnow)

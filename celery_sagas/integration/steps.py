@@ -27,7 +27,7 @@ from celery_sagas.errors import ConcurrentUpdateError, StoreUnavailableError
 from celery_sagas.integration.dispatcher import kwargs_repr
 from celery_sagas.log import logger
 from celery_sagas.policy import RetryAt, decide_retry
-from celery_sagas.protocols import GuardRecord, SagaStore
+from celery_sagas.protocols import GuardRecord, SagaRecord, SagaStore
 
 MAX_ERROR = 2000
 MAX_TRACEBACK = 8000
@@ -64,6 +64,7 @@ class StepRun:
 
     outcome: dict[str, Any]
     to_record: GuardRecord | None = None
+    snapshot: SagaRecord | None = None  # the saga as read when the step began
 
     def recorded(self, winner: GuardRecord) -> StepRun:
         """After ``put_guard``: the outcome is whichever record won."""
@@ -95,7 +96,9 @@ class StepTask(Task):
     redact_fields: tuple[str, ...] = ()
     # applies an outcome (and records its guard) in one transaction and publishes what
     # follows; None when the chain's coordinator task (``coordinator_hop``) does it
-    apply_outcome: Callable[[str, machine.Event, GuardRecord | None], str | None] | None = None
+    apply_outcome: (
+        Callable[[str, machine.Event, GuardRecord | None, SagaRecord | None], str | None] | None
+    ) = None
 
     def perform(self, **kwargs: Any) -> dict[str, Any]:
         """The task body: run the step behind its guard; then either record the outcome and
@@ -109,7 +112,7 @@ class StepTask(Task):
             return run.outcome
         event = outcome_event(run.outcome, kwargs["step"], kwargs["token"], self.role)
         try:
-            self.apply_outcome(kwargs["saga_id"], event, run.to_record)
+            self.apply_outcome(kwargs["saga_id"], event, run.to_record, run.snapshot)
         except (StoreUnavailableError, ConcurrentUpdateError) as exc:
             countdown = min(STORE_RETRY_CAP, 2.0**self.request.retries)
             logger.warning(
@@ -136,10 +139,16 @@ class StepTask(Task):
         result: Any = None,
         attempts_before: int = 0,
     ) -> StepRun:
-        """Check the guard and run the participant unless an outcome is recorded."""
+        """Check the guard and run the participant unless an outcome is recorded. A step
+        task that applies its own outcome reads the saga in the same round trip, to decide
+        on afterwards (the compare-and-set catches a saga that changed meanwhile)."""
         store: SagaStore = self.store_factory()
         extra = {"saga_id": saga_id, "saga": self.saga.name, "step": self.step_def.name}
-        recorded = store.begin_guard(key, utcnow())
+        snapshot = None
+        if self.apply_outcome is None:
+            recorded = store.begin_guard(key, utcnow())
+        else:
+            recorded, snapshot = store.begin_step(key, saga_id, utcnow())
         if recorded is not None:
             logger.info(
                 "saga %s %s: duplicate delivery, returning the recorded %s outcome",
@@ -148,7 +157,7 @@ class StepTask(Task):
                 recorded.outcome,
                 extra=extra,
             )
-            return StepRun(as_outcome(recorded))
+            return StepRun(as_outcome(recorded), snapshot=snapshot)
         context = StepContext(
             saga_id=saga_id,
             saga=self.saga.name,
@@ -163,8 +172,8 @@ class StepTask(Task):
         counted = {"attempts": context.attempt}
         if outcome.outcome == "error" and self.role == "compensation":
             # A failed compensation is not recorded: an operator retry must run it again.
-            return StepRun({**as_outcome(outcome), **counted, "traceback": trace})
-        return StepRun({**as_outcome(outcome), **counted}, to_record=outcome)
+            return StepRun({**as_outcome(outcome), **counted, "traceback": trace}, None, snapshot)
+        return StepRun({**as_outcome(outcome), **counted}, outcome, snapshot)
 
     def _run(
         self, store: SagaStore, context: StepContext, extra: dict[str, Any]

@@ -7,9 +7,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, select
+from sqlalchemy import Connection, bindparam, func, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from celery_sagas.protocols import STARTED, GuardRecord
+from celery_sagas.protocols import STARTED, GuardRecord, SagaRecord
+from celery_sagas.store.records import _joined_record
 from celery_sagas.store.tables import guards
 
 GUARD_FIELDS = ("outcome", "result", "error", "recorded_at")
@@ -25,6 +27,39 @@ def mark_started_statement(insert: Any) -> Any:
     parameters ``g_key`` and ``g_now``), since building costs more than running it."""
     values = {"key": bindparam("g_key"), "outcome": STARTED, "recorded_at": bindparam("g_now")}
     return insert.values(**values).on_conflict_do_nothing(index_elements=["key"])
+
+
+def begin_step_statement(with_steps: Any) -> Any:
+    """The saga-and-steps query (``with_steps``) plus, in the same statement, a ``started``
+    marker inserted (PostgreSQL: a data-modifying CTE) and the guard row as it was."""
+    marked = (
+        pg_insert(guards)
+        .values(key=bindparam("g_key"), outcome=STARTED, recorded_at=bindparam("g_now"))
+        .on_conflict_do_nothing(index_elements=["key"])
+        .returning(guards.c.key)
+        .cte("marked")
+    )
+    earlier = guards.alias("earlier")
+    return (
+        with_steps.add_columns(
+            select(func.count()).select_from(marked).scalar_subquery().label("g_marked"),
+            *(earlier.c[name].label(f"g_{name}") for name in ("key", *GUARD_FIELDS)),
+        )
+        .outerjoin(earlier, earlier.c.key == bindparam("g_key"))
+        .add_cte(marked)
+    )
+
+
+def begun(rows: Any) -> tuple[GuardRecord | None, SagaRecord | None]:
+    """``begin_guard``'s answer and the saga, from the (non-empty) rows of
+    ``begin_step_statement``."""
+    first = rows[0]
+    recorded = None
+    if not first.g_marked and first.g_outcome not in (None, STARTED):
+        recorded = GuardRecord(
+            first.g_key, first.g_outcome, first.g_result, first.g_error, first.g_recorded_at
+        )
+    return recorded, _joined_record(rows)
 
 
 def begin_guard(conn: Connection, mark_started: Any, key: str, now: datetime) -> GuardRecord | None:

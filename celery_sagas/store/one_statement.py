@@ -27,6 +27,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     Connection,
+    Dialect,
     Integer,
     Select,
     String,
@@ -46,6 +47,7 @@ from celery_sagas.errors import ConcurrentUpdateError
 from celery_sagas.machine import Decision
 from celery_sagas.protocols import GuardRecord, NewSaga, OutboxMessage, SagaRecord, step_values
 from celery_sagas.store.guards import GUARD_FIELDS, guard_values, keep_first_final
+from celery_sagas.store.prepared import Prepared
 from celery_sagas.store.tables import UtcDateTime, guards, outbox, sagas, steps, transitions
 from celery_sagas.store.writes import new_saga_values, saga_values
 
@@ -69,16 +71,16 @@ class Shape:
     messages: int
 
 
-def _param(name: str, type_: Any) -> Any:
+def _param(name: str, type_: Any, value: Any = None) -> Any:
     """A typed bound parameter in a SELECT list (cast: PostgreSQL must know the type)."""
-    return cast(bindparam(name, type_=type_), type_)
+    return cast(bindparam(name, value, type_=type_), type_)
 
 
 def _transitions(count: int, moved: Any, at: Any) -> Any:
     """One INSERT for the transition rows, in the decision's order (ids follow it)."""
     rows = [
         select(
-            bindparam(f"t{n}_n", n, type_=Integer()).label("n"),
+            _param(f"t{n}_n", Integer(), n).label("n"),
             *(_param(f"t{n}_{name}", Text()).label(name) for name in TRANSITION_FIELDS),
         )
         for n in range(count)
@@ -182,6 +184,11 @@ def _step_rows(
     ]
 
 
+@lru_cache(maxsize=512)
+def prepared(shape: Shape, dialect: Dialect) -> Prepared:
+    return Prepared(statement(shape), dialect)
+
+
 def shape_and_parameters(
     saga: SagaRecord | NewSaga,
     decision: Decision,
@@ -238,12 +245,13 @@ def _run(
     """Run the statement: the outbox messages written, or None if the gate wrote nothing
     (then nothing at all was written)."""
     shape, params = shape_and_parameters(saga, decision, messages, now, guard)
-    row = conn.execute(statement(shape), params).one()
+    row = prepared(shape, conn.dialect).execute(conn, params).one()
     if row.moved != 1:
         return None
+    new_ids: tuple[int, ...] = tuple(row[1:])
     return tuple(
         OutboxMessage(saga.saga_id, message.body, id=new_id, created_at=now)
-        for message, new_id in zip(messages, row[1:], strict=True)
+        for message, new_id in zip(messages, new_ids, strict=True)
     )
 
 

@@ -59,6 +59,10 @@ WITH_STEPS = (
 )
 
 
+# PostgreSQL: mark a step started and read its saga, one round trip (``begin_step``)
+BEGIN_STEP = guard_rows.begin_step_statement(WITH_STEPS)
+
+
 class SqlSagaStore:
     """The saga store on PostgreSQL (``postgresql+psycopg2://``) or SQLite."""
 
@@ -234,15 +238,20 @@ class SqlSagaStore:
             return self._commit_in(conn, saga, decision, messages, now)
 
     def update(
-        self, saga_id: str, decide: Decide, now: datetime, guard: GuardRecord | None = None
+        self,
+        saga_id: str,
+        decide: Decide,
+        now: datetime,
+        guard: GuardRecord | None = None,
+        known: SagaRecord | None = None,
     ) -> tuple[SagaRecord | None, Decision | None, tuple[OutboxMessage, ...]]:
-        """Load, decide and write atomically. On PostgreSQL: read, then ONE statement
-        gated on the compare-and-set of the version read (``one_statement``), both in
+        """Load (or take ``known``), decide and write atomically. On PostgreSQL: ONE
+        statement gated on the compare-and-set of the version read (``one_statement``), in
         autocommit; on SQLite (and for a dead-letter change): one transaction."""
         if not self.is_postgres:
             return self._update_in_transaction(saga_id, decide, now, guard)
         with self._one_statement() as conn:
-            record = _joined_record(conn.execute(WITH_STEPS, {"p_saga_id": saga_id}).all())
+            record = known or _joined_record(conn.execute(WITH_STEPS, {"p_saga_id": saga_id}).all())
             decision, messages = (None, ()) if record is None else decide(record)
             if record is None or decision is None or not decision.accepted:
                 if guard is not None:
@@ -326,6 +335,18 @@ class SqlSagaStore:
     def get_guard(self, key: str) -> GuardRecord | None:
         with self._read() as conn:
             return guard_rows.get_guard(conn, key)
+
+    def begin_step(
+        self, key: str, saga_id: str, now: datetime
+    ) -> tuple[GuardRecord | None, SagaRecord | None]:
+        if not self.is_postgres:
+            return self.begin_guard(key, now), self.load(saga_id)
+        with self._one_statement() as conn:
+            params = {"g_key": key, "g_now": now, "p_saga_id": saga_id}
+            rows = conn.execute(BEGIN_STEP, params).all()
+        if not rows:  # no such saga: the guard alone
+            return self.begin_guard(key, now), None
+        return guard_rows.begun(rows)
 
     def begin_guard(self, key: str, now: datetime) -> GuardRecord | None:
         with self._one_statement() as conn:

@@ -277,7 +277,12 @@ class InMemorySagaStore:
         return self._commit("commit", saga, decision, messages, now)
 
     def update(
-        self, saga_id: str, decide: Decide, now: datetime, guard: GuardRecord | None = None
+        self,
+        saga_id: str,
+        decide: Decide,
+        now: datetime,
+        guard: GuardRecord | None = None,
+        known: SagaRecord | None = None,
     ) -> tuple[SagaRecord | None, Decision | None, tuple[OutboxMessage, ...]]:
         """One call, one transaction (recorded as ``"update"`` only, no ``"commit"``)."""
         with self._lock:
@@ -301,6 +306,11 @@ class InMemorySagaStore:
                 message = self._outbox.get(message_id)
                 if message is not None and message.sent_at is None:
                     self._outbox[message_id] = replace(message, sent_at=now)
+
+    def begin_step(
+        self, key: str, saga_id: str, now: datetime
+    ) -> tuple[GuardRecord | None, SagaRecord | None]:
+        return self.begin_guard(key, now), self.load(saga_id)
 
     def begin_guard(self, key: str, now: datetime) -> GuardRecord | None:
         now = as_utc(now)

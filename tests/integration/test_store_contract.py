@@ -733,6 +733,48 @@ def test_begin_guard_marks_started_then_answers_with_the_final_outcome(backend: 
     assert backend.rows()["saga_guard"] == 1
 
 
+def test_begin_step_is_begin_guard_plus_a_snapshot_of_the_saga(backend: Backend) -> None:
+    store = backend.store
+    record = create(store, saga_id="s").record
+    key = "s:reserve:action"
+    assert store.begin_step(key, "s", at(1)) == (None, record)  # go ahead, and the saga
+    started = store.get_guard(key)
+    assert started is not None and started.outcome == STARTED
+    assert store.begin_step(key, "s", at(2)) == (None, record)  # started, not finished
+    final = store.put_guard(GuardRecord(key, "ok", {"r": 1}), at(3))
+    assert store.begin_step(key, "s", at(4)) == (final, record)  # a duplicate delivery
+    # no such saga: the guard's answer alone (a marker for an unknown saga is harmless)
+    assert store.begin_step("ghost:x:action", "ghost", at(5)) == (None, None)
+    assert store.begin_step(key, "ghost", at(6)) == (final, None)
+    assert backend.rows()["saga_guard"] == 2
+
+
+def test_update_decides_on_a_known_snapshot_and_refuses_a_stale_one(backend: Backend) -> None:
+    store = backend.store
+    snapshot = create(store, saga_id="k").record
+    moved, _ = advance(store, snapshot, StepFailed(0, 1, "declined", True), at(2))  # FAILED
+
+    def succeed(record: SagaRecord) -> tuple[Decision, list[OutboxMessage]]:
+        decision = machine.decide(record.view(), StepSucceeded(0, 1, "late"), at(3))
+        return decision, keyed_message(record.saga_id, decision)
+
+    try:
+        record, decision, written = store.update("k", succeed, at(3), known=snapshot)
+    except ConcurrentUpdateError:
+        pass  # a store that decided on the stale snapshot: its compare-and-set refused it
+    else:  # a store that loads the saga itself: the late success is ignored
+        assert record == moved and decision is not None and not decision.accepted
+        assert written == ()
+    assert store.load("k") == moved
+
+    # a current snapshot is decided on and written
+    fresh = create(store, "order-2", saga_id="f").record
+    record, decision, written = store.update("f", succeed, at(3), known=fresh)
+    assert decision is not None and decision.accepted and len(written) == 1
+    loaded = store.load("f")
+    assert loaded is not None and (loaded.version, loaded.current_step) == (2, 1)
+
+
 def test_list_sagas_created_before_and_unfinished(backend: Backend) -> None:
     store = backend.store
     old = create(store, key="old", saga_id="old", now=at(1)).record

@@ -1,0 +1,72 @@
+"""PostgreSQL server-side prepared statements for the hot path's writes.
+
+psycopg2 sends every statement as text, so PostgreSQL parses and plans it every time; for
+the transition statement (``one_statement``) planning costs about as much as running it.
+``Prepared`` compiles a SQLAlchemy statement once, ``PREPARE``s it once per database
+connection (remembered in the pool's per-connection ``info``) and then sends only
+``EXECUTE name(values)``. Values go through the same bind processors SQLAlchemy applies
+(JSON serialised, UTC datetimes), and only integer results are read back, so no result
+processing is skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any
+
+from sqlalchemy import Connection, CursorResult, Dialect
+from sqlalchemy.exc import ProgrammingError
+
+INVALID_STATEMENT_NAME = "26000"  # a PREPAREd name the session does not have
+_PLACEHOLDER = re.compile(r"%\((\w+)\)s")
+
+
+class Prepared:
+    """A statement prepared once per connection and executed by name."""
+
+    def __init__(self, statement: Any, dialect: Dialect) -> None:
+        compiled = statement.compile(dialect=dialect)
+        self.defaults = {name: bind.value for name, bind in compiled.binds.items()}
+        self.processors = {
+            name: processor
+            for name, bind in compiled.binds.items()
+            if (processor := bind.type.bind_processor(dialect)) is not None
+        }
+        self.names: list[str] = []
+        text = _PLACEHOLDER.sub(self._positional, compiled.string)
+        self.name = "cs_" + hashlib.sha1(text.encode()).hexdigest()[:20]
+        self.prepare = f"PREPARE {self.name} AS {text}"
+        self.execute_sql = (
+            f"EXECUTE {self.name}(" + ", ".join(f"%({name})s" for name in self.names) + ")"
+        )
+
+    def _positional(self, match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in self.names:
+            self.names.append(name)
+        return f"${self.names.index(name) + 1}"
+
+    def values(self, params: dict[str, Any]) -> dict[str, Any]:
+        values = {name: params.get(name, self.defaults.get(name)) for name in self.names}
+        for name, processor in self.processors.items():
+            if name in values:
+                values[name] = processor(values[name])
+        return values
+
+    def execute(self, conn: Connection, params: dict[str, Any]) -> CursorResult[Any]:
+        """Run it on ``conn`` (PREPAREd there first if needed; again if the session lost
+        it, e.g. behind a pooler that discards session state)."""
+        prepared: set[str] = conn.connection.info.setdefault("celery_sagas_prepared", set())
+        if self.name not in prepared:
+            conn.exec_driver_sql(self.prepare)
+            prepared.add(self.name)
+        try:
+            return conn.exec_driver_sql(self.execute_sql, self.values(params))
+        except ProgrammingError as exc:
+            if getattr(exc.orig, "pgcode", None) != INVALID_STATEMENT_NAME:
+                raise
+            prepared.discard(self.name)
+            conn.exec_driver_sql(self.prepare)
+            prepared.add(self.name)
+            return conn.exec_driver_sql(self.execute_sql, self.values(params))
