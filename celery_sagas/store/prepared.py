@@ -5,14 +5,15 @@ the transition statement (``one_statement``) planning costs about as much as run
 ``Prepared`` compiles a SQLAlchemy statement once, ``PREPARE``s it once per database
 connection (remembered in the pool's per-connection ``info``) and then sends only
 ``EXECUTE name(values)``. Values go through the same bind processors SQLAlchemy applies
-(JSON serialised, UTC datetimes), and only integer results are read back, so no result
-processing is skipped.
+(JSON serialised, UTC datetimes), and ``rows`` applies the result processors of the
+statement's columns (UTC datetimes).
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+from types import SimpleNamespace
 from typing import Any
 
 from sqlalchemy import Connection, CursorResult, Dialect
@@ -27,11 +28,17 @@ class Prepared:
 
     def __init__(self, statement: Any, dialect: Dialect) -> None:
         compiled = statement.compile(dialect=dialect)
+        self.results = {
+            column.key: processor
+            for column in statement.selected_columns
+            if (processor := dialect.type_descriptor(column.type).result_processor(dialect, None))
+            is not None
+        }
         self.defaults = {name: bind.value for name, bind in compiled.binds.items()}
         self.processors = {
             name: processor
             for name, bind in compiled.binds.items()
-            if (processor := bind.type.bind_processor(dialect)) is not None
+            if (processor := dialect.type_descriptor(bind.type).bind_processor(dialect)) is not None
         }
         self.names: list[str] = []
         text = _PLACEHOLDER.sub(self._positional, compiled.string)
@@ -53,6 +60,21 @@ class Prepared:
             if name in values:
                 values[name] = processor(values[name])
         return values
+
+    def rows(self, conn: Connection, params: dict[str, Any]) -> list[SimpleNamespace]:
+        """The result rows (attribute access by column label), result-processed."""
+        result = self.execute(conn, params)
+        names = list(result.keys())
+        processors = [self.results.get(name) for name in names]
+        return [
+            SimpleNamespace(
+                **{
+                    name: value if processor is None else processor(value)
+                    for name, value, processor in zip(names, row, processors, strict=True)
+                }
+            )
+            for row in result
+        ]
 
     def execute(self, conn: Connection, params: dict[str, Any]) -> CursorResult[Any]:
         """Run it on ``conn`` (PREPAREd there first if needed; again if the session lost

@@ -39,6 +39,7 @@ from celery_sagas.store import guards as guard_rows
 from celery_sagas.store import one_statement, writes
 from celery_sagas.store.claims import SqlClaim
 from celery_sagas.store.engine import autocommit_engine, shared_engine
+from celery_sagas.store.prepared import Prepared
 from celery_sagas.store.records import STEP_COLUMNS, _fresh_record, _joined_record, _saga_record
 from celery_sagas.store.tables import (
     attempts,
@@ -73,6 +74,7 @@ class SqlSagaStore:
             self.engine = url_or_engine
         self.is_postgres = self.engine.dialect.name == "postgresql"
         self._autocommit = autocommit_engine(self.engine) if self.is_postgres else None
+        self._begin_step = Prepared(BEGIN_STEP, self.engine.dialect)
         self._mark_started = guard_rows.mark_started_statement(self._insert(guards))
 
     def __repr__(self) -> str:
@@ -343,7 +345,7 @@ class SqlSagaStore:
             return self.begin_guard(key, now), self.load(saga_id)
         with self._one_statement() as conn:
             params = {"g_key": key, "g_now": now, "p_saga_id": saga_id}
-            rows = conn.execute(BEGIN_STEP, params).all()
+            rows = self._begin_step.rows(conn, params)
         if not rows:  # no such saga: the guard alone
             return self.begin_guard(key, now), None
         return guard_rows.begun(rows)
