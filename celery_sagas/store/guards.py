@@ -42,6 +42,9 @@ def begin_step_statement(with_steps: Any) -> Any:
     earlier = guards.alias("earlier")
     return (
         with_steps.add_columns(
+            # losing this marker only means the scanner may re-send a running step: its
+            # statement (its own transaction, in autocommit) need not wait for the WAL flush
+            func.set_config("synchronous_commit", "off", True).label("g_async_commit"),
             select(func.count()).select_from(marked).scalar_subquery().label("g_marked"),
             *(earlier.c[name].label(f"g_{name}") for name in ("key", *GUARD_FIELDS)),
         )
