@@ -17,9 +17,10 @@ from types import SimpleNamespace
 from typing import Any
 
 from sqlalchemy import Connection, CursorResult, Dialect
-from sqlalchemy.exc import ProgrammingError
+from sqlalchemy.exc import DBAPIError
 
-INVALID_STATEMENT_NAME = "26000"  # a PREPAREd name the session does not have
+UNKNOWN_NAME = "26000"  # the session lost the PREPAREd name (a pooler discarded it)
+PLAN_CHANGED = "0A000"  # a schema change invalidated the prepared plan's result type
 _PLACEHOLDER = re.compile(r"%\((\w+)\)s")
 
 
@@ -78,17 +79,19 @@ class Prepared:
 
     def execute(self, conn: Connection, params: dict[str, Any]) -> CursorResult[Any]:
         """Run it on ``conn`` (PREPAREd there first if needed; again if the session lost
-        it, e.g. behind a pooler that discards session state)."""
+        it, e.g. behind a pooler that discards session state, or a migration changed a
+        table under it). ``conn`` must be in autocommit: a failed EXECUTE is retried."""
         prepared: set[str] = conn.connection.info.setdefault("celery_sagas_prepared", set())
         if self.name not in prepared:
             conn.exec_driver_sql(self.prepare)
             prepared.add(self.name)
         try:
             return conn.exec_driver_sql(self.execute_sql, self.values(params))
-        except ProgrammingError as exc:
-            if getattr(exc.orig, "pgcode", None) != INVALID_STATEMENT_NAME:
+        except DBAPIError as exc:
+            code = getattr(exc.orig, "pgcode", None)
+            if code not in (UNKNOWN_NAME, PLAN_CHANGED):
                 raise
-            prepared.discard(self.name)
+            if code == PLAN_CHANGED:
+                conn.exec_driver_sql(f"DEALLOCATE {self.name}")
             conn.exec_driver_sql(self.prepare)
-            prepared.add(self.name)
             return conn.exec_driver_sql(self.execute_sql, self.values(params))

@@ -1389,3 +1389,36 @@ def test_a_dead_compensation_retried_by_an_operator_through_the_driver(backend: 
     assert resolved is not None and resolved.status == "resolved"
     assert {t.actor for t in store.transitions(final.saga_id)} == {"coordinator", "alice"}
     assert backend.rows()["saga_dead_letter"] == 1 and backend.rows()["saga_attempt"] == 2
+
+
+# --------------------------------------------------------------------------- PostgreSQL only
+
+
+def test_prepared_statements_survive_a_session_that_lost_them(contract_pg_url: str) -> None:
+    """The hot path's statements are PREPAREd once per connection; a session that lost
+    them (a pooler's DISCARD ALL, DEALLOCATE ALL) gets them prepared again, and nothing is
+    written twice or lost."""
+    with shared_engine(contract_pg_url).begin() as conn:
+        conn.execute(sa.text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
+    store = SqlSagaStore(contract_pg_url)
+    first = create(store, saga_id="p1").record
+    second = create(store, "order-2", saga_id="p2").record
+    assert store.begin_step("p1:0", "p1", at(1)) == (None, first)
+    with store._autocommit.connect() as conn:  # the pool's one idle connection
+        names = conn.execute(sa.text("SELECT count(*) FROM pg_prepared_statements")).scalar_one()
+        assert names >= 2  # create and begin_step were prepared on it
+        conn.exec_driver_sql("DEALLOCATE ALL")
+    assert store.begin_step("p2:0", "p2", at(2)) == (None, second)
+
+    def succeed(record: SagaRecord) -> tuple[Decision, list[OutboxMessage]]:
+        decision = machine.decide(record.view(), StepSucceeded(0, 1, "r"), at(3))
+        return decision, keyed_message(record.saga_id, decision)
+
+    for saga_id in ("p1", "p2"):
+        _, decision, written = store.update(saga_id, succeed, at(3))
+        assert decision is not None and decision.accepted and len(written) == 1
+        loaded = store.load(saga_id)
+        assert loaded is not None and (loaded.version, loaded.current_step) == (2, 1)
+    with shared_engine(contract_pg_url).connect() as conn:
+        transitions_written = conn.execute(sa.text("SELECT count(*) FROM saga_transition"))
+        assert transitions_written.scalar_one() == 2 * (2 + 3)  # created + one step, each
