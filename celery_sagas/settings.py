@@ -24,6 +24,7 @@ class SagaSettings:
     database_url: str
     coordinator_queue: str | None = None
     coordinator_hop: bool = False
+    prepared_statements: bool = True
     relay_interval: float = 2.0
     relay_after: float = 5.0
     relay_batch: int = 500

@@ -53,7 +53,9 @@ class SagaRuntime:
     def store(self) -> SqlSagaStore:
         if self._store is None:
             self._store = SqlSagaStore(
-                self.settings.database_url, **dict(self.settings.engine_options)
+                self.settings.database_url,
+                prepare=self.settings.prepared_statements,
+                **dict(self.settings.engine_options),
             )
         return self._store
 

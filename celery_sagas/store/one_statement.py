@@ -185,8 +185,8 @@ def _step_rows(
 
 
 @lru_cache(maxsize=512)
-def prepared(shape: Shape, dialect: Dialect) -> Prepared:
-    return Prepared(statement(shape), dialect)
+def prepared(shape: Shape, dialect: Dialect, enabled: bool) -> Prepared:
+    return Prepared(statement(shape), dialect, enabled)
 
 
 def shape_and_parameters(
@@ -241,11 +241,12 @@ def _run(
     messages: Sequence[OutboxMessage],
     now: datetime,
     guard: GuardRecord | None = None,
+    prepare: bool = True,
 ) -> tuple[OutboxMessage, ...] | None:
     """Run the statement: the outbox messages written, or None if the gate wrote nothing
-    (then nothing at all was written)."""
+    (then nothing at all was written). ``prepare``: as a server-side prepared statement."""
     shape, params = shape_and_parameters(saga, decision, messages, now, guard)
-    row = prepared(shape, conn.dialect).execute(conn, params).one()
+    row = prepared(shape, conn.dialect, prepare).execute(conn, params).one()
     if row.moved != 1:
         return None
     new_ids: tuple[int, ...] = tuple(row[1:])
@@ -262,10 +263,11 @@ def write(
     messages: Sequence[OutboxMessage],
     now: datetime,
     guard: GuardRecord | None,
+    prepare: bool = True,
 ) -> tuple[OutboxMessage, ...]:
     """Write ``decision``; ``ConcurrentUpdateError`` if the saga changed since it was read
     (then nothing was written)."""
-    written = _run(conn, saga, decision, messages, now, guard)
+    written = _run(conn, saga, decision, messages, now, guard, prepare)
     if written is None:
         raise ConcurrentUpdateError(
             f"saga {saga.saga_id} changed since version {saga.version}", saga_id=saga.saga_id
@@ -279,7 +281,8 @@ def create(
     decision: Decision,
     messages: Sequence[OutboxMessage],
     now: datetime,
+    prepare: bool = True,
 ) -> tuple[OutboxMessage, ...] | None:
     """Insert a new saga, its steps, transitions and first messages; None if its id or
     business key exists already (then nothing was written)."""
-    return _run(conn, new, decision, messages, now)
+    return _run(conn, new, decision, messages, now, prepare=prepare)

@@ -25,9 +25,13 @@ _PLACEHOLDER = re.compile(r"%\((\w+)\)s")
 
 
 class Prepared:
-    """A statement prepared once per connection and executed by name."""
+    """A statement prepared once per connection and executed by name (``enabled=False``:
+    executed as an ordinary statement, e.g. behind a pooler in transaction mode, where a
+    PREPAREd name does not follow the client from one server connection to the next)."""
 
-    def __init__(self, statement: Any, dialect: Dialect) -> None:
+    def __init__(self, statement: Any, dialect: Dialect, enabled: bool = True) -> None:
+        self.statement = statement
+        self.enabled = enabled
         compiled = statement.compile(dialect=dialect)
         self.results = {
             column.key: processor
@@ -62,8 +66,10 @@ class Prepared:
                 values[name] = processor(values[name])
         return values
 
-    def rows(self, conn: Connection, params: dict[str, Any]) -> list[SimpleNamespace]:
+    def rows(self, conn: Connection, params: dict[str, Any]) -> list[Any]:
         """The result rows (attribute access by column label), result-processed."""
+        if not self.enabled:
+            return list(conn.execute(self.statement, params).all())
         result = self.execute(conn, params)
         names = list(result.keys())
         processors = [self.results.get(name) for name in names]
@@ -81,6 +87,8 @@ class Prepared:
         """Run it on ``conn`` (PREPAREd there first if needed; again if the session lost
         it, e.g. behind a pooler that discards session state, or a migration changed a
         table under it). ``conn`` must be in autocommit: a failed EXECUTE is retried."""
+        if not self.enabled:
+            return conn.execute(self.statement, params)
         prepared: set[str] = conn.connection.info.setdefault("celery_sagas_prepared", set())
         if self.name not in prepared:
             conn.exec_driver_sql(self.prepare)

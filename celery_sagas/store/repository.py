@@ -67,14 +67,19 @@ BEGIN_STEP = guard_rows.begin_step_statement(WITH_STEPS)
 class SqlSagaStore:
     """The saga store on PostgreSQL (``postgresql+psycopg2://``) or SQLite."""
 
-    def __init__(self, url_or_engine: str | Engine, **engine_options: Any) -> None:
+    def __init__(
+        self, url_or_engine: str | Engine, prepare: bool = True, **engine_options: Any
+    ) -> None:
+        """``prepare=False``: no server-side prepared statements on PostgreSQL (behind a
+        pooler in transaction mode)."""
         if isinstance(url_or_engine, str):
             self.engine = shared_engine(url_or_engine, **engine_options)
         else:
             self.engine = url_or_engine
         self.is_postgres = self.engine.dialect.name == "postgresql"
         self._autocommit = autocommit_engine(self.engine) if self.is_postgres else None
-        self._begin_step = Prepared(BEGIN_STEP, self.engine.dialect)
+        self.prepare = prepare
+        self._begin_step = Prepared(BEGIN_STEP, self.engine.dialect, prepare)
         self._mark_started = guard_rows.mark_started_statement(self._insert(guards))
 
     def __repr__(self) -> str:
@@ -146,7 +151,7 @@ class SqlSagaStore:
     ) -> CreateResult:
         if self.is_postgres:
             with self._one_statement() as conn:
-                written = one_statement.create(conn, new, decision, messages, now)
+                written = one_statement.create(conn, new, decision, messages, now, self.prepare)
                 if written is not None:
                     return CreateResult(_fresh_record(new, decision, now), True, written)
                 return self._existing(conn, new)
@@ -260,7 +265,9 @@ class SqlSagaStore:
                     guard_rows.record_guard(conn, self._insert(guards), guard, now)
                 return record, decision, ()
             if one_statement.fits(decision):
-                written = one_statement.write(conn, record, decision, messages, now, guard)
+                written = one_statement.write(
+                    conn, record, decision, messages, now, guard, self.prepare
+                )
                 return record, decision, written
         with self._connect() as conn:
             if guard is not None:

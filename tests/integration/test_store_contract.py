@@ -105,8 +105,10 @@ def contract_pg_url() -> Iterator[str]:
     drop_pg_database(url)
 
 
-@pytest.fixture(params=["memory", "sqlite", "postgresql"])
+@pytest.fixture(params=["memory", "sqlite", "postgresql", "postgresql-unprepared"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    """Every store: in memory, SQLite, PostgreSQL (hot statements prepared per connection)
+    and PostgreSQL without prepared statements (``prepared_statements=False``)."""
     if request.param == "memory":
         memory = InMemorySagaStore()
         yield Backend("memory", memory, memory.row_counts)
@@ -118,7 +120,7 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
         url = request.getfixturevalue("contract_pg_url")
         with shared_engine(url).begin() as conn:
             conn.execute(sa.text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
-    store = SqlSagaStore(url)
+    store = SqlSagaStore(url, prepare=request.param != "postgresql-unprepared")
     yield Backend(request.param, store, _sql_rows(store))
     if request.param == "sqlite":
         store.engine.dispose()
