@@ -53,15 +53,16 @@ def shared_engine(url: str, **options: Any) -> Engine:
         return engine
 
 
-def autocommit_engine(engine: Engine) -> Engine:
-    """An engine whose connections stay in autocommit, for single-statement writes: its
-    own small pool, so no isolation level is set and reset on every checkout."""
-    url = engine.url.render_as_string(hide_password=False)
+def autocommit_engine(url: str, **options: Any) -> Engine:
+    """The process-wide autocommit engine for ``url`` and the same ``options`` as the
+    shared one (connect_args, pool sizes…), for single-statement writes: its own pool, so
+    no isolation level is set and reset on every checkout."""
     key = f"autocommit {url}"
     with _lock:
         found = _engines.get(key)
         if found is None:
-            found = _engines[key] = build_engine(url, isolation_level="AUTOCOMMIT")
+            options = {**options, "isolation_level": "AUTOCOMMIT"}
+            found = _engines[key] = build_engine(url, **options)
         return found
 
 

@@ -173,13 +173,17 @@ def _step_rows(
     decision: Decision, now: datetime, new: NewSaga | None
 ) -> list[tuple[int, dict[str, Any]]]:
     """(index, columns) of the step rows written: every step of a new saga, else the
-    changed ones."""
-    changed = [(c.index, step_values(c, now)) for c in decision.step_changes]
+    changed ones. A decision may change one step twice (``running→failed``, then
+    ``failed→compensating``): the changes are merged in order into one write per row, as
+    the UPDATEs one after the other would leave it — two UPDATEs of one row in one
+    statement would keep only one of them."""
+    merged: dict[int, dict[str, Any]] = {}
+    for change in decision.step_changes:
+        merged.setdefault(change.index, {}).update(step_values(change, now))
     if new is None:
-        return changed
-    by_index = dict(changed)
+        return list(merged.items())
     return [
-        (i, {"idx": i, "name": name, "status": "pending", **by_index.get(i, {})})
+        (i, {"idx": i, "name": name, "status": "pending", **merged.get(i, {})})
         for i, name in enumerate(new.step_names)
     ]
 

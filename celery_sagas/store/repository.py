@@ -77,7 +77,11 @@ class SqlSagaStore:
         else:
             self.engine = url_or_engine
         self.is_postgres = self.engine.dialect.name == "postgresql"
-        self._autocommit = autocommit_engine(self.engine) if self.is_postgres else None
+        self._autocommit: Engine | None = None
+        if self.is_postgres and isinstance(url_or_engine, str):
+            self._autocommit = autocommit_engine(url_or_engine, **engine_options)
+        elif self.is_postgres:  # an engine of the caller's: its own pool, set per checkout
+            self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         self.prepare = prepare
         self._begin_step = Prepared(BEGIN_STEP, self.engine.dialect, prepare)
         self._mark_started = guard_rows.mark_started_statement(self._insert(guards))

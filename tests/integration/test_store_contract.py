@@ -7,6 +7,7 @@ its tables truncated before each test); it is skipped when the server is down, e
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -537,6 +538,42 @@ def test_a_claim_commit_marks_the_rows_of_its_saga_sent(backend: Backend) -> Non
 
 
 # --------------------------------------------------------------------------- update
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        StepFailed(1, 2, "boom", False, attempts=4),  # running→failed, then →compensating
+        machine.Cancel("bob", "stop"),  # the same two changes of the running step
+    ],
+    ids=["error", "cancel"],
+)
+def test_update_writes_two_changes_of_one_step_like_commit(
+    backend: Backend, event: machine.Event
+) -> None:
+    """A decision that changes one step twice: ``update`` (one statement on PostgreSQL)
+    leaves exactly what ``commit`` (the changes one after the other) leaves."""
+    store = backend.store
+    records = []
+    for key in ("by-update", "by-commit"):
+        record = create(store, key, saga_id=key).record
+        records.append(advance(store, record, StepSucceeded(0, 1, "r"), at(1))[0])
+
+    def decide(record: SagaRecord) -> tuple[Decision, list[OutboxMessage]]:
+        decision = machine.decide(record.view(), event, at(2))
+        return decision, keyed_message(record.saga_id, decision)
+
+    _, decision, _ = store.update("by-update", decide, at(2))
+    assert decision is not None and decision.accepted
+    advance(store, records[1], event, at(2))
+    updated, committed = store.load("by-update"), store.load("by-commit")
+    assert updated is not None and committed is not None
+    assert updated.steps == committed.steps
+    assert (updated.state, updated.reason) == (committed.state, committed.reason)
+    failed = updated.steps[1]
+    assert failed.status == StepStatus.COMPENSATING
+    assert failed.error is not None and failed.error_kind is not None
+    assert failed.finished_at == at(2)
 
 
 def test_update_loads_decides_and_commits_in_one_call(backend: Backend) -> None:
@@ -1424,3 +1461,24 @@ def test_prepared_statements_survive_a_session_that_lost_them(contract_pg_url: s
     with shared_engine(contract_pg_url).connect() as conn:
         transitions_written = conn.execute(sa.text("SELECT count(*) FROM saga_transition"))
         assert transitions_written.scalar_one() == 2 * (2 + 3)  # created + one step, each
+
+
+def test_engine_options_reach_the_autocommit_connections_too(contract_pg_url: str) -> None:
+    """The hot path's autocommit pool is built with the store's engine options (SSL,
+    search_path, application_name…), not from the bare URL."""
+    with shared_engine(contract_pg_url).begin() as conn:
+        conn.execute(sa.text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
+    url = f"{contract_pg_url}?connect_timeout=9"  # an engine of its own (engines are per URL)
+    name = f"sagas-options-{os.getpid()}"
+    store = SqlSagaStore(url, connect_args={"application_name": name})
+    record = create(store, saga_id="o").record  # one statement, on the autocommit pool
+    assert store.begin_step("o:0", "o", at(1)) == (None, record)
+    with shared_engine(contract_pg_url).connect() as conn:
+        names = conn.execute(
+            sa.text(
+                "SELECT application_name FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        ).scalars()
+        # create and begin_step ran on the autocommit pool only: its connection has it
+        assert name in set(names)
