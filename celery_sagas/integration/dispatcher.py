@@ -37,7 +37,9 @@ def kwargs_repr(kwargs: Mapping[str, Any], redact_fields: Sequence[str]) -> str:
     """What Flower and the worker log show: a dict literal (Flower's ``kwargs:saga_id=…``
     search parses it) with the payload's secrets masked."""
     shown = {
-        key: redact(value, redact_fields) if key in ("payload", "results", "result") else value
+        key: redact(value, redact_fields)
+        if key in ("payload", "results", "result", "applying")
+        else value
         for key, value in kwargs.items()
     }
     return repr(shown)

@@ -32,6 +32,8 @@ from celery_sagas.protocols import GuardRecord, SagaRecord, SagaStore
 MAX_ERROR = 2000
 MAX_TRACEBACK = 8000
 STORE_RETRY_CAP = 30.0  # seconds between attempts to apply an outcome while the store is down
+# the kwarg a retry of a failed apply carries: the outcome the participant already produced
+CARRIED = "applying"
 
 
 def describe(exc: BaseException) -> str:
@@ -70,6 +72,23 @@ class StepRun:
         """After ``put_guard``: the outcome is whichever record won."""
         return StepRun({**self.outcome, **as_outcome(winner)})
 
+    def carried(self, tries: int) -> dict[str, Any]:
+        """This run as a retry message's kwarg (JSON): applying it failed ``tries`` times."""
+        guard = self.to_record
+        return {
+            "outcome": self.outcome,
+            "guard": None if guard is None else as_outcome(guard) | {"key": guard.key},
+            "tries": tries,
+        }
+
+    @staticmethod
+    def from_carried(carried: dict[str, Any]) -> StepRun:
+        guard = carried.get("guard")
+        to_record = None
+        if guard is not None:
+            to_record = GuardRecord(guard["key"], guard["outcome"], guard["result"], guard["error"])
+        return StepRun(carried["outcome"], to_record)
+
 
 def policy_for(
     saga: Saga, step: Step, role: str, overrides: Mapping[str, Mapping[str, Any]]
@@ -103,9 +122,16 @@ class StepTask(Task):
     def perform(self, **kwargs: Any) -> dict[str, Any]:
         """The task body: run the step behind its guard; then either record the outcome and
         hand it down the chain (``coordinator_hop``), or record it and apply it to the saga
-        in one transaction. A store that fails while applying is retried with backoff; if
-        the outcome was recorded, the retry returns it without running the participant."""
-        run = self.execute(**kwargs)
+        in one transaction. If the store fails while applying, the task is retried with
+        backoff carrying the outcome (``applying``): the retry applies it without running
+        the participant again, and without counting against the step's retry policy."""
+        carried = kwargs.pop(CARRIED, None)
+        try:
+            run = StepRun.from_carried(carried) if carried else self.execute(**kwargs)
+        except StoreUnavailableError as exc:  # reading or writing the guard: run it later
+            self._log_store_retry(kwargs["saga_id"], "begin", exc, STORE_RETRY_CAP / 10)
+            shown = kwargs_repr(kwargs, self.redact_fields)
+            raise self.retry(exc=exc, countdown=STORE_RETRY_CAP / 10, kwargsrepr=shown) from exc
         if self.apply_outcome is None:
             if run.to_record is not None:
                 run = run.recorded(self.store_factory().put_guard(run.to_record, utcnow()))
@@ -114,19 +140,25 @@ class StepTask(Task):
         try:
             self.apply_outcome(kwargs["saga_id"], event, run.to_record, run.snapshot)
         except (StoreUnavailableError, ConcurrentUpdateError) as exc:
-            countdown = min(STORE_RETRY_CAP, 2.0**self.request.retries)
-            logger.warning(
-                "saga %s %s: cannot apply the %s outcome (%s); retry in %.0fs",
-                kwargs["saga_id"],
-                self.step_def.name,
-                self.role,
-                exc,
-                countdown,
-                extra={"saga_id": kwargs["saga_id"], "saga": self.saga.name},
-            )
-            shown = kwargs_repr(self.request.kwargs or {}, self.redact_fields)
-            raise self.retry(exc=exc, countdown=countdown, kwargsrepr=shown) from exc
+            tries = (carried or {}).get("tries", 0) + 1
+            countdown = min(STORE_RETRY_CAP, 2.0 ** (tries - 1))
+            self._log_store_retry(kwargs["saga_id"], "apply the outcome of", exc, countdown)
+            again = {**kwargs, CARRIED: run.carried(tries)}
+            shown = kwargs_repr(again, self.redact_fields)
+            raise self.retry(exc=exc, countdown=countdown, kwargs=again, kwargsrepr=shown) from exc
         return run.outcome
+
+    def _log_store_retry(self, saga_id: str, doing: str, exc: Exception, wait: float) -> None:
+        logger.warning(
+            "saga %s %s: cannot %s the %s (%s); retry in %.0fs",
+            saga_id,
+            self.step_def.name,
+            doing,
+            self.role,
+            exc,
+            wait,
+            extra={"saga_id": saga_id, "saga": self.saga.name, "step": self.step_def.name},
+        )
 
     def execute(
         self,

@@ -98,3 +98,42 @@ def test_pool_child_sigkilled_mid_step_saga_still_completes_exactly_once(
     store = SqlSagaStore(db.database_url())
     completions = [t.step for t in store.transitions(record.saga_id) if t.new == "completed"]
     assert completions.count("process_payment") == 1
+
+
+def _hot_path_backends_killed() -> int:
+    """Terminate the workers' hot-path connections (their last statement was an EXECUTE of
+    a prepared statement): what a PostgreSQL restart or failover does to them."""
+    with db.get_engine().connect() as conn:
+        killed = conn.exec_driver_sql(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+            "AND query LIKE 'EXECUTE cs_%%'"
+        ).scalar_one()
+    return int(killed)
+
+
+def test_a_connection_lost_before_the_outcome_is_applied_does_not_run_the_step_twice(
+    deployment: Deployment, start_saga: Any, fresh_sku: Callable[[int], str]
+) -> None:
+    """The database drops the worker's connection while a participant runs: applying the
+    outcome fails, the task is retried carrying the outcome, and the participant is not run
+    again (its attempt count stays 1)."""
+    sku = fresh_sku(5)
+    order = make_order(sku, qty=1, simulate={"process_payment": "slow:1.5"})
+    store = SqlSagaStore(db.database_url())
+    with deployment.worker(name="dropped-connection", concurrency=1) as worker:
+        start_saga.delay(order)
+        saga = wait_until(lambda: store.find(order["order_id"]), timeout=30, message="saga")
+        key = f"{saga.saga_id}:process_payment:action"
+        wait_until(lambda: store.get_guard(key), timeout=30, message="payment started")
+        assert _hot_path_backends_killed() >= 1
+        record = wait_settled([order["order_id"]], timeout=60)[order["order_id"]]
+        log = worker.log_text()
+
+    assert "cannot apply the outcome of the action" in log
+    assert record.state.value == "COMPLETED"
+    payment = record.steps[1]
+    assert (payment.name, payment.attempts) == ("process_payment", 1)  # ran once
+    assert [p.status for p in rows_for(db.payments, order["order_id"])] == ["captured"]
+    completions = [t.step for t in store.transitions(record.saga_id) if t.new == "completed"]
+    assert completions.count("process_payment") == 1
