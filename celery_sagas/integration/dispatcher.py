@@ -73,18 +73,15 @@ class CeleryDispatcher:
         else:
             task_name, reply_name = saga.compensation_task_name(index), COMPENSATED_TASK
         kwargs = step_kwargs(body)
-        step = self.app.signature(
-            task_name,
-            kwargs=kwargs,
-            immutable=True,
-            kwargsrepr=kwargs_repr(kwargs, self.redact_fields),
-        )
+        shown = kwargs_repr(kwargs, self.redact_fields)
         # every task of a saga hangs under one root (the start task, whose id is the saga id)
         # even when the relay, the scanner or an operator command sends it
         if not self.coordinator_hop:
-            # the step task applies its own outcome: no second hop
-            step.apply_async(root_id=body["saga_id"])
+            # the step task applies its own outcome: one message, sent by name (routes
+            # apply; no signature to build)
+            self.app.send_task(task_name, kwargs=kwargs, kwargsrepr=shown, root_id=body["saga_id"])
             return
+        step = self.app.signature(task_name, kwargs=kwargs, immutable=True, kwargsrepr=shown)
         reply = self.app.signature(
             reply_name,
             kwargs={"saga_id": body["saga_id"], "step": index, "token": body["token"]},

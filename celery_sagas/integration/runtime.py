@@ -176,6 +176,7 @@ def _register_step_tasks(app: Celery, runtime: SagaRuntime, saga: Saga) -> None:
                 redact_fields=runtime.settings.redact_fields,
                 apply_outcome=None if runtime.settings.coordinator_hop else runtime.apply,
                 acks_late=True,
+                shared=False,  # bound to this app's runtime: another app must not inherit it
                 ignore_result=True,  # the saga database holds outcomes; chains pass them on
             )(run)
             if step.queue:

@@ -61,23 +61,23 @@ class StartSagaTask(Task):
 
 
 def register_coordinator_tasks(app: Celery, runtime: SagaRuntime) -> None:
-    @app.task(name=ADVANCE_TASK, **RETRY_ON_STORE)
+    @app.task(name=ADVANCE_TASK, shared=False, **RETRY_ON_STORE)
     def advance(outcome: dict[str, Any], saga_id: str, step: int, token: int) -> str | None:
         return runtime.apply(saga_id, outcome_event(outcome, step, token, "action"))
 
-    @app.task(name=COMPENSATED_TASK, **RETRY_ON_STORE)
+    @app.task(name=COMPENSATED_TASK, shared=False, **RETRY_ON_STORE)
     def compensated(outcome: dict[str, Any], saga_id: str, step: int, token: int) -> str | None:
         return runtime.apply(saga_id, outcome_event(outcome, step, token, "compensation"))
 
-    @app.task(name=RELAY_TASK, ignore_result=True, expires=30)
+    @app.task(name=RELAY_TASK, shared=False, ignore_result=True, expires=30)
     def relay_outbox() -> int:
         return runtime.relay()
 
-    @app.task(name=SCAN_TASK, ignore_result=True, expires=30, **RETRY_ON_STORE)
+    @app.task(name=SCAN_TASK, shared=False, ignore_result=True, expires=30, **RETRY_ON_STORE)
     def scan() -> dict[str, int]:
         return runtime.scan()
 
-    @app.task(name=DEAD_LETTER_TASK, bind=True, ignore_result=True, max_retries=None)
+    @app.task(name=DEAD_LETTER_TASK, bind=True, shared=False, ignore_result=True, max_retries=None)
     def dead_letter(self: Task, saga_id: str, step: int) -> str:
         """A message on the DLQ queue. Only a recovery worker (``-Q sagas.dlq``) consumes
         it: it retries the dead compensation on a slow schedule, then gives up for good."""
@@ -90,6 +90,7 @@ def register_coordinator_tasks(app: Celery, runtime: SagaRuntime) -> None:
 def register_start_task(app: Celery, runtime: SagaRuntime, saga_name: str) -> Task:
     @app.task(
         name=f"{saga_name}.start",
+        shared=False,  # bound to this app's runtime: another app must not inherit it
         base=StartSagaTask,
         bind=True,
         saga_name=saga_name,

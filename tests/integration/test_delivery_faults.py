@@ -9,7 +9,7 @@ from typing import Any
 
 import redis
 
-from celery_sagas.store import SqlSagaStore
+from celery_sagas.store import SqlSagaStore, dispose_all_after_fork
 from tests.integration.conftest import Deployment, make_order, rows_for, wait_settled
 from tests.support.processes import wait_until
 from workers import db
@@ -127,6 +127,9 @@ def test_a_connection_lost_before_the_outcome_is_applied_does_not_run_the_step_t
         key = f"{saga.saga_id}:process_payment:action"
         wait_until(lambda: store.get_guard(key), timeout=30, message="payment started")
         assert _hot_path_backends_killed() >= 1
+        # this process's own pooled connections were among them: start afresh (a client
+        # of the store after a database restart sees one StoreUnavailableError per pool)
+        dispose_all_after_fork()
         record = wait_settled([order["order_id"]], timeout=60)[order["order_id"]]
         log = worker.log_text()
 
