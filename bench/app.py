@@ -2,8 +2,9 @@
 
 One app, one worker, one queue for both workloads:
 
-- ``bench_noop``: a 4-step saga whose actions and compensations are no-ops (9 task hops:
-  start + 4 x (step + advance)). Completion is read from the ``saga`` table.
+- ``bench_noop``: a 4-step saga whose actions and compensations are no-ops (5 task hops:
+  start + 4 steps; 9 with ``SAGAS_COORDINATOR_HOP=true``, each step followed by
+  ``celery_sagas.advance``). Completion is read from the ``saga`` table.
 - ``bench.noop_1`` .. ``bench.noop_4``: the bare-chain baseline (4 task hops). The last task
   records its completion in Redis (``ZADD`` of the completion time under the chain id), the
   minimal completion signal that needs no result backend.
