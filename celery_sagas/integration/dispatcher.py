@@ -37,11 +37,15 @@ def kwargs_repr(kwargs: Mapping[str, Any], redact_fields: Sequence[str]) -> str:
     """What Flower and the worker log show: a dict literal (Flower's ``kwargs:saga_id=…``
     search parses it) with the payload's secrets masked."""
     shown = {
-        key: redact(value, redact_fields)
-        if key in ("payload", "results", "result", "applying")
-        else value
+        key: redact(value, redact_fields) if key in ("payload", "results", "result") else value
         for key, value in kwargs.items()
     }
+    if isinstance(shown.get("applying"), Mapping):  # a carried outcome: its kind only
+        carried = shown["applying"]
+        shown["applying"] = {
+            "outcome": (carried.get("outcome") or {}).get("outcome"),
+            "tries": carried.get("tries"),
+        }
     return repr(shown)
 
 
@@ -77,9 +81,11 @@ class CeleryDispatcher:
         # every task of a saga hangs under one root (the start task, whose id is the saga id)
         # even when the relay, the scanner or an operator command sends it
         if not self.coordinator_hop:
-            # the step task applies its own outcome: one message, sent by name (routes
-            # apply; no signature to build)
-            self.app.send_task(task_name, kwargs=kwargs, kwargsrepr=shown, root_id=body["saga_id"])
+            # the step task applies its own outcome: one message, sent through the task
+            # itself (routes, task options and eager mode apply; no signature to build)
+            self.app.tasks[task_name].apply_async(
+                kwargs=kwargs, kwargsrepr=shown, root_id=body["saga_id"]
+            )
             return
         step = self.app.signature(task_name, kwargs=kwargs, immutable=True, kwargsrepr=shown)
         reply = self.app.signature(

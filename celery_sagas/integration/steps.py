@@ -12,6 +12,7 @@ measured from the recorded attempt time.
 
 from __future__ import annotations
 
+import random
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ MAX_TRACEBACK = 8000
 STORE_RETRY_CAP = 30.0  # seconds between attempts to apply an outcome while the store is down
 # the kwarg a retry of a failed apply carries: the outcome the participant already produced
 CARRIED = "applying"
+# the kwarg counting retries that only waited for the store (not tries of the participant)
+STORE_RETRIES = "store_retries"
 
 
 def describe(exc: BaseException) -> str:
@@ -122,31 +125,45 @@ class StepTask(Task):
     def perform(self, **kwargs: Any) -> dict[str, Any]:
         """The task body: run the step behind its guard; then either record the outcome and
         hand it down the chain (``coordinator_hop``), or record it and apply it to the saga
-        in one transaction. If the store fails while applying, the task is retried with
-        backoff carrying the outcome (``applying``): the retry applies it without running
-        the participant again, and without counting against the step's retry policy."""
+        in one transaction.
+
+        The store failing is retried with capped exponential backoff and never counts
+        against the step's retry policy: before the participant ran, the task runs later
+        (``store_retries`` counts those retries out of the attempt numbers); after, the
+        retry carries the outcome (``applying``) and only records and applies it, without
+        running the participant again."""
         carried = kwargs.pop(CARRIED, None)
         try:
             run = StepRun.from_carried(carried) if carried else self.execute(**kwargs)
-        except StoreUnavailableError as exc:  # reading or writing the guard: run it later
-            self._log_store_retry(kwargs["saga_id"], "begin", exc, STORE_RETRY_CAP / 10)
-            shown = kwargs_repr(kwargs, self.redact_fields)
-            raise self.retry(exc=exc, countdown=STORE_RETRY_CAP / 10, kwargsrepr=shown) from exc
-        if self.apply_outcome is None:
+        except StoreUnavailableError as exc:  # the guard could not be read: nothing ran
+            waited = int(kwargs.get(STORE_RETRIES, 0))
+            again = {**kwargs, STORE_RETRIES: waited + 1}
+            raise self._retry_for_store(exc, "begin", waited, again) from exc
+        try:
+            return self._finish(run, kwargs)
+        except (StoreUnavailableError, ConcurrentUpdateError) as exc:
+            tries = int((carried or {}).get("tries", 0))
+            again = {**kwargs, CARRIED: run.carried(tries + 1)}
+            raise self._retry_for_store(exc, "record the outcome of", tries, again) from exc
+
+    def _finish(self, run: StepRun, kwargs: dict[str, Any]) -> dict[str, Any]:
+        if self.apply_outcome is None:  # the chain's coordinator task applies it
             if run.to_record is not None:
                 run = run.recorded(self.store_factory().put_guard(run.to_record, utcnow()))
             return run.outcome
         event = outcome_event(run.outcome, kwargs["step"], kwargs["token"], self.role)
-        try:
-            self.apply_outcome(kwargs["saga_id"], event, run.to_record, run.snapshot)
-        except (StoreUnavailableError, ConcurrentUpdateError) as exc:
-            tries = (carried or {}).get("tries", 0) + 1
-            countdown = min(STORE_RETRY_CAP, 2.0 ** (tries - 1))
-            self._log_store_retry(kwargs["saga_id"], "apply the outcome of", exc, countdown)
-            again = {**kwargs, CARRIED: run.carried(tries)}
-            shown = kwargs_repr(again, self.redact_fields)
-            raise self.retry(exc=exc, countdown=countdown, kwargs=again, kwargsrepr=shown) from exc
+        self.apply_outcome(kwargs["saga_id"], event, run.to_record, run.snapshot)
         return run.outcome
+
+    def _retry_for_store(
+        self, exc: Exception, doing: str, failures: int, kwargs: dict[str, Any]
+    ) -> Exception:
+        """A retry of this task with ``kwargs`` after ``failures`` earlier store failures."""
+        countdown = min(STORE_RETRY_CAP, 2.0**failures) * random.uniform(0.8, 1.2)
+        self._log_store_retry(kwargs["saga_id"], doing, exc, countdown)
+        shown = kwargs_repr(kwargs, self.redact_fields)
+        retry: Exception = self.retry(exc=exc, countdown=countdown, kwargs=kwargs, kwargsrepr=shown)
+        return retry
 
     def _log_store_retry(self, saga_id: str, doing: str, exc: Exception, wait: float) -> None:
         logger.warning(
@@ -170,6 +187,7 @@ class StepTask(Task):
         results: dict[str, Any] | None = None,
         result: Any = None,
         attempts_before: int = 0,
+        store_retries: int = 0,
     ) -> StepRun:
         """Check the guard and run the participant unless an outcome is recorded. A step
         task that applies its own outcome reads the saga in the same round trip, to decide
@@ -197,18 +215,23 @@ class StepTask(Task):
             payload=payload,
             results=results or {},
             idempotency_key=key,
-            attempt=attempts_before + self.request.retries + 1,
+            attempt=attempts_before + self._tries(store_retries),
             result=result,
         )
-        outcome, trace = self._run(store, context, extra)
+        outcome, trace = self._run(store, context, extra, self._tries(store_retries))
         counted = {"attempts": context.attempt}
         if outcome.outcome == "error" and self.role == "compensation":
             # A failed compensation is not recorded: an operator retry must run it again.
             return StepRun({**as_outcome(outcome), **counted, "traceback": trace}, None, snapshot)
         return StepRun({**as_outcome(outcome), **counted}, outcome, snapshot)
 
+    def _tries(self, store_retries: int) -> int:
+        """This delivery's try of the participant: Celery's retries, less the retries
+        that only waited for the store."""
+        return int(self.request.retries) - store_retries + 1
+
     def _run(
-        self, store: SagaStore, context: StepContext, extra: dict[str, Any]
+        self, store: SagaStore, context: StepContext, extra: dict[str, Any], tries: int
     ) -> tuple[GuardRecord, str | None]:
         function = self.step_def.action if self.role == "action" else self.step_def.compensation
         try:
@@ -224,20 +247,38 @@ class StepTask(Task):
                 )
                 return GuardRecord(context.idempotency_key, "business", error=describe(exc)), None
             failed_at = utcnow()
-            store.record_attempt(
-                context.saga_id, context.idempotency_key, context.attempt, describe(exc), failed_at
-            )
-            self._retry_or_give_up(exc, context, extra, failed_at)
+            try:
+                store.record_attempt(
+                    context.saga_id,
+                    context.idempotency_key,
+                    context.attempt,
+                    describe(exc),
+                    failed_at,
+                )
+            except StoreUnavailableError as lost:  # the policy still decides; the row is lost
+                logger.warning(
+                    "saga %s %s: attempt not recorded: %s",
+                    context.saga_id,
+                    context.step,
+                    lost,
+                    extra=extra,
+                )
+            self._retry_or_give_up(exc, context, extra, failed_at, tries)
             trace = "".join(traceback.format_exception(exc))[-MAX_TRACEBACK:]
             return GuardRecord(context.idempotency_key, "error", error=describe(exc)), trace
 
     def _retry_or_give_up(
-        self, exc: Exception, context: StepContext, extra: dict[str, Any], failed_at: datetime
+        self,
+        exc: Exception,
+        context: StepContext,
+        extra: dict[str, Any],
+        failed_at: datetime,
+        tries: int,
     ) -> None:
         """Retry after the policy's delay, counted from the recorded failure time."""
         policy = policy_for(self.saga, self.step_def, self.role, self.retry_overrides)
         retryable = self.role == "compensation" or isinstance(exc, tuple(self.step_def.retry_on))
-        decision = decide_retry(policy, self.request.retries + 1, retryable, failed_at)
+        decision = decide_retry(policy, tries, retryable, failed_at)
         if isinstance(decision, RetryAt):
             countdown = max(0.0, (decision.when - utcnow()).total_seconds())
             logger.warning(

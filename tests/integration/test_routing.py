@@ -15,6 +15,7 @@ from celery import Celery
 
 from celery_sagas import Saga, Step, StepContext, install
 from celery_sagas.protocols import OutboxMessage
+from celery_sagas.store import upgrade
 
 
 def act(context: StepContext) -> dict[str, Any]:
@@ -91,3 +92,22 @@ def test_a_step_with_a_queue_is_published_there_with_the_saga_as_root(
     # the coordinator task follows the step only with coordinator_hop
     followers = [task["task"] for task in embed.get("chain") or []]
     assert followers == (["celery_sagas.advance"] if coordinator_hop else [])
+
+
+@pytest.mark.parametrize("coordinator_hop", [False, True], ids=["inline", "coordinator_hop"])
+def test_an_eager_app_runs_a_saga_to_the_end_in_process(
+    tmp_path: Path, coordinator_hop: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Users who test with ``task_always_eager`` see the whole saga run in their process
+    (every step is published through its task, which honours eager mode)."""
+    monkeypatch.delenv("CELERY_BROKER_URL", raising=False)
+    app = Celery("eager", broker="memory://")
+    app.conf.task_always_eager = True
+    app.conf.task_eager_propagates = True
+    url = f"sqlite:///{tmp_path / 'eager.db'}"
+    upgrade(url)
+    runtime = install(app, [ROUTED], database_url=url, coordinator_hop=coordinator_hop)
+    runtime.start_task("routed").delay({"id": "order-7"})
+    record = runtime.store.find("order-7")
+    assert record is not None and record.state.value == "COMPLETED"
+    assert [s.result for s in record.steps] == [{"step": "reserve"}, {"step": "charge"}]
