@@ -81,11 +81,13 @@ class CeleryDispatcher:
         # every task of a saga hangs under one root (the start task, whose id is the saga id)
         # even when the relay, the scanner or an operator command sends it
         if not self.coordinator_hop:
-            # the step task applies its own outcome: one message, sent through the task
-            # itself (routes, task options and eager mode apply; no signature to build)
-            self.app.tasks[task_name].apply_async(
-                kwargs=kwargs, kwargsrepr=shown, root_id=body["saga_id"]
-            )
+            # the step task applies its own outcome: one message, sent by name (routes and
+            # task options apply; no signature to build), or run in process in eager mode
+            options = {"kwargs": kwargs, "kwargsrepr": shown, "root_id": body["saga_id"]}
+            if self.app.conf.task_always_eager:
+                self.app.tasks[task_name].apply_async(**options)
+            else:
+                self.app.send_task(task_name, ignore_result=True, **options)
             return
         step = self.app.signature(task_name, kwargs=kwargs, immutable=True, kwargsrepr=shown)
         reply = self.app.signature(

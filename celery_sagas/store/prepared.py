@@ -76,7 +76,7 @@ class Prepared:
         return [
             SimpleNamespace(
                 **{
-                    name: value if processor is None else processor(value)
+                    name: value if processor is None or value is None else processor(value)
                     for name, value, processor in zip(names, row, processors, strict=True)
                 }
             )
