@@ -44,20 +44,6 @@ def describe(exc: BaseException) -> str:
     return text if len(text) <= MAX_ERROR else text[:MAX_ERROR] + "…"
 
 
-def outcome_event(outcome: dict[str, Any], step: int, token: int, role: str) -> machine.Event:
-    ok = outcome.get("outcome") == "ok"
-    attempts = outcome.get("attempts")
-    error = outcome.get("error") or "unknown error"
-    if role == "action":
-        if ok:
-            return machine.StepSucceeded(step, token, outcome.get("result"), attempts)
-        business = outcome.get("outcome") == "business"
-        return machine.StepFailed(step, token, error, business, attempts)
-    if ok:
-        return machine.CompensationSucceeded(step, token, outcome.get("result"), attempts)
-    return machine.CompensationFailed(step, token, error, attempts, outcome.get("traceback"))
-
-
 def as_outcome(guard: GuardRecord) -> dict[str, Any]:
     return {"outcome": guard.outcome, "result": guard.result, "error": guard.error}
 
@@ -151,7 +137,7 @@ class StepTask(Task):
             if run.to_record is not None:
                 run = run.recorded(self.store_factory().put_guard(run.to_record, utcnow()))
             return run.outcome
-        event = outcome_event(run.outcome, kwargs["step"], kwargs["token"], self.role)
+        event = machine.outcome_event(self.role, kwargs["step"], kwargs["token"], run.outcome)
         self.apply_outcome(kwargs["saga_id"], event, run.to_record, run.snapshot)
         return run.outcome
 

@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING, Any
 from celery import Celery, Task
 from celery.utils import uuid
 
+from celery_sagas import machine
 from celery_sagas.coordinator import check_payload
 from celery_sagas.errors import ConcurrentUpdateError, StoreUnavailableError
 from celery_sagas.integration.dispatcher import ADVANCE_TASK, COMPENSATED_TASK, DEAD_LETTER_TASK
-from celery_sagas.integration.steps import outcome_event
 from celery_sagas.redaction import redact
 
 if TYPE_CHECKING:
@@ -63,11 +63,11 @@ class StartSagaTask(Task):
 def register_coordinator_tasks(app: Celery, runtime: SagaRuntime) -> None:
     @app.task(name=ADVANCE_TASK, shared=False, **RETRY_ON_STORE)
     def advance(outcome: dict[str, Any], saga_id: str, step: int, token: int) -> str | None:
-        return runtime.apply(saga_id, outcome_event(outcome, step, token, "action"))
+        return runtime.apply(saga_id, machine.outcome_event("action", step, token, outcome))
 
     @app.task(name=COMPENSATED_TASK, shared=False, **RETRY_ON_STORE)
     def compensated(outcome: dict[str, Any], saga_id: str, step: int, token: int) -> str | None:
-        return runtime.apply(saga_id, outcome_event(outcome, step, token, "compensation"))
+        return runtime.apply(saga_id, machine.outcome_event("compensation", step, token, outcome))
 
     @app.task(name=RELAY_TASK, shared=False, ignore_result=True, expires=30)
     def relay_outbox() -> int:

@@ -38,6 +38,7 @@ from celery_sagas.machine.events import (
     StepFailed,
     StepSucceeded,
     Tick,
+    outcome_event,
 )
 from celery_sagas.machine.operator import _cancel, _operator_discard, _operator_retry
 from celery_sagas.machine.replies import (
@@ -94,6 +95,7 @@ __all__ = [
     "ignore",
     "needs_compensation",
     "next_to_compensate",
+    "outcome_event",
 ]
 
 

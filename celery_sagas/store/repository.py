@@ -83,7 +83,10 @@ class SqlSagaStore:
         elif self.is_postgres:  # an engine of the caller's: its own pool, set per checkout
             self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         self.prepare = prepare
-        self._begin_step = Prepared(BEGIN_STEP, self.engine.dialect, prepare)
+        # PostgreSQL only (a data-modifying CTE); compiled once per store
+        self._begin_step = (
+            Prepared(BEGIN_STEP, self.engine.dialect, prepare) if self.is_postgres else None
+        )
         self._mark_started = guard_rows.mark_started_statement(self._insert(guards))
 
     def __repr__(self) -> str:
@@ -265,8 +268,7 @@ class SqlSagaStore:
             record = known or _joined_record(conn.execute(WITH_STEPS, {"p_saga_id": saga_id}).all())
             decision, messages = (None, ()) if record is None else decide(record)
             if record is None or decision is None or not decision.accepted:
-                if guard is not None:
-                    guard_rows.record_guard(conn, self._insert(guards), guard, now)
+                self._record_guard(conn, guard, now)
                 return record, decision, ()
             if one_statement.fits(decision):
                 written = one_statement.write(
@@ -274,16 +276,19 @@ class SqlSagaStore:
                 )
                 return record, decision, written
         with self._connect() as conn:
-            if guard is not None:
-                guard_rows.record_guard(conn, self._insert(guards), guard, now)
+            self._record_guard(conn, guard, now)
             return record, decision, self._commit_in(conn, record, decision, messages, now)
+
+    def _record_guard(self, conn: Connection, guard: GuardRecord | None, now: datetime) -> None:
+        """A step outcome written in the caller's transaction (nothing if ``guard`` is None)."""
+        if guard is not None:
+            guard_rows.record_guard(conn, self._insert(guards), guard, now)
 
     def _update_in_transaction(
         self, saga_id: str, decide: Decide, now: datetime, guard: GuardRecord | None
     ) -> tuple[SagaRecord | None, Decision | None, tuple[OutboxMessage, ...]]:
         with self._connect() as conn:
-            if guard is not None:
-                guard_rows.record_guard(conn, self._insert(guards), guard, now)
+            self._record_guard(conn, guard, now)
             record = _joined_record(conn.execute(WITH_STEPS, {"p_saga_id": saga_id}).all())
             if record is None:
                 return None, None, ()
@@ -352,7 +357,7 @@ class SqlSagaStore:
     def begin_step(
         self, key: str, saga_id: str, now: datetime
     ) -> tuple[GuardRecord | None, SagaRecord | None]:
-        if not self.is_postgres:
+        if self._begin_step is None:
             return self.begin_guard(key, now), self.load(saga_id)
         with self._one_statement() as conn:
             params = {"g_key": key, "g_now": now, "p_saga_id": saga_id}

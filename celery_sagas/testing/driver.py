@@ -12,14 +12,7 @@ from celery_sagas import outbox
 from celery_sagas.coordinator import Coordinator
 from celery_sagas.definition import Step, StepContext, StepFunction
 from celery_sagas.errors import SagaError, SagaNotFoundError
-from celery_sagas.machine import (
-    SETTLED_STATES,
-    CompensationFailed,
-    CompensationSucceeded,
-    Event,
-    StepFailed,
-    StepSucceeded,
-)
+from celery_sagas.machine import SETTLED_STATES, Event, outcome_event
 from celery_sagas.policy import RetryAt, decide_retry
 from celery_sagas.protocols import GuardRecord, OutboxMessage, SagaRecord, SagaStore
 
@@ -106,16 +99,19 @@ def _run(
 
 
 def _event(delivery: _Delivery, ran: _Ran) -> Event:
-    index, token = delivery.message.body["step"], delivery.message.body["token"]
-    outcome, attempts = ran.outcome, ran.attempts
-    error = outcome.error or "unknown error"
-    if delivery.role == "action":
-        if outcome.outcome == "ok":
-            return StepSucceeded(index, token, outcome.result, attempts)
-        return StepFailed(index, token, error, outcome.outcome == "business", attempts)
-    if outcome.outcome == "ok":
-        return CompensationSucceeded(index, token, outcome.result, attempts)
-    return CompensationFailed(index, token, error, attempts, ran.traceback)
+    body, outcome = delivery.message.body, ran.outcome
+    return outcome_event(
+        delivery.role,
+        body["step"],
+        body["token"],
+        {
+            "outcome": outcome.outcome,
+            "result": outcome.result,
+            "error": outcome.error,
+            "attempts": ran.attempts,
+            "traceback": ran.traceback,
+        },
+    )
 
 
 def _deliver(
@@ -124,9 +120,11 @@ def _deliver(
     dispatcher: RecordingDispatcher,
     delivery: _Delivery,
 ) -> None:
-    """What the step task and the reply task do: guard, run, record, advance, publish."""
+    """What the step task does: mark the guard started (reading the saga), run, then
+    record the outcome and apply it in one transaction, publish."""
     body = delivery.message.body
-    recorded = store.begin_guard(body["key"], coordinator.clock())
+    recorded, snapshot = store.begin_step(body["key"], body["saga_id"], coordinator.clock())
+    to_record = None
     if recorded is not None:  # a duplicate delivery: the recorded outcome, attempts unknown
         ran = _Ran(recorded, None)
     else:
@@ -143,8 +141,9 @@ def _deliver(
         ran = _run(coordinator, store, delivery, context)
         if not (ran.outcome.outcome == "error" and delivery.role == "compensation"):
             # As the real task: a failed compensation is not recorded (it may be retried).
-            ran = replace(ran, outcome=store.put_guard(ran.outcome, coordinator.clock()))
-    handled = coordinator.handle(body["saga_id"], _event(delivery, ran))
+            to_record = ran.outcome
+    event = _event(delivery, ran)
+    handled = coordinator.handle(body["saga_id"], event, to_record, snapshot)
     outbox.publish(store, dispatcher, handled.messages, coordinator.clock)
 
 

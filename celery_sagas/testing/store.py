@@ -310,16 +310,20 @@ class InMemorySagaStore:
     def begin_step(
         self, key: str, saga_id: str, now: datetime
     ) -> tuple[GuardRecord | None, SagaRecord | None]:
-        return self.begin_guard(key, now), self.load(saga_id)
+        """One call, as the SQL store's one round trip (recorded as ``"begin_step"``)."""
+        with self._lock:
+            self.calls.append("begin_step")
+            saga = self._sagas.get(saga_id)
+            return self._begin_guard(key, as_utc(now)), _copy(saga) if saga else None
 
     def begin_guard(self, key: str, now: datetime) -> GuardRecord | None:
-        now = as_utc(now)
         with self._lock:
             self.calls.append("begin_guard")
-            guard = self._guards.setdefault(key, GuardRecord(key, STARTED, recorded_at=now))
-            return (
-                None if guard.outcome == STARTED else replace(guard, result=as_json(guard.result))
-            )
+            return self._begin_guard(key, as_utc(now))
+
+    def _begin_guard(self, key: str, now: datetime) -> GuardRecord | None:
+        guard = self._guards.setdefault(key, GuardRecord(key, STARTED, recorded_at=now))
+        return None if guard.outcome == STARTED else replace(guard, result=as_json(guard.result))
 
     def put_guard(self, guard: GuardRecord, now: datetime) -> GuardRecord:
         with self._lock:

@@ -154,12 +154,15 @@ def test_one_commit_per_transition(fail_at: int | None, commits: int) -> None:
     assert store.calls.count("create") == 1
     assert store.calls.count("update") == commits
     assert store.calls.count("commit") == 0
-    # Each delivery marks its guard started once and records the outcome once (every reply
-    # here is ok or business, and both are recorded). publish still calls mark_sent after
-    # start and after each update, but with no ids: step messages are marked sent by the
-    # saga's next transition, not by publish, and none of these sagas has a dead letter.
-    assert store.calls.count("begin_guard") == commits
-    assert store.calls.count("put_guard") == commits
+    # Each delivery marks its guard started (reading the saga) once, and records the outcome
+    # inside its update, never apart (every reply here is ok or business, both recorded).
+    # publish still calls mark_sent after start and after each update, but with no ids:
+    # step messages are marked sent by the saga's next transition, not by publish, and
+    # none of these sagas has a dead letter.
+    assert store.calls.count("begin_step") == commits
+    assert store.calls.count("put_guard") == 0
+    assert len(store._guards) == commits
+    assert all(g.outcome != STARTED for g in store._guards.values())
     assert store.calls.count("mark_sent") == 1 + commits
     assert store.unsent(datetime(2100, 1, 1, tzinfo=UTC), 100) == ()
 
@@ -168,19 +171,20 @@ def test_the_exact_store_calls_of_a_happy_four_step_saga() -> None:
     store, _ = run(Toy())
     per_step = [
         "load",  # the driver: settled yet?
-        "begin_guard",  # the step task: already done? if not, mark it started
-        "put_guard",  # the step task: record the outcome
-        # coordinator.handle: load + decide + state, step changes, transition log, earlier
-        # outbox rows marked sent, next outbox row; one transaction (was load, then commit)
+        # the step task: already done? if not, mark it started; and read the saga
+        "begin_step",
+        # coordinator.handle on that snapshot: decide + the guard's outcome, state, step
+        # changes, transition log, earlier outbox rows marked sent, next outbox row; one
+        # transaction (was put_guard, then load + commit)
         "update",
         # publish after update: step messages are no longer marked sent here (the next
         # transition does it), so mark_sent gets no ids (the SQL store then does nothing)
         "mark_sent",
     ]
-    # 1 create + 1 mark_sent, then 5 calls per step (6 before: load + commit are one
-    # update now), then the driver's final load: 2 + 4 * 5 + 1 = 23 calls.
+    # 1 create + 1 mark_sent, then 4 calls per step, then the driver's final load:
+    # 2 + 4 * 4 + 1 = 19 calls.
     assert store.calls == ["create", "mark_sent", *per_step * 4, "load"]
-    assert len(store.calls) == 23
+    assert len(store.calls) == 19
 
 
 def test_publish_failures_are_relayed_and_the_saga_still_completes() -> None:
