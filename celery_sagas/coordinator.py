@@ -138,6 +138,8 @@ class Timing:
     saga_deadlines: Mapping[str, float] = field(default_factory=dict)
     max_concurrent: Mapping[str, int] = field(default_factory=dict)
     max_redispatches: int = 2
+    time_limit_grace: float = 0.0  # a started step's hard limit: its timeout + this
+    queue_timeout: float | None = None  # how long a step may wait for a worker (None: ever)
 
     def timeouts(self, saga: Saga) -> tuple[float | None, ...]:
         return tuple(
@@ -179,7 +181,11 @@ class Coordinator:
 
     def view(self, record: SagaRecord) -> SagaView:
         saga = self.definition(record.name)
-        return record.view(self.timing.timeouts(saga), self.timing.max_redispatches)
+        return replace(
+            record.view(self.timing.timeouts(saga), self.timing.max_redispatches),
+            time_limit_grace=self.timing.time_limit_grace,
+            queue_timeout=self.timing.queue_timeout,
+        )
 
     def complete(self, record: SagaRecord, decision: Decision) -> Decision:
         """Fill in what the pure machine cannot know: the dead letter's task name and
@@ -230,6 +236,8 @@ class Coordinator:
             ),
             deadline_at=deadline_at,
             max_redispatches=self.timing.max_redispatches,
+            time_limit_grace=self.timing.time_limit_grace,
+            queue_timeout=self.timing.queue_timeout,
         )
         limited = self.timing.limit(saga) is not None
         decision = machine.decide(view, machine.Begin(admit=not limited), now)

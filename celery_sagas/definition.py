@@ -104,7 +104,10 @@ class Step:
     ``timeout`` (seconds or timedelta) bounds one attempt of the action. ``queue`` routes
     both the action and the compensation task. ``retry_on`` lists the exceptions worth
     retrying with ``retry``; ``business_errors`` mean "declined, did not act" (not
-    compensated). Any other exception fails the step, which is then compensated too.
+    compensated). Connection-level errors (a database or broker connection lost:
+    ``ConnectionError``, ``TimeoutError``, a driver's ``OperationalError`` or
+    ``InterfaceError``) are retried too unless ``retry_connection_errors=False``. Any other
+    exception fails the step, which is then compensated too.
     """
 
     name: str
@@ -117,6 +120,7 @@ class Step:
     retry_on: Sequence[type[BaseException]] = (TransientError,)
     business_errors: Sequence[type[BaseException]] = (BusinessError,)
     compensation_name: str | None = None
+    retry_connection_errors: bool = True
 
     def __post_init__(self) -> None:
         _check_name(self.name, "name", None)

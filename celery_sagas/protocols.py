@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from celery_sagas.definition import idempotency_key
 from celery_sagas.machine import (
+    FORWARD_STATES,
     Decision,
     ErrorKind,
     SagaState,
@@ -41,6 +42,7 @@ class StepRecord:
     redispatch_at: datetime | None = None
     dispatches: int = 0
     started: bool = False  # a worker began executing the current send (scans only)
+    began_at: datetime | None = None  # when a worker last began it (scans only)
 
 
 FINISHED_FORWARD = (StepStatus.COMPLETED, StepStatus.FAILED, StepStatus.TIMED_OUT)
@@ -117,6 +119,7 @@ class SagaRecord:
                     redispatch_at=s.redispatch_at,
                     dispatches=s.dispatches,
                     started=s.started,
+                    began_at=s.began_at,
                 )
                 for s in self.steps
             ),
@@ -169,6 +172,31 @@ def current_execution_key(record: SagaRecord) -> str:
     """The guard key of what the saga is waiting for: its current action or compensation."""
     role = "compensation" if record.state == SagaState.COMPENSATING else "action"
     return idempotency_key(record.saga_id, record.steps[record.current_step].name, role)
+
+
+@dataclass(frozen=True)
+class Expectation:
+    """What a step message claims: that the saga waits for step ``step``'s ``role``
+    (``action`` | ``compensation``) under attempt ``token``. A worker marks the step
+    started, and runs it, only if the saga says so (``expects``)."""
+
+    step: int
+    token: int
+    role: str
+
+    @property
+    def states(self) -> frozenset[SagaState]:
+        return FORWARD_STATES if self.role == "action" else frozenset({SagaState.COMPENSATING})
+
+
+def expects(record: SagaRecord | None, expectation: Expectation) -> bool:
+    """True if ``record`` is live and waits for exactly this step, role and token."""
+    return (
+        record is not None
+        and record.state in expectation.states
+        and record.current_step == expectation.step
+        and record.token == expectation.token
+    )
 
 
 @dataclass(frozen=True)
@@ -302,15 +330,17 @@ class SagaStore(Protocol):
     def get_guard(self, key: str) -> GuardRecord | None: ...
 
     def begin_step(
-        self, key: str, saga_id: str, now: datetime
+        self, key: str, saga_id: str, now: datetime, expectation: Expectation
     ) -> tuple[GuardRecord | None, SagaRecord | None]:
-        """``begin_guard`` and a snapshot of the saga (``load``), in one round trip where
-        the store can."""
+        """A snapshot of the saga (``load``) and, only if it ``expects`` this message,
+        ``begin_guard`` on the same snapshot, in one round trip where the store can.
+        A message the saga does not expect (or an unknown saga) writes nothing."""
         ...
 
     def begin_guard(self, key: str, now: datetime) -> GuardRecord | None:
-        """Before running: mark the execution started. Returns the recorded final outcome
-        if there is one (a duplicate delivery), else None (go ahead and run)."""
+        """Before running: mark the execution started (now: a marker already there gets
+        this start time). Returns the recorded final outcome if there is one (a duplicate
+        delivery), else None (go ahead and run)."""
         ...
 
     def put_guard(self, guard: GuardRecord, now: datetime) -> GuardRecord:

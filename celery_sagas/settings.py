@@ -23,6 +23,7 @@ DEFAULT_REDACT_FIELDS = ("card_number", "cvv", "password", "secret", "token", "a
 class SagaSettings:
     database_url: str
     coordinator_queue: str | None = None
+    control_queue: str | None = "sagas.control"  # beat's scan and relay (None: default queue)
     coordinator_hop: bool = False
     prepared_statements: bool = True
     relay_interval: float = 2.0
@@ -32,6 +33,8 @@ class SagaSettings:
     scan_batch: int = 200
     stuck_after: float = 600.0
     max_redispatches: int = 2
+    time_limit_grace: float = 10.0  # hard time limit = step timeout + this
+    queue_timeout: float | None = None  # bound on a step's wait for a worker (None: none)
     redact_fields: tuple[str, ...] = DEFAULT_REDACT_FIELDS
     step_timeouts: Mapping[str, float] = field(default_factory=dict)
     saga_deadlines: Mapping[str, float] = field(default_factory=dict)
@@ -55,7 +58,13 @@ class SagaSettings:
                 f"use a postgresql+psycopg2:// URL (SQLAlchemy 2.1 reads a bare "
                 f"postgresql:// as psycopg 3): {redact_url(self.database_url)}"
             )
-        for name in ("relay_interval", "relay_after", "scan_interval", "stuck_after"):
+        for name in (
+            "relay_interval",
+            "relay_after",
+            "scan_interval",
+            "stuck_after",
+            "time_limit_grace",
+        ):
             if getattr(self, name) <= 0:
                 raise SagaConfigurationError(f"{name} must be positive")
         for name in ("relay_batch", "scan_batch"):
@@ -80,6 +89,15 @@ class SagaSettings:
                         f"{name}[{key!r}] must be a positive number of seconds, got {seconds!r}"
                     )
         object.__setattr__(self, "redact_fields", tuple(self.redact_fields))
+
+    def _check_positive(self) -> None:
+        for name in ("relay_interval", "relay_after", "scan_interval", "stuck_after"):
+            if getattr(self, name) <= 0:
+                raise SagaConfigurationError(f"{name} must be positive")
+        if self.time_limit_grace < 0:
+            raise SagaConfigurationError("time_limit_grace must be >= 0")
+        if self.queue_timeout is not None and self.queue_timeout <= 0:
+            raise SagaConfigurationError("queue_timeout must be positive (or unset)")
 
     @classmethod
     def from_config(cls, conf: Mapping[str, Any], **overrides: Any) -> SagaSettings:

@@ -10,6 +10,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from celery import Celery, Task, signals
+from celery.exceptions import SoftTimeLimitExceeded
+from kombu.entity import Queue
 
 from celery_sagas import dlq, machine, outbox, scanner
 from celery_sagas.coordinator import Coordinator, Timing, utcnow
@@ -30,7 +32,9 @@ from celery_sagas.integration.tasks import (
     register_coordinator_tasks,
     register_start_task,
 )
+from celery_sagas.log import logger
 from celery_sagas.protocols import GuardRecord, OutboxMessage, SagaRecord
+from celery_sagas.runner import StepRunner, policy_for
 from celery_sagas.settings import SagaSettings
 from celery_sagas.store import SqlSagaStore, dispose_all_after_fork
 
@@ -60,19 +64,24 @@ class SagaRuntime:
         return self._store
 
     @property
+    def timing(self) -> Timing:
+        return Timing(
+            step_timeouts=self.settings.step_timeouts,
+            saga_deadlines=self.settings.saga_deadlines,
+            max_concurrent=self.settings.max_concurrent,
+            max_redispatches=self.settings.max_redispatches,
+            time_limit_grace=self.settings.time_limit_grace,
+            queue_timeout=self.settings.queue_timeout,
+        )
+
+    @property
     def coordinator(self) -> Coordinator:
         if self._coordinator is None:
-            timing = Timing(
-                step_timeouts=self.settings.step_timeouts,
-                saga_deadlines=self.settings.saga_deadlines,
-                max_concurrent=self.settings.max_concurrent,
-                max_redispatches=self.settings.max_redispatches,
-            )
             self._coordinator = Coordinator(
                 self.store,
                 self.sagas,
                 utcnow,
-                timing,
+                self.timing,
                 redact_fields=self.settings.redact_fields,
                 auto_retry_interval=self.settings.dlq_auto_retry_interval,
             )
@@ -154,7 +163,17 @@ class SagaRuntime:
         )
 
 
+def time_limits(timeout: float | None, grace: float) -> dict[str, float]:
+    """Celery's limits for a step task of ``timeout`` seconds: the soft limit interrupts
+    the participant at its timeout, the hard limit replaces its pool child ``grace``
+    seconds later if it ignored that."""
+    if timeout is None:
+        return {}
+    return {"soft_time_limit": timeout, "time_limit": timeout + grace}
+
+
 def _register_step_tasks(app: Celery, runtime: SagaRuntime, saga: Saga) -> None:
+    timeouts = runtime.timing.timeouts(saga)
     for index, step in enumerate(saga.steps):
         for role, name in (
             ("action", saga.step_task_name(index)),
@@ -164,6 +183,8 @@ def _register_step_tasks(app: Celery, runtime: SagaRuntime, saga: Saga) -> None:
             def run(self: StepTask, **kwargs: Any) -> dict[str, Any]:
                 return self.perform(**kwargs)
 
+            policy = policy_for(saga, step, role, runtime.settings.retry_policies)
+            runner = StepRunner(saga, index, role, policy, utcnow, (SoftTimeLimitExceeded,))
             app.task(
                 name=name,
                 base=StepTask,
@@ -171,25 +192,46 @@ def _register_step_tasks(app: Celery, runtime: SagaRuntime, saga: Saga) -> None:
                 saga=saga,
                 step_def=step,
                 role=role,
+                runner=runner,
                 store_factory=staticmethod(lambda: runtime.store),
-                retry_overrides=runtime.settings.retry_policies,
                 redact_fields=runtime.settings.redact_fields,
                 apply_outcome=None if runtime.settings.coordinator_hop else runtime.apply,
                 acks_late=True,
                 shared=False,  # bound to this app's runtime: another app must not inherit it
                 ignore_result=True,  # the saga database holds outcomes; chains pass them on
+                **time_limits(timeouts[index], runtime.settings.time_limit_grace),
             )(run)
             if step.queue:
                 app.conf.task_routes = {**(app.conf.task_routes or {}), name: {"queue": step.queue}}
 
 
-def _route_coordinator(app: Celery, queue: str | None, sagas: Sequence[Saga]) -> None:
-    if not queue:
-        return
-    names = [ADVANCE_TASK, COMPENSATED_TASK, RELAY_TASK, SCAN_TASK] + [
-        f"{s.name}.start" for s in sagas
-    ]
-    app.conf.task_routes = {**(app.conf.task_routes or {}), **{n: {"queue": queue} for n in names}}
+def _route_coordinator(app: Celery, settings: SagaSettings, sagas: Sequence[Saga]) -> None:
+    """The coordinator's tasks on ``coordinator_queue`` if set; beat's scan and relay on
+    ``control_queue``, where no backlog of steps can delay them."""
+    routes: dict[str, Any] = {}
+    if settings.coordinator_queue:
+        names = [ADVANCE_TASK, COMPENSATED_TASK, RELAY_TASK, SCAN_TASK]
+        names += [f"{s.name}.start" for s in sagas]
+        routes.update({n: {"queue": settings.coordinator_queue} for n in names})
+    if settings.control_queue:
+        routes.update({n: {"queue": settings.control_queue} for n in (RELAY_TASK, SCAN_TASK)})
+        _consume_by_default(app, settings.control_queue)
+    app.conf.task_routes = {**(app.conf.task_routes or {}), **routes}
+
+
+def _consume_by_default(app: Celery, queue: str) -> None:
+    """A worker started without ``-Q`` consumes the control queue next to the default one
+    (an app that declares ``task_queues`` itself is told which worker must consume it)."""
+    if app.conf.task_queues is None:
+        default = app.conf.task_default_queue or "celery"
+        app.conf.task_queues = (Queue(default), Queue(queue))
+    elif queue not in {q.name for q in app.conf.task_queues}:
+        logger.warning(
+            "celery-sagas: scan and relay go to the queue %r, which task_queues does not "
+            "declare: run a worker with -Q %s (or set sagas_control_queue)",
+            queue,
+            queue,
+        )
 
 
 def install(app: Celery, sagas: Sequence[Saga], **settings: Any) -> SagaRuntime:
@@ -203,7 +245,7 @@ def install(app: Celery, sagas: Sequence[Saga], **settings: Any) -> SagaRuntime:
     for saga in sagas:
         _register_step_tasks(app, runtime, saga)
         runtime.start_tasks[saga.name] = register_start_task(app, runtime, saga.name)
-    _route_coordinator(app, runtime.settings.coordinator_queue, sagas)
+    _route_coordinator(app, runtime.settings, sagas)
     app.conf.task_routes = {
         **(app.conf.task_routes or {}),
         DEAD_LETTER_TASK: {"queue": runtime.settings.dlq_queue},

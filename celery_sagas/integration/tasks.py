@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 RELAY_TASK = "celery_sagas.relay_outbox"
 SCAN_TASK = "celery_sagas.scan"
+IGNORED = "ignored"  # the outcome of a step message its saga did not expect
 MAX_DLQ_WAIT = 300  # seconds a DLQ message waits per hop: far below any visibility timeout
 RETRY_ON_STORE = {
     "autoretry_for": (StoreUnavailableError, ConcurrentUpdateError),
@@ -63,10 +64,14 @@ class StartSagaTask(Task):
 def register_coordinator_tasks(app: Celery, runtime: SagaRuntime) -> None:
     @app.task(name=ADVANCE_TASK, shared=False, **RETRY_ON_STORE)
     def advance(outcome: dict[str, Any], saga_id: str, step: int, token: int) -> str | None:
+        if outcome.get("outcome") == IGNORED:  # the step task refused the message
+            return IGNORED
         return runtime.apply(saga_id, machine.outcome_event("action", step, token, outcome))
 
     @app.task(name=COMPENSATED_TASK, shared=False, **RETRY_ON_STORE)
     def compensated(outcome: dict[str, Any], saga_id: str, step: int, token: int) -> str | None:
+        if outcome.get("outcome") == IGNORED:
+            return IGNORED
         return runtime.apply(saga_id, machine.outcome_event("compensation", step, token, outcome))
 
     @app.task(name=RELAY_TASK, shared=False, ignore_result=True, expires=30)

@@ -25,6 +25,7 @@ from celery_sagas.machine.types import (
     SagaView,
     StepStatus,
     StepView,
+    own_deadline,
 )
 
 
@@ -56,31 +57,44 @@ class _Draft:
         }
         if new not in (StepStatus.RUNNING, StepStatus.COMPENSATING):
             kept.update(deadline_at=None, redispatch_at=None)
+        if new != old.status:  # a new run: no worker has begun it yet
+            kept.update(started=False, began_at=None)
         self.statuses[index] = replace(old, status=new, **kept)
         self.changes.append(StepChange(index, old.status, new, **details))
         why = reason or details.get("error")
         self.transitions.append(Transition(old.name, old.status.value, new.value, why))
 
     def timing(self, index: int, dispatches: int, forward: bool) -> dict[str, Any]:
-        """Deadline and re-send time of a step sent now for the ``dispatches``-th time."""
+        """Re-send time (and, with a ``queue_timeout``, the deadline of a forward step's
+        wait for a worker) of a step sent now for the ``dispatches``-th time. A step's own
+        timeout counts from when a worker begins it (``own_deadline``), not from here."""
         timeout = self.statuses[index].timeout
-        if timeout is None:
-            return {"dispatches": dispatches}
-        interval = timedelta(seconds=timeout / (self.saga.max_redispatches + 1))
-        last_send = forward and dispatches > self.saga.max_redispatches
-        return {
-            "deadline_at": self.now + timedelta(seconds=timeout) if forward else None,
-            "redispatch_at": None if last_send else self.now + interval,
-            "dispatches": dispatches,
-        }
+        queue_timeout = self.saga.queue_timeout
+        details: dict[str, Any] = {"dispatches": dispatches}
+        if forward and dispatches == 1:
+            wait = None if queue_timeout is None else self.now + timedelta(seconds=queue_timeout)
+            details["deadline_at"] = wait
+        if timeout is not None:
+            details["redispatch_at"] = self.now + resend_interval(
+                timeout, self.saga.max_redispatches, dispatches
+            )
+        return details
 
     def due_at(self) -> datetime | None:
         """When the scanner must next look at this saga (None: nothing to watch)."""
         if self.state not in FORWARD_STATES | {SagaState.COMPENSATING}:
             return None
         current = self.statuses[self.current_step]
-        resend_at = None if current.started else current.redispatch_at
-        moments = [current.deadline_at, resend_at]
+        moments: list[datetime | None] = []
+        if current.status not in (StepStatus.RUNNING, StepStatus.COMPENSATING):
+            pass
+        elif current.started:
+            own = own_deadline(current, self.saga.time_limit_grace)
+            moments = [max(own, current.redispatch_at or own)] if own else []
+        else:
+            moments = [current.redispatch_at]
+            if current.status == StepStatus.RUNNING:
+                moments.append(current.deadline_at)
         if self.state in FORWARD_STATES:
             moments.append(self.saga.deadline_at)
         return min((m for m in moments if m is not None), default=None)
@@ -110,6 +124,16 @@ class _Draft:
             actor=self.actor,
             dead_letter=self.dead_letter,
         )
+
+
+MAX_RESEND_INTERVAL = 300.0  # seconds: re-sends of a waiting message back off to this
+
+
+def resend_interval(timeout: float, max_redispatches: int, dispatches: int) -> timedelta:
+    """How long after its ``dispatches``-th send a message no worker began is sent again:
+    a fraction of the step's timeout, doubling with each send, capped."""
+    base = timeout / (max_redispatches + 1)
+    return timedelta(seconds=min(MAX_RESEND_INTERVAL, base * 2.0 ** min(dispatches - 1, 16)))
 
 
 def needs_compensation(step: StepView) -> bool:

@@ -43,6 +43,7 @@ class StepFailed:
     error: str
     business: bool
     attempts: int | None = None
+    timed_out: bool = False  # interrupted at its time limit: it may have acted
 
 
 @dataclass(frozen=True)
@@ -106,14 +107,15 @@ def outcome_event(role: str, step: int, token: int, outcome: Mapping[str, Any]) 
     """The event a step task's outcome is, for ``role`` "action" or "compensation".
 
     ``outcome``: ``{"outcome": "ok"|"business"|"error", "result", "error", "attempts",
-    "traceback"}`` (what a step task returns, or hands down the chain)."""
+    "traceback", "timed_out"}`` (what a step task returns, or hands down the chain)."""
     ok = outcome.get("outcome") == "ok"
     attempts = outcome.get("attempts")
     error = outcome.get("error") or "unknown error"
     if role == "action":
         if ok:
             return StepSucceeded(step, token, outcome.get("result"), attempts)
-        return StepFailed(step, token, error, outcome.get("outcome") == "business", attempts)
+        business = outcome.get("outcome") == "business"
+        return StepFailed(step, token, error, business, attempts, bool(outcome.get("timed_out")))
     if ok:
         return CompensationSucceeded(step, token, outcome.get("result"), attempts)
     return CompensationFailed(step, token, error, attempts, outcome.get("traceback"))

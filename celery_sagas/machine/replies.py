@@ -77,14 +77,27 @@ def _step_failed(saga: SagaView, event: StepFailed, now: datetime) -> Decision:
     if why:
         return ignore(saga, why)
     draft = _Draft.of(saga, now)
-    kind = ErrorKind.BUSINESS if event.business else ErrorKind.ERROR
-    draft.step(
-        event.step, StepStatus.FAILED, error=event.error, error_kind=kind, attempts=event.attempts
-    )
+    if event.timed_out:  # interrupted at its time limit: compensated like a scanner timeout
+        status, kind = StepStatus.TIMED_OUT, ErrorKind.TIMEOUT
+    else:
+        status = StepStatus.FAILED
+        kind = ErrorKind.BUSINESS if event.business else ErrorKind.ERROR
+    draft.step(event.step, status, error=event.error, error_kind=kind, attempts=event.attempts)
     _skip_later_steps(draft, event.step)
     draft.reason = f"{saga.steps[event.step].name} failed: {event.error}"
     _compensate_or_fail(draft, below=event.step + 1)
     return draft.done()
+
+
+def _late_success_of_a_dead_letter(saga: SagaView, event: CompensationSucceeded) -> bool:
+    """A run of the compensation that was dead-lettered (a redelivery that began before)
+    finished well after all: the compensation is done, the dead letter resolved."""
+    return (
+        saga.state == SagaState.COMPENSATION_FAILED
+        and event.step == saga.current_step
+        and event.token == saga.token
+        and saga.steps[event.step].status == StepStatus.COMPENSATION_FAILED
+    )
 
 
 def _compensation_succeeded(
@@ -93,7 +106,7 @@ def _compensation_succeeded(
     why = _expects_reply(
         saga, event.step, event.token, frozenset({SagaState.COMPENSATING}), StepStatus.COMPENSATING
     )
-    if why:
+    if why and not _late_success_of_a_dead_letter(saga, event):
         return ignore(saga, why)
     draft = _Draft.of(saga, now)
     draft.step(event.step, StepStatus.COMPENSATED, attempts=event.attempts)

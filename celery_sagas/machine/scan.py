@@ -1,5 +1,6 @@
-"""The scanner's ``Tick``: time out a step or saga whose deadline passed, and re-send a
-message no worker started on (lost with the broker) a bounded number of times.
+"""The scanner's ``Tick``: time out a saga past its deadline, or a step past its own
+time (counted from when a worker began it) or its wait for a worker (``queue_timeout``);
+re-send a message no worker began (lost with the broker, or waiting in a busy queue).
 """
 
 from __future__ import annotations
@@ -8,8 +9,6 @@ from datetime import datetime
 
 from celery_sagas.machine.decisions import Decision, RunCompensation, RunStep, ignore
 from celery_sagas.machine.draft import _compensate_or_fail, _Draft, _skip_later_steps
-from celery_sagas.machine.events import CompensationFailed
-from celery_sagas.machine.replies import _compensation_failed
 from celery_sagas.machine.types import (
     FORWARD_STATES,
     ErrorKind,
@@ -17,6 +16,7 @@ from celery_sagas.machine.types import (
     SagaView,
     StepStatus,
     StepView,
+    own_deadline,
 )
 
 
@@ -35,15 +35,16 @@ def _time_out(saga: SagaView, now: datetime, why: str) -> Decision:
     return draft.done()
 
 
-def _resend(saga: SagaView, now: datetime) -> Decision:
-    """No reply yet: re-send the current message (same token; the guard dedupes)."""
+def _resend(saga: SagaView, now: datetime, why: str | None = None) -> Decision:
+    """Send the current message again (same token; the guard dedupes)."""
     draft = _Draft.of(saga, now)
     index = saga.current_step
     current = saga.steps[index]
     forward = current.status == StepStatus.RUNNING
     timing = draft.timing(index, current.dispatches + 1, forward)
-    timing.pop("deadline_at", None)  # a re-send does not extend the deadline
-    draft.step(index, current.status, reason=f"re-sent (send {current.dispatches + 1})", **timing)
+    timing.pop("deadline_at", None)  # a re-send does not extend the wait
+    reason = f"re-sent (send {current.dispatches + 1})" + (f": {why}" if why else "")
+    draft.step(index, current.status, reason=reason, **timing)
     draft.commands.append((RunStep if forward else RunCompensation)(index, saga.token))
     return draft.done()
 
@@ -52,19 +53,50 @@ def _due(moment: datetime | None, now: datetime) -> bool:
     return moment is not None and now >= moment
 
 
-def _watch_deadline_only(saga: SagaView, now: datetime) -> Decision:
-    """A worker is on it: no re-send; only the deadline is left to watch (no log row)."""
+def _watch(saga: SagaView, now: datetime) -> Decision:
+    """Nothing to do yet: only the next moment to look again changes (no log row)."""
     return _Draft.of(saga, now).done()
 
 
-def _resend_due(saga: SagaView, current: StepView, now: datetime) -> bool:
-    """Re-send only a message no worker has started on (lost with the broker), and only
-    ``max_redispatches`` times."""
-    return (
-        not current.started
-        and _due(current.redispatch_at, now)
-        and current.dispatches <= saga.max_redispatches
-    )
+def _silent(saga: SagaView, current: StepView, now: datetime) -> bool:
+    """A worker began the current send, and its own time (timeout + grace, from that
+    start) is up with no outcome: the hard time limit or its worker's death ended it."""
+    own = own_deadline(current, saga.time_limit_grace)
+    return current.started and _due(own, now) and _due(current.redispatch_at, now)
+
+
+def _tick_forward(saga: SagaView, current: StepView, now: datetime) -> Decision:
+    if _due(saga.deadline_at, now):
+        return _time_out(saga, now, "saga deadline passed")
+    if current.status != StepStatus.RUNNING:
+        return ignore(saga, "nothing due")
+    if current.started:
+        if not _silent(saga, current, now):
+            return _watch(saga, now)
+        if current.dispatches <= saga.max_redispatches:  # its worker may have died
+            return _resend(saga, now, "no outcome after its time limit")
+        limit = (current.timeout or 0) + saga.time_limit_grace
+        return _time_out(saga, now, f"no reply within {limit:g}s of starting")
+    if _due(current.deadline_at, now):
+        return _time_out(saga, now, f"no worker began it within {saga.queue_timeout or 0:g}s")
+    if _due(current.redispatch_at, now):
+        return _resend(saga, now)
+    return _watch(saga, now)
+
+
+def _tick_compensation(saga: SagaView, current: StepView, now: datetime) -> Decision:
+    """A compensation is never given up for want of a worker: a message no worker began
+    is sent again (backing off), and so is one whose run ended with no outcome. Only a
+    run that failed its retries dead-letters it (``CompensationFailed``)."""
+    if current.status != StepStatus.COMPENSATING:
+        return ignore(saga, "nothing due")
+    if current.started:
+        if _silent(saga, current, now):
+            return _resend(saga, now, "no outcome after its time limit")
+        return _watch(saga, now)
+    if _due(current.redispatch_at, now):
+        return _resend(saga, now)
+    return _watch(saga, now)
 
 
 def _tick(saga: SagaView, now: datetime) -> Decision:
@@ -72,22 +104,5 @@ def _tick(saga: SagaView, now: datetime) -> Decision:
         return ignore(saga, f"saga is {saga.state}")
     current = saga.steps[saga.current_step]
     if saga.state in FORWARD_STATES:
-        if _due(saga.deadline_at, now):
-            return _time_out(saga, now, "saga deadline passed")
-        if current.status != StepStatus.RUNNING:
-            return ignore(saga, "nothing due")
-        if _due(current.deadline_at, now):
-            return _time_out(saga, now, f"no reply within {current.timeout:g}s")
-        if _resend_due(saga, current, now):
-            return _resend(saga, now)
-        if current.started and _due(current.redispatch_at, now):
-            return _watch_deadline_only(saga, now)
-        return ignore(saga, "nothing due")
-    if current.status != StepStatus.COMPENSATING or not _due(current.redispatch_at, now):
-        return ignore(saga, "nothing due")
-    if current.started:
-        return _watch_deadline_only(saga, now)
-    if _resend_due(saga, current, now):
-        return _resend(saga, now)
-    error = f"no reply after {current.dispatches} sends"
-    return _compensation_failed(saga, CompensationFailed(saga.current_step, saga.token, error), now)
+        return _tick_forward(saga, current, now)
+    return _tick_compensation(saga, current, now)

@@ -5,7 +5,7 @@ state sets the store and scanner query by, and the read-only views ``decide`` ge
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 
 
@@ -53,6 +53,15 @@ class StepView:
     redispatch_at: datetime | None = None  # when to re-send if no reply came (lost message)
     dispatches: int = 0  # sends of the current run or compensation, re-sends included
     started: bool = False  # a worker began executing it: the message was not lost
+    began_at: datetime | None = None  # when a worker last began executing it
+
+
+def own_deadline(step: StepView, grace: float) -> datetime | None:
+    """When a started step's own time is up: its timeout (plus the hard limit's grace)
+    counted from when a worker began it; None if it has not begun or has no timeout."""
+    if step.began_at is None or step.timeout is None:
+        return None
+    return step.began_at + timedelta(seconds=step.timeout + grace)
 
 
 @dataclass(frozen=True)
@@ -64,4 +73,6 @@ class SagaView:
     token: int
     steps: tuple[StepView, ...]
     deadline_at: datetime | None = None  # the saga-wide deadline
-    max_redispatches: int = 2  # re-sends of a silent step before it counts as timed out
+    max_redispatches: int = 2  # re-sends of a started step whose worker went silent
+    time_limit_grace: float = 0.0  # a started step's limit: its timeout + this
+    queue_timeout: float | None = None  # how long a step may wait for a worker (None: ever)

@@ -123,15 +123,17 @@ def _with_started_flags(
     ``started``). The scanner re-sends the others: a message that never reached a
     worker, or a reply lost after the outcome was recorded (the guard answers it)."""
     keys = {r.saga_id: current_execution_key(r) for r in records}
-    in_progress = select(guards.c.key).where(
+    in_progress = select(guards.c.key, guards.c.recorded_at).where(
         guards.c.key.in_(list(keys.values())), guards.c.outcome == STARTED
     )
-    found = set(conn.execute(in_progress).scalars().all())
+    began = {key: at for key, at in conn.execute(in_progress).all()}
     return tuple(
         replace(
             r,
             steps=tuple(
-                replace(s, started=keys[r.saga_id] in found) if s.index == r.current_step else s
+                replace(s, started=keys[r.saga_id] in began, began_at=began.get(keys[r.saga_id]))
+                if s.index == r.current_step
+                else s
                 for s in r.steps
             ),
         )

@@ -7,12 +7,13 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, func, select
+from sqlalchemy import Connection, Integer, String, and_, bindparam, func, literal, or_, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
+from celery_sagas.machine import FORWARD_STATES, SagaState
 from celery_sagas.protocols import STARTED, GuardRecord, SagaRecord
 from celery_sagas.store.records import _joined_record
-from celery_sagas.store.tables import guards
+from celery_sagas.store.tables import UtcDateTime, guards, sagas
 
 GUARD_FIELDS = ("outcome", "result", "error", "recorded_at")
 
@@ -22,20 +23,58 @@ def get_guard(conn: Connection, key: str) -> GuardRecord | None:
     return _guard_record(row) if row else None
 
 
+def refresh_started(statement: Any) -> Any:
+    """``statement`` (an INSERT of a ``started`` marker) as an upsert: a marker already
+    there takes the new start time (a redelivery began it again); a final outcome stays."""
+    return statement.on_conflict_do_update(
+        index_elements=["key"],
+        set_={"recorded_at": statement.excluded.recorded_at},
+        where=guards.c.outcome == STARTED,
+    )
+
+
 def mark_started_statement(insert: Any) -> Any:
-    """INSERT a ``started`` marker unless the key has a row; built once per store (its
-    parameters ``g_key`` and ``g_now``), since building costs more than running it."""
+    """INSERT (or refresh) a ``started`` marker unless the key has a final outcome; built
+    once per store (its parameters ``g_key`` and ``g_now``), since building costs more
+    than running it."""
     values = {"key": bindparam("g_key"), "outcome": STARTED, "recorded_at": bindparam("g_now")}
-    return insert.values(**values).on_conflict_do_nothing(index_elements=["key"])
+    return refresh_started(insert.values(**values))
+
+
+def _expected(saga_id: Any) -> Any:
+    """The saga waits for this message: live in the role's states, at step ``g_step``
+    under token ``g_token`` (as ``protocols.expects``)."""
+    # equalities, not IN: an IN list expands at execution, which a prepared statement can't
+    forward = or_(*(sagas.c.state == s.value for s in sorted(FORWARD_STATES)))
+    return (
+        select(sagas.c.id)
+        .where(
+            sagas.c.id == saga_id,
+            sagas.c.current_step == bindparam("g_step", type_=Integer),
+            sagas.c.token == bindparam("g_token", type_=Integer),
+            or_(
+                and_(bindparam("g_role", type_=String) == "action", forward),
+                and_(
+                    bindparam("g_role", type_=String) == "compensation",
+                    sagas.c.state == SagaState.COMPENSATING.value,
+                ),
+            ),
+        )
+        .exists()
+    )
 
 
 def begin_step_statement(with_steps: Any) -> Any:
-    """The saga-and-steps query (``with_steps``) plus, in the same statement, a ``started``
-    marker inserted (PostgreSQL: a data-modifying CTE) and the guard row as it was."""
+    """The saga-and-steps query (``with_steps``) plus, in the same statement (PostgreSQL:
+    a data-modifying CTE, one snapshot), a ``started`` marker written only if that saga
+    expects the message, and the guard row as it was."""
+    marker = select(
+        bindparam("g_key", type_=String),
+        literal(STARTED, type_=String),
+        bindparam("g_now", type_=UtcDateTime()),
+    ).where(_expected(bindparam("p_saga_id")))
     marked = (
-        pg_insert(guards)
-        .values(key=bindparam("g_key"), outcome=STARTED, recorded_at=bindparam("g_now"))
-        .on_conflict_do_nothing(index_elements=["key"])
+        refresh_started(pg_insert(guards).from_select(["key", "outcome", "recorded_at"], marker))
         .returning(guards.c.key)
         .cte("marked")
     )
@@ -55,7 +94,7 @@ def begin_step_statement(with_steps: Any) -> Any:
 
 def begun(rows: Any) -> tuple[GuardRecord | None, SagaRecord | None]:
     """``begin_guard``'s answer and the saga, from the (non-empty) rows of
-    ``begin_step_statement``."""
+    ``begin_step_statement`` (no marker written: the recorded outcome, if any)."""
     first = rows[0]
     recorded = None
     if not first.g_marked and first.g_outcome not in (None, STARTED):
@@ -68,8 +107,8 @@ def begun(rows: Any) -> tuple[GuardRecord | None, SagaRecord | None]:
 def begin_guard(conn: Connection, mark_started: Any, key: str, now: datetime) -> GuardRecord | None:
     """Mark ``key`` started (one statement; the caller runs it in autocommit). Returns the
     recorded final outcome of an earlier delivery, if there is one."""
-    inserted = conn.execute(mark_started, {"g_key": key, "g_now": now}).rowcount
-    if inserted:
+    marked = conn.execute(mark_started, {"g_key": key, "g_now": now}).rowcount
+    if marked:
         return None
     row = conn.execute(select(guards).where(guards.c.key == key)).one()
     return None if row.outcome == STARTED else _guard_record(row)

@@ -26,11 +26,13 @@ from celery_sagas.protocols import (
     CreateResult,
     DeadLetterRecord,
     Decide,
+    Expectation,
     GuardRecord,
     NewSaga,
     OutboxMessage,
     SagaRecord,
     TransitionRecord,
+    expects,
 )
 from celery_sagas.settings import redact_url
 from celery_sagas.store import claims as claim_rows
@@ -355,15 +357,25 @@ class SqlSagaStore:
             return guard_rows.get_guard(conn, key)
 
     def begin_step(
-        self, key: str, saga_id: str, now: datetime
+        self, key: str, saga_id: str, now: datetime, expectation: Expectation
     ) -> tuple[GuardRecord | None, SagaRecord | None]:
-        if self._begin_step is None:
-            return self.begin_guard(key, now), self.load(saga_id)
+        if self._begin_step is None:  # SQLite: load, then mark if expected
+            record = self.load(saga_id)
+            if not expects(record, expectation):
+                return None, record
+            return self.begin_guard(key, now), record
         with self._one_statement() as conn:
-            params = {"g_key": key, "g_now": now, "p_saga_id": saga_id}
+            params = {
+                "g_key": key,
+                "g_now": now,
+                "p_saga_id": saga_id,
+                "g_step": expectation.step,
+                "g_token": expectation.token,
+                "g_role": expectation.role,
+            }
             rows = self._begin_step.rows(conn, params)
-        if not rows:  # no such saga: the guard alone
-            return self.begin_guard(key, now), None
+        if not rows:  # no such saga: nothing written
+            return None, None
         return guard_rows.begun(rows)
 
     def begin_guard(self, key: str, now: datetime) -> GuardRecord | None:

@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import threading
-import traceback
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import timedelta
 
 from celery_sagas import outbox
 from celery_sagas.coordinator import Coordinator
-from celery_sagas.definition import Step, StepContext, StepFunction
+from celery_sagas.definition import Step, StepFunction
 from celery_sagas.errors import SagaError, SagaNotFoundError
-from celery_sagas.machine import SETTLED_STATES, Event, outcome_event
-from celery_sagas.policy import RetryAt, decide_retry
-from celery_sagas.protocols import GuardRecord, OutboxMessage, SagaRecord, SagaStore
+from celery_sagas.machine import SETTLED_STATES, outcome_event
+from celery_sagas.protocols import OutboxMessage, SagaRecord, SagaStore
+from celery_sagas.runner import Ignored, RetryLater, StepMessage, StepRunner, policy_for
 
-MAX_ERROR = 2000  # as the step task (celery_sagas.integration.steps)
-MAX_TRACEBACK = 8000
 DEAD_LETTER = "dead_letter"  # the body kind of a message for the DLQ queue, not a step
 
 
@@ -52,98 +49,32 @@ class _Delivery:
     function: StepFunction
 
 
-@dataclass(frozen=True)
-class _Ran:
-    """What running a participant gave: the outcome, the number of the last attempt (it
-    continues an earlier count after an operator retry) and, for an error, its traceback."""
-
-    outcome: GuardRecord
-    attempts: int | None
-    traceback: str | None = None
-
-
-def _describe(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}"
-    return text if len(text) <= MAX_ERROR else text[:MAX_ERROR] + "…"
-
-
-def _run(
-    coordinator: Coordinator, store: SagaStore, delivery: _Delivery, context: StepContext
-) -> _Ran:
-    """Call the participant, retrying as its policy says (without waiting). Like the step
-    task, every failed attempt but a business decline is recorded (``record_attempt``)."""
-    step, key = delivery.step, context.idempotency_key
-    retries = 0  # this delivery's retries: what the retry policy counts
-    while True:
-        try:
-            return _Ran(GuardRecord(key, "ok", delivery.function(context)), context.attempt)
-        except Exception as exc:
-            if delivery.role == "action" and isinstance(exc, tuple(step.business_errors)):
-                declined = GuardRecord(key, "business", error=_describe(exc))
-                return _Ran(declined, context.attempt)
-            store.record_attempt(
-                context.saga_id, key, context.attempt, _describe(exc), coordinator.clock()
-            )
-            if delivery.role == "action":
-                policy, retryable = step.retry, isinstance(exc, tuple(step.retry_on))
-            else:
-                policy, retryable = step.compensation_retry, True
-            if not isinstance(
-                decide_retry(policy, retries + 1, retryable, coordinator.clock()), RetryAt
-            ):
-                trace = "".join(traceback.format_exception(exc))[-MAX_TRACEBACK:]
-                failed = GuardRecord(key, "error", error=_describe(exc))
-                return _Ran(failed, context.attempt, trace)
-            retries += 1
-            context = replace(context, attempt=context.attempt + 1)
-
-
-def _event(delivery: _Delivery, ran: _Ran) -> Event:
-    body, outcome = delivery.message.body, ran.outcome
-    return outcome_event(
-        delivery.role,
-        body["step"],
-        body["token"],
-        {
-            "outcome": outcome.outcome,
-            "result": outcome.result,
-            "error": outcome.error,
-            "attempts": ran.attempts,
-            "traceback": ran.traceback,
-        },
-    )
-
-
 def _deliver(
     coordinator: Coordinator,
     store: SagaStore,
     dispatcher: RecordingDispatcher,
     delivery: _Delivery,
 ) -> None:
-    """What the step task does: mark the guard started (reading the saga), run, then
-    record the outcome and apply it in one transaction, publish."""
+    """What the step task does, through the same runner: check and mark the step started
+    (reading the saga), run (retrying as its policy says, without waiting), then record
+    the outcome and apply it in one transaction, publish."""
     body = delivery.message.body
-    recorded, snapshot = store.begin_step(body["key"], body["saga_id"], coordinator.clock())
-    to_record = None
-    if recorded is not None:  # a duplicate delivery: the recorded outcome, attempts unknown
-        ran = _Ran(recorded, None)
-    else:
-        context = StepContext(
-            saga_id=body["saga_id"],
-            saga=body["saga"],
-            step=delivery.step.name,
-            payload=body["payload"],
-            results=body.get("results", {}),
-            idempotency_key=body["key"],
-            attempt=body.get("attempts_before", 0) + 1,
-            result=body.get("result"),
-        )
-        ran = _run(coordinator, store, delivery, context)
-        if not (ran.outcome.outcome == "error" and delivery.role == "compensation"):
-            # As the real task: a failed compensation is not recorded (it may be retried).
-            to_record = ran.outcome
-    event = _event(delivery, ran)
-    handled = coordinator.handle(body["saga_id"], event, to_record, snapshot)
+    saga = coordinator.definition(body["saga"])
+    index = body["step"]
+    policy = policy_for(saga, delivery.step, delivery.role, {})
+    runner = StepRunner(
+        saga, index, delivery.role, policy, coordinator.clock, function=delivery.function
+    )
+    message = StepMessage.of(body)
+    tries = 1
+    run = runner.run(store, message, tries)
+    while isinstance(run, RetryLater):
+        tries += 1
+        run = runner.run(store, message, tries)
+    if isinstance(run, Ignored):
+        return
+    event = outcome_event(delivery.role, index, body["token"], run.outcome)
+    handled = coordinator.handle(body["saga_id"], event, run.to_record, run.snapshot)
     outbox.publish(store, dispatcher, handled.messages, coordinator.clock)
 
 
@@ -180,8 +111,9 @@ def run_until_settled(
     Each message in ``dispatcher.sent`` is delivered once, even over several calls (so a
     call after an operator's retry delivers only what was published since).
 
-    Each message is run like the Celery step task would (``begin_guard`` first, failed
-    attempts recorded, outcome recorded, retries per the step's policy but without waiting),
+    Each message is run through the step task's own runner (check and ``begin_step``
+    first, failed attempts recorded, outcome recorded, retries per the step's policy but
+    without waiting),
     its outcome becomes the machine event handed to ``coordinator.handle``, and the new
     outbox messages are published to ``dispatcher``. Messages left unsent (``fail_next``)
     are relayed. Dead-letter messages (body kind ``"dead_letter"``, for the recovery

@@ -32,6 +32,7 @@ from celery_sagas.protocols import (
     CreateResult,
     DeadLetterRecord,
     Decide,
+    Expectation,
     GuardRecord,
     NewSaga,
     OutboxMessage,
@@ -40,6 +41,7 @@ from celery_sagas.protocols import (
     StepRecord,
     TransitionRecord,
     current_execution_key,
+    expects,
     step_values,
 )
 from celery_sagas.testing import dead_letters
@@ -308,13 +310,17 @@ class InMemorySagaStore:
                     self._outbox[message_id] = replace(message, sent_at=now)
 
     def begin_step(
-        self, key: str, saga_id: str, now: datetime
+        self, key: str, saga_id: str, now: datetime, expectation: Expectation
     ) -> tuple[GuardRecord | None, SagaRecord | None]:
-        """One call, as the SQL store's one round trip (recorded as ``"begin_step"``)."""
+        """One call, as the SQL store's one round trip (recorded as ``"begin_step"``):
+        the marker is written only if the saga expects the message."""
         with self._lock:
             self.calls.append("begin_step")
             saga = self._sagas.get(saga_id)
-            return self._begin_guard(key, as_utc(now)), _copy(saga) if saga else None
+            snapshot = _copy(saga) if saga else None
+            if not expects(snapshot, expectation):
+                return None, snapshot
+            return self._begin_guard(key, as_utc(now)), snapshot
 
     def begin_guard(self, key: str, now: datetime) -> GuardRecord | None:
         with self._lock:
@@ -322,8 +328,11 @@ class InMemorySagaStore:
             return self._begin_guard(key, as_utc(now))
 
     def _begin_guard(self, key: str, now: datetime) -> GuardRecord | None:
-        guard = self._guards.setdefault(key, GuardRecord(key, STARTED, recorded_at=now))
-        return None if guard.outcome == STARTED else replace(guard, result=as_json(guard.result))
+        guard = self._guards.get(key)
+        if guard is None or guard.outcome == STARTED:  # a new or refreshed start
+            self._guards[key] = GuardRecord(key, STARTED, recorded_at=now)
+            return None
+        return replace(guard, result=as_json(guard.result))
 
     def put_guard(self, guard: GuardRecord, now: datetime) -> GuardRecord:
         with self._lock:
@@ -474,12 +483,16 @@ class InMemorySagaStore:
     # -- what the scanner needs ----------------------------------------------------------
 
     def _claimed(self, sagas: Sequence[SagaRecord]) -> MemoryClaim:
-        """Copies with the current step's ``started`` flag (its guard row exists)."""
+        """Copies with the current step's ``started`` flag and start time (its guard
+        says ``started``), as the SQL store."""
         records = []
         for saga in sagas:
-            started = current_execution_key(saga) in self._guards
+            guard = self._guards.get(current_execution_key(saga))
+            began_at = guard.recorded_at if guard and guard.outcome == STARTED else None
             steps = tuple(
-                replace(s, started=started) if s.index == saga.current_step else s
+                replace(s, started=began_at is not None, began_at=began_at)
+                if s.index == saga.current_step
+                else s
                 for s in saga.steps
             )
             records.append(replace(_copy(saga), steps=steps))

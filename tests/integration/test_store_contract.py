@@ -46,6 +46,7 @@ from celery_sagas.protocols import (
     STARTED,
     CreateResult,
     DeadLetterRecord,
+    Expectation,
     GuardRecord,
     NewSaga,
     OutboxMessage,
@@ -724,7 +725,7 @@ def test_create_stores_deadlines_due_time_and_admission(backend: Backend) -> Non
     assert (record.deadline_at, record.due_at, record.admitted) == (at(600), at(10), True)
     assert utc_offset_is_zero(record.due_at) and utc_offset_is_zero(record.deadline_at)
     first = record.steps[0]
-    assert (first.deadline_at, first.redispatch_at, first.dispatches) == (at(30), at(10), 1)
+    assert (first.deadline_at, first.redispatch_at, first.dispatches) == (None, at(10), 1)
     assert first.started is False  # only scans fill it in
     assert [(s.deadline_at, s.dispatches) for s in record.steps[1:]] == [(None, 0)] * 3
 
@@ -740,16 +741,18 @@ def test_commit_moves_step_timing_and_the_due_time(backend: Backend) -> None:
     record, _ = advance(store, record, StepSucceeded(0, 1, "r"), at(1), TIMEOUTS)
     done, running = record.steps[0], record.steps[1]
     assert (done.deadline_at, done.redispatch_at, done.dispatches) == (None, None, 1)
-    assert (running.deadline_at, running.redispatch_at, running.dispatches) == (at(31), at(11), 1)
+    # no deadline yet: a step's own time counts from when a worker begins it
+    assert (running.deadline_at, running.redispatch_at, running.dispatches) == (None, at(11), 1)
     assert record.due_at == at(11)
 
     record, written = advance(store, record, machine.Tick(), at(12), TIMEOUTS)  # re-send
     resent = record.steps[1]
     assert resent.status == StepStatus.RUNNING
-    assert (resent.dispatches, resent.redispatch_at, resent.deadline_at) == (2, at(22), at(31))
+    # the re-send interval doubles: 10 s, then 20 s
+    assert (resent.dispatches, resent.redispatch_at, resent.deadline_at) == (2, at(32), None)
     assert resent.started_at == at(1)  # a re-send is not a new run
     assert [m.body for m in written] == [{"step": 1, "token": 2}]  # same token
-    assert record.due_at == at(22)
+    assert record.due_at == at(32)
 
     for index in (1, 2, 3):
         record, _ = advance(store, record, StepSucceeded(index, record.token, index), at(13))
@@ -772,20 +775,42 @@ def test_begin_guard_marks_started_then_answers_with_the_final_outcome(backend: 
     assert backend.rows()["saga_guard"] == 1
 
 
+EXPECTED = Expectation(step=0, token=1, role="action")  # what a new saga waits for
+
+
 def test_begin_step_is_begin_guard_plus_a_snapshot_of_the_saga(backend: Backend) -> None:
     store = backend.store
     record = create(store, saga_id="s").record
     key = "s:reserve:action"
-    assert store.begin_step(key, "s", at(1)) == (None, record)  # go ahead, and the saga
+    assert store.begin_step(key, "s", at(1), EXPECTED) == (None, record)  # go ahead
     started = store.get_guard(key)
     assert started is not None and started.outcome == STARTED
-    assert store.begin_step(key, "s", at(2)) == (None, record)  # started, not finished
+    assert started.recorded_at == at(1)
+    assert store.begin_step(key, "s", at(2), EXPECTED) == (None, record)  # begun again
+    again = store.get_guard(key)
+    assert again is not None and again.recorded_at == at(2)  # the marker's time moves
     final = store.put_guard(GuardRecord(key, "ok", {"r": 1}), at(3))
-    assert store.begin_step(key, "s", at(4)) == (final, record)  # a duplicate delivery
-    # no such saga: the guard's answer alone (a marker for an unknown saga is harmless)
-    assert store.begin_step("ghost:x:action", "ghost", at(5)) == (None, None)
-    assert store.begin_step(key, "ghost", at(6)) == (final, None)
-    assert backend.rows()["saga_guard"] == 2
+    assert store.begin_step(key, "s", at(4), EXPECTED) == (final, record)  # a duplicate
+    assert backend.rows()["saga_guard"] == 1
+
+
+@pytest.mark.parametrize(
+    "expectation",
+    [
+        Expectation(step=0, token=2, role="action"),
+        Expectation(step=1, token=1, role="action"),
+        Expectation(step=0, token=1, role="compensation"),
+    ],
+    ids=["other-token", "other-step", "other-role"],
+)
+def test_begin_step_writes_nothing_for_a_message_the_saga_does_not_expect(
+    backend: Backend, expectation: Expectation
+) -> None:
+    store = backend.store
+    record = create(store, saga_id="s").record
+    assert store.begin_step("s:reserve:action", "s", at(1), expectation) == (None, record)
+    assert store.begin_step("ghost:x:action", "ghost", at(2), EXPECTED) == (None, None)
+    assert backend.rows()["saga_guard"] == 0  # no marker: not for a stale, nor a ghost
 
 
 def test_update_decides_on_a_known_snapshot_and_refuses_a_stale_one(backend: Backend) -> None:
@@ -837,13 +862,15 @@ def test_claim_due_hands_out_due_sagas_oldest_due_first(backend: Backend) -> Non
     store.begin_guard(f"{ids[0]}:reserve:action", at(12))  # a worker took step 0
     with store.claim_due(at(20), 10) as claim:
         assert [r.steps[0].started for r in claim.records] == [True, False, False]
+        assert [r.steps[0].began_at for r in claim.records] == [at(12), None, None]
         assert not any(s.started for r in claim.records for s in r.steps[1:])
         first = claim.records[0]
         decision = machine.decide(first.view(TIMEOUTS), machine.Tick(), at(20))
         assert decision.accepted
         claim.commit(first, decision, [], at(20))
     loaded = store.load(ids[0])
-    assert loaded is not None and loaded.version == 2 and loaded.due_at == at(30)
+    # watched until its own time is up: 30 s after the worker began it
+    assert loaded is not None and loaded.version == 2 and loaded.due_at == at(42)
 
 
 def test_an_error_inside_a_claim_undoes_its_commits(backend: Backend) -> None:
@@ -1442,12 +1469,12 @@ def test_prepared_statements_survive_a_session_that_lost_them(contract_pg_url: s
     store = SqlSagaStore(contract_pg_url)
     first = create(store, saga_id="p1").record
     second = create(store, "order-2", saga_id="p2").record
-    assert store.begin_step("p1:0", "p1", at(1)) == (None, first)
+    assert store.begin_step("p1:0", "p1", at(1), EXPECTED) == (None, first)
     with store._autocommit.connect() as conn:  # the pool's one idle connection
         names = conn.execute(sa.text("SELECT count(*) FROM pg_prepared_statements")).scalar_one()
         assert names >= 2  # create and begin_step were prepared on it
         conn.exec_driver_sql("DEALLOCATE ALL")
-    assert store.begin_step("p2:0", "p2", at(2)) == (None, second)
+    assert store.begin_step("p2:0", "p2", at(2), EXPECTED) == (None, second)
 
     def succeed(record: SagaRecord) -> tuple[Decision, list[OutboxMessage]]:
         decision = machine.decide(record.view(), StepSucceeded(0, 1, "r"), at(3))
@@ -1472,7 +1499,7 @@ def test_engine_options_reach_the_autocommit_connections_too(contract_pg_url: st
     name = f"sagas-options-{os.getpid()}"
     store = SqlSagaStore(url, connect_args={"application_name": name})
     record = create(store, saga_id="o").record  # one statement, on the autocommit pool
-    assert store.begin_step("o:0", "o", at(1)) == (None, record)
+    assert store.begin_step("o:0", "o", at(1), EXPECTED) == (None, record)
     with shared_engine(contract_pg_url).connect() as conn:
         names = conn.execute(
             sa.text(

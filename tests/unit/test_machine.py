@@ -279,9 +279,9 @@ COMPENSATING_1 = saga(S.COMPENSATING, "completed compensating failed skipped", c
         ),
         pytest.param(
             saga(S.COMPENSATION_FAILED, "compensation_failed failed skipped skipped", 0, 3),
-            CompensationSucceeded(0, 3),
+            CompensationSucceeded(0, 2),
             "saga is COMPENSATION_FAILED",
-            id="saga-compensation-failed",
+            id="saga-compensation-failed-older-token",
         ),
         pytest.param(
             saga(None, "pending pending pending pending"),
@@ -783,3 +783,16 @@ def test_run_compensation_failure_stops_the_walk(
     assert sent == commands
     assert view.state == S.COMPENSATION_FAILED
     assert statuses_of(view) == final
+
+
+def test_a_dead_lettered_compensations_late_success_is_applied() -> None:
+    """A run of the dead-lettered compensation that began before (a redelivery) finished
+    well: the step is compensated, the dead letter resolved and the saga goes on."""
+    view = saga(S.COMPENSATION_FAILED, "completed compensation_failed failed skipped", 1, 3)
+    decision = decide(view, CompensationSucceeded(1, 3), NOW)
+    assert decision.accepted
+    assert decision.step_changes[0].index == 1
+    assert decision.step_changes[0].new == StepStatus.COMPENSATED
+    assert decision.dead_letter is not None and decision.dead_letter.status == "resolved"
+    assert decision.state == S.COMPENSATING
+    assert decision.commands == (RunCompensation(0, 4),)

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from celery_sagas import dlq, outbox, scanner
-from celery_sagas.coordinator import Coordinator
+from celery_sagas.coordinator import Coordinator, Timing
 from celery_sagas.definition import Saga, Step, StepContext, registry
 from celery_sagas.errors import BusinessError, SagaError, TransientError
 from celery_sagas.machine import ErrorKind, SagaState, StepStatus
@@ -334,8 +334,11 @@ def test_scanner_claims_are_recorded_apart_from_commits() -> None:
         [Step("one", lambda ctx: 1, lambda ctx: None, timeout=30, compensation_name="undo_one")],
     )
     clock = Clock()
-    coordinator = Coordinator(store, registry([saga]), clock=clock)
+    coordinator = Coordinator(
+        store, registry([saga]), clock=clock, timing=Timing(max_redispatches=0)
+    )
     started = coordinator.start("slow", {"id": "s-1"})
+    store.begin_guard(f"{started.saga_id}:one:action", clock.now)  # a worker began it
     scanner.scan(coordinator, clock.now + timedelta(seconds=31), batch=10, stuck_after=3600)
     assert store.calls[store.calls.index("claim_due") + 1 :][:1] == ["claim.commit"]
     assert "commit" not in store.calls

@@ -1,0 +1,337 @@
+"""The one step path, Celery-free: check → guard → run → classify.
+
+The step task (in both modes) and the testing driver run every step message through
+``StepRunner.run``; they differ only in how they wait before a retry and in who records
+the outcome (the step's own worker through ``Coordinator.handle``, or the chain's
+coordinator task).
+
+1. check: the message names this task's step and carries the key the saga would compute
+   (else ``bad key``); the saga exists (``unknown saga``), is live and waits for exactly
+   this step, role and token (``stale``; ``late`` when the step already timed out).
+   Marking the step started happens in the same store call, and only when the saga
+   expects it: an ignored message writes nothing and runs nothing.
+2. guard: a final outcome recorded earlier (a duplicate delivery) is returned as it is.
+3. run the participant; 4. classify what it raised: declined (a business error), retry
+   later (retryable, by the step's policy), or failed.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any
+
+from celery_sagas.definition import RetryPolicy, Saga, Step, StepContext, idempotency_key
+from celery_sagas.errors import StoreUnavailableError
+from celery_sagas.log import logger
+from celery_sagas.machine import StepStatus
+from celery_sagas.policy import RetryAt, decide_retry
+from celery_sagas.protocols import Expectation, GuardRecord, SagaRecord, SagaStore
+
+MAX_ERROR = 2000
+MAX_TRACEBACK = 8000
+# what a lost connection raises, by class name anywhere in its MRO (driver-agnostic)
+CONNECTION_ERROR_NAMES = frozenset(
+    {"ConnectionError", "TimeoutError", "OperationalError", "InterfaceError", "DisconnectionError"}
+)
+
+BAD_KEY = "bad key"
+UNKNOWN_SAGA = "unknown saga"
+STALE = "stale"
+LATE = "late"
+
+
+def describe(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= MAX_ERROR else text[:MAX_ERROR] + "…"
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """A connection-level failure (database or broker unreachable): worth retrying."""
+    return any(cls.__name__ in CONNECTION_ERROR_NAMES for cls in type(exc).__mro__)
+
+
+@dataclass(frozen=True)
+class StepMessage:
+    """A step or compensation message as its task receives it (the task's kwargs)."""
+
+    saga_id: str
+    step: int
+    token: int
+    key: str
+    payload: Mapping[str, Any] | None = None
+    results: Mapping[str, Any] | None = None
+    result: Any = None
+    attempts_before: int = 0
+
+    @classmethod
+    def of(cls, kwargs: Mapping[str, Any]) -> StepMessage:
+        return cls(
+            saga_id=str(kwargs["saga_id"]),
+            step=int(kwargs["step"]),
+            token=int(kwargs["token"]),
+            key=str(kwargs["key"]),
+            payload=kwargs.get("payload"),
+            results=kwargs.get("results"),
+            result=kwargs.get("result"),
+            attempts_before=int(kwargs.get("attempts_before") or 0),
+        )
+
+
+@dataclass(frozen=True)
+class Ignored:
+    """The saga does not expect this message: nothing ran, nothing was written."""
+
+    reason: str  # BAD_KEY | UNKNOWN_SAGA | STALE | LATE
+    detail: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The step's outcome (``{"outcome": "ok"|"business"|"error", "result", "error",
+    "attempts", "traceback"}``), the guard record still to write with it (None: recorded
+    before, or a failed compensation, which stays re-runnable) and the saga as read."""
+
+    outcome: dict[str, Any]
+    to_record: GuardRecord | None
+    snapshot: SagaRecord | None
+
+
+@dataclass(frozen=True)
+class RetryLater:
+    """The participant failed and its policy retries it at ``when``."""
+
+    when: datetime
+    error: Exception
+    attempt: int
+
+
+StepRun = Ignored | Finished | RetryLater
+
+
+def mismatch(saga: Saga, index: int, role: str, message: StepMessage) -> Ignored | None:
+    """Pure: a message whose step or key is not this task's (forged or misrouted)."""
+    expected = idempotency_key(message.saga_id, saga.steps[index].name, role)
+    if message.step != index or message.key != expected:
+        return Ignored(BAD_KEY, f"step {message.step} key {message.key!r}, expected {expected!r}")
+    return None
+
+
+def unexpected(record: SagaRecord | None, index: int, role: str, token: int) -> Ignored | None:
+    """Pure: why the saga (as read) does not wait for this step, role and token."""
+    if record is None:
+        return Ignored(UNKNOWN_SAGA, "no such saga")
+    step = record.steps[index] if index < len(record.steps) else None
+    if step is not None and role == "action" and step.status == StepStatus.TIMED_OUT:
+        return Ignored(LATE, f"{step.name} already timed out")
+    expectation = Expectation(index, token, role)
+    if record.state not in expectation.states:
+        return Ignored(STALE, f"saga is {record.state}")
+    if record.current_step != index or record.token != token:
+        return Ignored(
+            STALE,
+            f"saga waits for step {record.current_step} token {record.token}, "
+            f"not step {index} token {token}",
+        )
+    return None
+
+
+def classify(step: Step, role: str, exc: BaseException, interrupted: tuple[type, ...]) -> str:
+    """Pure: ``business`` (declined, did not act), ``retry``, ``timeout`` or ``error``
+    (may have acted).
+
+    An interrupted action (its soft time limit) is not retried: it timed out and is
+    compensated. A compensation is retried whatever it raised (it must finish)."""
+    if role == "compensation":
+        return "retry"
+    if isinstance(exc, tuple(step.business_errors)):
+        return "business"
+    if isinstance(exc, interrupted):
+        return "timeout"
+    if isinstance(exc, tuple(step.retry_on)):
+        return "retry"
+    if step.retry_connection_errors and is_connection_error(exc):
+        return "retry"
+    return "error"
+
+
+def policy_for(
+    saga: Saga, step: Step, role: str, overrides: Mapping[str, Mapping[str, Any]]
+) -> RetryPolicy:
+    """The step's declared policy, unless configuration overrides it by task name
+    (``"order_fulfillment.refund_payment"``) or function name (``"refund_payment"``)."""
+    name = step.name if role == "action" else step.compensation_name
+    override = overrides.get(f"{saga.name}.{name}") or overrides.get(str(name))
+    if override:
+        return RetryPolicy(**override)
+    return step.retry if role == "action" else step.compensation_retry
+
+
+class StepRunner:
+    """Runs one step's action or compensation for a message, behind the check and guard."""
+
+    def __init__(
+        self,
+        saga: Saga,
+        index: int,
+        role: str,
+        policy: RetryPolicy,
+        clock: Callable[[], datetime],
+        interrupted: tuple[type[BaseException], ...] = (),
+        function: Callable[[StepContext], Any] | None = None,
+    ) -> None:
+        self.saga = saga
+        self.index = index
+        self.role = role
+        self.step = saga.steps[index]
+        self.policy = policy
+        self.clock = clock
+        self.interrupted = interrupted
+        default = self.step.action if role == "action" else self.step.compensation
+        self.function = function or default
+
+    def run(self, store: SagaStore, message: StepMessage, tries: int = 1) -> StepRun:
+        """``tries``: this delivery's try of the participant (1 unless a retry)."""
+        refused = mismatch(self.saga, self.index, self.role, message)
+        if refused is not None:
+            return self._ignored(message, refused)
+        expectation = Expectation(self.index, message.token, self.role)
+        recorded, snapshot = store.begin_step(
+            message.key, message.saga_id, self.clock(), expectation
+        )
+        refused = unexpected(snapshot, self.index, self.role, message.token)
+        if refused is not None:
+            return self._ignored(message, refused)
+        if recorded is not None:
+            logger.info(
+                "saga %s %s: duplicate delivery, returning the recorded %s outcome",
+                message.saga_id,
+                message.key,
+                recorded.outcome,
+                extra=self._extra(message.saga_id),
+            )
+            outcome = {"outcome": recorded.outcome, "result": recorded.result}
+            return Finished({**outcome, "error": recorded.error}, None, snapshot)
+        assert snapshot is not None
+        return self._call(store, message, snapshot, tries)
+
+    def context(self, message: StepMessage, snapshot: SagaRecord, tries: int) -> StepContext:
+        """What the participant gets; data the message does not carry comes from the saga."""
+        results = message.results
+        if results is None:
+            results = {k: v for k, v in snapshot.results().items() if k in self.saga.step_names}
+        result = message.result
+        if result is None and self.role == "compensation":
+            result = snapshot.steps[self.index].result
+        return StepContext(
+            saga_id=message.saga_id,
+            saga=self.saga.name,
+            step=self.step.name,
+            payload=snapshot.payload if message.payload is None else message.payload,
+            results=results,
+            idempotency_key=message.key,
+            attempt=message.attempts_before + tries,
+            result=result,
+        )
+
+    def _call(
+        self, store: SagaStore, message: StepMessage, snapshot: SagaRecord, tries: int
+    ) -> StepRun:
+        context = self.context(message, snapshot, tries)
+        counted = {"attempts": context.attempt}
+        try:
+            result = self.function(context)
+        except Exception as exc:
+            kind = classify(self.step, self.role, exc, self.interrupted)
+            if kind == "business":
+                logger.info(
+                    "saga %s %s declined: %s",
+                    message.saga_id,
+                    self.step.name,
+                    describe(exc),
+                    extra=self._extra(message.saga_id),
+                )
+                declined = GuardRecord(message.key, "business", error=describe(exc))
+                outcome = {"outcome": "business", "result": None, "error": describe(exc)}
+                return Finished({**outcome, **counted}, declined, snapshot)
+            run = self._failed(store, context, exc, kind == "retry", tries, snapshot)
+            if kind == "timeout" and isinstance(run, Finished):
+                return replace(run, outcome={**run.outcome, "timed_out": True})
+            return run
+        ok = GuardRecord(message.key, "ok", result)
+        return Finished({"outcome": "ok", "result": result, "error": None, **counted}, ok, snapshot)
+
+    def _failed(
+        self,
+        store: SagaStore,
+        context: StepContext,
+        exc: Exception,
+        retryable: bool,
+        tries: int,
+        snapshot: SagaRecord,
+    ) -> StepRun:
+        failed_at = self.clock()
+        extra = self._extra(context.saga_id)
+        try:
+            store.record_attempt(
+                context.saga_id, context.idempotency_key, context.attempt, describe(exc), failed_at
+            )
+        except StoreUnavailableError as lost:  # the policy still decides; the row is lost
+            logger.warning(
+                "saga %s %s: attempt not recorded: %s",
+                context.saga_id,
+                context.step,
+                lost,
+                extra=extra,
+            )
+        decision = decide_retry(self.policy, tries, retryable, failed_at)
+        if isinstance(decision, RetryAt):
+            logger.warning(
+                "saga %s %s %s attempt %d failed (%s); retry in %.2fs",
+                context.saga_id,
+                context.step,
+                self.role,
+                context.attempt,
+                describe(exc),
+                decision.delay,
+                extra=extra,
+            )
+            return RetryLater(decision.when, exc, context.attempt)
+        logger.error(
+            "saga %s %s %s gave up after %d attempt(s): %s (%s)",
+            context.saga_id,
+            context.step,
+            self.role,
+            context.attempt,
+            describe(exc),
+            decision.reason,
+            extra=extra,
+        )
+        trace = "".join(traceback.format_exception(exc))[-MAX_TRACEBACK:]
+        outcome: dict[str, Any] = {"outcome": "error", "result": None, "error": describe(exc)}
+        outcome |= {"attempts": context.attempt, "traceback": trace}
+        # a failed compensation is not recorded: an operator retry must run it again
+        to_record = (
+            None
+            if self.role == "compensation"
+            else GuardRecord(context.idempotency_key, "error", error=describe(exc))
+        )
+        return Finished(outcome, to_record, snapshot)
+
+    def _ignored(self, message: StepMessage, ignored: Ignored) -> Ignored:
+        log = logger.warning if ignored.reason in (BAD_KEY, UNKNOWN_SAGA) else logger.info
+        log(
+            "saga %s step %s %s: message ignored (%s: %s)",
+            message.saga_id,
+            message.step,
+            self.role,
+            ignored.reason,
+            ignored.detail,
+            extra={**self._extra(message.saga_id), "reason": ignored.reason},
+        )
+        return ignored
+
+    def _extra(self, saga_id: str) -> dict[str, Any]:
+        return {"saga_id": saga_id, "saga": self.saga.name, "step": self.step.name}
