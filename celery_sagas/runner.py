@@ -18,7 +18,7 @@ coordinator task).
 from __future__ import annotations
 
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
@@ -26,9 +26,11 @@ from typing import Any
 from celery_sagas.definition import RetryPolicy, Saga, Step, StepContext, idempotency_key
 from celery_sagas.errors import StoreUnavailableError
 from celery_sagas.log import logger
-from celery_sagas.machine import StepStatus
+from celery_sagas.machine import ErrorKind, StepStatus
 from celery_sagas.policy import RetryAt, decide_retry
 from celery_sagas.protocols import Expectation, GuardRecord, SagaRecord, SagaStore
+from celery_sagas.redaction import scrub, secret_values
+from celery_sagas.settings import DEFAULT_REDACT_FIELDS
 
 MAX_ERROR = 2000
 MAX_TRACEBACK = 8000
@@ -51,6 +53,10 @@ def describe(exc: BaseException) -> str:
 def is_connection_error(exc: BaseException) -> bool:
     """A connection-level failure (database or broker unreachable): worth retrying."""
     return any(cls.__name__ in CONNECTION_ERROR_NAMES for cls in type(exc).__mro__)
+
+
+class ParticipantError(Exception):
+    """A participant's failure as Celery's retry shows it: its text, scrubbed of secrets."""
 
 
 @dataclass(frozen=True)
@@ -124,7 +130,10 @@ def unexpected(record: SagaRecord | None, index: int, role: str, token: int) -> 
     if record is None:
         return Ignored(UNKNOWN_SAGA, "no such saga")
     step = record.steps[index] if index < len(record.steps) else None
-    if step is not None and role == "action" and step.status == StepStatus.TIMED_OUT:
+    timed_out = step is not None and (
+        step.status == StepStatus.TIMED_OUT or step.error_kind == ErrorKind.TIMEOUT
+    )
+    if step is not None and role == "action" and timed_out:
         return Ignored(LATE, f"{step.name} already timed out")
     expectation = Expectation(index, token, role)
     if record.state not in expectation.states:
@@ -181,6 +190,7 @@ class StepRunner:
         clock: Callable[[], datetime],
         interrupted: tuple[type[BaseException], ...] = (),
         function: Callable[[StepContext], Any] | None = None,
+        redact_fields: Sequence[str] = DEFAULT_REDACT_FIELDS,
     ) -> None:
         self.saga = saga
         self.index = index
@@ -189,6 +199,7 @@ class StepRunner:
         self.policy = policy
         self.clock = clock
         self.interrupted = interrupted
+        self.redact_fields = tuple(redact_fields)
         default = self.step.action if role == "action" else self.step.compensation
         self.function = function or default
 
@@ -244,30 +255,36 @@ class StepRunner:
         try:
             result = self.function(context)
         except Exception as exc:
+            said = self._said(describe(exc), context)
             kind = classify(self.step, self.role, exc, self.interrupted)
             if kind == "business":
                 logger.info(
                     "saga %s %s declined: %s",
                     message.saga_id,
                     self.step.name,
-                    describe(exc),
+                    said,
                     extra=self._extra(message.saga_id),
                 )
-                declined = GuardRecord(message.key, "business", error=describe(exc))
-                outcome = {"outcome": "business", "result": None, "error": describe(exc)}
+                declined = GuardRecord(message.key, "business", error=said)
+                outcome = {"outcome": "business", "result": None, "error": said}
                 return Finished({**outcome, **counted}, declined, snapshot)
-            run = self._failed(store, context, exc, kind == "retry", tries, snapshot)
+            run = self._failed(store, context, exc, said, kind == "retry", tries, snapshot)
             if kind == "timeout" and isinstance(run, Finished):
                 return replace(run, outcome={**run.outcome, "timed_out": True})
             return run
         ok = GuardRecord(message.key, "ok", result)
         return Finished({"outcome": "ok", "result": result, "error": None, **counted}, ok, snapshot)
 
+    def _said(self, text: str, context: StepContext) -> str:
+        """``text`` without the payload's secrets (an error that quoted an address)."""
+        return scrub(text, secret_values(context.payload, self.redact_fields))
+
     def _failed(
         self,
         store: SagaStore,
         context: StepContext,
         exc: Exception,
+        said: str,
         retryable: bool,
         tries: int,
         snapshot: SagaRecord,
@@ -276,7 +293,7 @@ class StepRunner:
         extra = self._extra(context.saga_id)
         try:
             store.record_attempt(
-                context.saga_id, context.idempotency_key, context.attempt, describe(exc), failed_at
+                context.saga_id, context.idempotency_key, context.attempt, said, failed_at
             )
         except StoreUnavailableError as lost:  # the policy still decides; the row is lost
             logger.warning(
@@ -294,29 +311,29 @@ class StepRunner:
                 context.step,
                 self.role,
                 context.attempt,
-                describe(exc),
+                said,
                 decision.delay,
                 extra=extra,
             )
-            return RetryLater(decision.when, exc, context.attempt)
+            return RetryLater(decision.when, ParticipantError(said), context.attempt)
         logger.error(
             "saga %s %s %s gave up after %d attempt(s): %s (%s)",
             context.saga_id,
             context.step,
             self.role,
             context.attempt,
-            describe(exc),
+            said,
             decision.reason,
             extra=extra,
         )
-        trace = "".join(traceback.format_exception(exc))[-MAX_TRACEBACK:]
-        outcome: dict[str, Any] = {"outcome": "error", "result": None, "error": describe(exc)}
+        trace = self._said("".join(traceback.format_exception(exc)), context)[-MAX_TRACEBACK:]
+        outcome: dict[str, Any] = {"outcome": "error", "result": None, "error": said}
         outcome |= {"attempts": context.attempt, "traceback": trace}
         # a failed compensation is not recorded: an operator retry must run it again
         to_record = (
             None
             if self.role == "compensation"
-            else GuardRecord(context.idempotency_key, "error", error=describe(exc))
+            else GuardRecord(context.idempotency_key, "error", error=said)
         )
         return Finished(outcome, to_record, snapshot)
 

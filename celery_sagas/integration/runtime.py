@@ -184,7 +184,15 @@ def _register_step_tasks(app: Celery, runtime: SagaRuntime, saga: Saga) -> None:
                 return self.perform(**kwargs)
 
             policy = policy_for(saga, step, role, runtime.settings.retry_policies)
-            runner = StepRunner(saga, index, role, policy, utcnow, (SoftTimeLimitExceeded,))
+            runner = StepRunner(
+                saga,
+                index,
+                role,
+                policy,
+                utcnow,
+                (SoftTimeLimitExceeded,),
+                redact_fields=runtime.settings.redact_fields,
+            )
             app.task(
                 name=name,
                 base=StepTask,

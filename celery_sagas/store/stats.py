@@ -300,5 +300,5 @@ class StatsReader:
 def _reader_engine(url: str) -> Engine:
     """A small pool with short connect timeouts: a scrape must fail fast, not hang."""
     if url.startswith("sqlite"):
-        return create_engine(url, connect_args={"timeout": 5})
+        return create_engine(url, connect_args={"timeout": 5}, hide_parameters=True)
     return build_engine(url, pool_size=1, max_overflow=1, connect_args={"connect_timeout": 5})

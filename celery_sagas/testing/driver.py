@@ -63,7 +63,13 @@ def _deliver(
     index = body["step"]
     policy = policy_for(saga, delivery.step, delivery.role, {})
     runner = StepRunner(
-        saga, index, delivery.role, policy, coordinator.clock, function=delivery.function
+        saga,
+        index,
+        delivery.role,
+        policy,
+        coordinator.clock,
+        function=delivery.function,
+        redact_fields=coordinator.redact_fields,
     )
     message = StepMessage.of(body)
     tries = 1
