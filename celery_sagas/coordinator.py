@@ -88,9 +88,11 @@ def build_message(
     payload: Mapping[str, Any],
     decision: Decision,
     command: Command,
+    with_data: bool = False,
 ) -> OutboxMessage:
-    """The outbox body for one command: everything needed to publish the step's chain
-    (or, for a dead letter, the ids of the DLQ message)."""
+    """The outbox body for one command: ids only (the step reads the payload and earlier
+    results from the saga it checks), or, ``with_data``, everything a participant worker
+    without the saga database needs (``coordinator_hop``). For a dead letter: its ids."""
     step = saga.steps[command.step]
     if isinstance(command, SendToDeadLetterQueue):
         return OutboxMessage(
@@ -103,10 +105,6 @@ def build_message(
                 "step_name": step.name,
             },
         )
-    results: dict[str, Any] = record.results() if record else {}
-    for change in decision.step_changes:
-        if change.has_result and change.new == StepStatus.COMPLETED:
-            results[saga.steps[change.index].name] = change.result
     role = "action" if isinstance(command, RunStep) else "compensation"
     body: dict[str, Any] = {
         "kind": role,
@@ -115,16 +113,35 @@ def build_message(
         "step": command.step,
         "step_name": step.name,
         "token": command.token,
-        "payload": dict(payload),
         "key": idempotency_key(saga_id, step.name, role),
     }
-    if role == "action":
-        body["results"] = {k: v for k, v in results.items() if k in saga.step_names}
-    else:
-        body["result"] = record.steps[command.step].result if record else None
+    if role == "compensation":
         # attempts already made (before an operator retry), so attempt numbers continue
         body["attempts_before"] = record.steps[command.step].compensation_attempts if record else 0
+    if with_data:
+        body.update(_step_data(saga, record, payload, decision, command, role))
     return OutboxMessage(saga_id=saga_id, body=body)
+
+
+def _step_data(
+    saga: Saga,
+    record: SagaRecord | None,
+    payload: Mapping[str, Any],
+    decision: Decision,
+    command: Command,
+    role: str,
+) -> dict[str, Any]:
+    """The payload and the results a step's participant gets, for a message that must
+    carry them."""
+    if role == "compensation":
+        result = record.steps[command.step].result if record else None
+        return {"payload": dict(payload), "result": result}
+    results: dict[str, Any] = record.results() if record else {}
+    for change in decision.step_changes:
+        if change.has_result and change.new == StepStatus.COMPLETED:
+            results[saga.steps[change.index].name] = change.result
+    kept = {k: v for k, v in results.items() if k in saga.step_names}
+    return {"payload": dict(payload), "results": kept}
 
 
 @dataclass(frozen=True)
@@ -165,13 +182,18 @@ class Coordinator:
         timing: Timing | None = None,
         redact_fields: Sequence[str] = DEFAULT_REDACT_FIELDS,
         auto_retry_interval: float = 3600.0,
+        messages_with_data: bool = False,
     ) -> None:
+        """``messages_with_data``: step messages carry the payload and results (for
+        participant workers without the saga database, ``coordinator_hop``); otherwise
+        they carry ids and the step reads the rest from the saga it checks."""
         self.store = store
         self.sagas = sagas
         self.clock = clock
         self.timing = timing or Timing()
         self.redact_fields = tuple(redact_fields)
         self.auto_retry_interval = auto_retry_interval
+        self.with_data = messages_with_data
 
     def definition(self, name: str) -> Saga:
         try:
@@ -207,7 +229,9 @@ class Coordinator:
     def messages_for(self, record: SagaRecord, decision: Decision) -> list[OutboxMessage]:
         saga = self.definition(record.name)
         return [
-            build_message(saga, record, record.saga_id, record.payload, decision, command)
+            build_message(
+                saga, record, record.saga_id, record.payload, decision, command, self.with_data
+            )
             for command in decision.commands
         ]
 
@@ -242,7 +266,7 @@ class Coordinator:
         limited = self.timing.limit(saga) is not None
         decision = machine.decide(view, machine.Begin(admit=not limited), now)
         messages = [
-            build_message(saga, None, saga_id, payload, decision, command)
+            build_message(saga, None, saga_id, payload, decision, command, self.with_data)
             for command in decision.commands
         ]
         new = NewSaga(

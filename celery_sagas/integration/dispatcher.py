@@ -23,12 +23,10 @@ def step_kwargs(body: Mapping[str, Any]) -> dict[str, Any]:
         "step": body["step"],
         "token": body["token"],
         "key": body["key"],
-        "payload": body["payload"],
     }
-    if body["kind"] == "action":
-        kwargs["results"] = body.get("results", {})
-    else:
-        kwargs["result"] = body.get("result")
+    # the data travels only where the participant cannot read the saga (coordinator_hop)
+    kwargs.update({k: body[k] for k in ("payload", "results", "result") if k in body})
+    if body["kind"] == "compensation":
         kwargs["attempts_before"] = body.get("attempts_before", 0)
     return kwargs
 

@@ -84,6 +84,7 @@ class SagaRuntime:
                 self.timing,
                 redact_fields=self.settings.redact_fields,
                 auto_retry_interval=self.settings.dlq_auto_retry_interval,
+                messages_with_data=self.settings.coordinator_hop,
             )
         return self._coordinator
 
