@@ -862,6 +862,7 @@ def run(options: Options) -> dict[str, Any]:
             "SAGAS_DATABASE_URL": db_url,
             "BENCH_REDIS_URL": broker_url,
             "SAGAS_COORDINATOR_HOP": "true" if options.coordinator_hop else "false",
+            "SAGAS_SIGNING_KEY": "bench-signing-key",
             "PYTHONPATH": os.pathsep.join(
                 p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p
             ),

@@ -73,6 +73,15 @@ class StepMessage:
     attempts_before: int = 0
 
     @classmethod
+    def parse(cls, kwargs: Mapping[str, Any]) -> StepMessage | None:
+        """The message, or None (logged) if its fields are missing or of the wrong type."""
+        try:
+            return cls.of(kwargs)
+        except (KeyError, TypeError, ValueError) as exc:
+            logger.warning("step message ignored (malformed: %s)", describe(exc))
+            return None
+
+    @classmethod
     def of(cls, kwargs: Mapping[str, Any]) -> StepMessage:
         return cls(
             saga_id=str(kwargs["saga_id"]),
@@ -103,6 +112,14 @@ class Finished:
     outcome: dict[str, Any]
     to_record: GuardRecord | None
     snapshot: SagaRecord | None
+
+    def handed_down(self) -> dict[str, Any]:
+        """The outcome as a chain hands it to the coordinator task, with the guard it
+        records (``coordinator_hop``)."""
+        guard = self.to_record
+        if guard is None:
+            return self.outcome
+        return {**self.outcome, "key": guard.key}
 
 
 @dataclass(frozen=True)
@@ -228,27 +245,45 @@ class StepRunner:
         assert snapshot is not None
         return self._call(store, message, snapshot, tries)
 
-    def context(self, message: StepMessage, snapshot: SagaRecord, tries: int) -> StepContext:
+    def run_command(self, message: StepMessage, tries: int = 1) -> StepRun:
+        """A signed command on a worker without the saga database (``coordinator_hop``):
+        the signature was verified; the participant runs behind the idempotency key it is
+        handed, and the coordinator task records the outcome (and ignores a stale one)."""
+        refused = mismatch(self.saga, self.index, self.role, message)
+        if refused is None and message.payload is None:
+            refused = Ignored(BAD_KEY, "a command without its payload")
+        if refused is not None:
+            return self._ignored(message, refused)
+        return self._call(None, message, None, tries)
+
+    def context(self, message: StepMessage, snapshot: SagaRecord | None, tries: int) -> StepContext:
         """What the participant gets; data the message does not carry comes from the saga."""
         results = message.results
-        if results is None:
+        if results is None and snapshot is not None:
             results = {k: v for k, v in snapshot.results().items() if k in self.saga.step_names}
         result = message.result
-        if result is None and self.role == "compensation":
+        if result is None and snapshot is not None and self.role == "compensation":
             result = snapshot.steps[self.index].result
+        payload = message.payload
+        if payload is None and snapshot is not None:
+            payload = snapshot.payload
         return StepContext(
             saga_id=message.saga_id,
             saga=self.saga.name,
             step=self.step.name,
-            payload=snapshot.payload if message.payload is None else message.payload,
-            results=results,
+            payload=payload or {},
+            results=results or {},
             idempotency_key=message.key,
             attempt=message.attempts_before + tries,
             result=result,
         )
 
     def _call(
-        self, store: SagaStore, message: StepMessage, snapshot: SagaRecord, tries: int
+        self,
+        store: SagaStore | None,
+        message: StepMessage,
+        snapshot: SagaRecord | None,
+        tries: int,
     ) -> StepRun:
         context = self.context(message, snapshot, tries)
         counted = {"attempts": context.attempt}
@@ -281,20 +316,21 @@ class StepRunner:
 
     def _failed(
         self,
-        store: SagaStore,
+        store: SagaStore | None,
         context: StepContext,
         exc: Exception,
         said: str,
         retryable: bool,
         tries: int,
-        snapshot: SagaRecord,
+        snapshot: SagaRecord | None,
     ) -> StepRun:
         failed_at = self.clock()
         extra = self._extra(context.saga_id)
         try:
-            store.record_attempt(
-                context.saga_id, context.idempotency_key, context.attempt, said, failed_at
-            )
+            if store is not None:  # a worker without the saga database keeps no attempt rows
+                store.record_attempt(
+                    context.saga_id, context.idempotency_key, context.attempt, said, failed_at
+                )
         except StoreUnavailableError as lost:  # the policy still decides; the row is lost
             logger.warning(
                 "saga %s %s: attempt not recorded: %s",
@@ -337,8 +373,12 @@ class StepRunner:
         )
         return Finished(outcome, to_record, snapshot)
 
+    def refuse(self, message: StepMessage, reason: str, detail: str) -> Ignored:
+        """Refuse a message for a reason found outside the runner (a bad signature)."""
+        return self._ignored(message, Ignored(reason, detail))
+
     def _ignored(self, message: StepMessage, ignored: Ignored) -> Ignored:
-        log = logger.warning if ignored.reason in (BAD_KEY, UNKNOWN_SAGA) else logger.info
+        log = logger.info if ignored.reason in (STALE, LATE) else logger.warning
         log(
             "saga %s step %s %s: message ignored (%s: %s)",
             message.saga_id,

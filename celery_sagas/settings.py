@@ -25,6 +25,7 @@ class SagaSettings:
     coordinator_queue: str | None = None
     control_queue: str | None = "sagas.control"  # beat's scan and relay (None: default queue)
     coordinator_hop: bool = False
+    signing_key: str | None = None  # coordinator_hop: the HMAC secret of step commands
     prepared_statements: bool = True
     relay_interval: float = 2.0
     relay_after: float = 5.0
@@ -46,11 +47,7 @@ class SagaSettings:
     engine_options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not self.database_url:
-            raise SagaConfigurationError(
-                "no saga database: set sagas_database_url in the Celery config, "
-                "pass database_url=..., or set SAGAS_DATABASE_URL"
-            )
+        self._check_database_and_key()
         if self.database_url.startswith("postgresql://") or self.database_url.startswith(
             "postgres://"
         ):
@@ -89,6 +86,18 @@ class SagaSettings:
                         f"{name}[{key!r}] must be a positive number of seconds, got {seconds!r}"
                     )
         object.__setattr__(self, "redact_fields", tuple(self.redact_fields))
+
+    def _check_database_and_key(self) -> None:
+        if self.coordinator_hop and not self.signing_key:
+            raise SagaConfigurationError(
+                "coordinator_hop needs a signing key shared by the coordinator and the "
+                "participant workers: set sagas_signing_key or SAGAS_SIGNING_KEY"
+            )
+        if not self.database_url and not self.coordinator_hop:
+            raise SagaConfigurationError(
+                "no saga database: set sagas_database_url in the Celery config, "
+                "pass database_url=..., or set SAGAS_DATABASE_URL"
+            )
 
     def _check_positive(self) -> None:
         for name in ("relay_interval", "relay_after", "scan_interval", "stuck_after"):

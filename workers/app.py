@@ -21,7 +21,7 @@ app.conf.broker_transport_options = config.broker_transport_options(app.conf.bro
 app.conf.task_ignore_result = True
 app.conf.worker_send_task_events = True
 app.conf.broker_connection_retry_on_startup = True
-sagas = install(app, [order_fulfillment], database_url=config.database_url())
+sagas = install(app, [order_fulfillment], database_url=config.saga_database_url())
 
 
 @signals.worker_process_init.connect(weak=False)

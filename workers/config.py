@@ -1,6 +1,8 @@
 """Where the example deployment finds its broker and database.
 
-``CELERY_BROKER_URL`` and ``SAGAS_DATABASE_URL`` point it at Redis/RabbitMQ and PostgreSQL.
+``CELERY_BROKER_URL`` and ``SAGAS_DATABASE_URL`` point it at Redis/RabbitMQ and PostgreSQL
+(``PARTICIPANTS_DATABASE_URL``, if set, holds the participants' own tables: a participant
+worker of ``coordinator_hop`` sets only that one and never sees the saga database).
 Unset, it uses an embedded default that needs no server: kombu's ``filesystem://``
 transport and a SQLite file, both under ``.demo/`` in the repository.
 """
@@ -19,9 +21,24 @@ def demo_dir() -> Path:
 
 
 def database_url() -> str:
+    """The participants' own tables: ``PARTICIPANTS_DATABASE_URL``, else the saga
+    database."""
+    return os.environ.get("PARTICIPANTS_DATABASE_URL") or saga_database_url() or _embedded()
+
+
+def saga_database_url() -> str:
+    """The saga database: ``SAGAS_DATABASE_URL``; empty on a participant-only worker
+    (``PARTICIPANTS_DATABASE_URL`` set alone, with ``SAGAS_COORDINATOR_HOP``); else the
+    embedded default."""
     url = os.environ.get("SAGAS_DATABASE_URL")
     if url:
         return url
+    if os.environ.get("PARTICIPANTS_DATABASE_URL"):
+        return ""
+    return _embedded()
+
+
+def _embedded() -> str:
     demo_dir().mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{demo_dir() / 'sagas.db'}"
 

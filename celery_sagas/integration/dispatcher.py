@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from celery import Celery, chain
@@ -14,6 +14,8 @@ from celery_sagas.redaction import redact
 ADVANCE_TASK = "celery_sagas.advance"
 COMPENSATED_TASK = "celery_sagas.compensated"
 DEAD_LETTER_TASK = "celery_sagas.dead_letter"
+# (kwargs, task name, saga, step index) -> the kwargs stamped and signed
+Signer = Callable[[dict[str, Any], str, Saga, int], dict[str, Any]]
 
 
 def step_kwargs(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -54,11 +56,14 @@ class CeleryDispatcher:
         sagas: Mapping[str, Saga],
         redact_fields: Sequence[str] = (),
         coordinator_hop: bool = False,
+        sign: Signer | None = None,
     ) -> None:
+        """``sign``: stamps and signs a step command (``coordinator_hop``)."""
         self.app = app
         self.sagas = sagas
         self.redact_fields = tuple(redact_fields)
         self.coordinator_hop = coordinator_hop
+        self.sign = sign
 
     def send(self, message: OutboxMessage) -> None:
         body = message.body
@@ -87,6 +92,8 @@ class CeleryDispatcher:
             else:
                 self.app.send_task(task_name, ignore_result=True, **options)
             return
+        if self.sign is not None:
+            kwargs = self.sign(kwargs, task_name, saga, index)
         step = self.app.signature(task_name, kwargs=kwargs, immutable=True, kwargsrepr=shown)
         reply = self.app.signature(
             reply_name,

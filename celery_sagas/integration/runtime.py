@@ -7,16 +7,17 @@ schedule and the reliability settings. The store is created lazily, once per pro
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from datetime import timedelta
 from typing import Any
 
 from celery import Celery, Task, signals
 from celery.exceptions import SoftTimeLimitExceeded
 from kombu.entity import Queue
 
-from celery_sagas import dlq, machine, outbox, scanner
+from celery_sagas import dlq, machine, outbox, scanner, signing
 from celery_sagas.coordinator import Coordinator, Timing, utcnow
 from celery_sagas.definition import Saga, registry
-from celery_sagas.errors import SagaError
+from celery_sagas.errors import SagaConfigurationError, SagaError
 from celery_sagas.integration.config import apply_reliability_config
 from celery_sagas.integration.crash import crash_point
 from celery_sagas.integration.dispatcher import (
@@ -47,7 +48,11 @@ class SagaRuntime:
         self.sagas = sagas
         self.settings = settings
         self.dispatcher = CeleryDispatcher(
-            app, sagas, settings.redact_fields, settings.coordinator_hop
+            app,
+            sagas,
+            settings.redact_fields,
+            settings.coordinator_hop,
+            self.sign if settings.coordinator_hop else None,
         )
         self.start_tasks: dict[str, Task] = {}
         self._store: SqlSagaStore | None = None
@@ -56,12 +61,30 @@ class SagaRuntime:
     @property
     def store(self) -> SqlSagaStore:
         if self._store is None:
+            if not self.settings.database_url:
+                raise SagaConfigurationError(
+                    "this worker has no saga database (a coordinator_hop participant "
+                    "worker): route the coordinator, start, scan and relay tasks to workers "
+                    "that set SAGAS_DATABASE_URL"
+                )
             self._store = SqlSagaStore(
                 self.settings.database_url,
                 prepare=self.settings.prepared_statements,
                 **dict(self.settings.engine_options),
             )
         return self._store
+
+    def sign(
+        self, kwargs: dict[str, Any], task_name: str, saga: Saga, index: int
+    ) -> dict[str, Any]:
+        """A step command for a participant worker without the saga database: stamped with
+        its expiry and signed (``celery_sagas.signing``)."""
+        timing = self.timing
+        valid = signing.validity(
+            timing.timeouts(saga)[index], timing.queue_timeout, timing.time_limit_grace
+        )
+        expires_at = utcnow() + timedelta(seconds=valid)
+        return signing.sign(kwargs, task_name, self.settings.signing_key or "", expires_at)
 
     @property
     def timing(self) -> Timing:
@@ -204,6 +227,7 @@ def _register_step_tasks(app: Celery, runtime: SagaRuntime, saga: Saga) -> None:
                 runner=runner,
                 store_factory=staticmethod(lambda: runtime.store),
                 redact_fields=runtime.settings.redact_fields,
+                signing_key=runtime.settings.signing_key,
                 apply_outcome=None if runtime.settings.coordinator_hop else runtime.apply,
                 acks_late=True,
                 shared=False,  # bound to this app's runtime: another app must not inherit it

@@ -28,6 +28,7 @@ from celery_sagas.integration.dispatcher import kwargs_repr
 from celery_sagas.log import logger
 from celery_sagas.protocols import GuardRecord, SagaRecord
 from celery_sagas.runner import Finished, Ignored, RetryLater, StepMessage, StepRun, StepRunner
+from celery_sagas.signing import refusal
 
 STORE_RETRY_CAP = 30.0  # seconds between attempts to apply an outcome while the store is down
 # the kwarg a retry of a failed apply carries: the outcome the participant already produced
@@ -69,6 +70,7 @@ class StepTask(Task):
     runner: StepRunner
     store_factory: Any
     redact_fields: tuple[str, ...] = ()
+    signing_key: str | None = None  # coordinator_hop: the secret commands are signed with
     # applies an outcome (and records its guard) in one transaction and publishes what
     # follows; None when the chain's coordinator task (``coordinator_hop``) does it
     apply_outcome: (
@@ -90,6 +92,10 @@ class StepTask(Task):
         try:
             if carried_run:
                 run: StepRun = from_carried(carried_run)
+            elif StepMessage.parse(kwargs) is None:
+                return {"outcome": "ignored", "reason": "malformed"}
+            elif self.apply_outcome is None:  # coordinator_hop: a signed command
+                run = self._run_command(kwargs)
             else:
                 message = StepMessage.of(kwargs)
                 run = self.runner.run(self.store_factory(), message, self._tries(waited))
@@ -135,13 +141,16 @@ class StepTask(Task):
                 extra={"saga_id": saga_id, "saga": self.saga.name, "step": self.step_def.name},
             )
 
+    def _run_command(self, kwargs: dict[str, Any]) -> StepRun:
+        """Verify the command's signature and expiry before anything runs."""
+        refused = refusal(kwargs, self.name, self.signing_key or "", utcnow())
+        if refused is not None:
+            return self.runner.refuse(StepMessage.of(kwargs), refused, "signed command refused")
+        return self.runner.run_command(StepMessage.of(kwargs), self._tries(0))
+
     def _finish(self, run: Finished, kwargs: dict[str, Any]) -> dict[str, Any]:
-        if self.apply_outcome is None:  # the chain's coordinator task applies it
-            outcome = run.outcome
-            if run.to_record is not None:
-                winner = self.store_factory().put_guard(run.to_record, utcnow())
-                outcome = {**outcome, **as_outcome(winner)}
-            return outcome
+        if self.apply_outcome is None:  # the chain's coordinator task records and applies it
+            return run.handed_down()
         event = machine.outcome_event(self.role, kwargs["step"], kwargs["token"], run.outcome)
         self.apply_outcome(kwargs["saga_id"], event, run.to_record, run.snapshot)
         return run.outcome

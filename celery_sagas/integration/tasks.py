@@ -15,6 +15,7 @@ from celery_sagas import machine
 from celery_sagas.coordinator import check_payload
 from celery_sagas.errors import ConcurrentUpdateError, StoreUnavailableError
 from celery_sagas.integration.dispatcher import ADVANCE_TASK, COMPENSATED_TASK, DEAD_LETTER_TASK
+from celery_sagas.protocols import GuardRecord
 from celery_sagas.redaction import redact
 
 if TYPE_CHECKING:
@@ -61,18 +62,33 @@ class StartSagaTask(Task):
         return super().retry(*args, **options)
 
 
+def handed_guard(role: str, outcome: dict[str, Any]) -> GuardRecord | None:
+    """The guard record a step handed down with its outcome (none for a failed
+    compensation: an operator retry must be able to run it again)."""
+    key = outcome.get("key")
+    if not key or (role == "compensation" and outcome.get("outcome") == "error"):
+        return None
+    return GuardRecord(
+        str(key), str(outcome["outcome"]), outcome.get("result"), outcome.get("error")
+    )
+
+
 def register_coordinator_tasks(app: Celery, runtime: SagaRuntime) -> None:
-    @app.task(name=ADVANCE_TASK, shared=False, **RETRY_ON_STORE)
-    def advance(outcome: dict[str, Any], saga_id: str, step: int, token: int) -> str | None:
+    def record(role: str, outcome: dict[str, Any], saga_id: str, step: int, token: int) -> Any:
+        """A participant's outcome handed down the chain: recorded (its guard) and applied
+        in one transaction; a stale one changes nothing but its guard."""
         if outcome.get("outcome") == IGNORED:  # the step task refused the message
             return IGNORED
-        return runtime.apply(saga_id, machine.outcome_event("action", step, token, outcome))
+        event = machine.outcome_event(role, step, token, outcome)
+        return runtime.apply(saga_id, event, handed_guard(role, outcome))
+
+    @app.task(name=ADVANCE_TASK, shared=False, **RETRY_ON_STORE)
+    def advance(outcome: dict[str, Any], saga_id: str, step: int, token: int) -> str | None:
+        return record("action", outcome, saga_id, step, token)  # type: ignore[no-any-return]
 
     @app.task(name=COMPENSATED_TASK, shared=False, **RETRY_ON_STORE)
     def compensated(outcome: dict[str, Any], saga_id: str, step: int, token: int) -> str | None:
-        if outcome.get("outcome") == IGNORED:
-            return IGNORED
-        return runtime.apply(saga_id, machine.outcome_event("compensation", step, token, outcome))
+        return record("compensation", outcome, saga_id, step, token)  # type: ignore[no-any-return]
 
     @app.task(name=RELAY_TASK, shared=False, ignore_result=True, expires=30)
     def relay_outbox() -> int:

@@ -71,6 +71,7 @@ def test_a_step_with_a_queue_is_published_there_with_the_saga_as_root(
         [ROUTED],
         database_url=f"sqlite:///{tmp_path / 'routing.db'}",
         coordinator_hop=coordinator_hop,
+        signing_key="routing-key",
     )
     runtime.dispatcher.send(step_message(0))
     runtime.dispatcher.send(step_message(1))
@@ -106,7 +107,9 @@ def test_an_eager_app_runs_a_saga_to_the_end_in_process(
     app.conf.task_eager_propagates = True
     url = f"sqlite:///{tmp_path / 'eager.db'}"
     upgrade(url)
-    runtime = install(app, [ROUTED], database_url=url, coordinator_hop=coordinator_hop)
+    runtime = install(
+        app, [ROUTED], database_url=url, coordinator_hop=coordinator_hop, signing_key="k"
+    )
     runtime.start_task("routed").delay({"id": "order-7"})
     record = runtime.store.find("order-7")
     assert record is not None and record.state.value == "COMPLETED"
