@@ -30,6 +30,7 @@ PSYCOPG2 = "postgresql+psycopg2://"
 # The commands the README documents; the deployment files run these (plus options).
 DOCUMENTED = (
     "celery -A workers.app worker -l INFO -E",
+    "celery -A workers.app worker -l INFO -Q sagas.control",
     "celery -A workers.app beat",
     "celery -A workers.app flower",
     "celery -A workers.app sagas flower",
@@ -37,7 +38,7 @@ DOCUMENTED = (
     "celery-sagas --app workers.app metrics",
     "python -m workers.bootstrap",
 )
-PROCESSES = {"release", "worker", "beat", "flower", "metrics"}
+PROCESSES = {"release", "worker", "control", "beat", "flower", "metrics"}
 # Read by the platform or the shell, not by our code: Heroku's port, the container's hostname.
 PLATFORM_VARS = {"PORT", "HOSTNAME"}
 CELERY_GLOBAL_OPTIONS = {"-A", "--app", "-b", "--broker", "--workdir"}
@@ -278,7 +279,7 @@ def test_the_commands_are_the_documented_ones() -> None:
         assert any(text == d or text.startswith(d + " ") for d in DOCUMENTED), str(command)
     readme = ROOT / "README.md"
     if readme.exists():
-        missing = [d for d in DOCUMENTED[:4] if d not in readme.read_text()]
+        missing = [d for d in DOCUMENTED[:5] if d not in readme.read_text()]
         assert not missing, f"README.md does not document {missing}"
 
 
