@@ -106,7 +106,8 @@ class Step:
     retrying with ``retry``; ``business_errors`` mean "declined, did not act" (not
     compensated). Connection-level errors (a database or broker connection lost:
     ``ConnectionError``, ``TimeoutError``, a driver's ``OperationalError`` or
-    ``InterfaceError``) are retried too unless ``retry_connection_errors=False``. Any other
+    ``InterfaceError``) are retried too, with ``connection_retry`` (8 retries backing off to
+    30 s: about two minutes), unless ``retry_connection_errors=False``. Any other
     exception fails the step, which is then compensated too.
     """
 
@@ -121,6 +122,10 @@ class Step:
     business_errors: Sequence[type[BaseException]] = (BusinessError,)
     compensation_name: str | None = None
     retry_connection_errors: bool = True
+    # a database or broker restart takes longer than a busy participant's hiccup
+    connection_retry: RetryPolicy = field(
+        default_factory=lambda: RetryPolicy(max_retries=8, backoff_cap=30.0)
+    )
 
     def __post_init__(self) -> None:
         _check_name(self.name, "name", None)
@@ -138,7 +143,7 @@ class Step:
         object.__setattr__(self, "timeout", _seconds(self.timeout, f"{where}.timeout", None))
         if self.queue is not None and (not isinstance(self.queue, str) or not self.queue):
             raise SagaDefinitionError("must be a non-empty string", field=f"{where}.queue")
-        for name in ("retry", "compensation_retry"):
+        for name in ("retry", "compensation_retry", "connection_retry"):
             if not isinstance(getattr(self, name), RetryPolicy):
                 raise SagaDefinitionError("must be a RetryPolicy", field=f"{where}.{name}")
         object.__setattr__(self, "retry_on", _error_types(self.retry_on, f"{where}.retry_on"))

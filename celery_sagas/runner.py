@@ -165,7 +165,8 @@ def unexpected(record: SagaRecord | None, index: int, role: str, token: int) -> 
 
 
 def classify(step: Step, role: str, exc: BaseException, interrupted: tuple[type, ...]) -> str:
-    """Pure: ``business`` (declined, did not act), ``retry``, ``timeout`` or ``error``
+    """Pure: ``business`` (declined, did not act), ``retry``, ``reconnect`` (a lost
+    connection: retried with the step's ``connection_retry``), ``timeout`` or ``error``
     (may have acted).
 
     An interrupted action (its soft time limit) is not retried: it timed out and is
@@ -179,7 +180,7 @@ def classify(step: Step, role: str, exc: BaseException, interrupted: tuple[type,
     if isinstance(exc, tuple(step.retry_on)):
         return "retry"
     if step.retry_connection_errors and is_connection_error(exc):
-        return "retry"
+        return "reconnect"
     return "error"
 
 
@@ -303,7 +304,9 @@ class StepRunner:
                 declined = GuardRecord(message.key, "business", error=said)
                 outcome = {"outcome": "business", "result": None, "error": said}
                 return Finished({**outcome, **counted}, declined, snapshot)
-            run = self._failed(store, context, exc, said, kind == "retry", tries, snapshot)
+            policy = self.step.connection_retry if kind == "reconnect" else self.policy
+            retryable = kind in ("retry", "reconnect")
+            run = self._failed(store, context, exc, said, retryable, tries, snapshot, policy)
             if kind == "timeout" and isinstance(run, Finished):
                 return replace(run, outcome={**run.outcome, "timed_out": True})
             return run
@@ -323,6 +326,7 @@ class StepRunner:
         retryable: bool,
         tries: int,
         snapshot: SagaRecord | None,
+        policy: RetryPolicy,
     ) -> StepRun:
         failed_at = self.clock()
         extra = self._extra(context.saga_id)
@@ -339,7 +343,7 @@ class StepRunner:
                 lost,
                 extra=extra,
             )
-        decision = decide_retry(self.policy, tries, retryable, failed_at)
+        decision = decide_retry(policy, tries, retryable, failed_at)
         if isinstance(decision, RetryAt):
             logger.warning(
                 "saga %s %s %s attempt %d failed (%s); retry in %.2fs",

@@ -141,3 +141,40 @@ def test_a_connection_lost_before_the_outcome_is_applied_does_not_run_the_step_t
     assert [p.status for p in rows_for(db.payments, order["order_id"])] == ["captured"]
     completions = [t.step for t in store.transitions(record.saga_id) if t.new == "completed"]
     assert completions.count("process_payment") == 1
+
+
+def _all_other_backends_killed() -> int:
+    """Terminate every other connection to the database: a PostgreSQL restart as the
+    workers' pooled connections (the library's and the participants') see it."""
+    with db.get_engine().connect() as conn:
+        killed = conn.exec_driver_sql(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ).scalar_one()
+    return int(killed)
+
+
+def test_a_participants_lost_connection_is_retried_not_a_business_failure(
+    deployment: Deployment, start_saga: Any, fresh_sku: Callable[[int], str]
+) -> None:
+    """The participant's pooled connection dies while it runs (its database restarted):
+    its ``OperationalError`` is retried with backoff, and the order completes once."""
+    sku = fresh_sku(5)
+    order = make_order(sku, qty=1, simulate={"process_payment": "slow:1.5"})
+    store = SqlSagaStore(db.database_url())
+    with deployment.worker(name="participant-reconnect", concurrency=1) as worker:
+        start_saga.delay(order)
+        saga = wait_until(lambda: store.find(order["order_id"]), timeout=30, message="saga")
+        key = f"{saga.saga_id}:process_payment:action"
+        wait_until(lambda: store.get_guard(key), timeout=30, message="payment started")
+        assert _all_other_backends_killed() >= 1
+        dispose_all_after_fork()
+        db.reset_engine()
+        record = wait_settled([order["order_id"]], timeout=60)[order["order_id"]]
+        log = worker.log_text()
+
+    assert "OperationalError" in log and "retry in" in log
+    assert record.state.value == "COMPLETED"
+    assert [p.status for p in rows_for(db.payments, order["order_id"])] == ["captured"]
+    assert record.steps[1].attempts >= 2  # the lost connection cost one attempt
+    assert db.stock(sku) == 4

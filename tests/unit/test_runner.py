@@ -65,9 +65,9 @@ def step(**kwargs: Any) -> Step:
     [
         (BusinessError("no stock"), "action", "business"),
         (TransientError("busy"), "action", "retry"),
-        (ConnectionError("reset"), "action", "retry"),
-        (OperationalError("server closed the connection"), "action", "retry"),
-        (TimeoutError("read"), "action", "retry"),
+        (ConnectionError("reset"), "action", "reconnect"),
+        (OperationalError("server closed the connection"), "action", "reconnect"),
+        (TimeoutError("read"), "action", "reconnect"),
         (KeyError("boom"), "action", "error"),
         (KeyError("boom"), "compensation", "retry"),
         (BusinessError("odd"), "compensation", "retry"),
@@ -169,8 +169,10 @@ def test_the_expected_message_runs_once_and_a_retry_is_planned_by_the_policy(
     def lost(ctx: StepContext) -> None:
         raise ConnectionError("database went away")
 
-    retrying = StepRunner(SAGA, 0, "action", RetryPolicy(max_retries=2), lambda: NOW, (), lost)
+    # no retries for its own errors: a lost connection still gets connection_retry's
+    retrying = StepRunner(SAGA, 0, "action", RetryPolicy(max_retries=0), lambda: NOW, (), lost)
     assert isinstance(retrying.run(store, message), RetryLater)
+    assert isinstance(retrying.run(store, message, tries=9), Finished)  # 8 retries, then no
 
 
 def test_secrets_are_scrubbed_from_every_stored_error_text() -> None:
