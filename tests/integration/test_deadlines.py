@@ -241,3 +241,26 @@ def test_a_flushed_broker_in_the_middle_of_100_sagas_is_recovered_from_postgresq
         assert len(rows_for(db.reservations, key)) == 1
         assert len(rows_for(db.notifications, key)) == 1
     assert db.stock(sku) == 1000 - 100
+
+
+def test_ten_hung_participants_do_not_stop_a_two_slot_worker(
+    deployment: Deployment, start_saga: Any, fresh_sku: Callable[[int], str]
+) -> None:
+    """10 orders whose shipment hangs for an hour, a worker with 2 slots: each hung call is
+    cut off at its timeout, every saga settles, and a healthy order queued behind them
+    completes."""
+    sku = fresh_sku(20)
+    hung = [make_order(sku, simulate={"create_shipment": "hang"}) for _ in range(10)]
+    healthy = make_order(sku)
+    timeouts = json.dumps({"create_shipment": 2})
+    with running(deployment, SAGAS_STEP_TIMEOUTS=timeouts, SAGAS_TIME_LIMIT_GRACE=1):
+        for order in hung:
+            start_saga.delay(order)
+        start_saga.delay(healthy)
+        records = wait_settled([o["order_id"] for o in [*hung, healthy]], timeout=90)
+    assert {records[o["order_id"]].state.value for o in hung} == {"FAILED"}
+    assert records[healthy["order_id"]].state.value == "COMPLETED"
+    for order in hung:
+        assert [p.status for p in rows_for(db.payments, order["order_id"])] == ["refunded"]
+        assert rows_for(db.notifications, order["order_id"]) == []
+    assert db.stock(sku) == 20 - 1
