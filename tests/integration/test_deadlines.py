@@ -22,12 +22,15 @@ SCAN = 0.5
 
 
 @contextmanager
-def running(deployment: Deployment, beats: int = 1, **env: Any) -> Iterator[list[CeleryProcess]]:
+def running(
+    deployment: Deployment, beats: int = 1, concurrency: int = 2, **env: Any
+) -> Iterator[list[CeleryProcess]]:
     """A prefork worker and ``beats`` beat processes with extra settings in ``env``."""
     settings = {"SAGAS_SCAN_INTERVAL": str(SCAN), **{k: str(v) for k, v in env.items()}}
     full_env = {**deployment.env, **settings}
     with ExitStack() as stack:
-        processes = [stack.enter_context(deployment.worker(name="deadline-worker", env=full_env))]
+        worker = deployment.worker(name="deadline-worker", env=full_env, concurrency=concurrency)
+        processes = [stack.enter_context(worker)]
         for number in range(beats):
             beat = CeleryProcess(
                 "workers.app",
@@ -264,3 +267,28 @@ def test_ten_hung_participants_do_not_stop_a_two_slot_worker(
         assert [p.status for p in rows_for(db.payments, order["order_id"])] == ["refunded"]
         assert rows_for(db.notifications, order["order_id"]) == []
     assert db.stock(sku) == 20 - 1
+
+
+def test_compensations_waiting_in_a_busy_queue_are_never_dead_lettered(
+    deployment: Deployment, start_saga: Any, fresh_sku: Callable[[int], str]
+) -> None:
+    """8 refunds of 1 s each queue behind one slot, far longer than their re-send interval
+    (0.5 s): they are re-sent, waited for, and all run; none is declared failed."""
+    sku = fresh_sku(20)
+    orders = [
+        make_order(sku, simulate={"create_shipment": "fail", "refund_payment": "slow:1"})
+        for _ in range(8)
+    ]
+    timeouts = json.dumps({"process_payment": 1.5})
+    with running(deployment, SAGAS_STEP_TIMEOUTS=timeouts, concurrency=1) as (worker, _beat):
+        for order in orders:
+            start_saga.delay(order)
+        records = wait_settled([o["order_id"] for o in orders], timeout=120)
+        log = worker.log_text()
+    assert "re-sent" in log  # the scanner did re-send waiting refunds
+    assert {r.state.value for r in records.values()} == {"FAILED"}
+    ids = {r.saga_id for r in records.values()}
+    assert not [d for d in _store().dead_letters(limit=10_000) if d.saga_id in ids]
+    for order in orders:
+        assert [p.status for p in rows_for(db.payments, order["order_id"])] == ["refunded"]
+    assert db.stock(sku) == 20
