@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 
 from celery_sagas import outbox
@@ -41,61 +40,51 @@ class RecordingDispatcher:
             self.sent.append(message)
 
 
-@dataclass(frozen=True)
-class _Delivery:
-    message: OutboxMessage
-    step: Step
-    role: str  # "action" | "compensation"
-    function: StepFunction
+# what a test may put around a participant: (step, index, role, function) -> function
+Wrap = Callable[[Step, int, str, StepFunction], StepFunction]
 
 
-def _deliver(
+def deliver_once(
     coordinator: Coordinator,
     store: SagaStore,
     dispatcher: RecordingDispatcher,
-    delivery: _Delivery,
+    message: OutboxMessage,
+    wrap: Wrap | None = None,
+    participants: Mapping[str, StepFunction] | None = None,
 ) -> None:
-    """What the step task does, through the same runner: check and mark the step started
-    (reading the saga), run (retrying as its policy says, without waiting), then record
-    the outcome and apply it in one transaction, publish."""
-    body = delivery.message.body
+    """What the step task does with one message, through the same runner: check and mark
+    the step started (reading the saga), run (retrying as its policy says, without
+    waiting), then record the outcome and apply it in one transaction, publish."""
+    body = message.body
     saga = coordinator.definition(body["saga"])
-    index = body["step"]
-    policy = policy_for(saga, delivery.step, delivery.role, {})
+    index, role = int(body["step"]), str(body["kind"])
+    step = saga.steps[index]
+    task = saga.step_task_name(index) if role == "action" else saga.compensation_task_name(index)
+    function = (participants or {}).get(task) or (
+        step.action if role == "action" else step.compensation
+    )
+    if wrap is not None:
+        function = wrap(step, index, role, function)
     runner = StepRunner(
         saga,
         index,
-        delivery.role,
-        policy,
+        role,
+        policy_for(saga, step, role, {}),
         coordinator.clock,
-        function=delivery.function,
+        function=function,
         redact_fields=coordinator.redact_fields,
     )
-    message = StepMessage.of(body)
+    message_in = StepMessage.of(body)
     tries = 1
-    run = runner.run(store, message, tries)
+    run = runner.run(store, message_in, tries)
     while isinstance(run, RetryLater):
         tries += 1
-        run = runner.run(store, message, tries)
+        run = runner.run(store, message_in, tries)
     if isinstance(run, Ignored):
         return
-    event = outcome_event(delivery.role, index, body["token"], run.outcome)
+    event = outcome_event(role, index, body["token"], run.outcome)
     handled = coordinator.handle(body["saga_id"], event, run.to_record, run.snapshot)
     outbox.publish(store, dispatcher, handled.messages, coordinator.clock)
-
-
-def _delivery(
-    coordinator: Coordinator, message: OutboxMessage, participants: Mapping[str, StepFunction]
-) -> _Delivery:
-    body = message.body
-    saga = coordinator.definition(body["saga"])
-    index = body["step"]
-    step = saga.steps[index]
-    if body["kind"] == "action":
-        task, function = saga.step_task_name(index), step.action
-    else:
-        task, function = saga.compensation_task_name(index), step.compensation
-    return _Delivery(message, step, body["kind"], participants.get(task, function))
 
 
 def _for_a_step(message: OutboxMessage, saga_id: str) -> bool:
@@ -153,4 +142,4 @@ def run_until_settled(
             outbox.publish(store, dispatcher, unsent, coordinator.clock, relayed=True)
             continue
         delivered.add(found)
-        _deliver(coordinator, store, dispatcher, _delivery(coordinator, sent[found], overrides))
+        deliver_once(coordinator, store, dispatcher, sent[found], participants=overrides)
