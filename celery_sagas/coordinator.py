@@ -15,8 +15,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from celery_sagas import machine
-from celery_sagas.definition import Saga, idempotency_key
-from celery_sagas.errors import ConcurrentUpdateError, InvalidPayloadError, SagaError
+from celery_sagas.definition import Saga, SagaRegistry, idempotency_key, registry
+from celery_sagas.errors import (
+    ConcurrentUpdateError,
+    InvalidPayloadError,
+    SagaError,
+    UnknownDefinitionError,
+)
 from celery_sagas.log import log_transition, logger
 from celery_sagas.machine import (
     SETTLED_STATES,
@@ -114,6 +119,7 @@ def build_message(
         "step_name": step.name,
         "token": command.token,
         "key": idempotency_key(saga_id, step.name, role),
+        "definition": saga.fingerprint,
     }
     if role == "compensation":
         # attempts already made (before an operator retry), so attempt numbers continue
@@ -189,6 +195,9 @@ class Coordinator:
         they carry ids and the step reads the rest from the saga it checks."""
         self.store = store
         self.sagas = sagas
+        self.definitions = (
+            sagas if isinstance(sagas, SagaRegistry) else registry(list(sagas.values()))
+        )
         self.clock = clock
         self.timing = timing or Timing()
         self.redact_fields = tuple(redact_fields)
@@ -201,8 +210,23 @@ class Coordinator:
         except KeyError:
             raise SagaError(f"unknown saga {name!r}; installed: {sorted(self.sagas)}") from None
 
+    def definition_for(self, record: SagaRecord) -> Saga:
+        """The definition ``record`` started with, or ``UnknownDefinitionError`` if this
+        process does not have it installed (a rolling deploy: another worker has it)."""
+        found = self.definitions.for_fingerprint(record.name, record.definition)
+        if found is None:
+            raise UnknownDefinitionError(
+                f"saga {record.saga_id} ({record.name}) started with definition "
+                f"{record.definition}, which is not installed here",
+                saga_id=record.saga_id,
+            )
+        return found
+
+    def knows(self, record: SagaRecord) -> bool:
+        return self.definitions.for_fingerprint(record.name, record.definition) is not None
+
     def view(self, record: SagaRecord) -> SagaView:
-        saga = self.definition(record.name)
+        saga = self.definition_for(record)
         return replace(
             record.view(self.timing.timeouts(saga), self.timing.max_redispatches),
             time_limit_grace=self.timing.time_limit_grace,
@@ -215,7 +239,7 @@ class Coordinator:
         dead = decision.dead_letter
         if dead is None or dead.status != "dead":
             return decision
-        saga = self.definition(record.name)
+        saga = self.definition_for(record)
         return replace(
             decision,
             dead_letter=replace(
@@ -227,7 +251,7 @@ class Coordinator:
         )
 
     def messages_for(self, record: SagaRecord, decision: Decision) -> list[OutboxMessage]:
-        saga = self.definition(record.name)
+        saga = self.definition_for(record)
         return [
             build_message(
                 saga, record, record.saga_id, record.payload, decision, command, self.with_data
@@ -270,7 +294,14 @@ class Coordinator:
             for command in decision.commands
         ]
         new = NewSaga(
-            saga_id, saga.name, key, payload, payload_hash(payload), saga.step_names, deadline_at
+            saga_id,
+            saga.name,
+            key,
+            payload,
+            payload_hash(payload),
+            saga.step_names,
+            deadline_at,
+            saga.fingerprint,
         )
         created = self.store.create(new, decision, messages, now)
         if not created.created:

@@ -5,6 +5,8 @@ A definition has no Celery app and no database; ``install(app, ...)`` wires it l
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -172,6 +174,7 @@ class Saga:
     validate: Callable[[Mapping[str, Any]], None] | None = None
     deadline: float | timedelta | None = None
     max_concurrent: int | None = None
+    version: int | None = None
 
     def __post_init__(self) -> None:
         _check_name(self.name, "name", None)
@@ -213,6 +216,24 @@ class Saga:
                 field="max_concurrent",
                 saga=self.name,
             )
+        if self.version is not None and (
+            isinstance(self.version, bool) or not isinstance(self.version, int) or self.version < 1
+        ):
+            raise SagaDefinitionError(
+                f"must be a positive integer, got {self.version!r}", field="version", saga=self.name
+            )
+
+    @property
+    def fingerprint(self) -> str:
+        """What a saga records of the definition it started with: its name, explicit
+        version, and its steps and compensations in order (16 hex digits)."""
+        shape = [self.name, self.version, [[s.name, s.compensation_name] for s in self.steps]]
+        return hashlib.sha256(json.dumps(shape).encode()).hexdigest()[:16]
+
+    @property
+    def task_prefix(self) -> str:
+        """``name``, or ``name.vN`` for an explicit version (installed side by side)."""
+        return self.name if self.version is None else f"{self.name}.v{self.version}"
 
     @property
     def step_names(self) -> tuple[str, ...]:
@@ -224,10 +245,10 @@ class Saga:
         return str(self.business_key(payload))
 
     def step_task_name(self, index: int) -> str:
-        return f"{self.name}.{self.steps[index].name}"
+        return f"{self.task_prefix}.{self.steps[index].name}"
 
     def compensation_task_name(self, index: int) -> str:
-        return f"{self.name}.{self.steps[index].compensation_name}"
+        return f"{self.task_prefix}.{self.steps[index].compensation_name}"
 
 
 def idempotency_key(saga_id: str, step: str, role: str) -> str:
@@ -235,10 +256,38 @@ def idempotency_key(saga_id: str, step: str, role: str) -> str:
     return f"{saga_id}:{step}:{role}"
 
 
-def registry(sagas: Sequence[Saga]) -> Mapping[str, Saga]:
-    found: dict[str, Saga] = {}
-    for saga in sagas:
-        if saga.name in found:
-            raise SagaDefinitionError("two sagas share this name", field="name", saga=saga.name)
-        found[saga.name] = saga
-    return found
+class SagaRegistry(dict[str, Saga]):
+    """Installed sagas by name (the newest version of each: what new starts use), and
+    every installed version by ``fingerprint`` (what in-flight sagas finish on)."""
+
+    def __init__(self, sagas: Sequence[Saga]) -> None:
+        super().__init__()
+        self.versions: dict[str, Saga] = {}
+        for saga in sagas:
+            if saga.fingerprint in self.versions:
+                raise SagaDefinitionError(
+                    "this saga (name, version and steps) is installed twice",
+                    field="name",
+                    saga=saga.name,
+                )
+            newest = self.get(saga.name)
+            if newest is not None and (newest.version or 0) == (saga.version or 0):
+                raise SagaDefinitionError(
+                    "two sagas share this name: give each a different version=",
+                    field="version",
+                    saga=saga.name,
+                )
+            self.versions[saga.fingerprint] = saga
+            if newest is None or (saga.version or 0) > (newest.version or 0):
+                self[saga.name] = saga
+
+    def for_fingerprint(self, name: str, fingerprint: str | None) -> Saga | None:
+        """The installed definition a saga started with (None: not installed here). A saga
+        recorded before definitions were fingerprinted runs on its name's newest."""
+        if fingerprint is None:
+            return self.get(name)
+        return self.versions.get(fingerprint)
+
+
+def registry(sagas: Sequence[Saga]) -> SagaRegistry:
+    return SagaRegistry(sagas)

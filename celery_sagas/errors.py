@@ -52,6 +52,13 @@ class SagaNotFoundError(SagaError):
     code = "not_found"
 
 
+class UnknownDefinitionError(SagaError):
+    """The saga started with a definition this process does not have installed (another
+    version of the saga): leave it to a worker that has it."""
+
+    code = "unknown_definition"
+
+
 class ConcurrentUpdateError(SagaError):
     """A compare-and-set on the saga's ``version`` lost a race; reload and decide again."""
 

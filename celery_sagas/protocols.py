@@ -97,6 +97,7 @@ class SagaRecord:
     deadline_at: datetime | None = None
     due_at: datetime | None = None
     admitted: bool = True
+    definition: str | None = None  # the fingerprint of the definition it started with
     steps: tuple[StepRecord, ...] = ()
 
     def view(self, timeouts: Sequence[float | None] = (), max_redispatches: int = 2) -> SagaView:
@@ -141,6 +142,7 @@ class NewSaga:
     payload_hash: str
     step_names: tuple[str, ...]
     deadline_at: datetime | None = None
+    definition: str | None = None  # the definition's fingerprint
 
 
 @dataclass(frozen=True)
@@ -183,6 +185,7 @@ class Expectation:
     step: int
     token: int
     role: str
+    definition: str | None = None  # the fingerprint of the definition the worker runs
 
     @property
     def states(self) -> frozenset[SagaState]:
@@ -190,13 +193,20 @@ class Expectation:
 
 
 def expects(record: SagaRecord | None, expectation: Expectation) -> bool:
-    """True if ``record`` is live and waits for exactly this step, role and token."""
+    """True if ``record`` is live and waits for exactly this step, role and token, under
+    the definition the worker runs."""
     return (
         record is not None
         and record.state in expectation.states
         and record.current_step == expectation.step
         and record.token == expectation.token
+        and same_definition(record, expectation.definition)
     )
+
+
+def same_definition(record: SagaRecord, definition: str | None) -> bool:
+    """The saga started with ``definition`` (a saga from before fingerprints: any)."""
+    return definition is None or record.definition in (None, definition)
 
 
 @dataclass(frozen=True)

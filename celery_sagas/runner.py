@@ -28,7 +28,13 @@ from celery_sagas.errors import StoreUnavailableError
 from celery_sagas.log import logger
 from celery_sagas.machine import ErrorKind, StepStatus
 from celery_sagas.policy import RetryAt, decide_retry
-from celery_sagas.protocols import Expectation, GuardRecord, SagaRecord, SagaStore
+from celery_sagas.protocols import (
+    Expectation,
+    GuardRecord,
+    SagaRecord,
+    SagaStore,
+    same_definition,
+)
 from celery_sagas.redaction import scrub, secret_values
 from celery_sagas.settings import DEFAULT_REDACT_FIELDS
 
@@ -123,6 +129,14 @@ class Finished:
 
 
 @dataclass(frozen=True)
+class OtherDefinition:
+    """The saga started with another definition (version) of this saga than the one this
+    worker runs: nothing ran; a worker that has it must take the message."""
+
+    definition: str | None
+
+
+@dataclass(frozen=True)
 class RetryLater:
     """The participant failed and its policy retries it at ``when``."""
 
@@ -131,7 +145,7 @@ class RetryLater:
     attempt: int
 
 
-StepRun = Ignored | Finished | RetryLater
+StepRun = Ignored | Finished | RetryLater | OtherDefinition
 
 
 def mismatch(saga: Saga, index: int, role: str, message: StepMessage) -> Ignored | None:
@@ -226,10 +240,19 @@ class StepRunner:
         refused = mismatch(self.saga, self.index, self.role, message)
         if refused is not None:
             return self._ignored(message, refused)
-        expectation = Expectation(self.index, message.token, self.role)
-        recorded, snapshot = store.begin_step(
-            message.key, message.saga_id, self.clock(), expectation
-        )
+        fingerprint = self.saga.fingerprint
+        expectation = Expectation(self.index, message.token, self.role, fingerprint)
+        now = self.clock()
+        recorded, snapshot = store.begin_step(message.key, message.saga_id, now, expectation)
+        if snapshot is not None and not same_definition(snapshot, fingerprint):
+            logger.info(
+                "saga %s: started with definition %s, not %s: left to a worker that has it",
+                message.saga_id,
+                snapshot.definition,
+                fingerprint,
+                extra=self._extra(message.saga_id),
+            )
+            return OtherDefinition(snapshot.definition)
         refused = unexpected(snapshot, self.index, self.role, message.token)
         if refused is not None:
             return self._ignored(message, refused)

@@ -53,6 +53,8 @@ def scan_due(coordinator: Coordinator, now: datetime, batch: int) -> ScanReport:
     report = ScanReport()
     with coordinator.store.claim_due(now, batch) as claim:
         for record in claim.records:
+            if not coordinator.knows(record):  # another version's saga: its workers scan it
+                continue
             decision, written = coordinator.apply_claimed(claim, record, machine.Tick(), now)
             if decision.accepted:
                 report += classify(decision) + ScanReport(messages=written)

@@ -65,6 +65,13 @@ class CeleryDispatcher:
         self.coordinator_hop = coordinator_hop
         self.sign = sign
 
+    def _definition(self, body: Mapping[str, Any]) -> Saga:
+        """The definition the message's saga started with (its fingerprint), installed here
+        next to the newest; a message from before fingerprints: the newest by name."""
+        fingerprint = body.get("definition")
+        versions = getattr(self.sagas, "versions", {})
+        return versions.get(fingerprint) or self.sagas[body["saga"]]
+
     def send(self, message: OutboxMessage) -> None:
         body = message.body
         if body["kind"] == "dead_letter":
@@ -73,7 +80,7 @@ class CeleryDispatcher:
                 DEAD_LETTER_TASK, kwargs={"saga_id": body["saga_id"], "step": body["step"]}
             ).apply_async()
             return
-        saga = self.sagas[body["saga"]]
+        saga = self._definition(body)
         index = body["step"]
         if body["kind"] == "action":
             task_name, reply_name = saga.step_task_name(index), ADVANCE_TASK

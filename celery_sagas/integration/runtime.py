@@ -234,8 +234,20 @@ def _register_step_tasks(app: Celery, runtime: SagaRuntime, saga: Saga) -> None:
                 ignore_result=True,  # the saga database holds outcomes; chains pass them on
                 **time_limits(timeouts[index], runtime.settings.time_limit_grace),
             )(run)
-            if step.queue:
-                app.conf.task_routes = {**(app.conf.task_routes or {}), name: {"queue": step.queue}}
+            queue = step.queue or version_queue(app, saga)
+            if queue:
+                app.conf.task_routes = {**(app.conf.task_routes or {}), name: {"queue": queue}}
+    if saga.version is not None and not all(step.queue for step in saga.steps):
+        _consume_by_default(app, version_queue(app, saga) or "")
+
+
+def version_queue(app: Celery, saga: Saga) -> str | None:
+    """An explicitly versioned saga's steps go to a queue of that version
+    (``celery.v2``), which only workers that have the version installed consume (a worker
+    without ``-Q`` does): a worker of an older deploy never receives them."""
+    if saga.version is None:
+        return None
+    return f"{app.conf.task_default_queue or 'celery'}.v{saga.version}"
 
 
 def _route_coordinator(app: Celery, settings: SagaSettings, sagas: Sequence[Saga]) -> None:
@@ -253,18 +265,23 @@ def _route_coordinator(app: Celery, settings: SagaSettings, sagas: Sequence[Saga
 
 
 def _consume_by_default(app: Celery, queue: str) -> None:
-    """A worker started without ``-Q`` consumes the control queue next to the default one
-    (an app that declares ``task_queues`` itself is told which worker must consume it)."""
+    """A worker started without ``-Q`` consumes ``queue`` next to the default one. An app
+    that declares its own ``task_queues`` is left as it is, and told which queue a worker
+    must consume."""
     if app.conf.task_queues is None:
-        default = app.conf.task_default_queue or "celery"
-        app.conf.task_queues = (Queue(default), Queue(queue))
-    elif queue not in {q.name for q in app.conf.task_queues}:
-        logger.warning(
-            "celery-sagas: scan and relay go to the queue %r, which task_queues does not "
-            "declare: run a worker with -Q %s (or set sagas_control_queue)",
-            queue,
-            queue,
-        )
+        app.conf.task_queues = (Queue(app.conf.task_default_queue or "celery"),)
+        app._celery_sagas_declared_queues = True
+    if queue in {q.name for q in app.conf.task_queues}:
+        return
+    if getattr(app, "_celery_sagas_declared_queues", False):
+        app.conf.task_queues = (*app.conf.task_queues, Queue(queue))
+        return
+    logger.warning(
+        "celery-sagas: saga tasks go to the queue %r, which task_queues does not declare: "
+        "run a worker with -Q %s",
+        queue,
+        queue,
+    )
 
 
 def install(app: Celery, sagas: Sequence[Saga], **settings: Any) -> SagaRuntime:

@@ -23,11 +23,23 @@ from celery.exceptions import TimeLimitExceeded
 from celery_sagas import machine
 from celery_sagas.coordinator import utcnow
 from celery_sagas.definition import Saga, Step
-from celery_sagas.errors import ConcurrentUpdateError, StoreUnavailableError
+from celery_sagas.errors import (
+    ConcurrentUpdateError,
+    StoreUnavailableError,
+    UnknownDefinitionError,
+)
 from celery_sagas.integration.dispatcher import kwargs_repr
 from celery_sagas.log import logger
 from celery_sagas.protocols import GuardRecord, SagaRecord
-from celery_sagas.runner import Finished, Ignored, RetryLater, StepMessage, StepRun, StepRunner
+from celery_sagas.runner import (
+    Finished,
+    Ignored,
+    OtherDefinition,
+    RetryLater,
+    StepMessage,
+    StepRun,
+    StepRunner,
+)
 from celery_sagas.signing import refusal
 
 STORE_RETRY_CAP = 30.0  # seconds between attempts to apply an outcome while the store is down
@@ -104,6 +116,10 @@ class StepTask(Task):
             raise self._retry_for_store(exc, "begin", waited, again) from exc
         if isinstance(run, Ignored):
             return {"outcome": "ignored", "reason": run.reason}  # tasks.IGNORED
+        if isinstance(run, OtherDefinition):  # back to the queue, for a worker that has it
+            again = {**kwargs, STORE_RETRIES: waited + 1}
+            unknown = UnknownDefinitionError(f"definition {run.definition} is not installed here")
+            raise self._retry_for_store(unknown, "run", waited, again)
         if isinstance(run, RetryLater):
             countdown = max(0.0, (run.when - utcnow()).total_seconds())
             # Celery does not carry kwargsrepr over to a retry: mask the payload again

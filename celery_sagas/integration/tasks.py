@@ -13,7 +13,11 @@ from celery.utils import uuid
 
 from celery_sagas import machine
 from celery_sagas.coordinator import check_payload
-from celery_sagas.errors import ConcurrentUpdateError, StoreUnavailableError
+from celery_sagas.errors import (
+    ConcurrentUpdateError,
+    StoreUnavailableError,
+    UnknownDefinitionError,
+)
 from celery_sagas.integration.dispatcher import ADVANCE_TASK, COMPENSATED_TASK, DEAD_LETTER_TASK
 from celery_sagas.protocols import GuardRecord
 from celery_sagas.redaction import redact
@@ -26,7 +30,7 @@ SCAN_TASK = "celery_sagas.scan"
 IGNORED = "ignored"  # the outcome of a step message its saga did not expect
 MAX_DLQ_WAIT = 300  # seconds a DLQ message waits per hop: far below any visibility timeout
 RETRY_ON_STORE = {
-    "autoretry_for": (StoreUnavailableError, ConcurrentUpdateError),
+    "autoretry_for": (StoreUnavailableError, ConcurrentUpdateError, UnknownDefinitionError),
     "retry_backoff": True,
     "retry_backoff_max": 30,
     "max_retries": 20,

@@ -52,6 +52,12 @@ def _expected(saga_id: Any) -> Any:
             sagas.c.id == saga_id,
             sagas.c.current_step == bindparam("g_step", type_=Integer),
             sagas.c.token == bindparam("g_token", type_=Integer),
+            # the worker runs the definition the saga started with (NULLs: either unknown)
+            or_(
+                sagas.c.definition.is_(None),
+                sagas.c.definition
+                == func.coalesce(bindparam("g_definition", type_=String), sagas.c.definition),
+            ),
             or_(
                 and_(bindparam("g_role", type_=String) == "action", forward),
                 and_(

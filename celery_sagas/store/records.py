@@ -75,6 +75,7 @@ def _saga_record(row: Any, step_rows: Sequence[Any] = ()) -> SagaRecord:
         deadline_at=row.deadline_at,
         due_at=row.due_at,
         admitted=row.admitted,
+        definition=getattr(row, "definition", None),
         steps=tuple(_step_record(r) for r in step_rows),
     )
 
@@ -98,6 +99,7 @@ def _fresh_record(new: NewSaga, decision: Decision, now: datetime) -> SagaRecord
         deadline_at=_utc(new.deadline_at),
         due_at=decision.due_at,
         admitted=decision.admitted,
+        definition=new.definition,
         steps=tuple(
             StepRecord(
                 index=i,

@@ -372,6 +372,7 @@ class SqlSagaStore:
                 "g_step": expectation.step,
                 "g_token": expectation.token,
                 "g_role": expectation.role,
+                "g_definition": expectation.definition,
             }
             rows = self._begin_step.rows(conn, params)
         if not rows:  # no such saga: nothing written

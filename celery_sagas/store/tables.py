@@ -72,6 +72,7 @@ sagas = Table(
     Column("due_at", UtcDateTime()),
     Column("admitted", Boolean, nullable=False, server_default=true()),
     Column("stuck_reported_at", UtcDateTime()),
+    Column("definition", String(64)),  # the fingerprint of the definition it started with
     UniqueConstraint("name", "business_key", name="uq_saga_name_business_key"),
 )
 Index("ix_saga_state", sagas.c.state)

@@ -35,6 +35,7 @@ def new_saga_values(new: NewSaga, decision: Decision, now: datetime) -> dict[str
         "deadline_at": new.deadline_at,
         "due_at": decision.due_at,
         "admitted": decision.admitted,
+        "definition": new.definition,
     }
 
 

@@ -12,7 +12,14 @@ from celery_sagas.definition import Step, StepFunction
 from celery_sagas.errors import SagaError, SagaNotFoundError
 from celery_sagas.machine import SETTLED_STATES, outcome_event
 from celery_sagas.protocols import OutboxMessage, SagaRecord, SagaStore
-from celery_sagas.runner import Ignored, RetryLater, StepMessage, StepRunner, policy_for
+from celery_sagas.runner import (
+    Ignored,
+    OtherDefinition,
+    RetryLater,
+    StepMessage,
+    StepRunner,
+    policy_for,
+)
 
 DEAD_LETTER = "dead_letter"  # the body kind of a message for the DLQ queue, not a step
 
@@ -80,7 +87,7 @@ def deliver_once(
     while isinstance(run, RetryLater):
         tries += 1
         run = runner.run(store, message_in, tries)
-    if isinstance(run, Ignored):
+    if isinstance(run, Ignored | OtherDefinition):  # the latter: another process's saga
         return
     event = outcome_event(role, index, body["token"], run.outcome)
     handled = coordinator.handle(body["saga_id"], event, run.to_record, run.snapshot)

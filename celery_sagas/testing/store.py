@@ -259,6 +259,7 @@ class InMemorySagaStore:
                 deadline_at=None if new.deadline_at is None else as_utc(new.deadline_at),
                 due_at=decision.due_at,
                 admitted=decision.admitted,
+                definition=new.definition,
                 steps=tuple(
                     StepRecord(i, name, StepStatus.PENDING) for i, name in enumerate(new.step_names)
                 ),

@@ -157,12 +157,14 @@ def create(
     admit: bool = True,
     deadline_at: datetime | None = None,
     messages: Callable[[str, Decision], list[OutboxMessage]] | None = None,
+    definition: str | None = None,
 ) -> CreateResult:
     """Create a 4-step saga; ``timeout`` gives every step one, ``admit=False`` leaves it
     waiting for a slot; ``messages`` builds its outbox rows (``step_message`` if None)."""
     payload = {"id": key, "items": [{"sku": "BOOK", "qty": 2}]} if payload is None else payload
     saga_id = saga_id or f"{name}-{key}-{now.timestamp()}"
-    new = NewSaga(saga_id, name, key, payload, payload_hash(payload), STEP_NAMES, deadline_at)
+    hashed = payload_hash(payload)
+    new = NewSaga(saga_id, name, key, payload, hashed, STEP_NAMES, deadline_at, definition)
     decision = begin_decision(saga_id, name, now, timeout, admit, deadline_at)
     return store.create(new, decision, (messages or step_message)(saga_id, decision), now)
 
@@ -791,6 +793,21 @@ def test_begin_step_is_begin_guard_plus_a_snapshot_of_the_saga(backend: Backend)
     assert again is not None and again.recorded_at == at(2)  # the marker's time moves
     final = store.put_guard(GuardRecord(key, "ok", {"r": 1}), at(3))
     assert store.begin_step(key, "s", at(4), EXPECTED) == (final, record)  # a duplicate
+    assert backend.rows()["saga_guard"] == 1
+
+
+def test_begin_step_marks_only_under_the_definition_the_saga_started_with(
+    backend: Backend,
+) -> None:
+    store = backend.store
+    record = create(store, saga_id="d", definition="fp-1").record
+    assert record.definition == "fp-1" and store.load("d") == record
+    key = "d:reserve:action"
+    other = Expectation(step=0, token=1, role="action", definition="fp-2")
+    assert store.begin_step(key, "d", at(1), other) == (None, record)
+    assert backend.rows()["saga_guard"] == 0  # another version's worker: nothing written
+    same = Expectation(step=0, token=1, role="action", definition="fp-1")
+    assert store.begin_step(key, "d", at(2), same) == (None, record)
     assert backend.rows()["saga_guard"] == 1
 
 
