@@ -15,7 +15,7 @@ from celery_sagas import dlq, machine, outbox, scanner
 from celery_sagas.coordinator import Coordinator, Timing, utcnow
 from celery_sagas.definition import Saga, registry
 from celery_sagas.errors import SagaError
-from celery_sagas.integration.config import apply_reliability_config
+from celery_sagas.integration.config import SAGA_TASK_OPTIONS, check_app
 from celery_sagas.integration.crash import crash_point
 from celery_sagas.integration.dispatcher import (
     ADVANCE_TASK,
@@ -175,7 +175,7 @@ def _register_step_tasks(app: Celery, runtime: SagaRuntime, saga: Saga) -> None:
                 retry_overrides=runtime.settings.retry_policies,
                 redact_fields=runtime.settings.redact_fields,
                 apply_outcome=None if runtime.settings.coordinator_hop else runtime.apply,
-                acks_late=True,
+                **SAGA_TASK_OPTIONS,  # late acks, redelivery on a lost child, json
                 shared=False,  # bound to this app's runtime: another app must not inherit it
                 ignore_result=True,  # the saga database holds outcomes; chains pass them on
             )(run)
@@ -197,8 +197,8 @@ def install(app: Celery, sagas: Sequence[Saga], **settings: Any) -> SagaRuntime:
     (``database_url=...``, ``relay_interval=...``)."""
     found = registry(sagas)
     runtime = SagaRuntime(app, found, SagaSettings.from_config(app.conf, **settings))
-    timeouts = [s.timeout_seconds or 0.0 for saga in sagas for s in saga.steps]
-    apply_reliability_config(app, timeouts)
+    timing = Timing(step_timeouts=runtime.settings.step_timeouts)  # configured ones win
+    check_app(app, [t or 0.0 for saga in sagas for t in timing.timeouts(saga)])
     register_coordinator_tasks(app, runtime)
     for saga in sagas:
         _register_step_tasks(app, runtime, saga)
