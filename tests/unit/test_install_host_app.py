@@ -46,7 +46,7 @@ def shipping_saga(timeout: float = 60) -> Saga:
 
 @pytest.fixture(autouse=True)
 def no_saga_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("SAGAS_STEP_TIMEOUTS", "SAGAS_DATABASE_URL"):
+    for name in ("SAGAS_STEP_TIMEOUTS", "SAGAS_DATABASE_URL", "CELERY_BROKER_URL"):
         monkeypatch.delenv(name, raising=False)
 
 
