@@ -16,7 +16,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 LOWEST := .venv-lowest
 LOWEST_EXTRAS := redis postgres prometheus flower rabbitmq
-LOWEST_TESTS ?= tests/unit tests/integration/test_end_to_end.py tests/integration/test_store_contract.py tests/integration/test_migrations.py tests/integration/test_sagas_page.py
+LOWEST_TESTS ?= tests/unit tests/integration/test_end_to_end.py tests/integration/test_store_contract.py tests/integration/test_migrations.py tests/integration/test_sagas_page.py tests/integration/test_dead_letters.py
 DEMO_ARGS ?=
 BENCH_ARGS ?=
 
