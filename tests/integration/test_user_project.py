@@ -358,12 +358,16 @@ def test_the_readme_quickstart_runs_as_written(
         tmp_path,
     )
     shop.cli("celery-sagas", "migrate", project=project)
-    with shop.process("worker", app="tasks", project=project):
+    with shop.process("worker", app="tasks", project=project) as worker:
         for start in readme_start_lines():
             shop.cli("bash", "-c", start, project=project)
         states = shop.wait_settled("trip", ["1", "2"])
+        worker.wait_for_log("cancelling")  # print() reaches the log in pieces
+        worker.wait_for_log("] {'room': 'R-2'}")
 
     assert states == {"1": "COMPLETED", "2": "FAILED"}
+    assert worker.log_text().count("Task trip.cancel_room[") == 2  # received, succeeded: once
+    assert "COMPLETED" in shop.cli("celery-sagas", "show", "1", project=project)
 
 
 def readme_start_lines() -> list[str]:

@@ -6,13 +6,11 @@ from celery_sagas import BusinessError, Saga, Step, StepContext, install
 app = Celery("tasks")  # the broker comes from CELERY_BROKER_URL
 
 
-class OutOfRooms(BusinessError):
-    """Declined: nothing was booked, so nothing is compensated."""
+class NoFlight(BusinessError):
+    """Declined: this step did nothing, so only the steps before it are compensated."""
 
 
 def book_room(ctx: StepContext) -> dict[str, str]:
-    if ctx.payload["nights"] > 14:
-        raise OutOfRooms("no room for that long")
     return {"room": f"R-{ctx.payload['trip_id']}"}  # JSON: it is stored and passed on
 
 
@@ -21,7 +19,9 @@ def cancel_room(ctx: StepContext) -> None:
 
 
 def book_flight(ctx: StepContext) -> dict[str, str]:
-    return {"flight": f"F-{ctx.payload['trip_id']}"}
+    if ctx.payload["to"] == "Atlantis":
+        raise NoFlight("no flights to Atlantis")
+    return {"flight": f"F-{ctx.payload['trip_id']}", "room": ctx.results["book_room"]["room"]}
 
 
 def cancel_flight(ctx: StepContext) -> None:
