@@ -8,12 +8,15 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /app
-# The package and the example deployment (workers/), installed with the extras the
-# deployment uses: Flower and the Prometheus exporter. README.md is the package's readme.
-COPY pyproject.toml README.md* ./
+# The package, installed with the extras the deployment uses (the Redis broker, which
+# needs kombu's redis extra; the PostgreSQL driver; Flower; the Prometheus exporter), and
+# the example deployment (workers/), which is not part of the package: it is imported
+# from /app through PYTHONPATH. README.md, LICENSE and CHANGELOG.md belong to the package.
+COPY pyproject.toml MANIFEST.in README.md LICENSE CHANGELOG.md ./
 COPY celery_sagas ./celery_sagas
 COPY workers ./workers
-RUN pip install ".[flower,prometheus]" \
+ENV PYTHONPATH=/app
+RUN pip install ".[redis,postgres,flower,prometheus]" \
     && useradd --create-home --uid 10001 sagas
 
 # Celery refuses to run as root with pickle and warns otherwise: run as a plain user.

@@ -3,6 +3,8 @@
 #   make demo   DEMO_ARGS="..."                the demo on the embedded default
 #   make bench  BENCH_ARGS="..."               the benchmark (needs the services)
 #   make lint                                  ruff, ruff format --check, import-linter, mypy
+#   make test-lowest                           unit + a few integration tests on the lowest
+#                                              declared versions of the direct dependencies
 #   make clean                                 remove .demo and tool caches
 
 SHELL := /bin/bash
@@ -12,17 +14,21 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 PYTEST_ARGS ?=
+LOWEST := .venv-lowest
+LOWEST_EXTRAS := redis postgres prometheus flower rabbitmq
+LOWEST_TESTS ?= tests/unit tests/integration/test_end_to_end.py tests/integration/test_store_contract.py tests/integration/test_migrations.py tests/integration/test_sagas_page.py tests/integration/test_dead_letters.py
 DEMO_ARGS ?=
 BENCH_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test demo bench lint services clean
+.PHONY: help venv test test-lowest demo bench lint services clean
 
 help:
 	@echo "make test    [PYTEST_ARGS=...]  ruff + import-linter + mypy + pytest (starts services if needed)"
 	@echo "make demo    [DEMO_ARGS=...]    run the demo (python -m workers.demo)"
 	@echo "make bench   [BENCH_ARGS=...]   run bench/bench.py"
 	@echo "make lint                      ruff check, ruff format --check, lint-imports, mypy"
+	@echo "make test-lowest               unit + some integration tests on the lowest declared versions"
 	@echo "make clean                     remove .demo and caches"
 
 $(BIN)/python:
@@ -45,6 +51,18 @@ test: $(STAMP) services
 	$(BIN)/mypy celery_sagas
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# A fresh venv whose direct dependencies are pinned to the floors pyproject.toml declares
+# (scripts/lowest_constraints.py); the dev tools are not pinned.
+test-lowest: services
+	rm -rf $(LOWEST)
+	$(PYTHON) -m venv $(LOWEST)
+	$(PYTHON) scripts/lowest_constraints.py $(LOWEST_EXTRAS) > $(LOWEST)/constraints.txt
+	$(LOWEST)/bin/python -m pip install --disable-pip-version-check -q \
+		-c $(LOWEST)/constraints.txt -e ".[dev,$(shell echo $(LOWEST_EXTRAS) | tr ' ' ',')]"
+	@echo "lowest versions:"; $(LOWEST)/bin/python -m pip freeze | grep -i -E \
+		'^(celery|kombu|sqlalchemy|alembic|click|amqp|redis|psycopg2-binary|flower|prometheus.client)=='
+	$(LOWEST)/bin/python -m pytest $(LOWEST_TESTS)
+
 demo: $(STAMP)
 	$(BIN)/python -m workers.demo $(DEMO_ARGS)
 
@@ -58,6 +76,6 @@ lint: $(STAMP)
 	$(BIN)/mypy celery_sagas
 
 clean:
-	rm -rf .demo .pytest_cache .ruff_cache .mypy_cache .import_linter_cache build
+	rm -rf .demo .pytest_cache .ruff_cache .mypy_cache .import_linter_cache build dist $(LOWEST)
 	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +
 	find . -path ./$(VENV) -prune -o -type d -name '*.egg-info' -prune -exec rm -rf {} +

@@ -9,7 +9,7 @@ import hashlib
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any
 
@@ -103,8 +103,9 @@ def _error_types(value: Any, field_name: str) -> tuple[type[BaseException], ...]
 class Step:
     """One forward action and the compensation that undoes it.
 
-    ``timeout`` (seconds or timedelta) bounds one attempt of the action. ``queue`` routes
-    both the action and the compensation task. ``retry_on`` lists the exceptions worth
+    ``timeout`` (seconds or timedelta, default 300 s) bounds one attempt of the action: a
+    step still running then is timed out and compensated. ``queue`` routes both the action
+    and the compensation task. ``retry_on`` lists the exceptions worth
     retrying with ``retry``; ``business_errors`` mean "declined, did not act" (not
     compensated). Connection-level errors (a database or broker connection lost:
     ``ConnectionError``, ``TimeoutError``, a driver's ``OperationalError`` or
@@ -128,6 +129,8 @@ class Step:
     connection_retry: RetryPolicy = field(
         default_factory=lambda: RetryPolicy(max_retries=8, backoff_cap=30.0)
     )
+    # True when compensation_name was taken from the function (the saga may rename it)
+    derived_compensation_name: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _check_name(self.name, "name", None)
@@ -154,9 +157,14 @@ class Step:
             "business_errors",
             _error_types(self.business_errors, f"{where}.business_errors"),
         )
-        comp_name = self.compensation_name or getattr(self.compensation, "__name__", None)
-        _check_name(comp_name, f"{where}.compensation_name", None)
-        object.__setattr__(self, "compensation_name", comp_name)
+        if self.compensation_name is None:
+            function_name = getattr(self.compensation, "__name__", None)
+            usable = isinstance(function_name, str) and NAME_PATTERN.match(function_name)
+            object.__setattr__(
+                self, "compensation_name", function_name if usable else undo_name(self.name)
+            )
+            object.__setattr__(self, "derived_compensation_name", True)
+        _check_name(self.compensation_name, f"{where}.compensation_name", None)
 
     @property
     def timeout_seconds(self) -> float | None:
@@ -183,12 +191,14 @@ class Saga:
             raise SagaDefinitionError(
                 "a saga needs at least one step", field="steps", saga=self.name
             )
-        seen: dict[str, str] = {}
         for index, step in enumerate(steps):
             if not isinstance(step, Step):
                 raise SagaDefinitionError(
                     f"{step!r} is not a Step", field=f"steps[{index}]", saga=self.name
                 )
+        steps = _unshared_compensation_names(steps)
+        seen: dict[str, str] = {}
+        for index, step in enumerate(steps):
             for task_name, role in ((step.name, "name"), (step.compensation_name, "compensation")):
                 assert task_name is not None
                 if task_name in seen:
@@ -249,6 +259,23 @@ class Saga:
 
     def compensation_task_name(self, index: int) -> str:
         return f"{self.task_prefix}.{self.steps[index].compensation_name}"
+
+
+def undo_name(step_name: str) -> str:
+    """The compensation name of a step whose compensation function gives none."""
+    return f"undo_{step_name}"
+
+
+def _unshared_compensation_names(steps: tuple[Step, ...]) -> tuple[Step, ...]:
+    """A compensation name taken from a function that serves several steps (or that names
+    a step) becomes ``undo_<step>``: task names come from the step then."""
+    names = [step.name for step in steps] + [str(step.compensation_name) for step in steps]
+    return tuple(
+        replace(step, compensation_name=undo_name(step.name))
+        if step.derived_compensation_name and names.count(str(step.compensation_name)) > 1
+        else step
+        for step in steps
+    )
 
 
 def idempotency_key(saga_id: str, step: str, role: str) -> str:

@@ -24,6 +24,7 @@ from datetime import datetime
 from typing import Any
 
 from celery_sagas.definition import RetryPolicy, Saga, Step, StepContext, idempotency_key
+from celery_sagas.encoding import encode_result
 from celery_sagas.errors import StoreUnavailableError
 from celery_sagas.log import logger
 from celery_sagas.machine import ErrorKind, StepStatus
@@ -312,7 +313,8 @@ class StepRunner:
         context = self.context(message, snapshot, tries)
         counted = {"attempts": context.attempt}
         try:
-            result = self.function(context)
+            # a result JSON cannot carry fails the step now, naming it (never a silent timeout)
+            result = encode_result(self.function(context), self.step.name)
         except Exception as exc:
             said = self._said(describe(exc), context)
             kind = classify(self.step, self.role, exc, self.interrupted)

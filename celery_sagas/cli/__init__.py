@@ -42,6 +42,7 @@ def _configure_logging(verbose: bool) -> None:
 
 
 @click.group(cls=SagaGroup, help="Inspect and operate sagas (celery-sagas).")
+@click.version_option(package_name="celery-sagas", prog_name="celery-sagas")
 @click.option(
     "--database-url",
     envvar="SAGAS_DATABASE_URL",

@@ -1,50 +1,99 @@
-"""Reliability settings ``install`` enforces on the Celery app (at-least-once, json only)."""
+"""What ``install`` checks on the host Celery app, and the delivery options of saga tasks.
+
+``install`` changes nothing for the app's own tasks. The delivery settings the sagas need
+(late acks, redelivery when a pool child dies, json) are options of the saga tasks
+themselves (:data:`SAGA_TASK_OPTIONS`). Where only a global setting can make sagas correct,
+the app is checked, never changed: a pickle-accepting app and a Redis visibility timeout
+shorter than the steps' time limits are refused with an error naming the setting and the
+value to use; RabbitMQ without publish confirms is left alone with one warning.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from celery import Celery
 
 from celery_sagas.errors import SagaConfigurationError
+from celery_sagas.log import logger
 
+# on every saga task (step, compensation, start, coordinator, scan, relay, DLQ)
+SAGA_TASK_OPTIONS: Mapping[str, Any] = {
+    "acks_late": True,
+    "reject_on_worker_lost": True,
+    "serializer": "json",
+}
 UNSAFE_CONTENT = {"pickle", "application/x-python-serialize", "yaml", "application/x-yaml"}
-VISIBILITY_MARGIN = 2.0  # visibility timeout >= margin x the longest step timeout
-MIN_VISIBILITY_TIMEOUT = 3600
+REDIS_SCHEMES = ("redis", "rediss", "sentinel")
+AMQP_SCHEMES = ("amqp", "pyamqp", "amqps")
+# Celery's soft/hard time limits of a step task run past the step timeout by a grace
+# period: the visibility timeout must outlast twice (timeout + this allowance)
+TIME_LIMIT_ALLOWANCE = 300.0
+VISIBILITY_MARGIN = 2.0
+REDIS_DEFAULT_VISIBILITY_TIMEOUT = 3600  # kombu's default
 
 
 def refuse_unsafe_content(conf: Any) -> None:
+    """A worker that accepts pickle runs code from the broker: the sagas refuse to share it."""
     for key in ("accept_content", "result_accept_content"):
-        accepted = set(conf.get(key) or ())
-        if accepted & UNSAFE_CONTENT:
+        accepted = {str(item) for item in conf.get(key) or ()}
+        unsafe = sorted(accepted & UNSAFE_CONTENT)
+        if unsafe:
+            safe = sorted(accepted - UNSAFE_CONTENT) or ["json"]
             raise SagaConfigurationError(
-                f"{key} allows {sorted(accepted & UNSAFE_CONTENT)}: celery-sagas accepts json "
-                "only (pickle runs code from the broker). Set {key}=['json']."
+                f"{key} allows {unsafe}: celery-sagas refuses an app that accepts them "
+                f"(they run code from the broker). Set {key}={safe!r}."
             )
-    for key in ("task_serializer", "result_serializer"):
-        if conf.get(key) not in (None, "json"):
-            raise SagaConfigurationError(f"{key}={conf.get(key)!r}: celery-sagas needs 'json'")
+    serializer = conf.get("result_serializer")
+    if serializer not in (None, "json"):
+        raise SagaConfigurationError(
+            f"result_serializer={serializer!r}: saga task results must be json. "
+            "Set result_serializer='json'."
+        )
 
 
-def apply_reliability_config(app: Celery, step_timeouts: Iterable[float]) -> None:
-    """At-least-once delivery: late acks, redelivery when a pool child dies, prefetch 1."""
+def required_visibility_timeout(step_timeouts: Iterable[float]) -> int:
+    """Seconds a Redis message may stay unacked before it is redelivered: more than twice
+    the longest step time limit (its timeout plus the time-limit allowance)."""
+    longest = max(step_timeouts, default=0.0)
+    return int(VISIBILITY_MARGIN * (longest + TIME_LIMIT_ALLOWANCE))
+
+
+def check_visibility_timeout(conf: Any, step_timeouts: Iterable[float]) -> None:
+    """Redis redelivers an unacked message after ``visibility_timeout``: shorter than a
+    step may run, and a running step is delivered to a second worker."""
+    if not str(conf.broker_url or "").startswith(REDIS_SCHEMES):
+        return
+    options = conf.broker_transport_options or {}
+    current = options.get("visibility_timeout", REDIS_DEFAULT_VISIBILITY_TIMEOUT)
+    wanted = required_visibility_timeout(step_timeouts)
+    if current < wanted:
+        raise SagaConfigurationError(
+            f"broker_transport_options['visibility_timeout'] is {current}s, shorter than twice "
+            f"the longest step time limit (declared and configured step timeouts): Redis would "
+            f"deliver a running step twice. Set broker_transport_options="
+            f"{{'visibility_timeout': {wanted}}} (or more) in the Celery config."
+        )
+
+
+def warn_without_publish_confirms(conf: Any) -> None:
+    """RabbitMQ without publisher confirms can drop a publish the outbox marks sent."""
+    if not str(conf.broker_url or "").startswith(AMQP_SCHEMES):
+        return
+    if (conf.broker_transport_options or {}).get("confirm_publish"):
+        return
+    logger.warning(
+        "celery-sagas: broker_transport_options['confirm_publish'] is not set: a message "
+        "RabbitMQ drops after the outbox marked it sent is only found again by the scanner "
+        "(after the step timeout). Set broker_transport_options={'confirm_publish': True} "
+        "to have publishes confirmed; install() leaves the app's setting as it is."
+    )
+
+
+def check_app(app: Celery, step_timeouts: Iterable[float]) -> None:
+    """Refuse (or warn about) global settings under which sagas cannot be correct."""
     conf = app.conf
     refuse_unsafe_content(conf)
-    conf.task_acks_late = True
-    conf.task_reject_on_worker_lost = True
-    conf.worker_prefetch_multiplier = 1
-    conf.accept_content = ["json"]
-    conf.task_serializer = "json"
-    conf.result_serializer = "json"
-    conf.result_accept_content = ["json"]
-    broker = str(conf.broker_url or "")
-    options = dict(conf.broker_transport_options or {})
-    if broker.startswith(("redis", "rediss", "sentinel")):
-        longest = max(step_timeouts, default=0.0)
-        wanted = max(MIN_VISIBILITY_TIMEOUT, longest * VISIBILITY_MARGIN)
-        if options.get("visibility_timeout", 0) < wanted:
-            options["visibility_timeout"] = int(wanted)
-    if broker.startswith(("amqp", "pyamqp")):
-        options.setdefault("confirm_publish", True)
-    conf.broker_transport_options = options
+    check_visibility_timeout(conf, step_timeouts)
+    warn_without_publish_confirms(conf)

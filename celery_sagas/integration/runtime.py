@@ -18,7 +18,7 @@ from celery_sagas import dlq, machine, outbox, scanner, signing
 from celery_sagas.coordinator import Coordinator, Timing, utcnow
 from celery_sagas.definition import Saga, registry
 from celery_sagas.errors import SagaConfigurationError, SagaError
-from celery_sagas.integration.config import apply_reliability_config
+from celery_sagas.integration.config import SAGA_TASK_OPTIONS, check_app
 from celery_sagas.integration.crash import crash_point
 from celery_sagas.integration.dispatcher import (
     ADVANCE_TASK,
@@ -229,7 +229,7 @@ def _register_step_tasks(app: Celery, runtime: SagaRuntime, saga: Saga) -> None:
                 redact_fields=runtime.settings.redact_fields,
                 signing_key=runtime.settings.signing_key,
                 apply_outcome=None if runtime.settings.coordinator_hop else runtime.apply,
-                acks_late=True,
+                **SAGA_TASK_OPTIONS,  # late acks, redelivery on a lost child, json
                 shared=False,  # bound to this app's runtime: another app must not inherit it
                 ignore_result=True,  # the saga database holds outcomes; chains pass them on
                 **time_limits(timeouts[index], runtime.settings.time_limit_grace),
@@ -289,8 +289,8 @@ def install(app: Celery, sagas: Sequence[Saga], **settings: Any) -> SagaRuntime:
     (``database_url=...``, ``relay_interval=...``)."""
     found = registry(sagas)
     runtime = SagaRuntime(app, found, SagaSettings.from_config(app.conf, **settings))
-    timeouts = [s.timeout_seconds or 0.0 for saga in sagas for s in saga.steps]
-    apply_reliability_config(app, timeouts)
+    timing = runtime.timing  # configured timeouts win over declared ones
+    check_app(app, [t or 0.0 for saga in sagas for t in timing.timeouts(saga)])
     register_coordinator_tasks(app, runtime)
     for saga in sagas:
         _register_step_tasks(app, runtime, saga)

@@ -18,6 +18,7 @@ from celery_sagas.errors import (
     StoreUnavailableError,
     UnknownDefinitionError,
 )
+from celery_sagas.integration.config import SAGA_TASK_OPTIONS
 from celery_sagas.integration.dispatcher import ADVANCE_TASK, COMPENSATED_TASK, DEAD_LETTER_TASK
 from celery_sagas.protocols import GuardRecord
 from celery_sagas.redaction import redact
@@ -30,6 +31,7 @@ SCAN_TASK = "celery_sagas.scan"
 IGNORED = "ignored"  # the outcome of a step message its saga did not expect
 MAX_DLQ_WAIT = 300  # seconds a DLQ message waits per hop: far below any visibility timeout
 RETRY_ON_STORE = {
+    **SAGA_TASK_OPTIONS,  # late acks, redelivery on a lost child, json: on saga tasks only
     "autoretry_for": (StoreUnavailableError, ConcurrentUpdateError, UnknownDefinitionError),
     "retry_backoff": True,
     "retry_backoff_max": 30,
@@ -94,7 +96,7 @@ def register_coordinator_tasks(app: Celery, runtime: SagaRuntime) -> None:
     def compensated(outcome: dict[str, Any], saga_id: str, step: int, token: int) -> str | None:
         return record("compensation", outcome, saga_id, step, token)  # type: ignore[no-any-return]
 
-    @app.task(name=RELAY_TASK, shared=False, ignore_result=True, expires=30)
+    @app.task(name=RELAY_TASK, shared=False, ignore_result=True, expires=30, **SAGA_TASK_OPTIONS)
     def relay_outbox() -> int:
         return runtime.relay()
 
@@ -102,7 +104,14 @@ def register_coordinator_tasks(app: Celery, runtime: SagaRuntime) -> None:
     def scan() -> dict[str, int]:
         return runtime.scan()
 
-    @app.task(name=DEAD_LETTER_TASK, bind=True, shared=False, ignore_result=True, max_retries=None)
+    @app.task(
+        name=DEAD_LETTER_TASK,
+        bind=True,
+        shared=False,
+        ignore_result=True,
+        max_retries=None,
+        **SAGA_TASK_OPTIONS,
+    )
     def dead_letter(self: Task, saga_id: str, step: int) -> str:
         """A message on the DLQ queue. Only a recovery worker (``-Q sagas.dlq``) consumes
         it: it retries the dead compensation on a slow schedule, then gives up for good."""

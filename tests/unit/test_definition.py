@@ -84,11 +84,6 @@ def order_saga(**overrides: Any) -> Saga:
             {"business_errors": [int]}, "steps[reserve].business_errors", id="business-not-exc"
         ),
         pytest.param(
-            {"compensation": lambda ctx: None},
-            "steps[reserve].compensation_name",
-            id="lambda-compensation-unnamed",
-        ),
-        pytest.param(
             {"compensation_name": "Release"},
             "steps[reserve].compensation_name",
             id="compensation-name-bad",
@@ -176,7 +171,12 @@ def test_step_is_frozen() -> None:
             id="duplicate-step-name",
         ),
         pytest.param(
-            {"steps": [reserve_step(), Step("charge", charge, release)]},
+            {
+                "steps": [
+                    reserve_step(compensation_name="undo"),
+                    Step("charge", charge, refund, compensation_name="undo"),
+                ]
+            },
             "steps[1].compensation",
             id="duplicate-compensation-name",
         ),
@@ -191,7 +191,7 @@ def test_step_is_frozen() -> None:
             id="compensation-named-like-a-step",
         ),
         pytest.param(
-            {"steps": [reserve_step(), Step("release", charge, refund)]},
+            {"steps": [reserve_step(compensation_name="release"), Step("release", charge, refund)]},
             "steps[1].name",
             id="step-named-like-a-compensation",
         ),
@@ -233,7 +233,56 @@ def test_saga_error_names_the_saga() -> None:
 
 def test_duplicate_error_says_what_collided() -> None:
     with pytest.raises(SagaDefinitionError, match=r"'release'.*steps\[0\]\.compensation"):
-        order_saga(steps=[reserve_step(), Step("charge", charge, release)])
+        order_saga(
+            steps=[
+                reserve_step(compensation_name="release"),
+                Step("charge", charge, refund, compensation_name="release"),
+            ]
+        )
+
+
+def test_one_function_may_compensate_several_steps_under_step_names() -> None:
+    saga = order_saga(
+        steps=[reserve_step(compensation=refund), Step("charge", charge, refund), ship_step()]
+    )
+
+    assert [saga.compensation_task_name(i) for i in range(3)] == [
+        "order.undo_reserve",
+        "order.undo_charge",
+        "order.recall",
+    ]
+    assert saga.steps[0].compensation is saga.steps[1].compensation is refund
+
+
+def ship_step() -> Step:
+    return Step("ship", ship, recall)
+
+
+def test_a_lambda_compensation_is_named_after_its_step() -> None:
+    saga = order_saga(steps=[reserve_step(compensation=lambda ctx: None), ship_step()])
+
+    assert saga.steps[0].compensation_name == "undo_reserve"
+    assert saga.compensation_task_name(0) == "order.undo_reserve"
+
+
+def test_an_explicit_compensation_name_wins_over_a_function_name() -> None:
+    saga = order_saga(
+        steps=[reserve_step(), Step("charge", charge, refund, compensation_name="release")]
+    )
+
+    assert [saga.compensation_task_name(i) for i in range(2)] == [
+        "order.undo_reserve",
+        "order.release",
+    ]
+
+
+def test_a_function_named_like_another_step_gives_way() -> None:
+    saga = order_saga(steps=[reserve_step(compensation=charge), Step("charge", charge, refund)])
+
+    assert [saga.compensation_task_name(i) for i in range(2)] == [
+        "order.undo_reserve",
+        "order.refund",
+    ]
 
 
 def test_valid_saga() -> None:

@@ -210,3 +210,28 @@ def test_scrub_masks_nested_secret_values_longest_first() -> None:
 
 def test_engines_hide_statement_parameters() -> None:
     assert build_engine("sqlite://").hide_parameters
+
+
+def test_a_result_json_cannot_carry_fails_the_step_at_once_naming_it(
+    started: tuple[InMemorySagaStore, Coordinator, str],
+) -> None:
+    store, _, saga_id = started
+    message = StepMessage(saga_id, 0, 1, f"{saga_id}:reserve:action")
+    run = runner(0, "action", lambda ctx: {"tags": {"a", "b"}}).run(store, message)
+    assert isinstance(run, Finished) and run.outcome["outcome"] == "error"
+    assert "result of reserve is not JSON-serialisable" in run.outcome["error"]
+    when = datetime(2026, 5, 1, tzinfo=UTC)
+    again = StepMessage(saga_id, 0, 1, f"{saga_id}:reserve:action")
+    encoded = runner(0, "action", lambda ctx: {"at": when}).run(InMemorySagaStore(), again)
+    assert isinstance(encoded, Ignored)  # another store: unknown saga, nothing ran
+    fresh, _, fresh_id = _start_one()
+    ok = runner(0, "action", lambda ctx: {"at": when}).run(
+        fresh, StepMessage(fresh_id, 0, 1, f"{fresh_id}:reserve:action")
+    )
+    assert isinstance(ok, Finished) and ok.outcome["result"] == {"at": when.isoformat()}
+
+
+def _start_one() -> tuple[InMemorySagaStore, Coordinator, str]:
+    store = InMemorySagaStore()
+    coordinator = Coordinator(store, registry([SAGA]), clock=lambda: NOW)
+    return store, coordinator, coordinator.start("orders", {"id": "o-9"}).saga_id
