@@ -313,6 +313,18 @@ class SagaStore(Protocol):
         ``ConcurrentUpdateError`` if the saga changed since it was loaded."""
         ...
 
+    def migrate(
+        self,
+        saga: SagaRecord,
+        decision: Decision,
+        messages: Sequence[OutboxMessage],
+        now: datetime,
+    ) -> tuple[OutboxMessage, ...]:
+        """Replace the saga's definition and step rows by ``saga``'s (a move onto another
+        version of its definition) and commit ``decision``, in one transaction gated on
+        ``saga.version`` (``ConcurrentUpdateError`` if it changed)."""
+        ...
+
     def update(
         self,
         saga_id: str,

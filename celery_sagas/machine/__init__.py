@@ -33,6 +33,7 @@ from celery_sagas.machine.events import (
     CompensationFailed,
     CompensationSucceeded,
     Event,
+    Migrated,
     OperatorDiscard,
     OperatorRetry,
     StepFailed,
@@ -40,7 +41,7 @@ from celery_sagas.machine.events import (
     Tick,
     outcome_event,
 )
-from celery_sagas.machine.operator import _cancel, _operator_discard, _operator_retry
+from celery_sagas.machine.operator import _cancel, _migrated, _operator_discard, _operator_retry
 from celery_sagas.machine.replies import (
     _admit,
     _begin,
@@ -77,6 +78,7 @@ __all__ = [
     "Decision",
     "ErrorKind",
     "Event",
+    "Migrated",
     "OperatorDiscard",
     "OperatorRetry",
     "RunCompensation",
@@ -122,4 +124,6 @@ def decide(saga: SagaView, event: Event, now: datetime) -> Decision:
             return _operator_discard(saga, event, now)
         case Cancel():
             return _cancel(saga, event, now)
+        case Migrated():
+            return _migrated(saga, event, now)
     raise TypeError(f"unknown event {event!r}")

@@ -89,8 +89,18 @@ class Cancel:
     reason: str
 
 
+@dataclass(frozen=True)
+class Migrated:
+    """An operator moved the saga, at a step boundary, onto another version of its
+    definition (its steps already rewritten): send the current step under it."""
+
+    actor: str
+    reason: str
+
+
 Event = (
-    Begin
+    Migrated
+    | Begin
     | Admit
     | Tick
     | StepSucceeded

@@ -6,9 +6,15 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from celery_sagas.machine.decisions import DeadLetterChange, Decision, RunCompensation, ignore
+from celery_sagas.machine.decisions import (
+    DeadLetterChange,
+    Decision,
+    RunCompensation,
+    RunStep,
+    ignore,
+)
 from celery_sagas.machine.draft import _compensate_or_fail, _Draft, _skip_later_steps
-from celery_sagas.machine.events import Cancel, OperatorDiscard, OperatorRetry
+from celery_sagas.machine.events import Cancel, Migrated, OperatorDiscard, OperatorRetry
 from celery_sagas.machine.types import FORWARD_STATES, ErrorKind, SagaState, SagaView, StepStatus
 
 
@@ -63,4 +69,17 @@ def _cancel(saga: SagaView, event: Cancel, now: datetime) -> Decision:
     _skip_later_steps(draft, index)
     draft.reason = said
     _compensate_or_fail(draft, below=index + 1)
+    return draft.done()
+
+
+def _migrated(saga: SagaView, event: Migrated, now: datetime) -> Decision:
+    """Send the current step, under the definition the saga was moved onto, with a new
+    token (a message sent under the old one is stale from now on)."""
+    if saga.state not in FORWARD_STATES:
+        return ignore(saga, f"saga is {saga.state}: only a running saga can move")
+    draft = _Draft.of(saga, now)
+    draft.actor = event.actor
+    index = saga.current_step
+    draft.step(index, StepStatus.RUNNING, reason=event.reason, **draft.timing(index, 1, True))
+    draft.dispatch(RunStep, index)
     return draft.done()

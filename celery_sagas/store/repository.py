@@ -253,6 +253,19 @@ class SqlSagaStore:
         with self._connect() as conn:
             return self._commit_in(conn, saga, decision, messages, now)
 
+    def migrate(
+        self,
+        saga: SagaRecord,
+        decision: Decision,
+        messages: Sequence[OutboxMessage],
+        now: datetime,
+    ) -> tuple[OutboxMessage, ...]:
+        """Replace the saga's definition and step rows by ``saga``'s and commit
+        ``decision``, in one transaction gated on ``saga.version``."""
+        with self._connect() as conn:
+            writes.replace_steps(conn, saga)
+            return self._commit_in(conn, saga, decision, messages, now)
+
     def update(
         self,
         saga_id: str,

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Table, update
+from sqlalchemy import Connection, Table, delete, update
 
 from celery_sagas.errors import ConcurrentUpdateError
 from celery_sagas.machine import TERMINAL_STATES, Decision
@@ -72,6 +72,39 @@ def update_saga(conn: Connection, saga: SagaRecord, decision: Decision, now: dat
             f"saga {saga.saga_id} changed since version {saga.version}",
             saga_id=saga.saga_id,
         )
+
+
+def replace_steps(conn: Connection, saga: SagaRecord) -> None:
+    """The saga's definition and step rows as ``saga`` has them (a move onto another
+    version of its definition); the version compare-and-set that follows guards it."""
+    conn.execute(
+        update(sagas)
+        .where(sagas.c.id == saga.saga_id, sagas.c.version == saga.version)
+        .values(definition=saga.definition)
+    )
+    conn.execute(delete(steps).where(steps.c.saga_id == saga.saga_id))
+    conn.execute(
+        steps.insert(),
+        [
+            {
+                "saga_id": saga.saga_id,
+                "idx": s.index,
+                "name": s.name,
+                "status": s.status.value,
+                "attempts": s.attempts,
+                "compensation_attempts": s.compensation_attempts,
+                "result": s.result,
+                "error": s.error,
+                "error_kind": s.error_kind.value if s.error_kind else None,
+                "started_at": s.started_at,
+                "finished_at": s.finished_at,
+                "deadline_at": s.deadline_at,
+                "redispatch_at": s.redispatch_at,
+                "dispatches": s.dispatches,
+            }
+            for s in saga.steps
+        ],
+    )
 
 
 def write_decision(

@@ -279,6 +279,28 @@ class InMemorySagaStore:
     ) -> tuple[OutboxMessage, ...]:
         return self._commit("commit", saga, decision, messages, now)
 
+    def migrate(
+        self,
+        saga: SagaRecord,
+        decision: Decision,
+        messages: Sequence[OutboxMessage],
+        now: datetime,
+    ) -> tuple[OutboxMessage, ...]:
+        """As the SQL store: the saga's definition and step rows replaced by ``saga``'s,
+        then ``decision`` committed, all under one compare-and-set."""
+        with self._lock:
+            self.calls.append("migrate")
+            current = self._sagas.get(saga.saga_id)
+            if current is None or current.version != saga.version:
+                raise ConcurrentUpdateError(
+                    f"saga {saga.saga_id} changed since version {saga.version}",
+                    saga_id=saga.saga_id,
+                )
+            self._sagas[saga.saga_id] = replace(
+                current, definition=saga.definition, steps=_copy(saga).steps
+            )
+            return self._commit(None, saga, decision, messages, now)
+
     def update(
         self,
         saga_id: str,
