@@ -324,36 +324,39 @@ class Coordinator:
         guard: GuardRecord | None = None,
         known: SagaRecord | None = None,
     ) -> Outcome:
-        """Apply one event: load, decide and save atomically (a compare-and-set on the
-        saga's version), retrying a lost race with a fresh load. ``guard``: the step
-        outcome behind ``event``, recorded in that same transaction; ``known``: a snapshot
-        of the saga to try first (read when the step began)."""
+        """Apply one event: load → decide → commit, the commit gated on the version read
+        (a compare-and-set), retrying a lost race with a fresh load. ``guard``: the step
+        outcome behind ``event``, recorded in that same transaction (alone if the saga
+        does not accept the event); ``known``: a snapshot of the saga to decide on first
+        (read when the step began)."""
         now = self.clock()
-
-        def decide(record: SagaRecord) -> tuple[Decision, list[OutboxMessage]]:
-            decision = machine.decide(self.view(record), event, now)
-            if not decision.accepted:
-                return decision, []
-            decision = self.complete(record, decision)
-            return decision, self.messages_for(record, decision)
-
         for _ in range(MAX_CAS_ATTEMPTS):
-            try:
-                record, decision, written = self.store.update(saga_id, decide, now, guard, known)
-            except ConcurrentUpdateError:
-                known = None  # the snapshot is stale: load
-                continue
-            if record is None or decision is None:
+            record = known or self.store.load(saga_id)
+            known = None  # after a lost race: load
+            if record is None:
+                self._record_guard_alone(guard, now)
                 logger.warning("event for unknown saga %s ignored", saga_id)
                 return Outcome(saga_id, None)
+            decision = machine.decide(self.view(record), event, now)
             if not decision.accepted:
+                self._record_guard_alone(guard, now)
                 self._log_ignored(record, event, decision)
                 return Outcome(saga_id, decision)
+            decision = self.complete(record, decision)
+            messages = self.messages_for(record, decision)
+            try:
+                written = self.store.write(record, decision, messages, now, guard)
+            except ConcurrentUpdateError:
+                continue
             self._log(saga_id, record.name, decision)
             if decision.state in SETTLED_STATES:
                 written += self.admit(record.name)
             return Outcome(saga_id, decision, written)
         raise ConcurrentUpdateError(f"saga {saga_id}: gave up after {MAX_CAS_ATTEMPTS} races")
+
+    def _record_guard_alone(self, guard: GuardRecord | None, now: datetime) -> None:
+        if guard is not None:
+            self.store.put_guard(guard, now)
 
     def apply_claimed(
         self, claim: Claim, record: SagaRecord, event: machine.Event, now: datetime

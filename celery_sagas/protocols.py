@@ -325,21 +325,18 @@ class SagaStore(Protocol):
         ``saga.version`` (``ConcurrentUpdateError`` if it changed)."""
         ...
 
-    def update(
+    def write(
         self,
-        saga_id: str,
-        decide: Decide,
+        saga: SagaRecord,
+        decision: Decision,
+        messages: Sequence[OutboxMessage],
         now: datetime,
         guard: GuardRecord | None = None,
-        known: SagaRecord | None = None,
-    ) -> tuple[SagaRecord | None, Decision | None, tuple[OutboxMessage, ...]]:
-        """Load the saga, call ``decide(record)`` and commit an accepted decision,
-        atomically (the saga locked, or a compare-and-set on the version read). Returns
-        (record, decision, written).
-
-        ``guard``: a step's final outcome, recorded (as ``put_guard`` does) in the same
-        transaction. ``known``: a snapshot read earlier (``begin_step``) a store may decide
-        on instead of loading; the compare-and-set then fails if the saga changed since."""
+    ) -> tuple[OutboxMessage, ...]:
+        """Commit an accepted ``decision`` taken on ``saga`` (as read): state, step
+        changes, transition log, outbox rows and, with ``guard``, the step outcome behind
+        it, atomically and gated on ``saga.version`` (``ConcurrentUpdateError`` if the saga
+        changed since: load and decide again)."""
         ...
 
     def mark_sent(self, message_ids: Sequence[int], now: datetime) -> None: ...

@@ -25,7 +25,6 @@ from celery_sagas.protocols import (
     AttemptRecord,
     CreateResult,
     DeadLetterRecord,
-    Decide,
     Expectation,
     GuardRecord,
     NewSaga,
@@ -266,51 +265,28 @@ class SqlSagaStore:
             writes.replace_steps(conn, saga)
             return self._commit_in(conn, saga, decision, messages, now)
 
-    def update(
+    def write(
         self,
-        saga_id: str,
-        decide: Decide,
+        saga: SagaRecord,
+        decision: Decision,
+        messages: Sequence[OutboxMessage],
         now: datetime,
         guard: GuardRecord | None = None,
-        known: SagaRecord | None = None,
-    ) -> tuple[SagaRecord | None, Decision | None, tuple[OutboxMessage, ...]]:
-        """Load (or take ``known``), decide and write atomically. On PostgreSQL: ONE
-        statement gated on the compare-and-set of the version read (``one_statement``), in
-        autocommit; on SQLite (and for a dead-letter change): one transaction."""
-        if not self.is_postgres:
-            return self._update_in_transaction(saga_id, decide, now, guard)
-        with self._one_statement() as conn:
-            record = known or _joined_record(conn.execute(WITH_STEPS, {"p_saga_id": saga_id}).all())
-            decision, messages = (None, ()) if record is None else decide(record)
-            if record is None or decision is None or not decision.accepted:
-                self._record_guard(conn, guard, now)
-                return record, decision, ()
-            if one_statement.fits(decision):
-                written = one_statement.write(
-                    conn, record, decision, messages, now, guard, self.prepare
-                )
-                return record, decision, written
+    ) -> tuple[OutboxMessage, ...]:
+        """On PostgreSQL: ONE statement gated on the compare-and-set of the version read
+        (``one_statement``), in autocommit; on SQLite (and for a dead-letter change): one
+        transaction."""
+        if self.is_postgres and one_statement.fits(decision):
+            with self._one_statement() as conn:
+                return one_statement.write(conn, saga, decision, messages, now, guard, self.prepare)
         with self._connect() as conn:
             self._record_guard(conn, guard, now)
-            return record, decision, self._commit_in(conn, record, decision, messages, now)
+            return self._commit_in(conn, saga, decision, messages, now)
 
     def _record_guard(self, conn: Connection, guard: GuardRecord | None, now: datetime) -> None:
         """A step outcome written in the caller's transaction (nothing if ``guard`` is None)."""
         if guard is not None:
             guard_rows.record_guard(conn, self._insert(guards), guard, now)
-
-    def _update_in_transaction(
-        self, saga_id: str, decide: Decide, now: datetime, guard: GuardRecord | None
-    ) -> tuple[SagaRecord | None, Decision | None, tuple[OutboxMessage, ...]]:
-        with self._connect() as conn:
-            self._record_guard(conn, guard, now)
-            record = _joined_record(conn.execute(WITH_STEPS, {"p_saga_id": saga_id}).all())
-            if record is None:
-                return None, None, ()
-            decision, messages = decide(record)
-            if not decision.accepted:
-                return record, decision, ()
-            return record, decision, self._commit_in(conn, record, decision, messages, now)
 
     # -- scanning ---------------------------------------------------------------------
 

@@ -31,7 +31,6 @@ from celery_sagas.protocols import (
     AttemptRecord,
     CreateResult,
     DeadLetterRecord,
-    Decide,
     Expectation,
     GuardRecord,
     NewSaga,
@@ -84,7 +83,7 @@ class InMemorySagaStore:
     """The ``SagaStore`` contract in memory, thread-safe behind one (re-entrant) lock.
 
     ``calls`` lists the name of every store method called, in order, so a test can assert
-    e.g. ``store.calls.count("update")`` (``update`` is one call, not ``"update"`` and
+    e.g. ``store.calls.count("write")`` (``write`` is one call, not ``"write"`` and
     ``"commit"``; a claim's commits are ``"claim.commit"``).
     ``row_counts()`` gives the rows per table, named like the SQL tables.
     """
@@ -301,27 +300,21 @@ class InMemorySagaStore:
             )
             return self._commit(None, saga, decision, messages, now)
 
-    def update(
+    def write(
         self,
-        saga_id: str,
-        decide: Decide,
+        saga: SagaRecord,
+        decision: Decision,
+        messages: Sequence[OutboxMessage],
         now: datetime,
         guard: GuardRecord | None = None,
-        known: SagaRecord | None = None,
-    ) -> tuple[SagaRecord | None, Decision | None, tuple[OutboxMessage, ...]]:
-        """One call, one transaction (recorded as ``"update"`` only, no ``"commit"``)."""
+    ) -> tuple[OutboxMessage, ...]:
+        """One call, one transaction (recorded as ``"write"`` only, no ``"commit"``)."""
         with self._lock:
-            self.calls.append("update")
-            if guard is not None:
+            self.calls.append("write")
+            current = self._sagas.get(saga.saga_id)
+            if current is not None and current.version == saga.version and guard is not None:
                 self._put_guard(guard, as_utc(now))
-            saga = self._sagas.get(saga_id)
-            if saga is None:
-                return None, None, ()
-            record = _copy(saga)
-            decision, messages = decide(record)
-            if not decision.accepted:
-                return record, decision, ()
-            return record, decision, self._commit(None, record, decision, messages, now)
+            return self._commit(None, saga, decision, messages, now)
 
     def mark_sent(self, message_ids: Sequence[int], now: datetime) -> None:
         now = as_utc(now)

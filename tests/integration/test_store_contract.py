@@ -210,6 +210,29 @@ def advance(
     return loaded, written
 
 
+def update(
+    store: SagaStore,
+    saga_id: str,
+    decide: Callable[[SagaRecord], tuple[Decision, list[OutboxMessage]]],
+    now: datetime,
+    guard: GuardRecord | None = None,
+    known: SagaRecord | None = None,
+) -> tuple[SagaRecord | None, Decision | None, tuple[OutboxMessage, ...]]:
+    """What the coordinator does with one event: load (or take ``known``), decide, and
+    ``write`` an accepted decision (``put_guard`` alone otherwise)."""
+    record = known or store.load(saga_id)
+    if record is None:
+        if guard is not None:
+            store.put_guard(guard, now)
+        return None, None, ()
+    decision, messages = decide(record)
+    if not decision.accepted:
+        if guard is not None:
+            store.put_guard(guard, now)
+        return record, decision, ()
+    return record, decision, store.write(record, decision, messages, now, guard)
+
+
 def utc_offset_is_zero(when: datetime | None) -> bool:
     return when is not None and when.utcoffset() == timedelta(0)
 
@@ -566,7 +589,7 @@ def test_update_writes_two_changes_of_one_step_like_commit(
         decision = machine.decide(record.view(), event, at(2))
         return decision, keyed_message(record.saga_id, decision)
 
-    _, decision, _ = store.update("by-update", decide, at(2))
+    _, decision, _ = update(store, "by-update", decide, at(2))
     assert decision is not None and decision.accepted
     advance(store, records[1], event, at(2))
     updated, committed = store.load("by-update"), store.load("by-commit")
@@ -591,7 +614,7 @@ def test_update_loads_decides_and_commits_in_one_call(backend: Backend) -> None:
         decision = machine.decide(record.view(), StepSucceeded(0, 99, "late"), at(1))
         return decision, keyed_message(record.saga_id, decision)
 
-    record, decision, written = store.update("u", stale, at(1))
+    record, decision, written = update(store, "u", stale, at(1))
     assert seen == [created.record] and record == created.record
     assert decision is not None and not decision.accepted
     assert written == ()
@@ -605,7 +628,7 @@ def test_update_loads_decides_and_commits_in_one_call(backend: Backend) -> None:
         decision = machine.decide(record.view(), event, at(2))
         return decision, keyed_message(record.saga_id, decision)
 
-    record, decision, written = store.update("u", succeed, at(2))
+    record, decision, written = update(store, "u", succeed, at(2))
     assert record == created.record  # the record the decision was taken on
     assert decision is not None and decision.accepted and decision.state == SagaState.PENDING
     assert [(m.id, m.saga_id, m.created_at, m.body) for m in written] == [
@@ -636,7 +659,7 @@ def test_update_of_an_unknown_saga_returns_nothing_and_writes_nothing(backend: B
     def never(record: SagaRecord) -> tuple[Decision, list[OutboxMessage]]:
         raise AssertionError("decide called for an unknown saga")
 
-    assert store.update("nope", never, at(1)) == (None, None, ())
+    assert update(store, "nope", never, at(1)) == (None, None, ())
     assert backend.rows() == rows
 
 
@@ -649,7 +672,7 @@ def test_an_error_in_decide_writes_nothing(backend: Backend) -> None:
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        store.update("u", boom, at(1))
+        update(store, "u", boom, at(1))
     assert backend.rows() == rows
     assert store.load("u") == created.record
 
@@ -840,7 +863,7 @@ def test_update_decides_on_a_known_snapshot_and_refuses_a_stale_one(backend: Bac
         return decision, keyed_message(record.saga_id, decision)
 
     try:
-        record, decision, written = store.update("k", succeed, at(3), known=snapshot)
+        record, decision, written = update(store, "k", succeed, at(3), known=snapshot)
     except ConcurrentUpdateError:
         pass  # a store that decided on the stale snapshot: its compare-and-set refused it
     else:  # a store that loads the saga itself: the late success is ignored
@@ -850,7 +873,7 @@ def test_update_decides_on_a_known_snapshot_and_refuses_a_stale_one(backend: Bac
 
     # a current snapshot is decided on and written
     fresh = create(store, "order-2", saga_id="f").record
-    record, decision, written = store.update("f", succeed, at(3), known=fresh)
+    record, decision, written = update(store, "f", succeed, at(3), known=fresh)
     assert decision is not None and decision.accepted and len(written) == 1
     loaded = store.load("f")
     assert loaded is not None and (loaded.version, loaded.current_step) == (2, 1)
@@ -1498,7 +1521,7 @@ def test_prepared_statements_survive_a_session_that_lost_them(contract_pg_url: s
         return decision, keyed_message(record.saga_id, decision)
 
     for saga_id in ("p1", "p2"):
-        _, decision, written = store.update(saga_id, succeed, at(3))
+        _, decision, written = update(store, saga_id, succeed, at(3))
         assert decision is not None and decision.accepted and len(written) == 1
         loaded = store.load(saga_id)
         assert loaded is not None and (loaded.version, loaded.current_step) == (2, 1)

@@ -146,17 +146,17 @@ def test_unexpected_error_compensates_the_failed_step_too(fail_at: int) -> None:
 )
 def test_one_commit_per_transition(fail_at: int | None, commits: int) -> None:
     # Rule 2 of ARCHITECTURE.md: one transaction per transition. A 4-step saga takes one
-    # `create` (start: STARTED + step 0 running + outbox) and then exactly one `update`
-    # (coordinator.handle: load, decide and commit in one transaction) per reply: k
+    # `create` (start: STARTED + step 0 running + outbox) and then exactly one `write`
+    # (coordinator.handle: decide on the step's snapshot, commit in one transaction) per reply: k
     # successes before the failing step, the failure, and one per compensation (k of them,
     # strictly in reverse). The happy path is 4 updates, and no separate `commit`.
     store, _ = run(Toy(fail_at=fail_at))
     assert store.calls.count("create") == 1
-    assert store.calls.count("update") == commits
+    assert store.calls.count("write") == commits
     assert store.calls.count("commit") == 0
     # Each delivery marks its guard started (reading the saga) once, and records the outcome
-    # inside its update, never apart (every reply here is ok or business, both recorded).
-    # publish still calls mark_sent after start and after each update, but with no ids:
+    # inside its write, never apart (every reply here is ok or business, both recorded).
+    # publish still calls mark_sent after start and after each write, but with no ids:
     # step messages are marked sent by the saga's next transition, not by publish, and
     # none of these sagas has a dead letter.
     assert store.calls.count("begin_step") == commits
@@ -173,11 +173,11 @@ def test_the_exact_store_calls_of_a_happy_four_step_saga() -> None:
         "load",  # the driver: settled yet?
         # the step task: already done? if not, mark it started; and read the saga
         "begin_step",
-        # coordinator.handle on that snapshot: decide + the guard's outcome, state, step
-        # changes, transition log, earlier outbox rows marked sent, next outbox row; one
-        # transaction (was put_guard, then load + commit)
-        "update",
-        # publish after update: step messages are no longer marked sent here (the next
+        # coordinator.handle decides on that snapshot, then writes the guard's outcome,
+        # state, step changes, transition log, earlier outbox rows marked sent and the next
+        # outbox row in one transaction, gated on the version read (no load of its own)
+        "write",
+        # publish after write: step messages are no longer marked sent here (the next
         # transition does it), so mark_sent gets no ids (the SQL store then does nothing)
         "mark_sent",
     ]
