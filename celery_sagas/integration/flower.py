@@ -1,12 +1,15 @@
 """The Sagas pages inside Flower, and ``celery -A app sagas flower [flower options…]``.
 
 Flower has no plugin API, but its app is a ``tornado.web.Application``: :func:`install_pages`
-adds ``/sagas`` (sagas filtered by state and name, counts per state) and ``/sagas/<id>``
-(header, step timeline, the saga's tasks in Flower, dead letters, operator actions) ahead of
-Flower's catch-all route. The pages read the saga database, never the broker. They sit
-behind Flower's own auth (basic auth, OAuth): the handlers subclass Flower's ``BaseHandler``
-and use ``@web.authenticated`` like Flower's views. Templates autoescape everything; the
-payload and step results are shown redacted.
+adds ``/sagas`` (sagas filtered by state and name, searched by id or business key, paged,
+counts per state, auto-refresh) and ``/sagas/<id>`` (header, a diagram of the steps and
+compensations, step timeline, the saga's tasks in Flower, dead letters, operator actions)
+ahead of Flower's catch-all route, and a **Sagas** link in Flower's navigation bar (its
+``navbar.html`` with one item added, through the application's template loader). The pages
+read the saga database, never the broker. They sit behind Flower's own auth (basic auth,
+OAuth): the handlers subclass Flower's ``BaseHandler`` and use ``@web.authenticated`` like
+Flower's views; without any auth configured, Flower's log and every page say so.
+Templates autoescape everything; the payload and step results are shown redacted.
 """
 
 from __future__ import annotations
@@ -36,14 +39,29 @@ from tornado.ioloop import IOLoop
 from tornado.options import options as flower_options
 
 from celery_sagas.definition import Saga
+from celery_sagas.integration.diagram import LEGEND, phases, render_svg
 from celery_sagas.integration.dispatcher import ADVANCE_TASK, COMPENSATED_TASK, DEAD_LETTER_TASK
+from celery_sagas.integration.paging import REFRESH_CHOICES, BadQuery, ListQuery, Paging
+from celery_sagas.log import logger
 from celery_sagas.machine import SETTLED_STATES, SagaState
 from celery_sagas.protocols import DeadLetterRecord, SagaRecord, StepRecord, TransitionRecord
 from celery_sagas.redaction import redact
+from celery_sagas.store.browse import Filter, count_by_state, page, sagas_by_ref
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-LIST_LIMIT, MAX_LIMIT = 100, 10_000
 T = TypeVar("T")
+NAV_LIST = '<ul class="app-nav navbar-nav">'
+NAV_ITEM = (
+    '<li class="nav-item"><a class="nav-link{% if active_tab == \'sagas\' %} active{% end %}" '
+    "id=\"nav-sagas\" href=\"{{ handler.application.settings.get('sagas_url', '/sagas') }}\" "
+    "{% if active_tab == 'sagas' %}aria-current=\"page\"{% end %}>Sagas</a></li>"
+)
+NO_AUTH_WARNING = (
+    "Flower runs without authentication: anyone who can reach it sees every saga (payloads "
+    "are redacted, but business keys, errors and reasons are not) and Flower's API can run "
+    "tasks. Set FLOWER_BASIC_AUTH=user:password (in the environment, not on the command line) "
+    "or configure Flower's OAuth."
+)
 
 
 def base_path(url_prefix: str | None) -> str:
@@ -141,16 +159,13 @@ class SagaDetail:
     compensations: list[str]
     operator_actions: list[TransitionRecord]
     dead_letters: Sequence[DeadLetterRecord]
+    diagram: str = ""  # SVG, every string in it escaped
 
 
 class SagaReader(Protocol):
     """What the pages read (``SqlSagaStore`` has it)."""
 
-    def list_sagas(
-        self, state: SagaState | None = None, name: str | None = None, limit: int = 100
-    ) -> Sequence[SagaRecord]: ...
-
-    def count_by_state(self) -> Mapping[str, int]: ...
+    engine: Any
 
     def find(self, ref: str) -> SagaRecord | None: ...
 
@@ -161,7 +176,18 @@ class SagaReader(Protocol):
     ) -> Sequence[DeadLetterRecord]: ...
 
 
-def read_detail(store: SagaReader, ref: str, redact_fields: Sequence[str]) -> SagaDetail | None:
+def diagram_of(record: SagaRecord, sagas: Mapping[str, Saga]) -> str:
+    saga = sagas.get(record.name)
+    names = [s.compensation_name or "" for s in saga.steps] if saga else []
+    return render_svg(phases(record.steps), names)
+
+
+def read_detail(
+    store: SagaReader,
+    ref: str,
+    redact_fields: Sequence[str],
+    sagas: Mapping[str, Saga] | None = None,
+) -> SagaDetail | None:
     """Everything the saga page shows from the database (blocking: run in an executor)."""
     record = store.find(ref)
     if record is None:
@@ -175,6 +201,7 @@ def read_detail(store: SagaReader, ref: str, redact_fields: Sequence[str]) -> Sa
         compensations=compensation_order(log),
         operator_actions=operator_actions(log),
         dead_letters=store.dead_letters(saga_id=record.saga_id, status="all"),
+        diagram=diagram_of(record, sagas or {}),
     )
 
 
@@ -248,14 +275,33 @@ def saga_tasks(events: Any, saga_id: str, sagas: Mapping[str, Saga]) -> list[Tas
 # --------------------------------------------------------------------------- handlers
 
 
+def with_sagas_link(navbar: str) -> str:
+    """Flower's ``navbar.html`` with a Sagas item after its own (unchanged if its markup is
+    not the one this was written for)."""
+    start = navbar.find(NAV_LIST)
+    end = navbar.find("</ul>", start) if start >= 0 else -1
+    if end < 0:
+        return navbar
+    return navbar[:end] + NAV_ITEM + "\n      " + navbar[end:]
+
+
 class _PagesLoader(template.Loader):
-    """Our templates first, then Flower's (its ``base.html`` and ``navbar.html``)."""
+    """Our templates first, then Flower's (its ``base.html``, and its ``navbar.html`` with
+    the Sagas link). Installed as the application's ``template_loader``, so Flower's own
+    pages get the link too."""
 
     def _create_template(self, name: str) -> template.Template:
         own = TEMPLATES / name
         if own.is_file():
             return template.Template(own.read_bytes(), name=name, loader=self)
+        if name == "navbar.html":
+            source = Path(self.root, name).read_text(encoding="utf-8")
+            return template.Template(with_sagas_link(source), name=name, loader=self)
         return super()._create_template(name)
+
+
+def has_auth(options: Any) -> bool:
+    return bool(getattr(options, "basic_auth", None) or getattr(options, "auth", None))
 
 
 @dataclass(frozen=True)
@@ -276,7 +322,10 @@ class _SagaHandler(BaseHandler):
     def get_template_path(self) -> str:
         return str(TEMPLATES)  # the key of this loader in tornado's cache
 
-    def create_template_loader(self, template_path: str) -> template.Loader:
+    def create_template_loader(self, template_path: str) -> template.BaseLoader:
+        found = self.application.settings.get("template_loader")
+        if isinstance(found, _PagesLoader):
+            return found
         return _PagesLoader(self.application.settings["template_path"])
 
     async def blocking(self, function: Callable[..., T], *args: Any) -> T:
@@ -290,6 +339,8 @@ class _SagaHandler(BaseHandler):
             took=took,
             as_json=as_json,
             sagas_url=self.sagas_url,
+            no_auth_warning=None if has_auth(self.application.options) else NO_AUTH_WARNING,
+            refresh_choices=REFRESH_CHOICES,
             **kwargs,
         )
 
@@ -300,29 +351,30 @@ class _SagaHandler(BaseHandler):
 class SagaListView(_SagaHandler):
     @web.authenticated
     async def get(self) -> None:
-        state = self.get_argument("state", "", escape=False).upper() or None
-        name = self.get_argument("name", "", escape=False) or None
-        limit = self.get_argument("limit", LIST_LIMIT, type=int)
-        if state is not None and state not in SagaState.__members__:
-            raise web.HTTPError(400, f"unknown state {state!r}")
-        if not 1 <= limit <= MAX_LIMIT:
-            raise web.HTTPError(400, f"limit must be between 1 and {MAX_LIMIT}")
-        store = self.pages.store
-        wanted = SagaState(state) if state else None
-        records = await self.blocking(store.list_sagas, wanted, name, limit)
-        counts: Mapping[str, int] = await self.blocking(store.count_by_state)
-        names = sorted({*self.pages.sagas, *([name] if name else [])})
+        try:
+            query = ListQuery.parse(lambda name: self.get_argument(name, "", escape=False))
+        except BadQuery as exc:
+            raise web.HTTPError(400, str(exc)) from exc
+        engine = self.pages.store.engine
+        state = SagaState(query.state) if query.state else None
+        facet = Filter(name=query.name, search=query.search)  # the counts ignore the state
+        counts: Mapping[str, int] = await self.blocking(count_by_state, engine, facet)
+        total = counts.get(query.state, 0) if query.state else sum(counts.values())
+        paging = Paging.of(query.page, query.per_page, total)
+        where = Filter(state=state, name=query.name, search=query.search)
+        records = await self.blocking(page, engine, where, paging.offset, paging.per_page)
         self.render_page(
             "sagas.html",
             records=records,
             counts={s.value: counts.get(s.value, 0) for s in SagaState},
             states=[s.value for s in SagaState],
-            names=names,
-            state=state,
-            name=name,
-            limit=limit,
+            names=sorted({*self.pages.sagas, *([query.name] if query.name else [])}),
+            query=query,
+            paging=paging,
+            list_url=lambda **changes: query.url(self.sagas_url(), **changes),
             settled=SETTLED_STATES,
             now=datetime.now(UTC),
+            refresh=query.refresh,
         )
 
 
@@ -330,10 +382,18 @@ class SagaView(_SagaHandler):
     @web.authenticated
     async def get(self, ref: str) -> None:
         pages = self.pages
-        detail = await self.blocking(read_detail, pages.store, ref, pages.redact_fields)
+        found = await self.blocking(sagas_by_ref, pages.store.engine, ref, None)
+        if len(found) > 1:  # a business key shared by sagas of several types: list them
+            self.redirect(ListQuery(search=ref).url(self.sagas_url()))
+            return
+        saga_id = found[0].saga_id if found else ref
+        detail = await self.blocking(
+            read_detail, pages.store, saga_id, pages.redact_fields, pages.sagas
+        )
         if detail is None:
             raise web.HTTPError(404, f"no saga with id or business key {ref!r}")
         tasks = saga_tasks(self.application.events, detail.record.saga_id, pages.sagas)
+        refresh = self.get_argument("refresh", "0", escape=False)
         self.render_page(
             "saga.html",
             d=detail,
@@ -341,12 +401,18 @@ class SagaView(_SagaHandler):
             tasks=tasks,
             step_tasks=step_tasks,
             search=search_term(detail.record.saga_id),
+            legend=LEGEND,
+            refresh=int(refresh) if refresh.isdigit() and int(refresh) in REFRESH_CHOICES else 0,
         )
 
 
 def install_pages(flower_app: Flower, pages: SagaPages) -> None:
     """Add the Sagas pages to a Flower app (before its catch-all 404 route)."""
     base = base_path(flower_app.options.url_prefix)
+    flower_app.settings["sagas_url"] = base
+    flower_app.settings["template_loader"] = _PagesLoader(flower_app.settings["template_path"])
+    if not has_auth(flower_app.options):
+        logger.warning("celery-sagas: %s", NO_AUTH_WARNING)
     flower_app.add_handlers(
         r".*",
         [
