@@ -17,6 +17,7 @@ from __future__ import annotations
 import ast
 import atexit
 import contextlib
+import dataclasses
 import json
 import signal
 import sys
@@ -200,7 +201,10 @@ def read_detail(
         timeline=timeline(log),
         compensations=compensation_order(log),
         operator_actions=operator_actions(log),
-        dead_letters=store.dead_letters(saga_id=record.saga_id, status="all"),
+        dead_letters=[
+            dataclasses.replace(e, payload=redact(e.payload, redact_fields))
+            for e in store.dead_letters(saga_id=record.saga_id, status="all")
+        ],
         diagram=diagram_of(record, sagas or {}),
     )
 
