@@ -22,7 +22,7 @@ def task_totals(hostname: str) -> dict[str, int]:
 
 
 def test_an_idle_worker_and_beat_log_nothing_periodic_at_info(deployment: Deployment) -> None:
-    with running(deployment, SAGAS_RELAY_INTERVAL=0.5) as (worker, beat):
+    with running(deployment, beat_loglevel="INFO", SAGAS_RELAY_INTERVAL=0.5) as (worker, beat):
         start_worker, start_beat = len(worker.log_text()), len(beat.log_text())
 
         def ran_enough() -> Any:
