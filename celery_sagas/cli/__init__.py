@@ -31,9 +31,9 @@ class SagaGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except (click.ClickException, click.exceptions.Exit, click.Abort):
+        except (ReportedFailure, click.exceptions.Exit, click.Abort):
             raise
-        except Exception as exc:
+        except Exception as exc:  # a subcommand's usage errors too (celery -A app sagas …)
             if ctx.meta.get(DEBUG_KEY):
                 raise
             found = ctx.find_object(CliContext)

@@ -153,6 +153,14 @@ def test_the_installed_script_and_the_celery_subcommand_report_alike(
         timeout=60,
     )
     one_error_line(celery, "schema_missing", FAILURE)
+    usage = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", APP, "sagas", "list", "--limit", "0"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert "sagas list --help" in one_error_line(usage, "usage", USAGE)
 
 
 # --------------------------------------------------------------------------- keys, names
