@@ -84,3 +84,31 @@ class TransientError(SagaError):
     """Raised by a step or compensation for a failure worth retrying with backoff."""
 
     code = "transient"
+
+
+class DatabaseUrlError(SagaConfigurationError):
+    """The saga database URL cannot be used (unparsable, or not PostgreSQL/SQLite)."""
+
+    code = "bad_database_url"
+
+
+class SchemaMissingError(SagaError):
+    """The saga database exists but has no saga tables: ``celery-sagas migrate`` was not run."""
+
+    code = "schema_missing"
+
+
+class DatabaseMissingError(StoreUnavailableError):
+    """The server answers but the saga database does not exist."""
+
+    code = "database_missing"
+
+
+class AmbiguousReferenceError(SagaError):
+    """A business key names more than one saga (of different types): pick one."""
+
+    code = "ambiguous"
+
+    def __init__(self, message: str, *, candidates: tuple[str, ...]) -> None:
+        super().__init__(message, candidates=candidates)
+        self.candidates = candidates

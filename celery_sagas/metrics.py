@@ -49,16 +49,30 @@ class Spec:
 
 
 P = "celery_sagas"
-STARTED = Spec(f"{P}_sagas_started", "counter", "Sagas started (saga rows).", ("saga",))
-COMPLETED = Spec(f"{P}_sagas_completed", "counter", "Sagas that completed.", ("saga",))
-FAILED = Spec(f"{P}_sagas_failed", "counter", "Sagas that failed and were compensated.", ("saga",))
+STARTED = Spec(f"{P}_started", "counter", "Sagas started (saga rows).", ("saga",))
+COMPLETED = Spec(f"{P}_completed", "counter", "Sagas that completed.", ("saga",))
+FAILED = Spec(f"{P}_failed", "counter", "Sagas that failed and were compensated.", ("saga",))
 COMPENSATION_FAILED = Spec(
-    f"{P}_sagas_compensation_failed",
+    f"{P}_compensation_failed",
     "counter",
     "Sagas whose compensation gave up and went to the dead-letter queue.",
     ("saga",),
 )
-IN_STATE = Spec(f"{P}_sagas", "gauge", "Sagas now in each state.", ("saga", "state"))
+IN_STATE = Spec(f"{P}_in_state", "gauge", "Sagas now in each state.", ("saga", "state"))
+SAGA_DURATION = Spec(
+    f"{P}_duration_seconds",
+    "histogram",
+    "How long finished sagas took from start to COMPLETED (outcome=completed) or to FAILED "
+    "after their compensations (outcome=failed).",
+    ("saga", "outcome"),
+)
+STUCK = Spec(
+    f"{P}_stuck",
+    "gauge",
+    "Sagas still moving (STARTED, PENDING, COMPENSATING) longer than the stuck threshold "
+    "(SAGAS_STUCK_AFTER, default 600 s).",
+    ("saga",),
+)
 STEP_DURATION = Spec(
     f"{P}_step_duration_seconds",
     "histogram",
@@ -106,6 +120,8 @@ SPECS: tuple[Spec, ...] = (
     FAILED,
     COMPENSATION_FAILED,
     IN_STATE,
+    SAGA_DURATION,
+    STUCK,
     STEP_DURATION,
     COMPENSATION_DURATION,
     RETRIES,
@@ -223,10 +239,15 @@ class SagaCollector:
             for state in (*STATES, *sorted(set(found) - set(STATES))):
                 in_state.add_metric([saga, state], float(found.get(state, 0)))
         yield in_state
-        oldest = _family(OLDEST)
+        oldest, stuck = _family(OLDEST), _family(STUCK)
         for saga in names:
             oldest.add_metric([saga], stats.oldest_unfinished_age.get(saga, 0.0))
-        yield oldest
+            stuck.add_metric([saga], float(stats.stuck.get(saga, 0)))
+        yield from (oldest, stuck)
+        durations = _family(SAGA_DURATION)
+        for (saga, outcome), histogram in sorted(stats.durations.items()):
+            durations.add_metric([saga, outcome], _buckets(histogram), histogram.total)
+        yield durations
 
     def _step_families(self, stats: SagaStats) -> Iterator[Any]:
         forward, undo = _family(STEP_DURATION), _family(COMPENSATION_DURATION)

@@ -94,7 +94,7 @@ def scan(coordinator: Coordinator, now: datetime, batch: int, stuck_after: float
         + admit_waiting(coordinator)
         + report_stuck(coordinator, now, stuck_after, batch)
     )
-    if report.timed_out or report.resent or report.compensation_given_up:
+    if report.timed_out or report.resent or report.compensation_given_up or report.admitted:
         logger.info(
             "scan: %d timed out, %d re-sent, %d compensation(s) given up, %d admitted",
             report.timed_out,

@@ -110,6 +110,8 @@ class StepStats:
 
 
 StepKey = tuple[str, str]  # (saga name, step name)
+OutcomeKey = tuple[str, str]  # (saga name, outcome: "completed" | "failed")
+OUTCOMES: tuple[str, ...] = ("completed", "failed")
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,8 @@ class SagaStats:
     ``dead_letters``: dead-letter rows by status (``DEAD_LETTER_STATUSES``).
     ``oldest_unfinished_age``: saga name -> age in seconds of the oldest saga still moving
     (STARTED, PENDING or COMPENSATING); absent when there is none.
+    ``durations``: (saga, outcome) -> how long finished sagas took, start to end (``OUTCOMES``).
+    ``stuck``: saga name -> sagas still moving longer than the stuck threshold.
     """
 
     states: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
@@ -129,10 +133,22 @@ class SagaStats:
     steps: Mapping[StepKey, StepStats] = field(default_factory=dict)
     dead_letters: Mapping[str, int] = field(default_factory=dict)
     oldest_unfinished_age: Mapping[str, float] = field(default_factory=dict)
+    durations: Mapping[OutcomeKey, Histogram] = field(default_factory=dict)
+    stuck: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def saga_names(self) -> tuple[str, ...]:
-        return tuple(sorted({*self.states, *self.compensation_failed, *(s for s, _ in self.steps)}))
+        return tuple(
+            sorted(
+                {
+                    *self.states,
+                    *self.compensation_failed,
+                    *(s for s, _ in self.steps),
+                    *(s for s, _ in self.durations),
+                    *self.stuck,
+                }
+            )
+        )
 
     def in_state(self, saga: str, state: str) -> int:
         return self.states.get(saga, {}).get(state, 0)
@@ -162,6 +178,15 @@ def add_states(
 def add_steps(
     a: Mapping[StepKey, StepStats], b: Mapping[StepKey, StepStats]
 ) -> dict[StepKey, StepStats]:
+    merged = dict(a)
+    for key, value in b.items():
+        merged[key] = merged[key] + value if key in merged else value
+    return merged
+
+
+def add_histograms(
+    a: Mapping[OutcomeKey, Histogram], b: Mapping[OutcomeKey, Histogram]
+) -> dict[OutcomeKey, Histogram]:
     merged = dict(a)
     for key, value in b.items():
         merged[key] = merged[key] + value if key in merged else value

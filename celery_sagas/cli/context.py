@@ -1,5 +1,5 @@
-"""What every command needs: the store, and for commands that change sagas, the Celery
-app that declares them (to publish at once and to know the definitions)."""
+"""What every command needs: the store, the redaction fields, and for commands that change
+sagas, the Celery app that declares them (to publish at once and to know the definitions)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,29 @@ from typing import Any
 
 import click
 
+from celery_sagas.cli.failures import CommandError
 from celery_sagas.errors import SagaError
+from celery_sagas.protocols import SagaRecord
 from celery_sagas.settings import SagaSettings
 
 APP_ENV = "SAGAS_CELERY_APP"
+APP_HINT = (
+    f"pass --app module.path (e.g. workers.app), set {APP_ENV}, or run `celery -A yourapp sagas …`"
+)
+
+
+def load_app(name: str) -> Any:
+    """The Celery app named ``name`` (``module``, ``module:attr``), or a ``bad_app`` error."""
+    from celery.app.utils import find_app
+
+    try:
+        return find_app(name)
+    except ModuleNotFoundError as exc:
+        raise CommandError("bad_app", f"cannot import --app {name!r}: {exc}; {APP_HINT}") from exc
+    except (AttributeError, ImportError) as exc:
+        raise CommandError(
+            "bad_app", f"--app {name!r} is not a Celery app ({exc}); {APP_HINT}"
+        ) from exc
 
 
 class CliContext:
@@ -28,7 +47,12 @@ class CliContext:
 
     @property
     def has_app(self) -> bool:
-        return self._app is not None
+        return self._app is not None or bool(self.app_name)
+
+    def check_app(self) -> None:
+        """Load ``--app`` now, so a wrong one fails before anything else happens."""
+        if self.app_name and self._app is None:
+            _ = self.runtime
 
     @property
     def runtime(self) -> Any:
@@ -37,17 +61,27 @@ class CliContext:
         if app is None:
             name = self.app_name or os.environ.get(APP_ENV)
             if not name:
-                raise click.UsageError(
+                raise CommandError(
+                    "no_app",
                     "this command changes sagas, so it needs the Celery app that declares "
-                    f"them: run `celery -A yourapp sagas …`, pass --app, or set {APP_ENV}"
+                    f"them: {APP_HINT}",
                 )
-            from celery.app.utils import find_app
-
-            app = self._app = find_app(name)
+            app = self._app = load_app(name)
         runtime = getattr(app, "_celery_sagas_runtime", None)
         if runtime is None:
-            raise click.UsageError(f"{app} has no sagas installed (call install(app, …))")
+            raise CommandError(
+                "bad_app",
+                f"the Celery app {getattr(app, 'main', None) or app!r} has no sagas installed: "
+                "call celery_sagas.install(app, …) in it",
+            )
         return runtime
+
+    @property
+    def url(self) -> str | None:
+        """The saga database URL in use (for messages), if known."""
+        if self._store is not None:
+            return str(self._store.engine.url)
+        return self.database_url or os.environ.get("SAGAS_DATABASE_URL")
 
     @property
     def store(self) -> Any:
@@ -56,19 +90,33 @@ class CliContext:
                 self._store = self.runtime.store
                 return self._store
             from celery_sagas.store import SqlSagaStore
+            from celery_sagas.store.browse import check_database_url
 
             url = self.database_url or os.environ.get("SAGAS_DATABASE_URL")
             if not url:
-                raise click.UsageError(
+                raise CommandError(
+                    "no_database",
                     "no saga database: pass --database-url, set SAGAS_DATABASE_URL, "
-                    "or run as `celery -A yourapp sagas …`"
+                    "or run as `celery -A yourapp sagas …`",
                 )
-            try:
-                SagaSettings(database_url=url)
-            except SagaError as exc:
-                raise click.UsageError(exc.message) from exc
+            SagaSettings(database_url=url)
+            check_database_url(url)
             self._store = SqlSagaStore(url)
         return self._store
+
+    @property
+    def redact_fields(self) -> tuple[str, ...]:
+        """The app's ``redact_fields`` if there is an app, else the settings' (env included)."""
+        if self._app is not None or self.app_name:
+            return tuple(self.runtime.settings.redact_fields)
+        url = self.url or "sqlite://"
+        return tuple(SagaSettings.from_config({}, database_url=url).redact_fields)
+
+    def resolve(self, ref: str, name: str | None) -> SagaRecord:
+        """The one saga ``ref`` (id or business key) names, steps loaded."""
+        from celery_sagas.cli.refs import resolve
+
+        return resolve(self.store, ref, name)
 
     def actor(self) -> str:
         """Who did it, recorded in the saga's transition log."""
@@ -78,7 +126,7 @@ class CliContext:
 def context_of(ctx: click.Context) -> CliContext:
     found = ctx.find_object(CliContext)
     if found is None:  # pragma: no cover - the groups always create one
-        raise click.UsageError("internal: no CLI context")
+        raise SagaError("internal: no CLI context")
     return found
 
 

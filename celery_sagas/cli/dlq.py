@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -11,14 +12,20 @@ import click
 
 from celery_sagas import dlq
 from celery_sagas.cli.context import context_of
+from celery_sagas.cli.refs import name_option
 from celery_sagas.cli.render import (
+    action_rows,
+    action_summary,
     dead_letter_rows,
     dead_letter_summary,
     emit_json,
     iso,
+    operator_actions,
     table,
 )
+from celery_sagas.errors import SagaError, SagaNotFoundError
 from celery_sagas.protocols import DeadLetterRecord
+from celery_sagas.redaction import redact
 
 STATUSES = click.Choice(["dead", "retrying", "resolved", "discarded", "open", "all"])
 
@@ -30,14 +37,22 @@ def dlq_group() -> None:
 
 @dlq_group.command("list", help="Dead-letter entries, oldest first (default: still open).")
 @click.option("--status", type=STATUSES, default="open", show_default=True)
-@click.option("--saga", "saga_id", help="Only entries of this saga id.")
+@click.option("--saga", "saga_ref", help="Only entries of this saga (id or business key).")
+@name_option
 @click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @click.pass_context
 def list_entries(
-    ctx: click.Context, status: str, saga_id: str | None, limit: int, as_json: bool
+    ctx: click.Context,
+    status: str,
+    saga_ref: str | None,
+    name: str | None,
+    limit: int,
+    as_json: bool,
 ) -> None:
-    store = context_of(ctx).store
+    context = context_of(ctx)
+    store = context.store
+    saga_id = context.resolve(saga_ref, name).saga_id if saga_ref else None
     entries = store.dead_letters(saga_id, None if status == "all" else status, limit)
     if as_json:
         emit_json([dead_letter_summary(e) for e in entries])
@@ -52,42 +67,29 @@ def list_entries(
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @click.pass_context
 def show_entry(ctx: click.Context, entry_id: int, as_json: bool) -> None:
-    store = context_of(ctx).store
+    context = context_of(ctx)
+    store = context.store
     entry = store.dead_letter(entry_id)
     if entry is None:
-        raise click.ClickException(f"no dead-letter entry {entry_id}")
+        raise SagaNotFoundError(
+            f"no dead-letter entry {entry_id}; `celery-sagas dlq list` shows them"
+        )
     key = f"{entry.saga_id}:{entry.step_name}:compensation"
     attempts = store.attempts(key)
-    actions = [t for t in store.transitions(entry.saga_id) if t.actor != "coordinator"]
+    actions = operator_actions(store.transitions(entry.saga_id))
     data = {
         **dead_letter_summary(entry),
-        "payload": entry.payload,
+        "payload": redact(entry.payload, context.redact_fields),
         "traceback": entry.traceback,
         "failed_attempts": [
             {"attempt": a.attempt, "at": iso(a.at), "error": a.error} for a in attempts
         ],
-        "operator_actions": [
-            {"at": iso(t.at), "actor": t.actor, "step": t.step, "to": t.new, "reason": t.reason}
-            for t in actions
-        ],
+        "operator_actions": [action_summary(t) for t in actions],
     }
     if as_json:
         emit_json(data)
         return
-    for name in (
-        "id",
-        "saga_id",
-        "task",
-        "status",
-        "attempts",
-        "deaths",
-        "dead_since",
-        "resolution",
-        "auto_retries",
-        "error",
-    ):
-        click.echo(f"{name:<14}{data[name]}")
-    click.echo(f"{'payload':<14}{entry.payload}")
+    click.echo(render_entry(data))
     if attempts:
         click.echo("\nfailed attempts")
         click.echo(
@@ -95,19 +97,34 @@ def show_entry(ctx: click.Context, entry_id: int, as_json: bool) -> None:
                 [(str(a.attempt), iso(a.at) or "", a.error) for a in attempts], ["#", "at", "error"]
             )
         )
-    if actions:
-        click.echo("\noperator actions")
-        click.echo(
-            table(
-                [
-                    (iso(t.at) or "", t.actor, t.step or "(saga)", t.new, t.reason or "")
-                    for t in actions
-                ],
-                ["at", "who", "what", "to", "reason"],
-            )
-        )
+    click.echo("\noperator actions\n" + action_rows(actions))
     if entry.traceback:
         click.echo("\ntraceback\n" + entry.traceback)
+
+
+ENTRY_FIELDS = (
+    "id",
+    "saga_id",
+    "saga",
+    "step_name",
+    "task",
+    "status",
+    "attempts",
+    "deaths",
+    "dead_since",
+    "resolved_at",
+    "resolution",
+    "auto_retries",
+    "error",
+)
+
+
+def render_entry(data: dict[str, Any]) -> str:
+    """The header of ``dlq show``: one field a line, ``-`` for nothing, the payload as JSON."""
+    lines = [f"{name:<14}{'-' if data[name] is None else data[name]}" for name in ENTRY_FIELDS]
+    payload = json.dumps(data["payload"], indent=2, default=str)
+    lines.append(f"{'payload':<14}" + payload.replace("\n", "\n" + " " * 14))
+    return "\n".join(lines)
 
 
 def _publish(ctx: click.Context, result: dlq.ActionResult) -> None:
@@ -262,14 +279,23 @@ def drain(
         ctx.exit(1)
 
 
-@click.command("cancel", help="Stop a running saga and compensate what it did.")
+@click.command(
+    "cancel", help="Stop a running saga (id or business key) and compensate what it did."
+)
 @click.argument("ref")
+@name_option
 @click.option("--reason", required=True, help="Why (required, logged).")
 @click.pass_context
-def cancel_saga(ctx: click.Context, ref: str, reason: str) -> None:
+def cancel_saga(ctx: click.Context, ref: str, name: str | None, reason: str) -> None:
     context = context_of(ctx)
-    result = dlq.cancel(context.runtime.coordinator, ref, context.actor(), reason)
+    runtime = context.runtime
+    saga_id = context.resolve(ref, name).saga_id
+    result = dlq.cancel(runtime.coordinator, saga_id, context.actor(), reason)
     if not result.changed:
-        raise click.ClickException(result.message)
+        raise CancelRefused(result.message)
     _publish(ctx, result)
     click.echo(result.message)
+
+
+class CancelRefused(SagaError):
+    code = "refused"

@@ -7,7 +7,8 @@ from datetime import UTC, datetime, timedelta
 
 import click
 
-from celery_sagas.cli.context import store_of
+from celery_sagas.cli.context import context_of, store_of
+from celery_sagas.cli.refs import name_option
 from celery_sagas.cli.render import (
     duration,
     emit_json,
@@ -19,13 +20,19 @@ from celery_sagas.cli.render import (
 )
 from celery_sagas.machine import SETTLED_STATES, SagaState
 from celery_sagas.settings import SagaSettings, redact_url
+from celery_sagas.store.browse import Filter, count_by_state, page
 
 STATE_CHOICES = click.Choice([s.value for s in SagaState], case_sensitive=False)
 
 
-@click.command("list", help="List sagas, newest first.")
+def counts_line(counts: Mapping[str, int]) -> str:
+    return "  ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "no sagas match"
+
+
+@click.command("list", help="List sagas, newest first, with their counts per state.")
 @click.option("--state", type=STATE_CHOICES, help="Only sagas in this state.")
 @click.option("--name", help="Only sagas of this type (e.g. order_fulfillment).")
+@click.option("--search", help="Only sagas whose id or business key starts with this.")
 @click.option(
     "--stuck",
     is_flag=True,
@@ -40,28 +47,35 @@ STATE_CHOICES = click.Choice([s.value for s in SagaState], case_sensitive=False)
     help="The stuck-saga threshold in seconds. Env: SAGAS_STUCK_AFTER.",
 )
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.option("--offset", type=click.IntRange(min=0), default=0, help="Skip this many first.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print JSON for scripts (README: JSON output)."
+)
 @click.pass_context
 def list_command(
     ctx: click.Context,
     state: str | None,
     name: str | None,
+    search: str | None,
     stuck: bool,
     stuck_after: float,
     limit: int,
+    offset: int,
     as_json: bool,
 ) -> None:
     store = store_of(ctx)
-    records = store.list_sagas(
-        SagaState(state.upper()) if state else None,
-        name,
-        limit,
+    where = Filter(
+        state=SagaState(state.upper()) if state else None,
+        name=name,
+        search=search,
         created_before=datetime.now(UTC) - timedelta(seconds=stuck_after) if stuck else None,
         unfinished=stuck,
     )
+    records = page(store.engine, where, offset, limit)
     if as_json:
         emit_json([saga_summary(r) for r in records])
         return
+    counts = count_by_state(store.engine, where)
     if not records:
         what = " stuck" if stuck else ""
         click.echo(f"no{what} sagas" + (f" in state {state.upper()}" if state else ""))
@@ -79,24 +93,27 @@ def list_command(
         for r in records
     ]
     click.echo(table(rows, ["saga_id", "name", "key", "state", "step", "created", "age/took"]))
-    counts: Mapping[str, int] = store.count_by_state()
-    click.echo("\n" + "  ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+    click.echo("\n" + counts_line(counts))
 
 
 @click.command("show", help="Show one saga (by saga id or business key) with its timeline.")
 @click.argument("ref")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@name_option
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print JSON for scripts (README: JSON output)."
+)
 @click.pass_context
-def show_command(ctx: click.Context, ref: str, as_json: bool) -> None:
-    store = store_of(ctx)
-    record = store.find(ref)
-    if record is None:
-        raise click.ClickException(f"no saga with id or business key {ref!r}")
+def show_command(ctx: click.Context, ref: str, name: str | None, as_json: bool) -> None:
+    context = context_of(ctx)
+    record = context.resolve(ref, name)
+    store = context.store
     log = store.transitions(record.saga_id)
+    dead = store.dead_letters(saga_id=record.saga_id, status=None, limit=1000)
+    fields = context.redact_fields
     if as_json:
-        emit_json(saga_detail(record, log))
+        emit_json(saga_detail(record, log, dead, fields))
     else:
-        click.echo(render_detail(record, log))
+        click.echo(render_detail(record, log, dead, fields))
 
 
 @click.command("migrate", help="Create or upgrade the saga schema (its own Alembic version table).")

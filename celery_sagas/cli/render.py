@@ -10,6 +10,9 @@ from typing import Any
 import click
 
 from celery_sagas.protocols import DeadLetterRecord, SagaRecord, TransitionRecord
+from celery_sagas.redaction import redact
+
+JSON_VERSION = 1  # bumped only when a key is removed or changes meaning (README: JSON output)
 
 
 def iso(value: datetime | None) -> str | None:
@@ -37,9 +40,32 @@ def saga_summary(record: SagaRecord) -> dict[str, Any]:
     }
 
 
-def saga_detail(record: SagaRecord, log: Sequence[TransitionRecord]) -> dict[str, Any]:
+def operator_actions(log: Sequence[TransitionRecord]) -> list[TransitionRecord]:
+    """What people did to the saga (cancel, DLQ retry/discard), with their reasons."""
+    return [t for t in log if t.actor != "coordinator"]
+
+
+def action_summary(t: TransitionRecord) -> dict[str, Any]:
+    return {
+        "at": iso(t.at),
+        "actor": t.actor,
+        "step": t.step,
+        "from": t.old,
+        "to": t.new,
+        "reason": t.reason,
+    }
+
+
+def saga_detail(
+    record: SagaRecord,
+    log: Sequence[TransitionRecord],
+    dead: Sequence[DeadLetterRecord] = (),
+    fields: Sequence[str] = (),
+) -> dict[str, Any]:
+    """``show --json``: the saga, its steps, timeline, dead letters and operator actions,
+    redacted with ``fields`` exactly like the text output."""
     data = saga_summary(record)
-    data["payload"] = record.payload
+    data["payload"] = redact(record.payload, fields)
     data["steps"] = [
         {
             "index": s.index,
@@ -51,7 +77,7 @@ def saga_detail(record: SagaRecord, log: Sequence[TransitionRecord]) -> dict[str
             "finished_at": iso(s.finished_at),
             "compensation_started_at": iso(s.compensation_started_at),
             "compensation_finished_at": iso(s.compensation_finished_at),
-            "result": s.result,
+            "result": redact(s.result, fields),
             "error": s.error,
             "error_kind": s.error_kind.value if s.error_kind else None,
         }
@@ -68,6 +94,8 @@ def saga_detail(record: SagaRecord, log: Sequence[TransitionRecord]) -> dict[str
         }
         for t in log
     ]
+    data["dead_letters"] = [dead_letter_summary(e) for e in dead]
+    data["operator_actions"] = [action_summary(t) for t in operator_actions(log)]
     return data
 
 
@@ -85,13 +113,24 @@ def short(value: Any, width: int = 60) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def render_detail(record: SagaRecord, log: Sequence[TransitionRecord]) -> str:
+def step_name(record: SagaRecord) -> str:
+    steps = record.steps
+    return steps[record.current_step].name if 0 <= record.current_step < len(steps) else "-"
+
+
+def render_detail(
+    record: SagaRecord,
+    log: Sequence[TransitionRecord],
+    dead: Sequence[DeadLetterRecord] = (),
+    fields: Sequence[str] = (),
+) -> str:
+    """``show``: the saga, steps (results redacted), timeline, dead letters, operator actions."""
     out = [
         f"saga        {record.saga_id}",
         f"name        {record.name}",
         f"key         {record.business_key}",
         f"state       {record.state.value}",
-        f"step        {record.current_step} ({record.steps[record.current_step].name})",
+        f"step        {record.current_step} ({step_name(record)})",
         f"created     {iso(record.created_at)}",
         f"finished    {iso(record.finished_at) or '-'}  "
         f"(took {duration(record.created_at, record.finished_at)})",
@@ -107,7 +146,7 @@ def render_detail(record: SagaRecord, log: Sequence[TransitionRecord]) -> str:
             str(s.compensation_attempts),
             iso(s.started_at) or "-",
             duration(s.started_at, s.finished_at) if s.started_at else "-",
-            short(s.result) if s.result is not None else "-",
+            short(redact(s.result, fields)) if s.result is not None else "-",
             short(s.error, 50) if s.error else "-",
         )
         for s in record.steps
@@ -131,7 +170,20 @@ def render_detail(record: SagaRecord, log: Sequence[TransitionRecord]) -> str:
         for t in log
     ]
     out += ["", "timeline", table(timeline, ["at", "what", "transition", "reason"])]
+    out += ["", "dead letters", dead_letter_rows(dead) if dead else "none"]
+    out += ["", "operator actions", action_rows(operator_actions(log))]
+    out += ["", "payload (redacted)", json.dumps(redact(record.payload, fields), indent=2)]
     return "\n".join(out)
+
+
+def action_rows(actions: Sequence[TransitionRecord]) -> str:
+    if not actions:
+        return "none"
+    rows = [
+        (iso(t.at) or "", t.actor, t.step or "(saga)", f"{t.old} → {t.new}", t.reason or "-")
+        for t in actions
+    ]
+    return table(rows, ["at", "who", "what", "transition", "reason"])
 
 
 def emit_json(data: Any) -> None:

@@ -1,49 +1,71 @@
 """The Sagas pages inside Flower, and ``celery -A app sagas flower [flower options…]``.
 
 Flower has no plugin API, but its app is a ``tornado.web.Application``: :func:`install_pages`
-adds ``/sagas`` (sagas filtered by state and name, counts per state) and ``/sagas/<id>``
-(header, step timeline, the saga's tasks in Flower, dead letters, operator actions) ahead of
-Flower's catch-all route. The pages read the saga database, never the broker. They sit
-behind Flower's own auth (basic auth, OAuth): the handlers subclass Flower's ``BaseHandler``
-and use ``@web.authenticated`` like Flower's views. Templates autoescape everything; the
-payload and step results are shown redacted.
+adds ``/sagas`` (sagas filtered by state and name, searched by id or business key, paged,
+counts per state, auto-refresh) and ``/sagas/<id>`` (header, a diagram of the steps and
+compensations, step timeline, the saga's tasks in Flower, dead letters, operator actions)
+ahead of Flower's catch-all route, and a **Sagas** link in Flower's navigation bar (its
+``navbar.html`` with one item added, through the application's template loader). The pages
+read the saga database, never the broker. They sit behind Flower's own auth (basic auth,
+OAuth): the handlers subclass Flower's ``BaseHandler`` and use ``@web.authenticated`` like
+Flower's views; without any auth configured, Flower's log and every page say so.
+Templates autoescape everything; the payload and step results are shown redacted.
 """
 
 from __future__ import annotations
 
-import ast
 import atexit
 import contextlib
-import json
 import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import click
 from celery import Celery
 from celery.bin.base import CeleryCommand
 from flower import command as flower_cli
 from flower.app import Flower
-from flower.utils.search import QuerySyntaxError
-from flower.utils.tasks import iter_tasks
 from flower.views import BaseHandler
 from tornado import template, web
 from tornado.ioloop import IOLoop
 from tornado.options import options as flower_options
 
 from celery_sagas.definition import Saga
-from celery_sagas.integration.dispatcher import ADVANCE_TASK, COMPENSATED_TASK, DEAD_LETTER_TASK
+from celery_sagas.integration.diagram import LEGEND
+from celery_sagas.integration.paging import REFRESH_CHOICES, BadQuery, ListQuery, Paging
+from celery_sagas.integration.saga_view import (
+    SagaReader,
+    as_json,
+    clock,
+    read_detail,
+    saga_tasks,
+    search_term,
+    step_tasks,
+    took,
+    when,
+)
+from celery_sagas.log import logger
 from celery_sagas.machine import SETTLED_STATES, SagaState
-from celery_sagas.protocols import DeadLetterRecord, SagaRecord, StepRecord, TransitionRecord
-from celery_sagas.redaction import redact
+from celery_sagas.store.browse import Filter, count_by_state, page, sagas_by_ref
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-LIST_LIMIT, MAX_LIMIT = 100, 10_000
 T = TypeVar("T")
+NAV_LIST = '<ul class="app-nav navbar-nav">'
+NAV_ITEM = (
+    '<li class="nav-item"><a class="nav-link{% if active_tab == \'sagas\' %} active{% end %}" '
+    "id=\"nav-sagas\" href=\"{{ handler.application.settings.get('sagas_url', '/sagas') }}\" "
+    "{% if active_tab == 'sagas' %}aria-current=\"page\"{% end %}>Sagas</a></li>"
+)
+NO_AUTH_WARNING = (
+    "Flower runs without authentication: anyone who can reach it sees every saga (payloads "
+    "are redacted, but business keys, errors and reasons are not) and Flower's API can run "
+    "tasks. Set FLOWER_BASIC_AUTH=user:password (in the environment, not on the command line) "
+    "or configure Flower's OAuth."
+)
 
 
 def base_path(url_prefix: str | None) -> str:
@@ -51,211 +73,36 @@ def base_path(url_prefix: str | None) -> str:
     return f"/{url_prefix.strip('/')}/sagas" if url_prefix else "/sagas"
 
 
-# --------------------------------------------------------------------------- view model
-
-
-def when(value: datetime | None) -> str:
-    """A timestamp as shown on the pages: UTC, milliseconds."""
-    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] if value else "-"
-
-
-def clock(value: datetime | None) -> str:
-    """Time of day (UTC, milliseconds): the date is in the page's header."""
-    return value.astimezone(UTC).strftime("%H:%M:%S.%f")[:-3] if value else "-"
-
-
-def as_json(value: Any, indent: int | None = None) -> str:
-    return json.dumps(value, indent=indent, default=str, ensure_ascii=False)
-
-
-def took(start: datetime | None, end: datetime | None) -> str:
-    if start is None or end is None:
-        return "-"
-    seconds = (end - start).total_seconds()
-    return f"{seconds:.3f}s" if seconds < 120 else f"{seconds / 60:.1f}m"
-
-
-@dataclass(frozen=True)
-class TaskLink:
-    """One task of the saga as Flower's events know it."""
-
-    uuid: str
-    name: str
-    state: str
-    step: int | None
-    role: str  # start | action | advance | compensation | compensated | dead letter | other
-    received: datetime | None
-    runtime: float | None
-    retries: int
-    root_id: str | None
-
-
-@dataclass(frozen=True)
-class TimelineRow:
-    offset: str
-    at: datetime
-    step: str
-    old: str
-    new: str
-    reason: str
-    actor: str
-    phase: str  # saga | forward | compensation
-
-
-def timeline(log: Sequence[TransitionRecord]) -> list[TimelineRow]:
-    start = log[0].at if log else None
-    rows = []
-    for t in log:
-        if t.step is None:
-            phase = "saga"
-        else:
-            phase = "compensation" if t.new.startswith("compensat") else "forward"
-        offset = f"+{(t.at - start).total_seconds():.3f}s" if start else ""
-        rows.append(
-            TimelineRow(
-                offset, t.at, t.step or "(saga)", t.old, t.new, t.reason or "", t.actor, phase
-            )
-        )
-    return rows
-
-
-def compensation_order(log: Sequence[TransitionRecord]) -> list[str]:
-    """The steps in the order their compensations finished."""
-    return [t.step for t in log if t.step and t.new == "compensated"]
-
-
-def operator_actions(log: Sequence[TransitionRecord]) -> list[TransitionRecord]:
-    return [t for t in log if t.actor != "coordinator"]
-
-
-def step_tasks(tasks: Sequence[TaskLink], step: StepRecord, roles: set[str]) -> list[TaskLink]:
-    return [t for t in tasks if t.step == step.index and t.role in roles]
-
-
-@dataclass(frozen=True)
-class SagaDetail:
-    record: SagaRecord
-    payload: Any
-    results: Mapping[str, Any]
-    timeline: list[TimelineRow]
-    compensations: list[str]
-    operator_actions: list[TransitionRecord]
-    dead_letters: Sequence[DeadLetterRecord]
-
-
-class SagaReader(Protocol):
-    """What the pages read (``SqlSagaStore`` has it)."""
-
-    def list_sagas(
-        self, state: SagaState | None = None, name: str | None = None, limit: int = 100
-    ) -> Sequence[SagaRecord]: ...
-
-    def count_by_state(self) -> Mapping[str, int]: ...
-
-    def find(self, ref: str) -> SagaRecord | None: ...
-
-    def transitions(self, saga_id: str) -> Sequence[TransitionRecord]: ...
-
-    def dead_letters(
-        self, saga_id: str | None = None, status: str | None = None, limit: int = 100
-    ) -> Sequence[DeadLetterRecord]: ...
-
-
-def read_detail(store: SagaReader, ref: str, redact_fields: Sequence[str]) -> SagaDetail | None:
-    """Everything the saga page shows from the database (blocking: run in an executor)."""
-    record = store.find(ref)
-    if record is None:
-        return None
-    log = store.transitions(record.saga_id)
-    return SagaDetail(
-        record=record,
-        payload=redact(dict(record.payload), redact_fields),
-        results={s.name: redact(s.result, redact_fields) for s in record.steps},
-        timeline=timeline(log),
-        compensations=compensation_order(log),
-        operator_actions=operator_actions(log),
-        dead_letters=store.dead_letters(saga_id=record.saga_id, status="all"),
-    )
-
-
-# --------------------------------------------------------------------------- Flower's tasks
-
-
-def search_term(saga_id: str) -> str:
-    """Flower's search for the tasks that carry ``saga_id`` in their kwargs."""
-    return f"kwargs:saga_id={saga_id}"
-
-
-def _task_roles(sagas: Mapping[str, Saga]) -> dict[str, tuple[str, int | None]]:
-    roles: dict[str, tuple[str, int | None]] = {
-        ADVANCE_TASK: ("advance", None),
-        COMPENSATED_TASK: ("compensated", None),
-        DEAD_LETTER_TASK: ("dead letter", None),
-    }
-    for saga in sagas.values():
-        roles[f"{saga.name}.start"] = ("start", None)
-        for index in range(len(saga.steps)):
-            roles[saga.step_task_name(index)] = ("action", index)
-            roles[saga.compensation_task_name(index)] = ("compensation", index)
-    return roles
-
-
-def _kwargs_step(kwargs: Any) -> int | None:
-    try:
-        parsed = ast.literal_eval(kwargs) if isinstance(kwargs, str) else kwargs
-    except (ValueError, SyntaxError, MemoryError, RecursionError):
-        return None
-    step = parsed.get("step") if isinstance(parsed, dict) else None
-    return step if isinstance(step, int) else None
-
-
-def _timestamp(value: Any) -> datetime | None:
-    return datetime.fromtimestamp(value, UTC) if isinstance(value, int | float) else None
-
-
-def saga_tasks(events: Any, saga_id: str, sagas: Mapping[str, Saga]) -> list[TaskLink]:
-    """The saga's tasks in Flower's in-memory events state, oldest first; the root task
-    (the start task, which runs before the saga id exists) is found through ``root_id``."""
-    roles = _task_roles(sagas)
-    try:
-        found = dict(iter_tasks(events, search=search_term(saga_id), sort_by="received"))
-    except QuerySyntaxError:
-        return []
-    for root_id in {getattr(t, "root_id", None) for t in found.values()} - {None, *found}:
-        root = events.state.tasks.get(root_id)
-        if root is not None:
-            found = {root_id: root, **found}
-    links = []
-    for uuid, task in found.items():
-        name = getattr(task, "name", None) or "?"
-        role, step = roles.get(name, ("other", None))
-        links.append(
-            TaskLink(
-                uuid=uuid,
-                name=name,
-                state=getattr(task, "state", None) or "?",
-                step=step if step is not None else _kwargs_step(getattr(task, "kwargs", None)),
-                role=role,
-                received=_timestamp(getattr(task, "received", None)),
-                runtime=getattr(task, "runtime", None),
-                retries=getattr(task, "retries", None) or 0,
-                root_id=getattr(task, "root_id", None),
-            )
-        )
-    return links
-
-
 # --------------------------------------------------------------------------- handlers
 
 
+def with_sagas_link(navbar: str) -> str:
+    """Flower's ``navbar.html`` with a Sagas item after its own (unchanged if its markup is
+    not the one this was written for)."""
+    start = navbar.find(NAV_LIST)
+    end = navbar.find("</ul>", start) if start >= 0 else -1
+    if end < 0:
+        return navbar
+    return navbar[:end] + NAV_ITEM + "\n      " + navbar[end:]
+
+
 class _PagesLoader(template.Loader):
-    """Our templates first, then Flower's (its ``base.html`` and ``navbar.html``)."""
+    """Our templates first, then Flower's (its ``base.html``, and its ``navbar.html`` with
+    the Sagas link). Installed as the application's ``template_loader``, so Flower's own
+    pages get the link too."""
 
     def _create_template(self, name: str) -> template.Template:
         own = TEMPLATES / name
         if own.is_file():
             return template.Template(own.read_bytes(), name=name, loader=self)
+        if name == "navbar.html":
+            source = Path(self.root, name).read_text(encoding="utf-8")
+            return template.Template(with_sagas_link(source), name=name, loader=self)
         return super()._create_template(name)
+
+
+def has_auth(options: Any) -> bool:
+    return bool(getattr(options, "basic_auth", None) or getattr(options, "auth", None))
 
 
 @dataclass(frozen=True)
@@ -276,7 +123,10 @@ class _SagaHandler(BaseHandler):
     def get_template_path(self) -> str:
         return str(TEMPLATES)  # the key of this loader in tornado's cache
 
-    def create_template_loader(self, template_path: str) -> template.Loader:
+    def create_template_loader(self, template_path: str) -> template.BaseLoader:
+        found = self.application.settings.get("template_loader")
+        if isinstance(found, _PagesLoader):
+            return found
         return _PagesLoader(self.application.settings["template_path"])
 
     async def blocking(self, function: Callable[..., T], *args: Any) -> T:
@@ -290,6 +140,8 @@ class _SagaHandler(BaseHandler):
             took=took,
             as_json=as_json,
             sagas_url=self.sagas_url,
+            no_auth_warning=None if has_auth(self.application.options) else NO_AUTH_WARNING,
+            refresh_choices=REFRESH_CHOICES,
             **kwargs,
         )
 
@@ -300,29 +152,30 @@ class _SagaHandler(BaseHandler):
 class SagaListView(_SagaHandler):
     @web.authenticated
     async def get(self) -> None:
-        state = self.get_argument("state", "", escape=False).upper() or None
-        name = self.get_argument("name", "", escape=False) or None
-        limit = self.get_argument("limit", LIST_LIMIT, type=int)
-        if state is not None and state not in SagaState.__members__:
-            raise web.HTTPError(400, f"unknown state {state!r}")
-        if not 1 <= limit <= MAX_LIMIT:
-            raise web.HTTPError(400, f"limit must be between 1 and {MAX_LIMIT}")
-        store = self.pages.store
-        wanted = SagaState(state) if state else None
-        records = await self.blocking(store.list_sagas, wanted, name, limit)
-        counts: Mapping[str, int] = await self.blocking(store.count_by_state)
-        names = sorted({*self.pages.sagas, *([name] if name else [])})
+        try:
+            query = ListQuery.parse(lambda name: self.get_argument(name, "", escape=False))
+        except BadQuery as exc:
+            raise web.HTTPError(400, str(exc)) from exc
+        engine = self.pages.store.engine
+        state = SagaState(query.state) if query.state else None
+        facet = Filter(name=query.name, search=query.search)  # the counts ignore the state
+        counts: Mapping[str, int] = await self.blocking(count_by_state, engine, facet)
+        total = counts.get(query.state, 0) if query.state else sum(counts.values())
+        paging = Paging.of(query.page, query.per_page, total)
+        where = Filter(state=state, name=query.name, search=query.search)
+        records = await self.blocking(page, engine, where, paging.offset, paging.per_page)
         self.render_page(
             "sagas.html",
             records=records,
             counts={s.value: counts.get(s.value, 0) for s in SagaState},
             states=[s.value for s in SagaState],
-            names=names,
-            state=state,
-            name=name,
-            limit=limit,
+            names=sorted({*self.pages.sagas, *([query.name] if query.name else [])}),
+            query=query,
+            paging=paging,
+            list_url=lambda **changes: query.url(self.sagas_url(), **changes),
             settled=SETTLED_STATES,
             now=datetime.now(UTC),
+            refresh=query.refresh,
         )
 
 
@@ -330,10 +183,18 @@ class SagaView(_SagaHandler):
     @web.authenticated
     async def get(self, ref: str) -> None:
         pages = self.pages
-        detail = await self.blocking(read_detail, pages.store, ref, pages.redact_fields)
+        found = await self.blocking(sagas_by_ref, pages.store.engine, ref, None)
+        if len(found) > 1:  # a business key shared by sagas of several types: list them
+            self.redirect(ListQuery(search=ref).url(self.sagas_url()))
+            return
+        saga_id = found[0].saga_id if found else ref
+        detail = await self.blocking(
+            read_detail, pages.store, saga_id, pages.redact_fields, pages.sagas
+        )
         if detail is None:
             raise web.HTTPError(404, f"no saga with id or business key {ref!r}")
         tasks = saga_tasks(self.application.events, detail.record.saga_id, pages.sagas)
+        refresh = self.get_argument("refresh", "0", escape=False)
         self.render_page(
             "saga.html",
             d=detail,
@@ -341,12 +202,18 @@ class SagaView(_SagaHandler):
             tasks=tasks,
             step_tasks=step_tasks,
             search=search_term(detail.record.saga_id),
+            legend=LEGEND,
+            refresh=int(refresh) if refresh.isdigit() and int(refresh) in REFRESH_CHOICES else 0,
         )
 
 
 def install_pages(flower_app: Flower, pages: SagaPages) -> None:
     """Add the Sagas pages to a Flower app (before its catch-all 404 route)."""
     base = base_path(flower_app.options.url_prefix)
+    flower_app.settings["sagas_url"] = base
+    flower_app.settings["template_loader"] = _PagesLoader(flower_app.settings["template_path"])
+    if not has_auth(flower_app.options):
+        logger.warning("celery-sagas: %s", NO_AUTH_WARNING)
     flower_app.add_handlers(
         r".*",
         [

@@ -26,6 +26,7 @@ from celery_sagas.integration.dispatcher import (
     DEAD_LETTER_TASK,
     CeleryDispatcher,
 )
+from celery_sagas.integration.quiet import quiet_periodic_tasks
 from celery_sagas.integration.steps import StepTask
 from celery_sagas.integration.tasks import (
     RELAY_TASK,
@@ -306,6 +307,7 @@ def install(app: Celery, sagas: Sequence[Saga], **settings: Any) -> SagaRuntime:
         SCAN_TASK: {"task": SCAN_TASK, "schedule": runtime.settings.scan_interval},
     }
     signals.worker_process_init.connect(_dispose_engines, weak=False)
+    quiet_periodic_tasks((RELAY_TASK, SCAN_TASK))  # no INFO lines when they did nothing
     app._celery_sagas_runtime = runtime  # read by `celery -A app sagas …`
     return runtime
 

@@ -53,9 +53,11 @@ from celery_sagas.settings import redact_url
 from celery_sagas.stats import (
     DEFAULT_BUCKETS,
     Histogram,
+    OutcomeKey,
     SagaStats,
     StepKey,
     StepStats,
+    add_histograms,
     add_states,
     add_steps,
 )
@@ -73,13 +75,19 @@ def _utcnow() -> datetime:
 
 @dataclass
 class _Part:
-    """The additive part of the stats: saga counts by state and per-step aggregates."""
+    """The additive part of the stats: saga counts by state, per-step aggregates and saga
+    durations by outcome."""
 
     states: dict[str, dict[str, int]] = field(default_factory=dict)
     steps: dict[StepKey, StepStats] = field(default_factory=dict)
+    durations: dict[OutcomeKey, Histogram] = field(default_factory=dict)
 
     def __add__(self, other: _Part) -> _Part:
-        return _Part(add_states(self.states, other.states), add_steps(self.steps, other.steps))
+        return _Part(
+            add_states(self.states, other.states),
+            add_steps(self.steps, other.steps),
+            add_histograms(self.durations, other.durations),
+        )
 
 
 def _seconds(conn: Connection, start: Any, end: Any) -> ColumnElement[Any]:
@@ -135,6 +143,7 @@ class StatsReader:
         settle_after: float | None = 60.0,
         fold_batch: int = 250_000,
         statement_timeout: float = 30.0,
+        stuck_after: float = 600.0,
         clock: Callable[[], datetime] = _utcnow,
     ) -> None:
         self.engine = (
@@ -144,6 +153,7 @@ class StatsReader:
         self.settle_after = settle_after
         self.fold_batch = fold_batch
         self.statement_timeout = statement_timeout
+        self.stuck_after = stuck_after
         self.clock = clock
         self._lock = threading.Lock()
         self._base = _Part()
@@ -185,6 +195,8 @@ class StatsReader:
             steps=live.steps,
             dead_letters=self._dead_letters(conn),
             oldest_unfinished_age=self._oldest(conn, now),
+            durations=live.durations,
+            stuck=self._stuck(conn, now),
         )
 
     def _fold(self, conn: Connection, now: datetime) -> datetime | None:
@@ -227,7 +239,30 @@ class StatsReader:
         ):
             part.states.setdefault(name, {})[state] = int(count)
         part.steps = self._step_stats(conn, where)
+        part.durations = self._saga_durations(conn, where)
         return part
+
+    def _saga_durations(
+        self, conn: Connection, where: ColumnElement[bool]
+    ) -> dict[OutcomeKey, Histogram]:
+        """Start-to-end durations of finished (COMPLETED or FAILED) sagas by outcome."""
+        rows = (
+            select(
+                sagas.c.name,
+                sagas.c.state,
+                _seconds(conn, sagas.c.created_at, sagas.c.finished_at).label("took"),
+            )
+            .where(where, sagas.c.finished_at.is_not(None), sagas.c.state.in_(FINAL_STATES))
+            .offset(0)  # each duration computed once, not once per bucket (see _step_stats)
+            .subquery()
+        )
+        query = select(
+            rows.c.name, rows.c.state, *_histogram_columns(rows.c.took, self.buckets)
+        ).group_by(rows.c.name, rows.c.state)
+        return {
+            (name, state.lower()): _histogram(values, self.buckets)
+            for name, state, *values in conn.execute(query)
+        }
 
     def _step_stats(self, conn: Connection, where: ColumnElement[bool]) -> dict[StepKey, StepStats]:
         bounds = self.buckets
@@ -287,6 +322,19 @@ class StatsReader:
             select(dead_letters.c.status, func.count()).group_by(dead_letters.c.status)
         )
         return {status: int(count) for status, count in rows}
+
+    def _stuck(self, conn: Connection, now: datetime) -> dict[str, int]:
+        """Sagas still moving ``stuck_after`` seconds after they started, by type."""
+        rows = conn.execute(
+            select(sagas.c.name, func.count())
+            .where(
+                sagas.c.finished_at.is_(None),
+                sagas.c.state.in_(MOVING_STATES),
+                sagas.c.created_at < now - timedelta(seconds=self.stuck_after),
+            )
+            .group_by(sagas.c.name)
+        )
+        return {name: int(count) for name, count in rows}
 
     def _oldest(self, conn: Connection, now: datetime) -> dict[str, float]:
         rows = conn.execute(

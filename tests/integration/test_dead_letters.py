@@ -143,6 +143,7 @@ def test_discard_with_a_reason_and_retry_twice_is_one_compensation(
         wait_state(retried["order_id"], "FAILED")
     assert once.returncode == 0 and "re-sent" in once.stdout
     assert twice.returncode == 0 and "nothing done" in twice.stdout
+    assert_operator_views(deployment, entry.id, discarded["order_id"], "refunded by phone")
     reasons = [t.reason or "" for t in store().transitions(first.saga_id)]
     assert any("refunded by phone" in r for r in reasons)
     assert store().dead_letter(entry.id).status == "discarded"
@@ -151,6 +152,29 @@ def test_discard_with_a_reason_and_retry_twice_is_one_compensation(
     assert len(attempts) == 3  # the three failures; the one retry succeeded: one compensation
     assert [p.status for p in rows_for(db.payments, retried["order_id"])] == ["refunded"]
     assert db.stock(sku) == 10
+
+
+def assert_operator_views(deployment: Deployment, entry_id: int, key: str, reason: str) -> None:
+    """``dlq show`` (text and JSON) and ``show``: payloads as JSON and redacted, the operator
+    actions with their reasons, no Python reprs."""
+    text = cli(deployment, "dlq", "show", str(entry_id))
+    data = cli(deployment, "dlq", "show", str(entry_id), "--json")
+    saga = cli(deployment, "show", key)
+    saga_json = cli(deployment, "show", key, "--json")
+    for result in (text, data, saga, saga_json):
+        assert result.returncode == 0, result.stderr
+        assert "4111111111111111" not in result.stdout
+        assert reason in result.stdout
+    payload = text.stdout.split("payload", 1)[1].split("\nfailed attempts")[0]
+    assert "{'" not in payload and "None" not in text.stdout.split("payload")[0]
+    json.loads(payload.strip())  # the payload block is JSON
+    entry = json.loads(data.stdout)
+    assert entry["status"] == "discarded"
+    assert any(reason in (a["reason"] or "") for a in entry["operator_actions"])
+    shown = json.loads(saga_json.stdout)
+    assert [d["id"] for d in shown["dead_letters"]] == [entry_id]
+    assert any(reason in (a["reason"] or "") for a in shown["operator_actions"])
+    assert "dead letters" in saga.stdout and "operator actions" in saga.stdout
 
 
 @pytest.mark.parametrize(

@@ -23,9 +23,15 @@ SCAN = 0.5
 
 @contextmanager
 def running(
-    deployment: Deployment, beats: int = 1, concurrency: int = 2, **env: Any
+    deployment: Deployment,
+    beats: int = 1,
+    beat_loglevel: str = "DEBUG",
+    concurrency: int = 2,
+    **env: Any,
 ) -> Iterator[list[CeleryProcess]]:
-    """A prefork worker and ``beats`` beat processes with extra settings in ``env``."""
+    """A prefork worker and ``beats`` beat processes with extra settings in ``env``. Beats
+    log at DEBUG by default: at INFO the library drops their "Sending due task" lines for
+    the scan and the relay (nothing periodic at INFO), and tests count those lines."""
     settings = {"SAGAS_SCAN_INTERVAL": str(SCAN), **{k: str(v) for k, v in env.items()}}
     full_env = {**deployment.env, **settings}
     with ExitStack() as stack:
@@ -38,6 +44,7 @@ def running(
                 log_dir=deployment.log_dir / f"beat{number}",
                 env=full_env,
                 name=f"beat{number}",
+                loglevel=beat_loglevel,
             )
             processes.append(stack.enter_context(beat))
         yield processes

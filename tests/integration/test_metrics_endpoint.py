@@ -151,10 +151,10 @@ def test_metrics_after_successes_failures_a_timeout_and_a_dead_letter(
     change = delta(before, after)
     saga = {"saga": SAGA}
 
-    assert change("celery_sagas_sagas_started_total", **saga) == 6
-    assert change("celery_sagas_sagas_completed_total", **saga) == 2
-    assert change("celery_sagas_sagas_failed_total", **saga) == 3
-    assert change("celery_sagas_sagas_compensation_failed_total", **saga) == 1
+    assert change("celery_sagas_started_total", **saga) == 6
+    assert change("celery_sagas_completed_total", **saga) == 2
+    assert change("celery_sagas_failed_total", **saga) == 3
+    assert change("celery_sagas_compensation_failed_total", **saga) == 1
     in_state = {
         "STARTED": 0,
         "PENDING": 0,
@@ -164,9 +164,13 @@ def test_metrics_after_successes_failures_a_timeout_and_a_dead_letter(
         "COMPENSATION_FAILED": 1,
     }
     for state, count in in_state.items():
-        assert change("celery_sagas_sagas", state=state, **saga) == count, state
+        assert change("celery_sagas_in_state", state=state, **saga) == count, state
     # a COMPENSATION_FAILED saga waits for an operator: it is the DLQ's alert, not "stuck"
     assert after[("celery_sagas_oldest_unfinished_saga_age_seconds", frozenset(saga.items()))] == 0
+    assert after[("celery_sagas_stuck", frozenset(saga.items()))] == 0
+    took = "celery_sagas_duration_seconds_count"
+    assert change(took, outcome="completed", **saga) == 2
+    assert change(took, outcome="failed", **saga) == 3  # the dead-lettered one is not finished
 
     # every step that ran once: ok 2 x 4 steps, declined 2 x 2, timeout 3, dead 3
     ran = {"reserve_inventory": 6, "process_payment": 6, "create_shipment": 4}
@@ -214,7 +218,37 @@ def test_a_database_that_is_down_gives_a_clean_scrape() -> None:
     assert first[("celery_sagas_database_up", frozenset())] == 0
     assert first[("celery_sagas_scrape_errors_total", frozenset())] == 1
     assert second[("celery_sagas_scrape_errors_total", frozenset())] == 2
-    assert not [name for name, _ in second if name.startswith("celery_sagas_sagas")]
+    assert not [key for key in second if any(label == "saga" for label, _ in key[1])]
+
+
+def test_the_exporter_starts_with_the_database_down_and_reports_it(tmp_path: Path) -> None:
+    """``celery-sagas metrics`` itself (a subprocess): it serves ``database_up 0``."""
+    import subprocess
+    import sys
+
+    unreachable = "postgresql+psycopg2://postgres@127.0.0.1:1/nowhere"
+    log = tmp_path / "exporter.log"
+    with log.open("w") as out:
+        exporter = subprocess.Popen(
+            [sys.executable, "-m", "celery_sagas.cli", "metrics", "--port", "0"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={"PATH": "/usr/bin:/bin", "SAGAS_DATABASE_URL": unreachable},
+        )
+    try:
+
+        def served() -> str | None:
+            found = [w for w in log.read_text().split() if w.startswith("http://")]
+            assert exporter.poll() is None, log.read_text()
+            return found[0] if found else None
+
+        url = wait_until(served, timeout=30, interval=0.1, message="exporter serving")
+        samples = scrape(url)
+    finally:
+        exporter.terminate()
+        exporter.wait(10)
+    assert samples[("celery_sagas_database_up", frozenset())] == 0
+    assert "cannot read saga stats" in log.read_text()
 
 
 # --------------------------------------------------------------------------- folding
@@ -299,6 +333,7 @@ def rounded(stats: SagaStats) -> SagaStats:
             )
             for key, s in stats.steps.items()
         },
+        durations={k: replace(h, total=round(h.total, 6)) for k, h in stats.durations.items()},
     )
 
 
@@ -333,6 +368,8 @@ def test_incremental_stats_equal_a_full_scan_as_sagas_move(saga_database: str) -
     assert incremental._pending == {old_live}
     assert first.oldest_unfinished_age == {SAGA: 3600.0}
     assert first.states[SAGA] == {"COMPLETED": 4, "PENDING": 2}
+    assert first.stuck == {SAGA: 1}  # the hour-old PENDING one (stuck_after 600 s)
+    assert first.durations[(SAGA, "completed")].count == 4
 
     clock.now += timedelta(minutes=5)
     finish(engine, old_live, "FAILED", clock.now)
@@ -359,6 +396,9 @@ def test_incremental_stats_equal_a_full_scan_as_sagas_move(saga_database: str) -
     assert second.compensation_failed == {SAGA: 1}
     assert second.dead_letters == {"dead": 1}
     assert second.oldest_unfinished_age == {}
+    assert second.stuck == {}
+    assert second.durations[(SAGA, "completed")].count == 5
+    assert second.durations[(SAGA, "failed")].count == 1
     payment = second.steps[(SAGA, "process_payment")]
     assert payment.timeouts == 2 and payment.compensation_retries == 2
     assert payment.retries == 3 + 1 + 2 + 2 + 1  # attempts 2 (x3), 2, 3, 3 and 2

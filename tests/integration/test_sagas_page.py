@@ -1,6 +1,9 @@
 """The Sagas pages inside Flower (``celery -A workers.app sagas flower``), behind basic auth:
-HTTP checks (auth, escaping, errors, dead letters) and a real headless Chromium that filters
-the list by state, opens a failed saga and reads its compensations in reverse order.
+HTTP checks (auth, escaping, errors, dead letters, navigation, search, paging, the diagram,
+the warning without auth) and a real headless Chromium that filters the list by state, opens
+a failed saga and reads its compensations in reverse order, then comes from Flower's own
+navigation bar, searches, pages, turns auto-refresh on and reads the diagram. Screenshots
+are kept in ``build/test-artifacts/sagas-page/``.
 
 The browser is Debian's ``chromium`` with its ``chromedriver`` (``scripts/install_browser.sh``
 installs both). Without them the browser test skips locally and fails under CI.
@@ -33,8 +36,10 @@ from tests.integration.test_flower import (
     sagas_flower_argv,
     wait_for_event_capture,
 )
-from tests.support.processes import wait_until
+from tests.support.processes import REPO_ROOT, wait_until
 from workers import db
+
+ARTIFACTS = REPO_ROOT / "build" / "test-artifacts" / "sagas-page"
 
 CHROMIUM = os.environ.get("SAGAS_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("SAGAS_CHROMEDRIVER", "/usr/bin/chromedriver")
@@ -208,6 +213,76 @@ def test_the_saga_page_links_the_sagas_tasks_in_flower(site: Site) -> None:
         assert site.flower.get(f"/task/{task_id}")[0] == 200
 
 
+def _business_key(saga_id: str) -> str:
+    record = SqlSagaStore(db.database_url()).load(saga_id)
+    assert record is not None
+    return str(record.business_key)
+
+
+def test_flowers_own_pages_link_the_sagas_page(site: Site) -> None:
+    for path in ("/workers", "/tasks", "/broker"):
+        status, page = site.flower.get(path)
+        assert status == 200, path
+        assert 'id="nav-sagas" href="/sagas"' in page, path
+    _, sagas = site.flower.get("/sagas")
+    link = sagas[sagas.index('<a class="nav-link') : sagas.index(">Sagas</a>")]
+    assert "active" in link.split('id="nav-sagas"')[0].rsplit("<a", 1)[1]
+
+
+def test_search_finds_a_saga_by_id_prefix_or_business_key(site: Site) -> None:
+    key = _business_key(site.completed)
+    for term in (site.completed[:8], key):
+        status, page = site.flower.get("/sagas?q=" + quote(term, safe=""))
+        assert status == 200
+        assert f'data-saga-id="{site.completed}"' in page, term
+        assert f'data-saga-id="{site.failed}"' not in page, term
+    _, none = site.flower.get("/sagas?q=no-such-saga-anywhere")
+    assert 'id="no-sagas"' in none
+
+
+def test_the_list_is_paged(site: Site) -> None:
+    rows = []
+    for number in (1, 2):
+        status, page = site.flower.get(f"/sagas?limit=1&page={number}")
+        assert status == 200
+        assert page.count("<tr data-saga-id=") == 1
+        assert f"page {number} of " in page and 'id="page-next"' in page
+        rows.append(page.split('<tr data-saga-id="', 1)[1].split('"', 1)[0])
+    assert rows[0] != rows[1]
+    _, last = site.flower.get("/sagas?limit=1&page=1000000")  # clamped to the last page
+    assert last.count("<tr data-saga-id=") == 1
+    assert site.flower.get("/sagas?page=0")[0] == 400
+    assert site.flower.get("/sagas?refresh=7")[0] == 400
+
+
+def test_the_diagram_colours_each_step_and_compensation(site: Site) -> None:
+    _, page = site.flower.get(f"/sagas/{site.failed}")
+    start = page.index('<svg id="saga-diagram"')
+    svg = page[start : page.index("</svg>", start)]
+    actions = [part.split('"', 1)[0] for part in svg.split('data-role="action" data-status="')[1:]]
+    undos = [
+        part.split('"', 1)[0] for part in svg.split('data-role="compensation" data-status="')[1:]
+    ]
+    assert actions == ["completed", "completed", "failed", "skipped"]
+    assert undos == ["compensated", "compensated", "not_needed", "not_needed"]
+    assert "release_inventory" in svg and "refund_payment" in svg
+
+
+def test_without_auth_flower_warns_in_its_log_and_on_the_page(
+    site: Site, deployment: Deployment, tmp_path: Path
+) -> None:
+    assert 'id="auth-warning"' not in site.flower.get("/sagas")[1]
+    env = {k: v for k, v in deployment.env.items() if k != "FLOWER_BASIC_AUTH"}
+    open_flower = FlowerProcess(sagas_flower_argv(), env, tmp_path / "open-flower.log")
+    try:
+        open_flower.start()
+        status, page = open_flower.get("/sagas")
+    finally:
+        open_flower.stop()
+    assert status == 200 and 'id="auth-warning"' in page
+    assert "runs without authentication" in open_flower.log_text()
+
+
 # --------------------------------------------------------------------------- browser
 
 
@@ -258,10 +333,13 @@ def _texts(driver: Any, css: str) -> list[str]:
 
 
 def _screenshot(driver: Any, path: Path) -> None:
-    """The whole page, not only the window: resize to the document's height first."""
+    """The whole page, not only the window: resize to the document's height first. A copy
+    is kept in ``ARTIFACTS`` (the test's own ``tmp_path`` is pruned by pytest)."""
     height = driver.execute_script("return document.documentElement.scrollHeight")
     driver.set_window_size(1440, max(900, min(int(height) + 120, 8000)))
     driver.save_screenshot(str(path))
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(path, ARTIFACTS / path.name)
     driver.set_window_size(1440, 1800)
 
 
@@ -334,3 +412,66 @@ def test_the_dead_letter_and_the_operators_action_read_well(
     assert browser.get_log("browser") == [] or all(
         e["level"] != "SEVERE" for e in browser.get_log("browser")
     )
+
+
+def test_an_operator_navigates_searches_pages_refreshes_and_reads_the_diagram(
+    site: Site, browser: Any, tmp_path: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    wait = WebDriverWait(browser, 15)
+    browser.get(site.flower.url + "/workers")  # Flower's own page
+    browser.find_element(By.ID, "nav-sagas").click()
+    wait.until(lambda d: d.find_elements(By.ID, "sagas-table"))
+    assert "active" in browser.find_element(By.ID, "nav-sagas").get_attribute("class")
+
+    key = _business_key(site.completed)
+    box = browser.find_element(By.ID, "filter-search")
+    box.send_keys(key)
+    browser.find_element(By.ID, "filter-submit").click()
+    wait.until(lambda d: "q=" in d.current_url)
+    rows = browser.find_elements(By.CSS_SELECTOR, "#sagas-table tbody tr")
+    assert [r.get_attribute("data-saga-id") for r in rows] == [site.completed]
+    _screenshot(browser, tmp_path / "sagas-search.png")
+
+    browser.get(site.flower.url + "/sagas?limit=2")
+    first = [
+        r.get_attribute("data-saga-id")
+        for r in browser.find_elements(By.CSS_SELECTOR, "#sagas-table tbody tr")
+    ]
+    browser.find_element(By.ID, "page-next").click()
+    wait.until(lambda d: "page=2" in d.current_url)
+    second = [
+        r.get_attribute("data-saga-id")
+        for r in browser.find_elements(By.CSS_SELECTOR, "#sagas-table tbody tr")
+    ]
+    assert len(first) == 2 and second and not set(first) & set(second)
+    assert "page 2 of" in browser.find_element(By.ID, "page-current").text
+    _screenshot(browser, tmp_path / "sagas-page-2.png")
+
+    Select(browser.find_element(By.ID, "auto-refresh")).select_by_value("5")
+    wait.until(lambda d: "refresh=5" in d.current_url and "page=2" in d.current_url)
+    browser.execute_script("window.__before_refresh = true")
+    wait.until(lambda d: d.execute_script("return window.__before_refresh === undefined"))
+    assert "refresh=5" in browser.current_url  # it reloaded by itself, keeping the choice
+    Select(browser.find_element(By.ID, "auto-refresh")).select_by_value("0")
+    wait.until(lambda d: "refresh" not in d.current_url)
+
+    browser.get(f"{site.flower.url}/sagas/{site.failed}")
+    diagram = wait.until(lambda d: d.find_element(By.ID, "saga-diagram"))
+    assert diagram.is_displayed()
+    nodes = browser.find_elements(By.CSS_SELECTOR, "#saga-diagram g.node")
+    by_role = {
+        role: [
+            n.get_attribute("data-status") for n in nodes if n.get_attribute("data-role") == role
+        ]
+        for role in ("action", "compensation")
+    }
+    assert by_role == {
+        "action": ["completed", "completed", "failed", "skipped"],
+        "compensation": ["compensated", "compensated", "not_needed", "not_needed"],
+    }
+    _screenshot(browser, tmp_path / "saga-diagram.png")
+    severe = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert severe == [], severe

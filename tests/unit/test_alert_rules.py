@@ -19,6 +19,7 @@ from tests.conftest import in_ci
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS = ROOT / "prometheus"
 REQUIRED_ALERTS = {
+    "SagaCompletionRateLow",
     "SagaStuck",
     "SagaDeadLettersWaiting",
     "SagaCompensationFailureRate",
@@ -58,6 +59,8 @@ def exported() -> frozenset[str]:
         steps={("s", "a"): StepStats(hist, hist, 1, 1, 1)},
         dead_letters={"dead": 1},
         oldest_unfinished_age={"s": 1.0},
+        durations={("s", "completed"): hist},
+        stuck={"s": 1},
     )
     collectors = [metrics.SagaCollector(lambda: stats, {("s", "a"): 1.0})]
     collectors.append(metrics.SagaCollector(_down))

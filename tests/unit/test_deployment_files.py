@@ -486,3 +486,89 @@ def test_bootstrap_is_idempotent(tmp_path: Path) -> None:
     assert "seeded demo stock" in first
     assert "not seeded" in second and "seeded demo stock" not in second
     assert "saga schema at revision" in second
+
+
+# --------------------------------------------------------------------------- grafana
+
+
+def grafana_dashboard() -> dict[str, Any]:
+    import json
+
+    return dict(json.loads((ROOT / "grafana/dashboards/celery-sagas.json").read_text()))
+
+
+def _exported_names() -> frozenset[str]:
+    from tests.unit.test_alert_rules import exported
+
+    return exported()
+
+
+def test_grafana_is_provisioned_next_to_prometheus() -> None:
+    grafana = services()["grafana"]
+    mounted = {v.split(":")[0]: v.split(":")[1] for v in grafana["volumes"]}
+    for source in mounted:
+        assert (ROOT / source).exists(), source
+    assert mounted["./grafana/provisioning/datasources"] == "/etc/grafana/provisioning/datasources"
+    assert mounted["./grafana/provisioning/dashboards"] == "/etc/grafana/provisioning/dashboards"
+    provider = yaml.safe_load(
+        (ROOT / "grafana/provisioning/dashboards/celery-sagas.yml").read_text()
+    )["providers"][0]
+    assert provider["options"]["path"] == mounted["./grafana/dashboards"]
+    (source,) = yaml.safe_load(
+        (ROOT / "grafana/provisioning/datasources/prometheus.yml").read_text()
+    )["datasources"]
+    prometheus_port = services()["prometheus"]["ports"][0].split(":")[-1].strip('"')
+    assert source["url"] == f"http://prometheus:{prometheus_port}"
+    assert grafana["depends_on"]["prometheus"]["condition"] == "service_started"
+    datasource_uids = {
+        p["datasource"]["uid"] for p in grafana_dashboard()["panels"] if p.get("datasource")
+    }
+    assert datasource_uids == {source["uid"]}
+    password = environment(grafana)["GF_SECURITY_ADMIN_PASSWORD"]
+    assert interpolated(password) == {"GRAFANA_ADMIN_PASSWORD"}
+
+
+REQUIRED_PANELS = {
+    "Sagas per state": "celery_sagas_in_state",
+    "Throughput: sagas started per second": "celery_sagas_started_total",
+    "Outcomes per second": "celery_sagas_completed_total",
+    "Saga duration percentiles (completed)": "celery_sagas_duration_seconds_bucket",
+    "Stuck sagas": "celery_sagas_stuck",
+    "DLQ depth": "celery_sagas_dlq_depth",
+}
+
+
+def test_every_grafana_query_names_a_metric_the_exporter_serves() -> None:
+    from tests.unit.test_alert_rules import metric_names
+
+    exported = _exported_names()
+    panels = grafana_dashboard()["panels"]
+    assert panels, "the dashboard has no panels"
+    by_title = {p["title"]: p for p in panels}
+    for title, metric in REQUIRED_PANELS.items():
+        assert metric in str(by_title[title]["targets"]), title
+    for panel in panels:
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            expr = target["expr"].replace("$saga", "x")
+            used = metric_names(expr)
+            assert used, f"{panel['title']}: no metric in {expr}"
+            assert used <= exported, f"{panel['title']}: unknown {sorted(used - exported)}"
+    variable = grafana_dashboard()["templating"]["list"][0]
+    found = re.fullmatch(r"label_values\((\w+),\s*(\w+)\)", variable["definition"])
+    assert found and found.group(1) in exported, variable["definition"]
+    assert found.group(2) == variable["name"] == "saga"
+
+
+def test_grafana_panels_do_not_overlap() -> None:
+    cells: set[tuple[int, int]] = set()
+    for panel in grafana_dashboard()["panels"]:
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24, panel["title"]
+        area = {
+            (x, y)
+            for x in range(grid["x"], grid["x"] + grid["w"])
+            for y in range(grid["y"], grid["y"] + grid["h"])
+        }
+        assert not area & cells, f"{panel['title']} overlaps another panel"
+        cells |= area

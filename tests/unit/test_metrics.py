@@ -52,6 +52,11 @@ def sample_stats() -> SagaStats:
         },
         dead_letters={"dead": 1, "resolved": 1, "weird": 5},
         oldest_unfinished_age={SAGA: 42.5},
+        durations={
+            (SAGA, "completed"): hist((1, 6, 7), 7, 9.5),
+            (SAGA, "failed"): hist((0, 1, 2), 2, 6.0),
+        },
+        stuck={SAGA: 3},
     )
 
 
@@ -73,20 +78,40 @@ def value(samples: dict[tuple[str, frozenset[Any]], float], name: str, **labels:
 
 def test_saga_counters_and_states() -> None:
     samples = scrape(metrics.SagaCollector(sample_stats))
-    assert value(samples, "celery_sagas_sagas_started_total", saga=SAGA) == 11
-    assert value(samples, "celery_sagas_sagas_completed_total", saga=SAGA) == 7
-    assert value(samples, "celery_sagas_sagas_failed_total", saga=SAGA) == 2
-    assert value(samples, "celery_sagas_sagas_compensation_failed_total", saga=SAGA) == 2
-    assert value(samples, "celery_sagas_sagas_started_total", saga="refund") == 1
-    assert value(samples, "celery_sagas_sagas_failed_total", saga="refund") == 0
-    assert value(samples, "celery_sagas_sagas_compensation_failed_total", saga="refund") == 0
+    assert value(samples, "celery_sagas_started_total", saga=SAGA) == 11
+    assert value(samples, "celery_sagas_completed_total", saga=SAGA) == 7
+    assert value(samples, "celery_sagas_failed_total", saga=SAGA) == 2
+    assert value(samples, "celery_sagas_compensation_failed_total", saga=SAGA) == 2
+    assert value(samples, "celery_sagas_started_total", saga="refund") == 1
+    assert value(samples, "celery_sagas_failed_total", saga="refund") == 0
+    assert value(samples, "celery_sagas_compensation_failed_total", saga="refund") == 0
     # every state is present for every saga type, zero-filled
     for state in ("STARTED", "PENDING", "COMPENSATING", "COMPLETED", "FAILED"):
         expected = sample_stats().in_state(SAGA, state)
-        assert value(samples, "celery_sagas_sagas", saga=SAGA, state=state) == expected
-    assert value(samples, "celery_sagas_sagas", saga="refund", state="STARTED") == 0
+        assert value(samples, "celery_sagas_in_state", saga=SAGA, state=state) == expected
+    assert value(samples, "celery_sagas_in_state", saga="refund", state="STARTED") == 0
     assert value(samples, "celery_sagas_oldest_unfinished_saga_age_seconds", saga=SAGA) == 42.5
     assert value(samples, "celery_sagas_oldest_unfinished_saga_age_seconds", saga="refund") == 0
+
+
+def test_saga_durations_by_outcome_and_stuck_sagas() -> None:
+    samples = scrape(metrics.SagaCollector(sample_stats))
+    name = "celery_sagas_duration_seconds"
+    done = {"saga": SAGA, "outcome": "completed"}
+    assert [value(samples, f"{name}_bucket", le=le, **done) for le in ("0.1", "1.0", "5.0")] == [
+        1,
+        6,
+        7,
+    ]
+    assert value(samples, f"{name}_count", **done) == 7
+    assert value(samples, f"{name}_sum", saga=SAGA, outcome="failed") == 6.0
+    assert value(samples, "celery_sagas_stuck", saga=SAGA) == 3
+    assert value(samples, "celery_sagas_stuck", saga="refund") == 0
+
+
+def test_names_do_not_stutter() -> None:
+    """Prometheus naming: ``celery_sagas_started_total``, never ``celery_sagas_sagas_…``."""
+    assert not [n for n in metrics.exported_names() if n.startswith("celery_sagas_sagas")]
 
 
 def test_step_histograms_are_cumulative_with_inf_equal_to_count() -> None:
@@ -134,7 +159,7 @@ def test_an_empty_database_exports_only_unlabelled_series() -> None:
     samples = scrape(metrics.SagaCollector(SagaStats))
     assert value(samples, "celery_sagas_dlq_depth") == 0
     assert value(samples, "celery_sagas_database_up") == 1
-    assert not [key for key in samples if key[0] == "celery_sagas_sagas_started_total"]
+    assert not [key for key in samples if key[0] == "celery_sagas_started_total"]
 
 
 def test_a_failing_source_never_breaks_the_scrape(caplog: pytest.LogCaptureFixture) -> None:
@@ -153,7 +178,7 @@ def test_a_failing_source_never_breaks_the_scrape(caplog: pytest.LogCaptureFixtu
     assert value(first, "celery_sagas_database_up") == 0
     assert value(first, "celery_sagas_scrape_errors_total") == 1
     assert value(second, "celery_sagas_scrape_errors_total") == 2
-    assert not [key for key in second if key[0].startswith("celery_sagas_sagas")]
+    assert not [key for key in second if any(label == "saga" for label, _ in key[1])]
     assert "cannot read the saga database" in caplog.text
     assert "store_unavailable" in caplog.text
 
@@ -172,7 +197,7 @@ def test_the_error_counter_survives_recovery() -> None:
     samples = scrape(collector)
     assert value(samples, "celery_sagas_database_up") == 1
     assert value(samples, "celery_sagas_scrape_errors_total") == 1
-    assert value(samples, "celery_sagas_sagas_started_total", saga=SAGA) == 11
+    assert value(samples, "celery_sagas_started_total", saga=SAGA) == 11
 
 
 def test_registering_reads_no_stats() -> None:
@@ -202,7 +227,7 @@ def test_serve_answers_over_http() -> None:
         assert response.status == 200
     finally:
         server.stop()
-    assert 'celery_sagas_sagas_completed_total{saga="order_fulfillment"} 7.0' in body
+    assert 'celery_sagas_completed_total{saga="order_fulfillment"} 7.0' in body
 
 
 def test_metrics_imports_neither_prometheus_client_nor_sqlalchemy_up_front() -> None:
