@@ -17,6 +17,7 @@ import click
 
 from celery_sagas.cli.context import APP_ENV, CliContext
 from celery_sagas.cli.dlq import cancel_saga, dlq_group
+from celery_sagas.cli.evolve import migrate_sagas_command
 from celery_sagas.cli.failures import ReportedFailure, failure_of, report
 from celery_sagas.cli.inspect import list_command, migrate_command, show_command
 from celery_sagas.cli.metrics import metrics_command
@@ -40,7 +41,15 @@ class SagaGroup(click.Group):
             raise ReportedFailure(failure_of(exc, found.url if found else None)) from exc
 
 
-COMMANDS = (list_command, show_command, migrate_command, dlq_group, cancel_saga, metrics_command)
+COMMANDS = (
+    list_command,
+    show_command,
+    migrate_command,
+    migrate_sagas_command,
+    dlq_group,
+    cancel_saga,
+    metrics_command,
+)
 
 
 def _configure_logging(verbose: bool) -> None:

@@ -46,6 +46,12 @@ def counts_line(counts: Mapping[str, int]) -> str:
     show_default=True,
     help="The stuck-saga threshold in seconds. Env: SAGAS_STUCK_AFTER.",
 )
+@click.option(
+    "--unknown-definition",
+    is_flag=True,
+    help="Only unfinished sagas started with a definition the app (--app) does not have "
+    "installed: another version's workers must finish them.",
+)
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--offset", type=click.IntRange(min=0), default=0, help="Skip this many first.")
 @click.option(
@@ -59,6 +65,7 @@ def list_command(
     search: str | None,
     stuck: bool,
     stuck_after: float,
+    unknown_definition: bool,
     limit: int,
     offset: int,
     as_json: bool,
@@ -69,7 +76,10 @@ def list_command(
         name=name,
         search=search,
         created_before=datetime.now(UTC) - timedelta(seconds=stuck_after) if stuck else None,
-        unfinished=stuck,
+        unfinished=stuck or unknown_definition,
+        unknown_to=frozenset(context_of(ctx).runtime.sagas.versions)
+        if unknown_definition
+        else None,
     )
     records = page(store.engine, where, offset, limit)
     if as_json:

@@ -91,6 +91,8 @@ class Filter:
     search: str | None = None
     created_before: datetime | None = None
     unfinished: bool = False
+    # only sagas started with a definition not among these (installed) fingerprints
+    unknown_to: frozenset[str] | None = None
 
     def where(self) -> ColumnElement[bool]:
         conditions: list[ColumnElement[bool]] = [true()]
@@ -110,6 +112,9 @@ class Filter:
             conditions.append(sagas.c.created_at < self.created_before)
         if self.unfinished:
             conditions.append(sagas.c.finished_at.is_(None))
+        if self.unknown_to is not None:
+            conditions.append(sagas.c.definition.is_not(None))
+            conditions.append(sagas.c.definition.not_in(sorted(self.unknown_to)))
         return and_(*conditions)
 
 
