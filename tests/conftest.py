@@ -37,6 +37,8 @@ from tests.support.databases import (  # noqa: E402
 from tests.support.processes import CeleryProcess  # noqa: E402
 
 INTEGRATION_DIRS = ("integration", "chaos")
+# the user project's own tests run from the built wheel's virtualenv (test_user_project)
+collect_ignore = ["user_project"]
 
 
 def in_ci() -> bool:

@@ -374,3 +374,22 @@ def readme_start_lines() -> list[str]:
     """The quickstart's ``python -c 'from tasks import start_trip; …'`` lines."""
     text = (REPO / "README.md").read_text()
     return [line.split("  #")[0] for line in text.splitlines() if "from tasks import" in line]
+
+
+def test_the_users_own_saga_tests_run_with_the_kit_from_the_wheel(user_venv: UserVenv) -> None:
+    """The test kit and its pytest plugin (``saga_harness``), as the installed package
+    gives them: the user project's unit tests, run by pytest in the user's virtualenv."""
+    pip = [user_venv.bin("python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    run([*pip, "pytest"])
+    python = user_venv.bin("python")
+    out = user_venv.run(
+        [python, "-m", "pytest", "-q", "-p", "no:cacheprovider"], USER_PROJECT, {}, USER_PROJECT
+    )
+    assert "2 passed" in out
+    plugins = user_venv.run(
+        [python, "-m", "pytest", "--fixtures", "-p", "no:cacheprovider"],
+        USER_PROJECT,
+        {},
+        USER_PROJECT,
+    )
+    assert "saga_harness" in plugins and "saga_clock" in plugins
