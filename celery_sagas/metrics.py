@@ -100,6 +100,13 @@ BUDGET = Spec(
 )
 DEAD_LETTERS = Spec(f"{P}_dead_letters", "gauge", "Dead-letter rows by status.", ("status",))
 DLQ_DEPTH = Spec(f"{P}_dlq_depth", "gauge", "Dead letters waiting for an operator.")
+UNKNOWN_DEFINITION = Spec(
+    f"{P}_unknown_definition",
+    "gauge",
+    "Unfinished sagas started with a definition the exporter's app does not have installed "
+    "(a rolling deploy: another version's workers must finish them).",
+    ("saga",),
+)
 OLDEST = Spec(
     f"{P}_oldest_unfinished_saga_age_seconds",
     "gauge",
@@ -130,6 +137,7 @@ SPECS: tuple[Spec, ...] = (
     DEAD_LETTERS,
     DLQ_DEPTH,
     OLDEST,
+    UNKNOWN_DEFINITION,
     UP,
     SCRAPE_ERRORS,
     SCRAPE_DURATION,
@@ -243,7 +251,10 @@ class SagaCollector:
         for saga in names:
             oldest.add_metric([saga], stats.oldest_unfinished_age.get(saga, 0.0))
             stuck.add_metric([saga], float(stats.stuck.get(saga, 0)))
-        yield from (oldest, stuck)
+        unknown = _family(UNKNOWN_DEFINITION)
+        for saga in sorted({*names, *stats.unknown_definition}):
+            unknown.add_metric([saga], float(stats.unknown_definition.get(saga, 0)))
+        yield from (oldest, stuck, unknown)
         durations = _family(SAGA_DURATION)
         for (saga, outcome), histogram in sorted(stats.durations.items()):
             durations.add_metric([saga, outcome], _buckets(histogram), histogram.total)

@@ -126,6 +126,8 @@ class SagaStats:
     (STARTED, PENDING or COMPENSATING); absent when there is none.
     ``durations``: (saga, outcome) -> how long finished sagas took, start to end (``OUTCOMES``).
     ``stuck``: saga name -> sagas still moving longer than the stuck threshold.
+    ``unknown_definition``: saga name -> unfinished sagas started with a definition the
+    reader's app does not have installed (another version's workers must finish them).
     """
 
     states: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
@@ -135,6 +137,7 @@ class SagaStats:
     oldest_unfinished_age: Mapping[str, float] = field(default_factory=dict)
     durations: Mapping[OutcomeKey, Histogram] = field(default_factory=dict)
     stuck: Mapping[str, int] = field(default_factory=dict)
+    unknown_definition: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def saga_names(self) -> tuple[str, ...]:

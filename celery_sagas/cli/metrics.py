@@ -67,6 +67,7 @@ def metrics_command(ctx: click.Context, host: str, port: int, stuck_after: float
         url,
         buckets=bucket_bounds(budgets.values()),
         stuck_after=stuck_after or _stuck_after(runtime, url),
+        installed=frozenset(runtime.sagas.versions) if runtime is not None else None,
     )
     click.echo("reading the saga history once…", err=True)
     try:

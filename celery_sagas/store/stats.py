@@ -145,7 +145,11 @@ class StatsReader:
         statement_timeout: float = 30.0,
         stuck_after: float = 600.0,
         clock: Callable[[], datetime] = _utcnow,
+        installed: frozenset[str] | None = None,
     ) -> None:
+        """``installed``: the fingerprints of the app's saga definitions (counts sagas
+        started with any other; None: not counted)."""
+        self.installed = installed
         self.engine = (
             _reader_engine(url_or_engine) if isinstance(url_or_engine, str) else url_or_engine
         )
@@ -197,6 +201,7 @@ class StatsReader:
             oldest_unfinished_age=self._oldest(conn, now),
             durations=live.durations,
             stuck=self._stuck(conn, now),
+            unknown_definition=self._unknown_definition(conn),
         )
 
     def _fold(self, conn: Connection, now: datetime) -> datetime | None:
@@ -331,6 +336,20 @@ class StatsReader:
                 sagas.c.finished_at.is_(None),
                 sagas.c.state.in_(MOVING_STATES),
                 sagas.c.created_at < now - timedelta(seconds=self.stuck_after),
+            )
+            .group_by(sagas.c.name)
+        )
+        return {name: int(count) for name, count in rows}
+
+    def _unknown_definition(self, conn: Connection) -> dict[str, int]:
+        if self.installed is None:
+            return {}
+        rows = conn.execute(
+            select(sagas.c.name, func.count())
+            .where(
+                sagas.c.finished_at.is_(None),
+                sagas.c.definition.is_not(None),
+                sagas.c.definition.not_in(sorted(self.installed)),
             )
             .group_by(sagas.c.name)
         )

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from celery_sagas.store import SqlSagaStore
+from celery_sagas.store.stats import StatsReader
 from tests.integration.conftest import Deployment, make_order, rows_for, wait_settled
 from tests.support.processes import CeleryProcess
 from workers import db
@@ -119,6 +120,9 @@ def test_an_operator_moves_waiting_sagas_to_the_new_version_and_finds_the_unknow
     unknown = _cli(deployment, "1", "list", "--unknown-definition", "--json")
     assert unknown.returncode == 0, unknown.stderr
     assert saga_id in [s["saga_id"] for s in json.loads(unknown.stdout)]
+    old_installed = frozenset(old_runtime.sagas.versions)
+    stats = StatsReader(db.database_url(), settle_after=None, installed=old_installed)()
+    assert stats.unknown_definition.get("order_fulfillment", 0) >= 1  # the metric's source
     known = _cli(deployment, "1,2", "list", "--unknown-definition", "--json")
     assert saga_id not in [s["saga_id"] for s in json.loads(known.stdout)]
     bad = _cli(deployment, "1,2", "migrate-sagas", "order_fulfillment", "--from", "0", "--to", "7")
