@@ -10,6 +10,7 @@ import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from datetime import timedelta
 from typing import Any
 
@@ -233,7 +234,7 @@ class Saga:
                 f"must be a positive integer, got {self.version!r}", field="version", saga=self.name
             )
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
         """What a saga records of the definition it started with: its name, explicit
         version, and its steps and compensations in order (16 hex digits)."""
