@@ -101,16 +101,39 @@ def test_pool_child_sigkilled_mid_step_saga_still_completes_exactly_once(
     assert completions.count("process_payment") == 1
 
 
-def _hot_path_backends_killed() -> int:
-    """Terminate the workers' hot-path connections (their last statement was an EXECUTE of
-    a prepared statement): what a PostgreSQL restart or failover does to them."""
+HOT_PATH = "AND query LIKE 'EXECUTE cs_%%'"  # the workers' prepared hot-path statements
+
+
+def _backends_killed(which: str = "") -> int:
+    """Terminate the other connections to the database (``which`` narrows them down):
+    what a PostgreSQL restart or failover does to the workers' pooled connections."""
     with db.get_engine().connect() as conn:
         killed = conn.exec_driver_sql(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-            "WHERE datname = current_database() AND pid <> pg_backend_pid() "
-            "AND query LIKE 'EXECUTE cs_%%'"
+            f"WHERE datname = current_database() AND pid <> pg_backend_pid() {which}"
         ).scalar_one()
     return int(killed)
+
+
+def _payment_with_connections_killed(
+    deployment: Deployment, start_saga: Any, sku: str, name: str, which: str
+) -> tuple[dict[str, Any], Any, str]:
+    """An order whose payment takes 1.5 s; while it runs, the connections ``which``
+    names are terminated. Returns the order, its settled saga and the worker's log."""
+    order = make_order(sku, qty=1, simulate={"process_payment": "slow:1.5"})
+    store = SqlSagaStore(db.database_url())
+    with deployment.worker(name=name, concurrency=1) as worker:
+        start_saga.delay(order)
+        saga = wait_until(lambda: store.find(order["order_id"]), timeout=30, message="saga")
+        key = f"{saga.saga_id}:process_payment:action"
+        wait_until(lambda: store.get_guard(key), timeout=30, message="payment started")
+        assert _backends_killed(which) >= 1
+        # this process's own pooled connections may be among them: start afresh (a client
+        # of the store after a database restart sees one StoreUnavailableError per pool)
+        dispose_all_after_fork()
+        db.reset_engine()
+        record = wait_settled([order["order_id"]], timeout=60)[order["order_id"]]
+        return order, record, worker.log_text()
 
 
 def test_a_connection_lost_before_the_outcome_is_applied_does_not_run_the_step_twice(
@@ -119,20 +142,10 @@ def test_a_connection_lost_before_the_outcome_is_applied_does_not_run_the_step_t
     """The database drops the worker's connection while a participant runs: applying the
     outcome fails, the task is retried carrying the outcome, and the participant is not run
     again (its attempt count stays 1)."""
-    sku = fresh_sku(5)
-    order = make_order(sku, qty=1, simulate={"process_payment": "slow:1.5"})
+    order, record, log = _payment_with_connections_killed(
+        deployment, start_saga, fresh_sku(5), "dropped-connection", HOT_PATH
+    )
     store = SqlSagaStore(db.database_url())
-    with deployment.worker(name="dropped-connection", concurrency=1) as worker:
-        start_saga.delay(order)
-        saga = wait_until(lambda: store.find(order["order_id"]), timeout=30, message="saga")
-        key = f"{saga.saga_id}:process_payment:action"
-        wait_until(lambda: store.get_guard(key), timeout=30, message="payment started")
-        assert _hot_path_backends_killed() >= 1
-        # this process's own pooled connections were among them: start afresh (a client
-        # of the store after a database restart sees one StoreUnavailableError per pool)
-        dispose_all_after_fork()
-        record = wait_settled([order["order_id"]], timeout=60)[order["order_id"]]
-        log = worker.log_text()
 
     assert "cannot record the outcome of the action" in log
     assert record.state.value == "COMPLETED"
@@ -143,35 +156,15 @@ def test_a_connection_lost_before_the_outcome_is_applied_does_not_run_the_step_t
     assert completions.count("process_payment") == 1
 
 
-def _all_other_backends_killed() -> int:
-    """Terminate every other connection to the database: a PostgreSQL restart as the
-    workers' pooled connections (the library's and the participants') see it."""
-    with db.get_engine().connect() as conn:
-        killed = conn.exec_driver_sql(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
-        ).scalar_one()
-    return int(killed)
-
-
 def test_a_participants_lost_connection_is_retried_not_a_business_failure(
     deployment: Deployment, start_saga: Any, fresh_sku: Callable[[int], str]
 ) -> None:
     """The participant's pooled connection dies while it runs (its database restarted):
     its ``OperationalError`` is retried with backoff, and the order completes once."""
     sku = fresh_sku(5)
-    order = make_order(sku, qty=1, simulate={"process_payment": "slow:1.5"})
-    store = SqlSagaStore(db.database_url())
-    with deployment.worker(name="participant-reconnect", concurrency=1) as worker:
-        start_saga.delay(order)
-        saga = wait_until(lambda: store.find(order["order_id"]), timeout=30, message="saga")
-        key = f"{saga.saga_id}:process_payment:action"
-        wait_until(lambda: store.get_guard(key), timeout=30, message="payment started")
-        assert _all_other_backends_killed() >= 1
-        dispose_all_after_fork()
-        db.reset_engine()
-        record = wait_settled([order["order_id"]], timeout=60)[order["order_id"]]
-        log = worker.log_text()
+    order, record, log = _payment_with_connections_killed(
+        deployment, start_saga, sku, "participant-reconnect", ""
+    )
 
     assert "OperationalError" in log and "retry in" in log
     assert record.state.value == "COMPLETED"
