@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from celery_sagas import machine
+from celery_sagas import hooks, machine
 from celery_sagas.definition import Saga, idempotency_key
 from celery_sagas.errors import ConcurrentUpdateError, InvalidPayloadError, SagaError
 from celery_sagas.log import log_transition, logger
@@ -29,6 +29,7 @@ from celery_sagas.machine import (
 )
 from celery_sagas.protocols import (
     Claim,
+    CreateResult,
     GuardRecord,
     NewSaga,
     OutboxMessage,
@@ -50,23 +51,78 @@ def payload_hash(payload: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def check_payload(saga: Saga, payload: Any) -> str:
-    """Validate a payload for ``saga``; returns its business key or raises
-    ``InvalidPayloadError`` (nothing is written)."""
+@dataclass(frozen=True)
+class PayloadLimits:
+    """What a start accepts (settings ``max_payload_bytes``, ``max_payload_depth``,
+    ``max_key_length``): checked in the caller, so nothing fails later in a worker."""
+
+    max_bytes: int = 65536
+    max_depth: int = 32
+    max_key_length: int = 200  # the business_key column is VARCHAR(200)
+
+
+def payload_depth(payload: Any, stop_after: int) -> int:
+    """How deeply ``payload`` nests (a flat object is 1), without recursion; stops counting
+    past ``stop_after`` (a 100,000-deep payload costs no more than a ``stop_after`` one)."""
+    deepest = 0
+    pending: list[tuple[Any, int]] = [(payload, 1)]
+    while pending:
+        value, depth = pending.pop()
+        if not isinstance(value, Mapping | list | tuple):
+            continue
+        deepest = max(deepest, depth)
+        if deepest > stop_after:
+            return deepest
+        children = value.values() if isinstance(value, Mapping) else value
+        pending.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def _check_shape(saga: Saga, payload: Any, limits: PayloadLimits) -> None:
     if not isinstance(payload, Mapping):
         raise InvalidPayloadError(f"{saga.name}: payload must be a JSON object, got {payload!r}")
+    depth = payload_depth(payload, limits.max_depth)
+    if depth > limits.max_depth:
+        raise InvalidPayloadError(
+            f"{saga.name}: payload nests deeper than max_payload_depth={limits.max_depth}"
+        )
     try:
-        json.dumps(payload)
+        size = len(json.dumps(payload, separators=(",", ":")).encode())
     except (TypeError, ValueError) as exc:
         raise InvalidPayloadError(f"{saga.name}: payload is not JSON serialisable: {exc}") from exc
+    if size > limits.max_bytes:
+        raise InvalidPayloadError(
+            f"{saga.name}: payload is {size} bytes of JSON, over "
+            f"max_payload_bytes={limits.max_bytes}"
+        )
+
+
+def _check_key(saga: Saga, key: str, limits: PayloadLimits) -> None:
+    if not key:
+        raise InvalidPayloadError(f"{saga.name}: the business key is empty")
+    if len(key) > limits.max_key_length:
+        raise InvalidPayloadError(
+            f"{saga.name}: the business key is {len(key)} characters, over "
+            f"max_key_length={limits.max_key_length}"
+        )
+    if "\x00" in key:
+        raise InvalidPayloadError(f"{saga.name}: the business key contains a NUL character")
+
+
+def check_payload(saga: Saga, payload: Any, limits: PayloadLimits | None = None) -> str:
+    """Validate a payload for ``saga``: a JSON object within ``limits`` (size, depth) whose
+    business key is present, short enough and free of NUL characters, and that passes
+    the saga's own ``validate``. Returns the business key or raises
+    ``InvalidPayloadError`` (nothing is written)."""
+    limits = limits or PayloadLimits()
+    _check_shape(saga, payload, limits)
     if saga.validate is not None:
         saga.validate(payload)
     try:
         key = saga.key_for(payload)
     except (KeyError, TypeError) as exc:
         raise InvalidPayloadError(f"{saga.name}: payload has no business key ({exc})") from exc
-    if not key:
-        raise InvalidPayloadError(f"{saga.name}: the business key is empty")
+    _check_key(saga, key, limits)
     return key
 
 
@@ -163,8 +219,10 @@ class Coordinator:
         timing: Timing | None = None,
         redact_fields: Sequence[str] = DEFAULT_REDACT_FIELDS,
         auto_retry_interval: float = 3600.0,
+        limits: PayloadLimits | None = None,
     ) -> None:
         self.store = store
+        self.limits = limits or PayloadLimits()
         self.sagas = sagas
         self.clock = clock
         self.timing = timing or Timing()
@@ -203,16 +261,20 @@ class Coordinator:
         return [
             build_message(saga, record, record.saga_id, record.payload, decision, command)
             for command in decision.commands
-        ]
+        ] + hooks.hook_messages(saga, record, decision)  # on_completed / on_failed
 
-    def start(self, name: str, payload: Any, saga_id: str | None = None) -> Outcome:
-        """Persist a new saga and the message for its first step, in one transaction.
+    def start(
+        self, name: str, payload: Any, saga_id: str | None = None, within: Any = None
+    ) -> Outcome:
+        """Persist a new saga and the message for its first step, in one transaction:
+        the store's own, or ``within`` (the caller's SQLAlchemy ``Connection`` or
+        ``Session``, which then commits or rolls back the saga with its own rows).
 
         Starting the same business key with the same payload again returns the existing
         saga; another payload raises ``PayloadConflictError``. A saga type at its
         ``max_concurrent`` limit leaves the new saga waiting in STARTED."""
         saga = self.definition(name)
-        key = check_payload(saga, payload)
+        key = check_payload(saga, payload, self.limits)
         saga_id = saga_id or str(uuid.uuid4())
         now = self.clock()
         deadline = self.timing.deadline(saga)
@@ -240,7 +302,7 @@ class Coordinator:
         new = NewSaga(
             saga_id, saga.name, key, payload, payload_hash(payload), saga.step_names, deadline_at
         )
-        created = self.store.create(new, decision, messages, now)
+        created = self._create(new, decision, messages, now, within)
         if not created.created:
             logger.info(
                 "saga %s already started for %s %r; not started again",
@@ -253,6 +315,22 @@ class Coordinator:
         self._log(saga_id, saga.name, decision)
         written = created.messages + self.admit(saga.name)
         return Outcome(created.record.saga_id, decision, written, True)
+
+    def _create(
+        self,
+        new: NewSaga,
+        decision: Decision,
+        messages: list[OutboxMessage],
+        now: datetime,
+        within: Any,
+    ) -> CreateResult:
+        if within is None:
+            return self.store.create(new, decision, messages, now)
+        create_in = getattr(self.store, "create_in", None)
+        if create_in is None:
+            raise SagaError(f"{self.store!r} cannot start a saga in the caller's transaction")
+        result: CreateResult = create_in(within, new, decision, messages, now)
+        return result
 
     def handle(
         self,

@@ -97,6 +97,24 @@ def _error_types(value: Any, field_name: str) -> tuple[type[BaseException], ...]
     return types
 
 
+def hook_task_name(target: Any) -> str | None:
+    """The task name of an outcome hook: a name, a task (``.name``) or a signature
+    (``["task"]``); None if ``target`` is none of these."""
+    if isinstance(target, str):
+        return target or None
+    name = target.get("task") if isinstance(target, Mapping) else getattr(target, "name", None)
+    return name if isinstance(name, str) and name else None
+
+
+def _check_hook(target: Any, field_name: str, saga: str) -> None:
+    if target is not None and hook_task_name(target) is None:
+        raise SagaDefinitionError(
+            f"must be a task, a task name or a signature, got {target!r}",
+            field=field_name,
+            saga=saga,
+        )
+
+
 @dataclass(frozen=True)
 class Step:
     """One forward action and the compensation that undoes it.
@@ -155,7 +173,9 @@ class Step:
 @dataclass(frozen=True)
 class Saga:
     """An ordered list of steps. ``business_key`` maps a payload to its unique key
-    (a field name or a function); ``validate`` raises ``InvalidPayloadError`` on bad input."""
+    (a field name or a function); ``validate`` raises ``InvalidPayloadError`` on bad input.
+    ``on_completed`` / ``on_failed``: a task, a task name or a signature, sent once through
+    the outbox when the saga becomes COMPLETED / FAILED (see ``celery_sagas.hooks``)."""
 
     name: str
     steps: Sequence[Step]
@@ -163,9 +183,13 @@ class Saga:
     validate: Callable[[Mapping[str, Any]], None] | None = None
     deadline: float | timedelta | None = None
     max_concurrent: int | None = None
+    on_completed: Any = None
+    on_failed: Any = None
 
     def __post_init__(self) -> None:
         _check_name(self.name, "name", None)
+        for hook in ("on_completed", "on_failed"):
+            _check_hook(getattr(self, hook), hook, self.name)
         steps = tuple(self.steps)
         if not steps:
             raise SagaDefinitionError(

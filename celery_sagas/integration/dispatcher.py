@@ -8,6 +8,7 @@ from typing import Any
 from celery import Celery, chain
 
 from celery_sagas.definition import Saga
+from celery_sagas.hooks import HOOK_KIND
 from celery_sagas.protocols import OutboxMessage
 from celery_sagas.redaction import redact
 
@@ -37,7 +38,9 @@ def kwargs_repr(kwargs: Mapping[str, Any], redact_fields: Sequence[str]) -> str:
     """What Flower and the worker log show: a dict literal (Flower's ``kwargs:saga_id=…``
     search parses it) with the payload's secrets masked."""
     shown = {
-        key: redact(value, redact_fields) if key in ("payload", "results", "result") else value
+        key: redact(value, redact_fields)
+        if key in ("payload", "results", "result", "outcome")
+        else value
         for key, value in kwargs.items()
     }
     if isinstance(shown.get("applying"), Mapping):  # a carried outcome: its kind only
@@ -56,14 +59,21 @@ class CeleryDispatcher:
         sagas: Mapping[str, Saga],
         redact_fields: Sequence[str] = (),
         coordinator_hop: bool = False,
+        publish_options: Mapping[str, Any] | None = None,
     ) -> None:
+        """``publish_options``: added to every publish (the caller's start bounds its
+        retries with them, so a broker outage cannot hold the caller)."""
         self.app = app
         self.sagas = sagas
         self.redact_fields = tuple(redact_fields)
         self.coordinator_hop = coordinator_hop
+        self.publish_options = dict(publish_options or {})
 
     def send(self, message: OutboxMessage) -> None:
         body = message.body
+        if body["kind"] == HOOK_KIND:
+            self._send_hook(body)
+            return
         if body["kind"] == "dead_letter":
             # ids only: the database row is the source of truth
             self.app.signature(
@@ -83,7 +93,12 @@ class CeleryDispatcher:
         if not self.coordinator_hop:
             # the step task applies its own outcome: one message, sent by name (routes and
             # task options apply; no signature to build), or run in process in eager mode
-            options = {"kwargs": kwargs, "kwargsrepr": shown, "root_id": body["saga_id"]}
+            options = {
+                "kwargs": kwargs,
+                "kwargsrepr": shown,
+                "root_id": body["saga_id"],
+                **self.publish_options,
+            }
             if self.app.conf.task_always_eager:
                 self.app.tasks[task_name].apply_async(**options)
             else:
@@ -94,4 +109,20 @@ class CeleryDispatcher:
             reply_name,
             kwargs={"saga_id": body["saga_id"], "step": index, "token": body["token"]},
         )
-        chain(step, reply).apply_async(root_id=body["saga_id"])
+        chain(step, reply).apply_async(root_id=body["saga_id"], **self.publish_options)
+
+    def _send_hook(self, body: Mapping[str, Any]) -> None:
+        """An outcome hook (``celery_sagas.hooks``): the hook task, by name."""
+        options = {
+            "args": body["args"],
+            "kwargs": body["kwargs"],
+            "task_id": body["task_id"],
+            "root_id": body["saga_id"],
+            "kwargsrepr": kwargs_repr(body["kwargs"], self.redact_fields),
+            **body["options"],
+            **self.publish_options,
+        }
+        if self.app.conf.task_always_eager:
+            self.app.tasks[body["task"]].apply_async(**options)
+        else:
+            self.app.send_task(body["task"], **options)

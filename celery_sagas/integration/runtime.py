@@ -12,9 +12,10 @@ from typing import Any
 from celery import Celery, Task, signals
 
 from celery_sagas import dlq, machine, outbox, scanner
-from celery_sagas.coordinator import Coordinator, Timing, utcnow
+from celery_sagas.coordinator import Coordinator, PayloadLimits, Timing, utcnow
 from celery_sagas.definition import Saga, registry
 from celery_sagas.errors import SagaError
+from celery_sagas.handle import SagaHandle, find
 from celery_sagas.integration.config import apply_reliability_config
 from celery_sagas.integration.crash import crash_point
 from celery_sagas.integration.dispatcher import (
@@ -34,6 +35,13 @@ from celery_sagas.protocols import GuardRecord, OutboxMessage, SagaRecord
 from celery_sagas.settings import SagaSettings
 from celery_sagas.store import SqlSagaStore, dispose_all_after_fork
 
+CALLER_PUBLISH_RETRY = {
+    "max_retries": 2,
+    "interval_start": 0,
+    "interval_step": 0.2,
+    "interval_max": 0.2,
+}
+
 
 class SagaRuntime:
     """Everything ``install`` set up for one app: settings, store, coordinator, tasks."""
@@ -44,6 +52,18 @@ class SagaRuntime:
         self.settings = settings
         self.dispatcher = CeleryDispatcher(
             app, sagas, settings.redact_fields, settings.coordinator_hop
+        )
+        # the caller's start publishes with few, quick retries: a broker outage must not
+        # hold the application (the outbox row stays unsent and the relay publishes it)
+        self.caller_dispatcher = CeleryDispatcher(
+            app,
+            sagas,
+            settings.redact_fields,
+            settings.coordinator_hop,
+            publish_options={"retry": True, "retry_policy": CALLER_PUBLISH_RETRY},
+        )
+        self.limits = PayloadLimits(
+            settings.max_payload_bytes, settings.max_payload_depth, settings.max_key_length
         )
         self.start_tasks: dict[str, Task] = {}
         self._store: SqlSagaStore | None = None
@@ -75,6 +95,7 @@ class SagaRuntime:
                 timing,
                 redact_fields=self.settings.redact_fields,
                 auto_retry_interval=self.settings.dlq_auto_retry_interval,
+                limits=self.limits,
             )
         return self._coordinator
 
@@ -90,11 +111,42 @@ class SagaRuntime:
     # -- what the tasks do ----------------------------------------------------------
 
     def start(
+        self,
+        saga_name: str,
+        payload: Any,
+        saga_id: str | None = None,
+        connection: Any = None,
+    ) -> SagaHandle:
+        """The durable start, in the caller: saga row + first step's outbox row committed
+        (in the store's transaction, or in ``connection``'s: a ``Connection`` or
+        ``Session``), then published. A publish that fails is left to the relay; a
+        ``Session`` publishes when it commits; a ``Connection`` leaves it to
+        ``handle.publish()`` after commit, or to the relay."""
+        outcome = self.coordinator.start(saga_name, payload, saga_id, within=connection)
+
+        def publish() -> int:
+            return outbox.publish(self.store, self.caller_dispatcher, outcome.messages, utcnow)
+
+        if connection is None:
+            publish()
+        else:
+            self.store.after_commit(connection, publish)
+        return SagaHandle(self.store, outcome.saga_id, outcome.created, publish)
+
+    def start_from_message(
         self, saga_name: str, payload: dict[str, Any], saga_id: str | None = None
     ) -> dict[str, Any]:
+        """The message-only start (``start_saga.enqueue``), run by the start task."""
         outcome = self.coordinator.start(saga_name, payload, saga_id)
         outbox.publish(self.store, self.dispatcher, outcome.messages, utcnow)
         return {"saga_id": outcome.saga_id, "created": outcome.created}
+
+    def get(self, ref: str, name: str | None = None) -> SagaHandle:
+        """A handle on the saga whose id is ``ref``, or of type ``name`` whose business
+        key is ``ref``; ``SagaNotFoundError``, or ``AmbiguousSagaError`` if the key is used
+        by several saga types and no ``name`` is given."""
+        record = find(self.store, ref, name)
+        return SagaHandle(self.store, record.saga_id)
 
     def apply(
         self,
