@@ -6,10 +6,13 @@ The coordinator writes it in the same transaction as the transition, so a saga f
 hook once — the transition itself happens once (compare-and-set on the saga's version) —
 and it is published after commit, or by the relay if that publish fails.
 
-The message is the hook task itself, called with ``saga_id``, ``business_key`` and
-``outcome`` (``SagaOutcome.as_dict()``), under the task id ``<saga_id>.<hook>`` (so a
-relayed duplicate after a crash between publish and the sent mark is recognisable).
-A signature's own args, kwargs and options (``queue``…) are kept; task routes apply.
+The hook task is called with ``saga_id``, ``business_key`` and ``outcome``
+(``SagaOutcome.as_dict()``); a signature's own args, kwargs and options (``queue``…) are
+kept. It runs inside the library's ``celery_sagas.hook`` task, sent to the hook task's
+queue, which claims the key ``<saga_id>:<hook>:hook`` first: a duplicate delivery finds it
+claimed or done and does nothing; a delivery after a worker died mid-hook takes the claim
+over once its lease ran out. The outbox row keeps that key, so the relay re-sends a hook
+message lost by the broker until some delivery has claimed it.
 """
 
 from __future__ import annotations
@@ -26,6 +29,11 @@ HOOK_KIND = "hook"
 HOOKS = {SagaState.COMPLETED: "on_completed", SagaState.FAILED: "on_failed"}
 # signature options that make sense on a hook message (JSON values only)
 KEPT_OPTIONS = ("queue", "routing_key", "exchange", "priority", "expires", "countdown")
+
+
+def hook_key(saga_id: str, hook: str) -> str:
+    """The run-once key of a saga's hook (shaped like a step guard key)."""
+    return f"{saga_id}:{hook}:hook"
 
 
 def fired_hook(record: SagaRecord, decision: Decision) -> str | None:
@@ -63,6 +71,7 @@ def hook_messages(saga: Saga, record: SagaRecord, decision: Decision) -> list[Ou
         "saga_id": record.saga_id,
         "task": task,
         "task_id": f"{record.saga_id}.{hook}",
+        "key": hook_key(record.saga_id, hook),
         "args": args,
         "kwargs": kwargs,
         "options": options,

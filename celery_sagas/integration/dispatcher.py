@@ -15,6 +15,7 @@ from celery_sagas.redaction import redact
 ADVANCE_TASK = "celery_sagas.advance"
 COMPENSATED_TASK = "celery_sagas.compensated"
 DEAD_LETTER_TASK = "celery_sagas.dead_letter"
+HOOK_TASK = "celery_sagas.hook"
 
 
 def step_kwargs(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -112,17 +113,24 @@ class CeleryDispatcher:
         chain(step, reply).apply_async(root_id=body["saga_id"], **self.publish_options)
 
     def _send_hook(self, body: Mapping[str, Any]) -> None:
-        """An outcome hook (``celery_sagas.hooks``): the hook task, by name."""
-        options = {
+        """An outcome hook (``celery_sagas.hooks``): the run-once wrapper task, on the
+        queue the hook task is routed to (or its signature names)."""
+        kwargs = {
+            "saga_id": body["saga_id"],
+            "task": body["task"],
+            "key": body["key"],
             "args": body["args"],
             "kwargs": body["kwargs"],
-            "task_id": body["task_id"],
-            "root_id": body["saga_id"],
-            "kwargsrepr": kwargs_repr(body["kwargs"], self.redact_fields),
-            **body["options"],
-            **self.publish_options,
         }
+        options = {**body["options"], **self.publish_options}
+        options.setdefault("queue", self.app.amqp.router.route({}, body["task"])["queue"].name)
+        options.update(
+            kwargs=kwargs,
+            task_id=body["task_id"],
+            root_id=body["saga_id"],
+            kwargsrepr=kwargs_repr({**kwargs, "kwargs": "..."}, self.redact_fields),
+        )
         if self.app.conf.task_always_eager:
-            self.app.tasks[body["task"]].apply_async(**options)
+            self.app.tasks[HOOK_TASK].apply_async(**options)
         else:
-            self.app.send_task(body["task"], **options)
+            self.app.send_task(HOOK_TASK, **options)

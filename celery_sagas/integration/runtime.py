@@ -24,6 +24,7 @@ from celery_sagas.integration.dispatcher import (
     DEAD_LETTER_TASK,
     CeleryDispatcher,
 )
+from celery_sagas.integration.hook_task import HOOK_LEASE, register_hook_task
 from celery_sagas.integration.steps import StepTask
 from celery_sagas.integration.tasks import (
     RELAY_TASK,
@@ -141,6 +142,15 @@ class SagaRuntime:
         outbox.publish(self.store, self.dispatcher, outcome.messages, utcnow)
         return {"saga_id": outcome.saga_id, "created": outcome.created}
 
+    def claim_hook(self, key: str) -> str:
+        return self.store.claim_once(key, utcnow(), HOOK_LEASE)
+
+    def finish_hook(self, key: str, saga_id: str) -> None:
+        self.store.finish_claim(key, saga_id, utcnow())
+
+    def release_hook(self, key: str) -> None:
+        self.store.release_claim(key)
+
     def get(self, ref: str, name: str | None = None) -> SagaHandle:
         """A handle on the saga whose id is ``ref``, or of type ``name`` whose business
         key is ``ref``; ``SagaNotFoundError``, or ``AmbiguousSagaError`` if the key is used
@@ -252,6 +262,7 @@ def install(app: Celery, sagas: Sequence[Saga], **settings: Any) -> SagaRuntime:
     timeouts = [s.timeout_seconds or 0.0 for saga in sagas for s in saga.steps]
     apply_reliability_config(app, timeouts)
     register_coordinator_tasks(app, runtime)
+    register_hook_task(app, runtime)
     for saga in sagas:
         _register_step_tasks(app, runtime, saga)
         runtime.start_tasks[saga.name] = register_start_task(app, runtime, saga.name)

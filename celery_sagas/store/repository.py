@@ -33,7 +33,7 @@ from celery_sagas.protocols import (
     TransitionRecord,
 )
 from celery_sagas.settings import redact_url
-from celery_sagas.store import caller, one_statement, writes
+from celery_sagas.store import caller, once, one_statement, writes
 from celery_sagas.store import claims as claim_rows
 from celery_sagas.store import dead_letters as dead_letter_rows
 from celery_sagas.store import guards as guard_rows
@@ -421,6 +421,20 @@ class SqlSagaStore:
     def begin_guard(self, key: str, now: datetime) -> GuardRecord | None:
         with self._one_statement() as conn:
             return guard_rows.begin_guard(conn, self._mark_started, key, now)
+
+    def claim_once(self, key: str, now: datetime, lease: float) -> once.Claimed:
+        """Claim ``key`` to run something once (an outcome hook): ``run``, ``busy`` (held by
+        another delivery, for up to ``lease`` seconds) or ``done``."""
+        with self._connect() as conn:
+            return once.claim(conn, key, now, lease)
+
+    def release_claim(self, key: str) -> None:
+        with self._connect() as conn:
+            once.release(conn, key)
+
+    def finish_claim(self, key: str, saga_id: str, now: datetime) -> None:
+        with self._connect() as conn:
+            once.finish(conn, key, saga_id, now)
 
     def put_guard(self, guard: GuardRecord, now: datetime) -> GuardRecord:
         with self._connect() as conn:

@@ -36,9 +36,16 @@ def worker(deployment: Deployment, request: pytest.FixtureRequest) -> Iterator[C
     hop per step) and the chain ``step | celery_sagas.advance`` (``coordinator_hop``)."""
     hop = "true" if request.param == "coordinator_hop" else "false"
     env = {**deployment.env, "SAGAS_COORDINATOR_HOP": hop}
+    # the caller publishes the first step itself: it must use the workers' mode too
+    from workers.app import sagas as runtime
+
+    for dispatcher in (runtime.dispatcher, runtime.caller_dispatcher):
+        dispatcher.coordinator_hop = request.param == "coordinator_hop"
     with deployment.worker(name=f"e2e-{request.param}", env=env) as process:
         process.mode = request.param  # type: ignore[attr-defined]
         yield process
+    for dispatcher in (runtime.dispatcher, runtime.caller_dispatcher):
+        dispatcher.coordinator_hop = False
 
 
 def test_happy_path_completes_with_one_side_effect_of_each_kind(
