@@ -31,6 +31,8 @@ def find(reader: SagaReader, ref: str, name: str | None = None) -> SagaRecord:
     """The saga whose id is ``ref``, else the one of type ``name`` whose business key is
     ``ref``. Without ``name``, a key used by sagas of several types is an error that lists
     them, never a silent pick."""
+    if not ref or "\x00" in ref:
+        raise SagaNotFoundError(f"no saga has the id or business key {ref!r}", ref=ref)
     record = reader.load(ref)
     if record is not None and (name is None or record.name == name):
         return record

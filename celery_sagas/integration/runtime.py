@@ -130,9 +130,15 @@ class SagaRuntime:
 
         if connection is None:
             publish()
-        else:
-            self.store.after_commit(connection, publish)
-        return SagaHandle(self.store, outcome.saga_id, outcome.created, publish)
+            return SagaHandle(self.store, outcome.saga_id, outcome.created, publish)
+
+        def publish_if_committed() -> int:
+            """After the caller's commit (a ``Session``'s event, or ``handle.publish()``):
+            nothing if the saga was rolled back (a savepoint, or no commit at all)."""
+            return publish() if self.store.load(outcome.saga_id) is not None else 0
+
+        self.store.after_commit(connection, publish_if_committed)
+        return SagaHandle(self.store, outcome.saga_id, outcome.created, publish_if_committed)
 
     def start_from_message(
         self, saga_name: str, payload: dict[str, Any], saga_id: str | None = None

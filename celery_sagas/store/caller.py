@@ -26,25 +26,30 @@ def connection_of(within: Any) -> Connection:
     )
 
 
+PENDING = "celery_sagas_after_commit"
+
+
 def after_commit(within: Any, callback: Callable[[], Any]) -> bool:
-    """Run ``callback`` once the caller's ``Session`` commits (not if it rolls back).
+    """Run ``callback`` once the caller's ``Session`` commits (dropped if it rolls back).
     False for a ``Connection``: SQLAlchemy has no after-commit event on one, so the
     caller publishes (``handle.publish()``) or the relay does."""
     if not isinstance(within, Session):
         return False
+    pending: list[Callable[[], Any]] | None = within.info.get(PENDING)
+    if pending is None:  # one pair of listeners per session, never removed mid-dispatch
+        pending = within.info[PENDING] = []
+        event.listen(within, "after_commit", _run_pending)
+        event.listen(within, "after_rollback", _drop_pending)
+    pending.append(callback)
+    return True
 
-    def committed(_: Session) -> None:
-        forget()
+
+def _run_pending(session: Session) -> None:
+    callbacks = list(session.info.get(PENDING) or ())
+    session.info[PENDING] = []
+    for callback in callbacks:
         callback()
 
-    def rolled_back(_: Session, __: Any = None) -> None:
-        forget()
 
-    def forget() -> None:
-        for name, fn in (("after_commit", committed), ("after_rollback", rolled_back)):
-            if event.contains(within, name, fn):
-                event.remove(within, name, fn)
-
-    event.listen(within, "after_commit", committed)
-    event.listen(within, "after_rollback", rolled_back)
-    return True
+def _drop_pending(session: Session) -> None:
+    session.info[PENDING] = []
