@@ -36,9 +36,16 @@ def test_every_message_delivered_twice_causes_no_double_side_effect(
     finally:
         duplicating_app.disable()
 
-    # 4 sagas x (start + 4 step/compensation tasks) were all doubled
+    # 4 sagas x (4 step/compensation tasks + the outcome hook) were all doubled
     assert int(counter.get(duplicating_app.DUPLICATES_KEY) or 0) >= 4 * 5
     assert "duplicate delivery" in log and "ignored" in log
+    # each saga's outcome hook ran once although its message came twice
+    for order in orders:
+        hook = "on_failed" if order is failing else "on_completed"
+        runs = wait_until(
+            lambda o=order: rows_for(db.order_outcomes, o["order_id"]), timeout=30, message="hook"
+        )
+        assert [r.hook for r in runs] == [hook]
     store = SqlSagaStore(db.database_url())
     for order in good:
         record = records[order["order_id"]]
@@ -88,6 +95,7 @@ def test_pool_child_sigkilled_mid_step_saga_still_completes_exactly_once(
         )
         os.kill(pid, signal.SIGKILL)
         record = wait_settled([order["order_id"]], timeout=60)[order["order_id"]]
+        wait_until(lambda: rows_for(db.order_outcomes, order["order_id"]), message="hook ran")
         log = worker.log_text()
 
     assert "SIGKILL" in log or "signal 9" in log
@@ -98,6 +106,7 @@ def test_pool_child_sigkilled_mid_step_saga_still_completes_exactly_once(
     store = SqlSagaStore(db.database_url())
     completions = [t.step for t in store.transitions(record.saga_id) if t.new == "completed"]
     assert completions.count("process_payment") == 1
+    assert [r.hook for r in rows_for(db.order_outcomes, order["order_id"])] == ["on_completed"]
 
 
 def _hot_path_backends_killed() -> int:
