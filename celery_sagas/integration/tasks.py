@@ -52,12 +52,20 @@ class StartSagaTask(Task):
 
     def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
         kwargs = dict(kwargs or {})
-        connection = kwargs.pop("connection", None) or options.pop("connection", None)
+        # ``delay(order, connection=conn)``: a SQLAlchemy Connection or Session (an
+        # ``apply_async(connection=…)`` option stays Celery's: a broker connection)
+        connection = kwargs.pop("connection", None)
         durable = kwargs.pop("durable", options.pop("durable", True))
         if not durable:
             if connection is not None:
                 raise SagaError("connection=... needs the durable start (durable=True)")
             return self.enqueue(*(args or ()), _options=options, **kwargs)
+        delayed = sorted(k for k in ("countdown", "eta") if options.get(k) is not None)
+        if delayed:
+            raise SagaError(
+                f"{self.saga_name}.start: {', '.join(delayed)} is not supported by the "
+                "durable start (the saga starts now); use enqueue(...) for a delayed message"
+            )
         payload = _the_payload(self.saga_name, args, kwargs)
         return self.runtime.start(self.saga_name, payload, options.get("task_id"), connection)
 
