@@ -16,7 +16,7 @@ from typing import Any
 
 from celery_sagas import hooks, machine
 from celery_sagas.definition import Saga, idempotency_key
-from celery_sagas.errors import ConcurrentUpdateError, InvalidPayloadError, SagaError
+from celery_sagas.errors import ConcurrentUpdateError, SagaError
 from celery_sagas.log import log_transition, logger
 from celery_sagas.machine import (
     SETTLED_STATES,
@@ -27,6 +27,7 @@ from celery_sagas.machine import (
     SendToDeadLetterQueue,
     StepStatus,
 )
+from celery_sagas.payloads import PayloadLimits, check_payload
 from celery_sagas.protocols import (
     Claim,
     CreateResult,
@@ -39,6 +40,8 @@ from celery_sagas.protocols import (
 from celery_sagas.redaction import redact
 from celery_sagas.settings import DEFAULT_REDACT_FIELDS
 
+__all__ = ["Coordinator", "Outcome", "PayloadLimits", "Timing", "check_payload", "utcnow"]
+
 MAX_CAS_ATTEMPTS = 20
 
 
@@ -49,81 +52,6 @@ def utcnow() -> datetime:
 def payload_hash(payload: Mapping[str, Any]) -> str:
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-@dataclass(frozen=True)
-class PayloadLimits:
-    """What a start accepts (settings ``max_payload_bytes``, ``max_payload_depth``,
-    ``max_key_length``): checked in the caller, so nothing fails later in a worker."""
-
-    max_bytes: int = 65536
-    max_depth: int = 32
-    max_key_length: int = 200  # the business_key column is VARCHAR(200)
-
-
-def payload_depth(payload: Any, stop_after: int) -> int:
-    """How deeply ``payload`` nests (a flat object is 1), without recursion; stops counting
-    past ``stop_after`` (a 100,000-deep payload costs no more than a ``stop_after`` one)."""
-    deepest = 0
-    pending: list[tuple[Any, int]] = [(payload, 1)]
-    while pending:
-        value, depth = pending.pop()
-        if not isinstance(value, Mapping | list | tuple):
-            continue
-        deepest = max(deepest, depth)
-        if deepest > stop_after:
-            return deepest
-        children = value.values() if isinstance(value, Mapping) else value
-        pending.extend((child, depth + 1) for child in children)
-    return deepest
-
-
-def _check_shape(saga: Saga, payload: Any, limits: PayloadLimits) -> None:
-    if not isinstance(payload, Mapping):
-        raise InvalidPayloadError(f"{saga.name}: payload must be a JSON object, got {payload!r}")
-    depth = payload_depth(payload, limits.max_depth)
-    if depth > limits.max_depth:
-        raise InvalidPayloadError(
-            f"{saga.name}: payload nests deeper than max_payload_depth={limits.max_depth}"
-        )
-    try:
-        size = len(json.dumps(payload, separators=(",", ":")).encode())
-    except (TypeError, ValueError) as exc:
-        raise InvalidPayloadError(f"{saga.name}: payload is not JSON serialisable: {exc}") from exc
-    if size > limits.max_bytes:
-        raise InvalidPayloadError(
-            f"{saga.name}: payload is {size} bytes of JSON, over "
-            f"max_payload_bytes={limits.max_bytes}"
-        )
-
-
-def _check_key(saga: Saga, key: str, limits: PayloadLimits) -> None:
-    if not key:
-        raise InvalidPayloadError(f"{saga.name}: the business key is empty")
-    if len(key) > limits.max_key_length:
-        raise InvalidPayloadError(
-            f"{saga.name}: the business key is {len(key)} characters, over "
-            f"max_key_length={limits.max_key_length}"
-        )
-    if "\x00" in key:
-        raise InvalidPayloadError(f"{saga.name}: the business key contains a NUL character")
-
-
-def check_payload(saga: Saga, payload: Any, limits: PayloadLimits | None = None) -> str:
-    """Validate a payload for ``saga``: a JSON object within ``limits`` (size, depth) whose
-    business key is present, short enough and free of NUL characters, and that passes
-    the saga's own ``validate``. Returns the business key or raises
-    ``InvalidPayloadError`` (nothing is written)."""
-    limits = limits or PayloadLimits()
-    _check_shape(saga, payload, limits)
-    if saga.validate is not None:
-        saga.validate(payload)
-    try:
-        key = saga.key_for(payload)
-    except (KeyError, TypeError) as exc:
-        raise InvalidPayloadError(f"{saga.name}: payload has no business key ({exc})") from exc
-    _check_key(saga, key, limits)
-    return key
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from celery_sagas import InvalidPayloadError, Saga, Step
-from celery_sagas.coordinator import PayloadLimits, check_payload, payload_depth
 from celery_sagas.errors import SagaConfigurationError
+from celery_sagas.payloads import PayloadLimits, check_payload, payload_depth
 from celery_sagas.settings import SagaSettings
 
 
