@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from celery import Celery
 
 from celery_sagas import PayloadConflictError, Saga, SagaError, Step, StepContext, install
-from celery_sagas.errors import AmbiguousSagaError, SagaNotFoundError
+from celery_sagas.errors import AmbiguousSagaError, SagaNotFoundError, StoreUnavailableError
 from celery_sagas.handle import SagaHandle
 from celery_sagas.integration import SagaRuntime
 from celery_sagas.store import upgrade
@@ -110,3 +110,17 @@ def test_get_by_id_or_key_and_an_ambiguous_key_lists_the_saga_types(runtime: Sag
     assert runtime.get("D-1", name="refund").saga_id == refund.saga_id
     with pytest.raises(SagaNotFoundError):
         runtime.get("nothing")
+
+
+def test_delay_with_the_database_down_raises_and_sends_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("CELERY_BROKER_URL", raising=False)
+    app = Celery("db-down", broker="memory://")
+    published: list[Any] = []
+    app.amqp.send_task_message = lambda *a, **kw: published.append(a)  # type: ignore[method-assign]
+    nowhere = "postgresql+psycopg2://postgres@127.0.0.1:1/sagas"  # nothing listens on port 1
+    runtime = install(app, [saga("shop")], database_url=nowhere)
+    with pytest.raises(StoreUnavailableError, match="cannot reach the saga database"):
+        runtime.start_task("shop").delay({"order_id": "E-1"})
+    assert published == []
