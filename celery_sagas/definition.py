@@ -183,8 +183,9 @@ class Saga:
     validate: Callable[[Mapping[str, Any]], None] | None = None
     deadline: float | timedelta | None = None
     max_concurrent: int | None = None
-    on_completed: Any = None
-    on_failed: Any = None
+    # a signature is a dict: kept out of eq/hash so a Saga stays hashable
+    on_completed: Any = field(default=None, compare=False)
+    on_failed: Any = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         _check_name(self.name, "name", None)
