@@ -49,8 +49,8 @@ from celery_sagas.store import upgrade  # noqa: E402  (needs the repository on s
 
 DEFAULT_PG_ADMIN_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379"
-HOPS_PER_SAGA = 5  # start + 4 steps, each applying its own outcome
-HOPS_PER_SAGA_WITH_COORDINATOR_HOP = 9  # start + 4 x (step + advance)
+HOPS_PER_SAGA = 4  # 4 steps, each applying its own outcome (the caller starts the saga)
+HOPS_PER_SAGA_WITH_COORDINATOR_HOP = 8  # 4 x (step + advance)
 HOPS_PER_CHAIN = 4
 THROUGHPUT_POLL = 0.2
 LATENCY_POLL = 0.005
@@ -82,6 +82,7 @@ class Options:
     keep: bool
     coordinator_hop: bool
     as_json: bool
+    compare_start: bool = True
 
 
 def parse_options(argv: list[str] | None = None) -> Options:
@@ -117,6 +118,11 @@ def parse_options(argv: list[str] | None = None) -> Options:
         action="store_true",
         help="sagas with sagas_coordinator_hop: each outcome through celery_sagas.advance",
     )
+    parser.add_argument(
+        "--no-compare-start",
+        action="store_true",
+        help="skip the second saga run started message-only (start_saga.enqueue)",
+    )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args(argv)
     if args.n < 1 or args.concurrency < 1 or args.latency_n < 1 or args.warmup < 0:
@@ -133,6 +139,7 @@ def parse_options(argv: list[str] | None = None) -> Options:
         keep=args.keep,
         coordinator_hop=args.coordinator_hop,
         as_json=args.json,
+        compare_start=not args.no_compare_start,
     )
 
 
@@ -553,8 +560,13 @@ class Bench:
         m = self.bench_app
         chain(m.noop_1.si(), m.noop_2.si(), m.noop_3.si(), m.noop_4.s(chain_id)).apply_async()
 
-    def publish_saga(self, business_key: str) -> None:
-        self.bench_app.start_saga.delay({"id": business_key})
+    def publish_saga(self, business_key: str, durable: bool = True) -> None:
+        """The durable start (the caller writes the saga, then publishes its first step),
+        or the message-only one (``enqueue``: a start task creates it in the worker)."""
+        if durable:
+            self.bench_app.start_saga.delay({"id": business_key})
+        else:
+            self.bench_app.start_saga.enqueue({"id": business_key})
 
     # -- waiting --
 
@@ -631,7 +643,7 @@ class Bench:
             "cpu_ms_per_chain": cpu_ms,
         }
 
-    def saga_throughput(self) -> None:
+    def saga_throughput(self, label: str = "sagas", durable: bool = True) -> None:
         n = self.options.n
         before_completed = self.sagas.count_in("COMPLETED")
         before = settled_txn_counts(self.admin, self.database, self.options.timeout)
@@ -639,17 +651,18 @@ class Bench:
         cpu_before = self.cpu_sample()
         first_publish = time.time()
         for i in range(n):
-            self.publish_saga(f"tput-{i}")
+            self.publish_saga(f"{label}-{i}", durable)
         published = time.time() - first_publish
-        self.wait_for_sagas("sagas", before_completed + n)
+        self.wait_for_sagas(label, before_completed + n)
         cpu_ms = self.cpu_ms_per_item(cpu_before)
         elapsed = self.sagas.last_finished_at() - first_publish
         after = settled_txn_counts(self.admin, self.database, self.options.timeout)
         own_reads = self.sagas.reads - reads_before
-        self.results["sagas"] = {
+        self.results[label] = {
             "per_second": n / elapsed,
             "seconds": elapsed,
             "publish_seconds": published,
+            "starts_per_second": n / published,  # what the caller sustains
             "cpu_ms_per_saga": cpu_ms,
             "commits_per_saga": (after.commits - before.commits) / n,
             "read_only_txns_per_saga": (after.rollbacks - before.rollbacks - own_reads) / n,
@@ -696,6 +709,8 @@ class Bench:
         self.warm_up()
         self.chain_throughput()
         self.saga_throughput()
+        if self.options.compare_start:
+            self.saga_throughput("sagas_message_only", durable=False)
         self.saga_latency()
         self.chain_latency()
         return self.summary()
@@ -750,6 +765,12 @@ def format_table(summary: dict[str, Any]) -> str:
             f"{summary['sagas_per_second']:.1f}  ({sagas['seconds']:.1f}s)",
         ),
         (
+            "durable starts/s in the caller",
+            f"{sagas['starts_per_second']:.1f}  ({sagas['publish_seconds']:.1f}s for N, "
+            "one thread: saga + outbox row committed, then published)",
+        ),
+        *message_only_rows(summary),
+        (
             "ratio sagas/chains",
             f"{summary['ratio_sagas_to_chains']:.2f}  "
             f"(hop ceiling {HOPS_PER_CHAIN}/{hops} = {summary['hop_ceiling']:.2f})",
@@ -775,6 +796,19 @@ def format_table(summary: dict[str, Any]) -> str:
     ]
     width = max(len(label) for label, _ in rows)
     return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
+
+
+def message_only_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    other = summary.get("sagas_message_only")
+    if not other:
+        return []
+    return [
+        (
+            f"message-only start: sagas/s ({summary['hops_per_saga'] + 1} hops)",
+            f"{other['per_second']:.1f}  ({other['seconds']:.1f}s; "
+            f"{other['starts_per_second']:.1f} enqueues/s in the caller)",
+        )
+    ]
 
 
 def describe_cpu(cpu_ms: dict[str, float]) -> str:

@@ -14,11 +14,10 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from celery_sagas import machine
+from celery_sagas import hooks, machine
 from celery_sagas.definition import Saga, SagaRegistry, idempotency_key, registry
 from celery_sagas.errors import (
     ConcurrentUpdateError,
-    InvalidPayloadError,
     SagaError,
     UnknownDefinitionError,
 )
@@ -32,8 +31,10 @@ from celery_sagas.machine import (
     SendToDeadLetterQueue,
     StepStatus,
 )
+from celery_sagas.payloads import PayloadLimits, check_payload
 from celery_sagas.protocols import (
     Claim,
+    CreateResult,
     GuardRecord,
     NewSaga,
     OutboxMessage,
@@ -42,6 +43,8 @@ from celery_sagas.protocols import (
 )
 from celery_sagas.redaction import redact
 from celery_sagas.settings import DEFAULT_REDACT_FIELDS
+
+__all__ = ["Coordinator", "Outcome", "PayloadLimits", "Timing", "check_payload", "utcnow"]
 
 MAX_CAS_ATTEMPTS = 20
 
@@ -53,26 +56,6 @@ def utcnow() -> datetime:
 def payload_hash(payload: Mapping[str, Any]) -> str:
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def check_payload(saga: Saga, payload: Any) -> str:
-    """Validate a payload for ``saga``; returns its business key or raises
-    ``InvalidPayloadError`` (nothing is written)."""
-    if not isinstance(payload, Mapping):
-        raise InvalidPayloadError(f"{saga.name}: payload must be a JSON object, got {payload!r}")
-    try:
-        json.dumps(payload)
-    except (TypeError, ValueError) as exc:
-        raise InvalidPayloadError(f"{saga.name}: payload is not JSON serialisable: {exc}") from exc
-    if saga.validate is not None:
-        saga.validate(payload)
-    try:
-        key = saga.key_for(payload)
-    except (KeyError, TypeError) as exc:
-        raise InvalidPayloadError(f"{saga.name}: payload has no business key ({exc})") from exc
-    if not key:
-        raise InvalidPayloadError(f"{saga.name}: the business key is empty")
-    return key
 
 
 @dataclass(frozen=True)
@@ -189,11 +172,13 @@ class Coordinator:
         redact_fields: Sequence[str] = DEFAULT_REDACT_FIELDS,
         auto_retry_interval: float = 3600.0,
         messages_with_data: bool = False,
+        limits: PayloadLimits | None = None,
     ) -> None:
         """``messages_with_data``: step messages carry the payload and results (for
         participant workers without the saga database, ``coordinator_hop``); otherwise
         they carry ids and the step reads the rest from the saga it checks."""
         self.store = store
+        self.limits = limits or PayloadLimits()
         self.sagas = sagas
         self.definitions = (
             sagas if isinstance(sagas, SagaRegistry) else registry(list(sagas.values()))
@@ -257,16 +242,20 @@ class Coordinator:
                 saga, record, record.saga_id, record.payload, decision, command, self.with_data
             )
             for command in decision.commands
-        ]
+        ] + hooks.hook_messages(saga, record, decision)  # on_completed / on_failed
 
-    def start(self, name: str, payload: Any, saga_id: str | None = None) -> Outcome:
-        """Persist a new saga and the message for its first step, in one transaction.
+    def start(
+        self, name: str, payload: Any, saga_id: str | None = None, within: Any = None
+    ) -> Outcome:
+        """Persist a new saga and the message for its first step, in one transaction:
+        the store's own, or ``within`` (the caller's SQLAlchemy ``Connection`` or
+        ``Session``, which then commits or rolls back the saga with its own rows).
 
         Starting the same business key with the same payload again returns the existing
         saga; another payload raises ``PayloadConflictError``. A saga type at its
         ``max_concurrent`` limit leaves the new saga waiting in STARTED."""
         saga = self.definition(name)
-        key = check_payload(saga, payload)
+        key = check_payload(saga, payload, self.limits)
         saga_id = saga_id or str(uuid.uuid4())
         now = self.clock()
         deadline = self.timing.deadline(saga)
@@ -303,7 +292,7 @@ class Coordinator:
             deadline_at,
             saga.fingerprint,
         )
-        created = self.store.create(new, decision, messages, now)
+        created = self._create(new, decision, messages, now, within)
         if not created.created:
             logger.info(
                 "saga %s already started for %s %r; not started again",
@@ -316,6 +305,22 @@ class Coordinator:
         self._log(saga_id, saga.name, decision)
         written = created.messages + self.admit(saga.name)
         return Outcome(created.record.saga_id, decision, written, True)
+
+    def _create(
+        self,
+        new: NewSaga,
+        decision: Decision,
+        messages: list[OutboxMessage],
+        now: datetime,
+        within: Any,
+    ) -> CreateResult:
+        if within is None:
+            return self.store.create(new, decision, messages, now)
+        create_in = getattr(self.store, "create_in", None)
+        if create_in is None:
+            raise SagaError(f"{self.store!r} cannot start a saga in the caller's transaction")
+        result: CreateResult = create_in(within, new, decision, messages, now)
+        return result
 
     def handle(
         self,

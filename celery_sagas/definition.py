@@ -10,8 +10,8 @@ import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from functools import cached_property
 from datetime import timedelta
+from functools import cached_property
 from typing import Any
 
 from celery_sagas.errors import BusinessError, SagaDefinitionError, TransientError
@@ -100,6 +100,24 @@ def _error_types(value: Any, field_name: str) -> tuple[type[BaseException], ...]
     return types
 
 
+def hook_task_name(target: Any) -> str | None:
+    """The task name of an outcome hook: a name, a task (``.name``) or a signature
+    (``["task"]``); None if ``target`` is none of these."""
+    if isinstance(target, str):
+        return target or None
+    name = target.get("task") if isinstance(target, Mapping) else getattr(target, "name", None)
+    return name if isinstance(name, str) and name else None
+
+
+def _check_hook(target: Any, field_name: str, saga: str) -> None:
+    if target is not None and hook_task_name(target) is None:
+        raise SagaDefinitionError(
+            f"must be a task, a task name or a signature, got {target!r}",
+            field=field_name,
+            saga=saga,
+        )
+
+
 @dataclass(frozen=True)
 class Step:
     """One forward action and the compensation that undoes it.
@@ -175,7 +193,9 @@ class Step:
 @dataclass(frozen=True)
 class Saga:
     """An ordered list of steps. ``business_key`` maps a payload to its unique key
-    (a field name or a function); ``validate`` raises ``InvalidPayloadError`` on bad input."""
+    (a field name or a function); ``validate`` raises ``InvalidPayloadError`` on bad input.
+    ``on_completed`` / ``on_failed``: a task, a task name or a signature, sent once through
+    the outbox when the saga becomes COMPLETED / FAILED (see ``celery_sagas.hooks``)."""
 
     name: str
     steps: Sequence[Step]
@@ -184,9 +204,14 @@ class Saga:
     deadline: float | timedelta | None = None
     max_concurrent: int | None = None
     version: int | None = None
+    # a signature is a dict: kept out of eq/hash so a Saga stays hashable
+    on_completed: Any = field(default=None, compare=False)
+    on_failed: Any = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         _check_name(self.name, "name", None)
+        for hook in ("on_completed", "on_failed"):
+            _check_hook(getattr(self, hook), hook, self.name)
         steps = tuple(self.steps)
         if not steps:
             raise SagaDefinitionError(

@@ -59,6 +59,18 @@ class UnknownDefinitionError(SagaError):
     code = "unknown_definition"
 
 
+class AmbiguousSagaError(SagaError):
+    """A business key matches sagas of several types: name the one you mean."""
+
+    code = "ambiguous"
+
+
+class SagaTimeoutError(SagaError):
+    """``handle.wait(timeout=...)`` ran out of time before the saga settled."""
+
+    code = "timeout"
+
+
 class ConcurrentUpdateError(SagaError):
     """A compare-and-set on the saga's ``version`` lost a race; reload and decide again."""
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from celery_sagas.errors import SagaConfigurationError
 
+MAX_KEY_COLUMN = 200
 DEFAULT_REDACT_FIELDS = ("card_number", "cvv", "password", "secret", "token", "address")
 
 
@@ -45,6 +46,10 @@ class SagaSettings:
     dlq_auto_retry_interval: float = 3600.0
     dlq_auto_retries: int = 3
     engine_options: Mapping[str, Any] = field(default_factory=dict)
+    # what a start accepts, checked in the caller (the key column is VARCHAR(200))
+    max_payload_bytes: int = 65536
+    max_payload_depth: int = 32
+    max_key_length: int = MAX_KEY_COLUMN
 
     def __post_init__(self) -> None:
         self._check_database_and_key()
@@ -73,6 +78,7 @@ class SagaSettings:
             )
         if not self.dlq_queue:
             raise SagaConfigurationError("dlq_queue must be a queue name")
+        _check_payload_limits(self)
         if self.max_redispatches < 0:
             raise SagaConfigurationError("max_redispatches must be >= 0")
         for name in ("step_timeouts", "saga_deadlines", "max_concurrent"):
@@ -124,6 +130,17 @@ class SagaSettings:
             raise SagaConfigurationError(f"unknown settings: {', '.join(sorted(overrides))}")
         values.setdefault("database_url", "")
         return cls(**values)
+
+
+def _check_payload_limits(settings: SagaSettings) -> None:
+    for name in ("max_payload_bytes", "max_payload_depth", "max_key_length"):
+        value = getattr(settings, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SagaConfigurationError(f"{name} must be a positive integer, got {value!r}")
+    if settings.max_key_length > MAX_KEY_COLUMN:
+        raise SagaConfigurationError(
+            f"max_key_length must be <= {MAX_KEY_COLUMN} (the business_key column)"
+        )
 
 
 def _from_env(name: str) -> Any:

@@ -12,7 +12,7 @@ from typing import Any
 from celery import Celery, signals
 
 from celery_sagas import install
-from workers import config, db
+from workers import config, db, hooks
 from workers.sagas import order_fulfillment
 
 app = Celery("workers")
@@ -22,6 +22,7 @@ app.conf.task_ignore_result = True
 app.conf.worker_send_task_events = True
 app.conf.broker_connection_retry_on_startup = True
 sagas = install(app, [order_fulfillment], database_url=config.saga_database_url())
+hooks.register(app)
 
 
 @signals.worker_process_init.connect(weak=False)

@@ -81,6 +81,20 @@ notifications = sa.Table(
     sa.Column("kind", sa.Text, nullable=False),  # "confirmation" | "cancellation"
 )
 
+# what the outcome hooks (``workers.hooks``) record: one row per hook run, on purpose not
+# deduplicated, so the tests can count that each saga fired its hook exactly once
+order_outcomes = sa.Table(
+    "order_outcomes",
+    participant_metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("order_id", sa.Text, nullable=False, index=True),
+    sa.Column("saga_id", sa.Text, nullable=False),
+    sa.Column("hook", sa.Text, nullable=False),  # "on_completed" | "on_failed"
+    sa.Column("state", sa.Text, nullable=False),
+    sa.Column("reason", sa.Text, nullable=True),
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False, default=utc_now),
+)
+
 
 # --- engine -------------------------------------------------------------------
 

@@ -261,6 +261,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else ["-P", "prefork", "-c", str(args.concurrency or 4)]
     )
     env = DEMO_SETTINGS
+    # this process starts the sagas (durable start): it must shape them as the workers do
+    os.environ.update(DEMO_SETTINGS)
     with ExitStack() as stack:
         worker = celery_process(
             ["worker", "-l", "INFO", "-E", *pool, "-n", f"demo-{os.getpid()}@%h"],
@@ -294,23 +296,61 @@ def run_job(args: argparse.Namespace, embedded: bool) -> dict[str, Any]:
     store = SqlSagaStore(config.database_url())
     orders = make_orders(args.sagas, args.seed)
     started = time.monotonic()
-    for order in orders:
-        start_saga.delay(order)
-    start_saga.delay(orders[0])  # the same order again: still one saga
+    # the durable start: each delay() commits the saga (and its first step's outbox row)
+    # before it returns, so a handle is a saga that exists
+    handles = [start_saga.delay(order) for order in orders]
+    starts_s = time.monotonic() - started
+    print(f"demo: {len(handles)} orders started durably in {starts_s:.1f}s")
+    again = start_saga.delay(orders[0])  # the same order again: the same saga, not a new one
+    print(f"demo: the same order again returns the same saga: {again.saga_id == handles[0].id}")
     try:
         start_saga.delay({"order_id": "", "items": []})
     except InvalidPayloadError as exc:
-        print(f"demo: an invalid order is refused before anything is sent: {exc}")
+        print(f"demo: an invalid order is refused before anything is written: {exc}")
+    show_one_outcome(orders[0]["order_id"], handles[0], args.timeout)
     wait_settled(store, len(orders), started, args.timeout)
     drained = drain_dead_letters(store)
     from workers.report import build_report
 
+    hooks_ok = wait_for_hooks(store, args.timeout)
     report = build_report(store, orders, time.monotonic() - started, STOCK)
     report["dead_letters"] = drained
     report["invariants"]["every dead-lettered compensation was resolved by the drain"] = (
         drained["resolved"] == drained["landed"] and drained["drain_exit"] == 0
     )
+    report["invariants"]["every finished order's outcome hook ran exactly once"] = hooks_ok
     return report
+
+
+def show_one_outcome(order_id: str, handle: Any, timeout: float) -> None:
+    """``handle.wait()``: the outcome of one saga, read from the saga database."""
+    outcome = handle.wait(timeout=timeout)
+    steps = ", ".join(f"{s.name} {s.status.value}" for s in outcome.steps)
+    print(f"demo: handle.wait() for order {order_id}: {outcome.state.value} ({steps})")
+
+
+def wait_for_hooks(store: Any, timeout: float) -> bool:
+    """Every COMPLETED or FAILED saga fires its hook once (``workers.hooks``); they are
+    sent after the saga settles, so wait for them, then check there are no extra runs."""
+    import sqlalchemy as sa
+
+    from workers import db
+
+    deadline = time.monotonic() + timeout
+    while True:
+        counts = store.count_by_state()
+        finished = counts.get("COMPLETED", 0) + counts.get("FAILED", 0)
+        with db.get_engine().connect() as conn:
+            runs = conn.execute(
+                sa.select(sa.func.count()).select_from(db.order_outcomes)
+            ).scalar_one()
+            orders = conn.execute(
+                sa.select(sa.func.count(sa.distinct(db.order_outcomes.c.order_id)))
+            ).scalar_one()
+        if runs >= finished or time.monotonic() > deadline:
+            print(f"demo: outcome hooks ran {runs} time(s) for {finished} finished order(s)")
+            return bool(runs == orders == finished)
+        time.sleep(0.25)
 
 
 def drain_dead_letters(store: Any) -> dict[str, int]:

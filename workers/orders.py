@@ -1,8 +1,11 @@
 """What application code imports: ``from workers.orders import start_saga``.
 
-``start_saga.delay(order)`` checks the order in the caller (a bad order raises
-``InvalidPayloadError`` and nothing is sent or written), then starts one saga per
-``order_id``.
+``handle = start_saga.delay(order)`` checks the order in the caller (a bad order raises
+``InvalidPayloadError`` and nothing is written or sent), commits the saga (one per
+``order_id``) and its first step's outbox row, publishes the step, and returns a handle:
+``handle.saga_id``, ``handle.state()``, ``handle.wait(timeout=30)``. Pass
+``connection=`` (a SQLAlchemy ``Connection`` or ``Session``) to start it inside your own
+transaction; ``start_saga.enqueue(order)`` is the message-only start.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from celery_sagas import Saga, Step
+from workers.hooks import ORDER_COMPLETED, ORDER_FAILED
 from workers.participants import (
     cancel_shipment,
     create_shipment,
@@ -19,6 +20,8 @@ order_fulfillment = Saga(
     "order_fulfillment",
     business_key="order_id",
     validate=validate_order,
+    on_completed=ORDER_COMPLETED,  # task names (a task or a signature works too)
+    on_failed=ORDER_FAILED,
     steps=[
         Step("reserve_inventory", action=reserve_inventory, compensation=release_inventory),
         Step("process_payment", action=process_payment, compensation=refund_payment),

@@ -8,6 +8,7 @@ from typing import Any
 from celery import Celery, chain
 
 from celery_sagas.definition import Saga
+from celery_sagas.hooks import HOOK_KIND
 from celery_sagas.protocols import OutboxMessage
 from celery_sagas.redaction import redact
 
@@ -16,6 +17,7 @@ COMPENSATED_TASK = "celery_sagas.compensated"
 DEAD_LETTER_TASK = "celery_sagas.dead_letter"
 # (kwargs, task name, saga, step index) -> the kwargs stamped and signed
 Signer = Callable[[dict[str, Any], str, Saga, int], dict[str, Any]]
+HOOK_TASK = "celery_sagas.hook"
 
 
 def step_kwargs(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -37,7 +39,9 @@ def kwargs_repr(kwargs: Mapping[str, Any], redact_fields: Sequence[str]) -> str:
     """What Flower and the worker log show: a dict literal (Flower's ``kwargs:saga_id=…``
     search parses it) with the payload's secrets masked."""
     shown = {
-        key: redact(value, redact_fields) if key in ("payload", "results", "result") else value
+        key: redact(value, redact_fields)
+        if key in ("payload", "results", "result", "outcome")
+        else value
         for key, value in kwargs.items()
     }
     if isinstance(shown.get("applying"), Mapping):  # a carried outcome: its kind only
@@ -57,13 +61,17 @@ class CeleryDispatcher:
         redact_fields: Sequence[str] = (),
         coordinator_hop: bool = False,
         sign: Signer | None = None,
+        publish_options: Mapping[str, Any] | None = None,
     ) -> None:
-        """``sign``: stamps and signs a step command (``coordinator_hop``)."""
+        """``sign``: stamps and signs a step command (``coordinator_hop``).
+        ``publish_options``: added to every publish (the caller's start bounds its
+        retries with them, so a broker outage cannot hold the caller)."""
         self.app = app
         self.sagas = sagas
         self.redact_fields = tuple(redact_fields)
         self.coordinator_hop = coordinator_hop
         self.sign = sign
+        self.publish_options = dict(publish_options or {})
 
     def _definition(self, body: Mapping[str, Any]) -> Saga:
         """The definition the message's saga started with (its fingerprint), installed here
@@ -74,6 +82,9 @@ class CeleryDispatcher:
 
     def send(self, message: OutboxMessage) -> None:
         body = message.body
+        if body["kind"] == HOOK_KIND:
+            self._send_hook(body)
+            return
         if body["kind"] == "dead_letter":
             # ids only: the database row is the source of truth
             self.app.signature(
@@ -93,7 +104,12 @@ class CeleryDispatcher:
         if not self.coordinator_hop:
             # the step task applies its own outcome: one message, sent by name (routes and
             # task options apply; no signature to build), or run in process in eager mode
-            options = {"kwargs": kwargs, "kwargsrepr": shown, "root_id": body["saga_id"]}
+            options = {
+                "kwargs": kwargs,
+                "kwargsrepr": shown,
+                "root_id": body["saga_id"],
+                **self.publish_options,
+            }
             if self.app.conf.task_always_eager:
                 self.app.tasks[task_name].apply_async(**options)
             else:
@@ -106,4 +122,27 @@ class CeleryDispatcher:
             reply_name,
             kwargs={"saga_id": body["saga_id"], "step": index, "token": body["token"]},
         )
-        chain(step, reply).apply_async(root_id=body["saga_id"])
+        chain(step, reply).apply_async(root_id=body["saga_id"], **self.publish_options)
+
+    def _send_hook(self, body: Mapping[str, Any]) -> None:
+        """An outcome hook (``celery_sagas.hooks``): the run-once wrapper task, on the
+        queue the hook task is routed to (or its signature names)."""
+        kwargs = {
+            "saga_id": body["saga_id"],
+            "task": body["task"],
+            "key": body["key"],
+            "args": body["args"],
+            "kwargs": body["kwargs"],
+        }
+        options = {**body["options"], **self.publish_options}
+        options.setdefault("queue", self.app.amqp.router.route({}, body["task"])["queue"].name)
+        options.update(
+            kwargs=kwargs,
+            task_id=body["task_id"],
+            root_id=body["saga_id"],
+            kwargsrepr=kwargs_repr({**kwargs, "kwargs": "..."}, self.redact_fields),
+        )
+        if self.app.conf.task_always_eager:
+            self.app.tasks[HOOK_TASK].apply_async(**options)
+        else:
+            self.app.send_task(HOOK_TASK, **options)

@@ -15,9 +15,10 @@ from celery.exceptions import SoftTimeLimitExceeded
 from kombu.entity import Queue
 
 from celery_sagas import dlq, machine, outbox, scanner, signing
-from celery_sagas.coordinator import Coordinator, Timing, utcnow
+from celery_sagas.coordinator import Coordinator, PayloadLimits, Timing, utcnow
 from celery_sagas.definition import Saga, registry
 from celery_sagas.errors import SagaConfigurationError, SagaError
+from celery_sagas.handle import SagaHandle, find
 from celery_sagas.integration.config import SAGA_TASK_OPTIONS, check_app
 from celery_sagas.integration.crash import crash_point
 from celery_sagas.integration.dispatcher import (
@@ -26,6 +27,7 @@ from celery_sagas.integration.dispatcher import (
     DEAD_LETTER_TASK,
     CeleryDispatcher,
 )
+from celery_sagas.integration.hook_task import HOOK_LEASE, register_hook_task
 from celery_sagas.integration.quiet import quiet_periodic_tasks
 from celery_sagas.integration.steps import StepTask
 from celery_sagas.integration.tasks import (
@@ -39,6 +41,13 @@ from celery_sagas.protocols import GuardRecord, OutboxMessage, SagaRecord
 from celery_sagas.runner import StepRunner, policy_for
 from celery_sagas.settings import SagaSettings
 from celery_sagas.store import SqlSagaStore, dispose_all_after_fork
+
+CALLER_PUBLISH_RETRY = {
+    "max_retries": 2,
+    "interval_start": 0,
+    "interval_step": 0.2,
+    "interval_max": 0.2,
+}
 
 
 class SagaRuntime:
@@ -54,6 +63,19 @@ class SagaRuntime:
             settings.redact_fields,
             settings.coordinator_hop,
             self.sign if settings.coordinator_hop else None,
+        )
+        # the caller's start publishes with few, quick retries: a broker outage must not
+        # hold the application (the outbox row stays unsent and the relay publishes it)
+        self.caller_dispatcher = CeleryDispatcher(
+            app,
+            sagas,
+            settings.redact_fields,
+            settings.coordinator_hop,
+            self.sign if settings.coordinator_hop else None,
+            publish_options={"retry": True, "retry_policy": CALLER_PUBLISH_RETRY},
+        )
+        self.limits = PayloadLimits(
+            settings.max_payload_bytes, settings.max_payload_depth, settings.max_key_length
         )
         self.start_tasks: dict[str, Task] = {}
         self._store: SqlSagaStore | None = None
@@ -109,6 +131,7 @@ class SagaRuntime:
                 redact_fields=self.settings.redact_fields,
                 auto_retry_interval=self.settings.dlq_auto_retry_interval,
                 messages_with_data=self.settings.coordinator_hop,
+                limits=self.limits,
             )
         return self._coordinator
 
@@ -124,11 +147,57 @@ class SagaRuntime:
     # -- what the tasks do ----------------------------------------------------------
 
     def start(
+        self,
+        saga_name: str,
+        payload: Any,
+        saga_id: str | None = None,
+        connection: Any = None,
+    ) -> SagaHandle:
+        """The durable start, in the caller: saga row + first step's outbox row committed
+        (in the store's transaction, or in ``connection``'s: a ``Connection`` or
+        ``Session``), then published. A publish that fails is left to the relay; a
+        ``Session`` publishes when it commits; a ``Connection`` leaves it to
+        ``handle.publish()`` after commit, or to the relay."""
+        outcome = self.coordinator.start(saga_name, payload, saga_id, within=connection)
+
+        def publish() -> int:
+            return outbox.publish(self.store, self.caller_dispatcher, outcome.messages, utcnow)
+
+        if connection is None:
+            publish()
+            return SagaHandle(self.store, outcome.saga_id, outcome.created, publish)
+
+        def publish_if_committed() -> int:
+            """After the caller's commit (a ``Session``'s event, or ``handle.publish()``):
+            nothing if the saga was rolled back (a savepoint, or no commit at all)."""
+            return publish() if self.store.load(outcome.saga_id) is not None else 0
+
+        self.store.after_commit(connection, publish_if_committed)
+        return SagaHandle(self.store, outcome.saga_id, outcome.created, publish_if_committed)
+
+    def start_from_message(
         self, saga_name: str, payload: dict[str, Any], saga_id: str | None = None
     ) -> dict[str, Any]:
+        """The message-only start (``start_saga.enqueue``), run by the start task."""
         outcome = self.coordinator.start(saga_name, payload, saga_id)
         outbox.publish(self.store, self.dispatcher, outcome.messages, utcnow)
         return {"saga_id": outcome.saga_id, "created": outcome.created}
+
+    def claim_hook(self, key: str) -> str:
+        return self.store.claim_once(key, utcnow(), HOOK_LEASE)
+
+    def finish_hook(self, key: str, saga_id: str) -> None:
+        self.store.finish_claim(key, saga_id, utcnow())
+
+    def release_hook(self, key: str) -> None:
+        self.store.release_claim(key)
+
+    def get(self, ref: str, name: str | None = None) -> SagaHandle:
+        """A handle on the saga whose id is ``ref``, or of type ``name`` whose business
+        key is ``ref``; ``SagaNotFoundError``, or ``AmbiguousSagaError`` if the key is used
+        by several saga types and no ``name`` is given."""
+        record = find(self.store, ref, name)
+        return SagaHandle(self.store, record.saga_id)
 
     def apply(
         self,
@@ -293,6 +362,7 @@ def install(app: Celery, sagas: Sequence[Saga], **settings: Any) -> SagaRuntime:
     timing = runtime.timing  # configured timeouts win over declared ones
     check_app(app, [t or 0.0 for saga in sagas for t in timing.timeouts(saga)])
     register_coordinator_tasks(app, runtime)
+    register_hook_task(app, runtime)
     for saga in sagas:
         _register_step_tasks(app, runtime, saga)
         runtime.start_tasks[saga.name] = register_start_task(app, runtime, saga.name)

@@ -15,6 +15,7 @@ from celery_sagas import machine
 from celery_sagas.coordinator import check_payload
 from celery_sagas.errors import (
     ConcurrentUpdateError,
+    SagaError,
     StoreUnavailableError,
     UnknownDefinitionError,
 )
@@ -40,25 +41,54 @@ RETRY_ON_STORE = {
 
 
 class StartSagaTask(Task):
-    """``start_saga.delay(payload)``: the payload is checked before anything is sent, so a
-    bad payload raises ``InvalidPayloadError`` in the caller and nothing is written."""
+    """``start_saga.delay(payload)`` starts the saga in the caller (durable): the payload
+    is checked, the saga row and its first step's outbox row are committed, the step is
+    published after commit, and a ``SagaHandle`` is returned (``.id`` is the saga id).
+    An invalid payload or a conflicting one raises here and nothing is written; if the
+    broker is down the relay publishes later; if the database is down it raises.
+
+    ``start_saga.delay(payload, connection=conn)``: inside the application's transaction
+    (a SQLAlchemy ``Connection`` or ``Session`` on the saga database).
+
+    ``start_saga.enqueue(payload)`` (or ``apply_async(..., durable=False)``): the
+    message-only start for callers that cannot reach the saga database. The payload is
+    checked here, but the saga is only written when a worker runs the start task: the
+    order is accepted, not yet durable (a broker that loses the message loses it)."""
 
     abstract = True
     saga_name: str
     runtime: SagaRuntime
 
     def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
-        """The start task's id becomes the saga id (unless the business key already has a
-        saga): Flower's ``kwargs:saga_id=…`` finds the start task with the others, and it
-        is the root of all of them."""
-        payload = args[0] if args else (kwargs or {}).get("payload")
-        check_payload(self.runtime.sagas[self.saga_name], payload)
+        kwargs = dict(kwargs or {})
+        # ``delay(order, connection=conn)``: a SQLAlchemy Connection or Session (an
+        # ``apply_async(connection=…)`` option stays Celery's: a broker connection)
+        connection = kwargs.pop("connection", None)
+        durable = kwargs.pop("durable", options.pop("durable", True))
+        if not durable:
+            if connection is not None:
+                raise SagaError("connection=... needs the durable start (durable=True)")
+            return self.enqueue(*(args or ()), _options=options, **kwargs)
+        delayed = sorted(k for k in ("countdown", "eta") if options.get(k) is not None)
+        if delayed:
+            raise SagaError(
+                f"{self.saga_name}.start: {', '.join(delayed)} is not supported by the "
+                "durable start (the saga starts now); use enqueue(...) for a delayed message"
+            )
+        payload = _the_payload(self.saga_name, args, kwargs)
+        return self.runtime.start(self.saga_name, payload, options.get("task_id"), connection)
+
+    def enqueue(self, *args: Any, _options: Any = None, **kwargs: Any) -> Any:
+        """The message-only start (see the class docstring); returns the AsyncResult of
+        the start task, whose id becomes the saga id unless the key already has a saga."""
+        options = dict(_options or {})
+        payload = _the_payload(self.saga_name, args, kwargs)
+        check_payload(self.runtime.sagas[self.saga_name], payload, self.runtime.limits)
         task_id = options.setdefault("task_id", uuid())
-        kwargs = {**(kwargs or {}), "saga_id": task_id}
+        kwargs = {"payload": payload, "saga_id": task_id}
         fields = self.runtime.settings.redact_fields
-        options.setdefault("argsrepr", repr([redact(a, fields) for a in args or ()]))
         options.setdefault("kwargsrepr", repr(redact(kwargs, fields)))
-        return super().apply_async(args, kwargs, **options)
+        return super().apply_async((), kwargs, **options)
 
     def retry(self, *args: Any, **options: Any) -> Any:
         """Celery does not carry argsrepr/kwargsrepr over to a retry: mask them again."""
@@ -77,6 +107,17 @@ def handed_guard(role: str, outcome: dict[str, Any]) -> GuardRecord | None:
     return GuardRecord(
         str(key), str(outcome["outcome"]), outcome.get("result"), outcome.get("error")
     )
+
+
+def _the_payload(saga_name: str, args: Any, kwargs: dict[str, Any]) -> Any:
+    """``delay(order)`` or ``delay(payload=order)``: one payload and nothing else."""
+    extra = set(kwargs) - {"payload"}
+    if len(args or ()) + len(kwargs) != 1 or extra:
+        raise TypeError(
+            f"{saga_name}.start takes one payload (and connection=..., durable=...); "
+            f"got {len(args or ())} positional and {sorted(kwargs)}"
+        )
+    return args[0] if args else kwargs["payload"]
 
 
 def register_coordinator_tasks(app: Celery, runtime: SagaRuntime) -> None:
@@ -132,6 +173,7 @@ def register_start_task(app: Celery, runtime: SagaRuntime, saga_name: str) -> Ta
         **RETRY_ON_STORE,
     )
     def start(self: Task, payload: dict[str, Any], saga_id: str | None = None) -> dict[str, Any]:
-        return runtime.start(saga_name, payload, saga_id or self.request.id)
+        """The message-only start (``enqueue``), run by a worker."""
+        return runtime.start_from_message(saga_name, payload, saga_id or self.request.id)
 
     return start

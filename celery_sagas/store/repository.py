@@ -6,7 +6,7 @@ Every write method is one transaction. Saga updates are a compare-and-set on ``v
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
@@ -34,10 +34,10 @@ from celery_sagas.protocols import (
     expects,
 )
 from celery_sagas.settings import redact_url
+from celery_sagas.store import caller, once, one_statement, writes
 from celery_sagas.store import claims as claim_rows
 from celery_sagas.store import dead_letters as dead_letter_rows
 from celery_sagas.store import guards as guard_rows
-from celery_sagas.store import one_statement, writes
 from celery_sagas.store.claims import SqlClaim
 from celery_sagas.store.engine import autocommit_engine, shared_engine
 from celery_sagas.store.prepared import Prepared
@@ -150,6 +150,27 @@ class SqlSagaStore:
                 saga_id=new.saga_id,
             ) from exc
 
+    def create_in(
+        self,
+        within: Any,
+        new: NewSaga,
+        decision: Decision,
+        messages: Sequence[OutboxMessage],
+        now: datetime,
+    ) -> CreateResult:
+        """``create`` inside the caller's transaction (a ``Connection`` or ``Session`` on
+        this database), which commits or rolls it back with its own rows. READ COMMITTED:
+        a concurrent start of the same key waits for the other transaction's outcome."""
+        conn = caller.connection_of(within)
+        try:
+            with self._unavailable_as_error():
+                return self._create_in(conn, new, decision, messages, now, prepare=False)
+        except IntegrityError as exc:
+            raise SagaError(
+                f"cannot create saga {new.saga_id}: {exc.orig}; nothing was written",
+                saga_id=new.saga_id,
+            ) from exc
+
     def _create(
         self,
         new: NewSaga,
@@ -157,33 +178,49 @@ class SqlSagaStore:
         messages: Sequence[OutboxMessage],
         now: datetime,
     ) -> CreateResult:
+        opened = self._one_statement() if self.is_postgres else self._connect()
+        with opened as conn:
+            return self._create_in(conn, new, decision, messages, now, self.prepare)
+
+    def _create_in(
+        self,
+        conn: Connection,
+        new: NewSaga,
+        decision: Decision,
+        messages: Sequence[OutboxMessage],
+        now: datetime,
+        prepare: bool,
+    ) -> CreateResult:
         if self.is_postgres:
-            with self._one_statement() as conn:
-                written = one_statement.create(conn, new, decision, messages, now, self.prepare)
-                if written is not None:
-                    return CreateResult(_fresh_record(new, decision, now), True, written)
-                return self._existing(conn, new)
-        with self._connect() as conn:
-            inserted = conn.execute(
-                self._insert(sagas)
-                .values(**writes.new_saga_values(new, decision, now))
-                # any conflict: the business key, or the same start delivered twice (its
-                # task id is the saga id)
-                .on_conflict_do_nothing()
-            )
-            if inserted.rowcount == 0:
-                return self._existing(conn, new)
-            conn.execute(
-                steps.insert(),
-                [
-                    {"saga_id": new.saga_id, "idx": i, "name": name, "status": "pending"}
-                    for i, name in enumerate(new.step_names)
-                ],
-            )
-            written = writes.write_decision(
-                conn, self._insert, new.saga_id, decision, messages, now, fresh=True
-            )
-            return CreateResult(_fresh_record(new, decision, now), True, written)
+            written = one_statement.create(conn, new, decision, messages, now, prepare)
+            if written is not None:
+                return CreateResult(_fresh_record(new, decision, now), True, written)
+            return self._existing(conn, new)
+        inserted = conn.execute(
+            self._insert(sagas)
+            .values(**writes.new_saga_values(new, decision, now))
+            # any conflict: the business key, or the same start delivered twice (its
+            # task id is the saga id)
+            .on_conflict_do_nothing()
+        )
+        if inserted.rowcount == 0:
+            return self._existing(conn, new)
+        conn.execute(
+            steps.insert(),
+            [
+                {"saga_id": new.saga_id, "idx": i, "name": name, "status": "pending"}
+                for i, name in enumerate(new.step_names)
+            ],
+        )
+        written = writes.write_decision(
+            conn, self._insert, new.saga_id, decision, messages, now, fresh=True
+        )
+        return CreateResult(_fresh_record(new, decision, now), True, written)
+
+    def after_commit(self, within: Any, callback: Callable[[], Any]) -> bool:
+        """Run ``callback`` when the caller's ``Session`` commits; False if it cannot
+        (a ``Connection``)."""
+        return caller.after_commit(within, callback)
 
     def _existing(self, conn: Connection, new: NewSaga) -> CreateResult:
         """A start whose saga exists: the same payload returns it, another is refused."""
@@ -217,6 +254,21 @@ class SqlSagaStore:
                 select(steps).where(steps.c.saga_id == saga_id).order_by(steps.c.idx)
             ).all()
         return _saga_record(row, step_rows)
+
+    def keyed(self, business_key: str) -> tuple[SagaRecord, ...]:
+        """The sagas of every type whose business key is ``business_key``."""
+        with self._read() as conn:
+            ids = (
+                conn.execute(
+                    select(sagas.c.id)
+                    .where(sagas.c.business_key == business_key)
+                    .order_by(sagas.c.name)
+                )
+                .scalars()
+                .all()
+            )
+            rows = [_joined_record(conn.execute(WITH_STEPS, {"p_saga_id": i}).all()) for i in ids]
+        return tuple(r for r in rows if r is not None)
 
     def find(self, ref: str) -> SagaRecord | None:
         record = self.load(ref)
@@ -371,6 +423,20 @@ class SqlSagaStore:
     def begin_guard(self, key: str, now: datetime) -> GuardRecord | None:
         with self._one_statement() as conn:
             return guard_rows.begin_guard(conn, self._mark_started, key, now)
+
+    def claim_once(self, key: str, now: datetime, lease: float) -> once.Claimed:
+        """Claim ``key`` to run something once (an outcome hook): ``run``, ``busy`` (held by
+        another delivery, for up to ``lease`` seconds) or ``done``."""
+        with self._connect() as conn:
+            return once.claim(conn, key, now, lease)
+
+    def release_claim(self, key: str) -> None:
+        with self._connect() as conn:
+            once.release(conn, key)
+
+    def finish_claim(self, key: str, saga_id: str, now: datetime) -> None:
+        with self._connect() as conn:
+            once.finish(conn, key, saga_id, now)
 
     def put_guard(self, guard: GuardRecord, now: datetime) -> GuardRecord:
         with self._connect() as conn:

@@ -94,9 +94,12 @@ def deliver_once(
     outbox.publish(store, dispatcher, handled.messages, coordinator.clock)
 
 
+STEP_KINDS = ("action", "compensation")  # not a dead letter (the DLQ queue) nor a hook
+
+
 def _for_a_step(message: OutboxMessage, saga_id: str) -> bool:
-    """A message of the saga for a step task (not a dead letter, for the DLQ queue)."""
-    return message.saga_id == saga_id and message.body.get("kind") != DEAD_LETTER
+    """A message of the saga for a step task."""
+    return message.saga_id == saga_id and message.body.get("kind") in STEP_KINDS
 
 
 def run_until_settled(

@@ -29,7 +29,7 @@ from celery_sagas.definition import Saga, Step, StepContext, StepFunction, regis
 from celery_sagas.errors import BusinessError, SagaError
 from celery_sagas.machine import SETTLED_STATES, SagaState
 from celery_sagas.protocols import OutboxMessage, SagaRecord
-from celery_sagas.testing.driver import DEAD_LETTER, RecordingDispatcher, deliver_once
+from celery_sagas.testing.driver import STEP_KINDS, RecordingDispatcher, deliver_once
 from celery_sagas.testing.store import InMemorySagaStore
 
 START = datetime(2030, 1, 1, tzinfo=UTC)
@@ -201,7 +201,7 @@ class SagaHarness:
             if index in delivered or message.saga_id != saga_id:
                 continue
             delivered.add(index)
-            if message.body.get("kind") != DEAD_LETTER:
+            if message.body.get("kind") in STEP_KINDS:
                 return message
         return None
 

@@ -137,7 +137,8 @@ def test_a_saga_past_its_deadline_is_compensated(
     order = make_order(sku, simulate={"process_payment": "slow:1.5", "create_shipment": "slow:1.5"})
     deadlines = json.dumps({"order_fulfillment": 2})
     with running(deployment, SAGAS_SAGA_DEADLINES=deadlines):
-        start_saga.delay(order)
+        # created by the worker, whose settings carry the deadline (this process's do not)
+        start_saga.enqueue(order)
         record = wait_settled([order["order_id"]], timeout=30)[order["order_id"]]
     assert record.state.value == "FAILED"
     assert "saga deadline passed" in record.reason
@@ -222,8 +223,8 @@ def test_a_flushed_broker_in_the_middle_of_100_sagas_is_recovered_from_postgresq
     # re-send a step no worker began after 8 s (then 16 s later, …)
     timeouts = json.dumps({name: 24 for name in order_fulfillment.step_names})
     with running(deployment, SAGAS_STEP_TIMEOUTS=timeouts) as (worker, _beat):
-        for order in orders:
-            start_saga.delay(order)
+        for order in orders:  # created by the worker, with its step timeouts
+            start_saga.enqueue(order)
 
         def finished() -> int:
             with db.get_engine().connect() as conn:

@@ -32,14 +32,25 @@ def test_every_message_delivered_twice_causes_no_double_side_effect(
             for order in orders:
                 start_saga.delay(order)
             records = wait_settled([o["order_id"] for o in orders])
+            hook_runs = {  # each saga's outcome hook, sent once the saga settled
+                o["order_id"]: wait_until(
+                    lambda o=o: rows_for(db.order_outcomes, o["order_id"]), timeout=30
+                )
+                for o in orders
+            }
             log = worker.log_text()
     finally:
         duplicating_app.disable()
 
-    # 4 sagas x (start + 4 step/compensation tasks) were all doubled
+    # 4 sagas x (4 step/compensation tasks + the outcome hook) were all doubled
     assert int(counter.get(duplicating_app.DUPLICATES_KEY) or 0) >= 4 * 5
     # a duplicate finds its saga moved on: refused before it runs anything
     assert "message ignored (stale" in log
+    # each saga's outcome hook ran once although its message came twice
+    for order in orders:
+        hook = "on_failed" if order is failing else "on_completed"
+        assert [r.hook for r in hook_runs[order["order_id"]]] == [hook]
+        assert [r.hook for r in rows_for(db.order_outcomes, order["order_id"])] == [hook]
     store = SqlSagaStore(db.database_url())
     for order in good:
         record = records[order["order_id"]]
@@ -89,6 +100,7 @@ def test_pool_child_sigkilled_mid_step_saga_still_completes_exactly_once(
         )
         os.kill(pid, signal.SIGKILL)
         record = wait_settled([order["order_id"]], timeout=60)[order["order_id"]]
+        wait_until(lambda: rows_for(db.order_outcomes, order["order_id"]), message="hook ran")
         log = worker.log_text()
 
     assert "SIGKILL" in log or "signal 9" in log
@@ -99,6 +111,7 @@ def test_pool_child_sigkilled_mid_step_saga_still_completes_exactly_once(
     store = SqlSagaStore(db.database_url())
     completions = [t.step for t in store.transitions(record.saga_id) if t.new == "completed"]
     assert completions.count("process_payment") == 1
+    assert [r.hook for r in rows_for(db.order_outcomes, order["order_id"])] == ["on_completed"]
 
 
 HOT_PATH = "AND query LIKE 'EXECUTE cs_%%'"  # the workers' prepared hot-path statements

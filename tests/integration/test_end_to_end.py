@@ -6,9 +6,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from celery import Celery
 from sqlalchemy import func, select
 
-from celery_sagas import InvalidPayloadError, PayloadConflictError
+from celery_sagas import InvalidPayloadError, PayloadConflictError, install
 from celery_sagas.store import SqlSagaStore
 from celery_sagas.store.tables import guards, outbox, sagas
 from tests.integration.conftest import (
@@ -19,6 +20,7 @@ from tests.integration.conftest import (
 )
 from tests.support.processes import CeleryProcess
 from workers import db
+from workers.sagas import order_fulfillment
 
 STEPS = ["reserve_inventory", "process_payment", "create_shipment", "send_confirmation"]
 COMPENSATIONS = [
@@ -39,6 +41,26 @@ def worker(deployment: Deployment, request: pytest.FixtureRequest) -> Iterator[C
     with deployment.worker(name=f"e2e-{request.param}", env=env) as process:
         process.mode = request.param  # type: ignore[attr-defined]
         yield process
+
+
+@pytest.fixture
+def start_saga(worker: CeleryProcess, deployment: Deployment) -> Any:
+    """The caller's start, in the workers' mode: with ``coordinator_hop`` the caller
+    publishes the first step itself, so it signs it with the same key and carries its
+    data, like the workers."""
+    from workers.orders import start_saga as default_start
+
+    if worker.mode != "coordinator_hop":  # type: ignore[attr-defined]
+        return default_start
+    app = Celery("e2e-caller", broker=deployment.broker_url)
+    runtime = install(
+        app,
+        [order_fulfillment],
+        database_url=deployment.database_url,
+        coordinator_hop=True,
+        signing_key="e2e-key",
+    )
+    return runtime.start_task("order_fulfillment")
 
 
 def test_happy_path_completes_with_one_side_effect_of_each_kind(

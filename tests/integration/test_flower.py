@@ -35,7 +35,7 @@ from tests.support.processes import REPO_ROOT, CeleryProcess, wait_until
 
 STEPS = ["reserve_inventory", "process_payment", "create_shipment", "send_confirmation"]
 STEP_TASKS = [f"order_fulfillment.{s}" for s in STEPS]
-START = "order_fulfillment.start"
+HOOK = "celery_sagas.hook"  # the order saga's on_completed hook, run once
 
 
 # --------------------------------------------------------------------------- Flower process
@@ -306,44 +306,39 @@ def test_kwargs_search_finds_every_step_and_coordinator_task_by_stable_name(
 ) -> None:
     tasks = observed.saga_tasks("plain")
     names = sorted(t["name"] for t in tasks.values())
-    assert names == sorted([START, *STEP_TASKS])
+    assert names == sorted([HOOK, *STEP_TASKS])
     assert {t["state"] for t in tasks.values()} == {"SUCCESS"}
     saga_id = observed.saga_ids["plain"]
     for task in tasks.values():
         assert saga_id not in task["name"]
 
 
-def test_the_start_task_is_the_root_and_the_saga_id_finds_it_too(observed: Observed) -> None:
-    tasks = observed.saga_tasks("plain")
-    roots = {t["root_id"] for t in tasks.values()}
-    assert len(roots) == 1, f"tasks of one saga under several roots: {roots}"
-    (root,) = roots
-    start = observed.fetch(f"/api/task/info/{root}")
-    assert start["name"] == START
-    assert start["root_id"] == root
-    # A free-text search for the id finds the start task as well, through its result.
-    everything = observed.fetch("/api/tasks?search=" + quote(observed.saga_ids["plain"]))
-    assert root in everything
-    assert set(tasks) <= set(everything)
-
-
-def test_every_task_of_the_saga_shares_one_root_and_chains_by_parent(
+def test_the_saga_id_is_the_root_of_every_task_and_a_search_for_it_finds_them(
     observed: Observed,
 ) -> None:
     tasks = observed.saga_tasks("plain")
-    (root,) = {t["root_id"] for t in tasks.values()}
-    assert root == observed.saga_ids["plain"]  # the start task's id is the saga id
-    known = set(tasks) | {root}
+    roots = {t["root_id"] for t in tasks.values()}
+    assert roots == {observed.saga_ids["plain"]}, f"tasks of one saga under several roots: {roots}"
+    everything = observed.fetch("/api/tasks?search=" + quote(observed.saga_ids["plain"]))
+    assert set(tasks) <= set(everything)
+
+
+def test_every_task_of_the_saga_chains_by_parent_from_the_first_step(
+    observed: Observed,
+) -> None:
+    """The caller publishes the first step (no parent); each later task was sent by the
+    one before it."""
+    tasks = observed.saga_tasks("plain")
+    orphans = [t["name"] for t in tasks.values() if t["parent_id"] is None]
+    assert orphans == [STEP_TASKS[0]]
     for task in tasks.values():
-        if task["name"] == START:
-            assert task["uuid"] == root and task["parent_id"] is None
-            continue
-        assert task["parent_id"] in known, f"{task['name']} has parent {task['parent_id']}"
+        if task["parent_id"] is not None:
+            assert task["parent_id"] in tasks, f"{task['name']} has parent {task['parent_id']}"
 
 
 def test_task_types_are_stable_names_without_ids(observed: Observed) -> None:
     types = observed.fetch("/api/task/types")["task-types"]
-    assert {*STEP_TASKS, START} <= set(types)
+    assert {*STEP_TASKS, HOOK} <= set(types)
     for saga_id in observed.saga_ids.values():
         assert not [t for t in types if saga_id in t]
     assert all(len(t) < 80 and " " not in t for t in types), types
@@ -386,15 +381,14 @@ def test_secrets_of_an_order_never_leave_the_saga(observed: Observed) -> None:
     steps = [t for t in tasks if t["name"] in STEP_TASKS]
     assert steps and all("card_number" not in t["kwargs"] for t in steps), steps
     assert all("'saga_id'" in t["kwargs"] for t in steps), steps
-    # ... and where the payload does travel (the start), the redaction is visible
-    starts = [t for t in tasks if t["name"] == START]
-    assert starts and all("'card_number': '***'" in t["args"] + t["kwargs"] for t in starts)
+    # ... and no task carries it at all: the caller wrote it once, in the saga row
+    assert all("card_number" not in t["args"] + t["kwargs"] for t in tasks), tasks
 
 
 def test_in_the_retried_saga_only_the_payment_step_retried(observed: Observed) -> None:
     tasks = observed.saga_tasks("retried").values()
     assert [t["name"] for t in tasks if t["retries"]] == ["order_fulfillment.process_payment"]
-    assert sorted(t["name"] for t in tasks) == sorted([START, *STEP_TASKS])
+    assert sorted(t["name"] for t in tasks) == sorted([HOOK, *STEP_TASKS])
 
 
 def test_secrets_never_leave_a_saga_whose_step_retried(observed: Observed) -> None:

@@ -84,8 +84,8 @@ def test_max_concurrent_admits_at_most_five_at_once_oldest_first(
     with running(deployment, SAGAS_MAX_CONCURRENT=json.dumps({"order_fulfillment": 5})):
         sampler.start()
         try:
-            for order in orders:
-                start_saga.delay(order)
+            for order in orders:  # created by the worker, which knows the limit
+                start_saga.enqueue(order)
             records = wait_settled(keys, timeout=120)
         finally:
             stop.set()
