@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from flower.utils.search import QuerySyntaxError
 from flower.utils.tasks import iter_tasks
 
-from celery_sagas.definition import Saga
+from celery_sagas.definition import Saga, SagaRegistry
 from celery_sagas.integration.diagram import phases, render_svg
 from celery_sagas.integration.dispatcher import ADVANCE_TASK, COMPENSATED_TASK, DEAD_LETTER_TASK
 from celery_sagas.protocols import DeadLetterRecord, SagaRecord, StepRecord, TransitionRecord
@@ -115,6 +115,7 @@ class SagaDetail:
     operator_actions: list[TransitionRecord]
     dead_letters: Sequence[DeadLetterRecord]
     diagram: str = ""  # SVG, every string in it escaped
+    definition_installed: bool = True  # False: another version's workers must finish it
 
 
 class SagaReader(Protocol):
@@ -131,8 +132,15 @@ class SagaReader(Protocol):
     ) -> Sequence[DeadLetterRecord]: ...
 
 
+def definition_of(record: SagaRecord, sagas: Mapping[str, Saga]) -> Saga | None:
+    """The installed definition the saga started with (None: not installed here)."""
+    if isinstance(sagas, SagaRegistry):
+        return sagas.for_fingerprint(record.name, record.definition)
+    return sagas.get(record.name)
+
+
 def diagram_of(record: SagaRecord, sagas: Mapping[str, Saga]) -> str:
-    saga = sagas.get(record.name)
+    saga = definition_of(record, sagas)
     names = [s.compensation_name or "" for s in saga.steps] if saga else []
     return render_svg(phases(record.steps), names)
 
@@ -160,6 +168,7 @@ def read_detail(
             for e in store.dead_letters(saga_id=record.saga_id, status="all")
         ],
         diagram=diagram_of(record, sagas or {}),
+        definition_installed=sagas is None or definition_of(record, sagas) is not None,
     )
 
 

@@ -115,3 +115,14 @@ def test_a_saga_whose_steps_do_not_line_up_is_left_where_it_is() -> None:
     why = rebased_steps(record, V2, {})
     assert isinstance(why, str) and "completed steps ['reserve']" in why
     assert isinstance(rebased_steps(record, V2, {"charge": "pay"}), str)  # current: no rename
+
+
+def test_the_saga_page_says_when_a_sagas_definition_is_not_installed() -> None:
+    from celery_sagas.integration.saga_view import read_detail
+
+    store = InMemorySagaStore()
+    saga_id = Coordinator(store, registry([V1]), clock=lambda: NOW).start("order", {"id": "p"})
+    detail = read_detail(store, saga_id.saga_id, (), registry([V2]))  # type: ignore[arg-type]
+    assert detail is not None and not detail.definition_installed
+    known = read_detail(store, saga_id.saga_id, (), registry([V1, V2]))  # type: ignore[arg-type]
+    assert known is not None and known.definition_installed
