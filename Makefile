@@ -2,6 +2,7 @@
 #   make test   PYTEST_ARGS="tests/unit -x"    lint gates + the whole pytest suite
 #   make demo   DEMO_ARGS="..."                the demo on the embedded default
 #   make bench  BENCH_ARGS="..."               the benchmark (needs the services)
+#   make chaos  CHAOS_ARGS="--quick"           the fault matrix on its own servers (not in make test)
 #   make lint                                  ruff, ruff format --check, import-linter, mypy
 #   make clean                                 remove .demo and tool caches
 
@@ -14,14 +15,16 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 BENCH_ARGS ?=
+CHAOS_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test demo bench lint services clean
+.PHONY: help venv test demo bench chaos lint services clean
 
 help:
 	@echo "make test    [PYTEST_ARGS=...]  ruff + import-linter + mypy + pytest (starts services if needed)"
 	@echo "make demo    [DEMO_ARGS=...]    run the demo (python -m workers.demo)"
 	@echo "make bench   [BENCH_ARGS=...]   run bench/bench.py"
+	@echo "make chaos   [CHAOS_ARGS=...]   the fault matrix (python -m chaos; own PostgreSQL/Redis)"
 	@echo "make lint                      ruff check, ruff format --check, lint-imports, mypy"
 	@echo "make clean                     remove .demo and caches"
 
@@ -50,6 +53,10 @@ demo: $(STAMP)
 
 bench: $(STAMP) services
 	$(BIN)/python bench/bench.py $(BENCH_ARGS)
+
+# Starts its own PostgreSQL (port 55432) and redis-server (6390); RabbitMQ gets a vhost of its own.
+chaos: $(STAMP)
+	$(BIN)/python -m chaos $(CHAOS_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
