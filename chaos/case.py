@@ -18,7 +18,7 @@ from typing import Any
 
 from chaos.faults import CASES, Case
 from chaos.orders import STOCK, is_hung, make_orders, step_timeouts
-from chaos.servers import Postgres, RabbitVhost, RedisServer
+from chaos.servers import REDIS_PORT, Postgres, RabbitVhost, RedisServer
 from chaos.supervisor import Supervisor
 
 SETTINGS = {
@@ -43,6 +43,7 @@ class Spec:
     settle_timeout: float = 180.0
     quick: bool = False
     concurrency: int = 3
+    redis_port: int = REDIS_PORT
     start_via: str = "task"  # "task": start_saga.delay(order); "runtime": sagas.start(...)
 
 
@@ -133,7 +134,7 @@ def _wait_settled(run: Run, keys: list[str], timeout: float) -> float | None:
 
 def _start_broker(spec: Spec, out: Path) -> RedisServer | RabbitVhost:
     if spec.broker == "redis":
-        return RedisServer(log_dir=out).start()
+        return RedisServer(spec.redis_port, log_dir=out).start()
     return RabbitVhost().start()
 
 

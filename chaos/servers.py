@@ -36,6 +36,12 @@ def port_answers(port: int, host: str = "127.0.0.1") -> bool:
         return False
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def _as_postgres(argv: list[str]) -> list[str]:
     """Run ``argv`` as the postgres user when we are root (initdb refuses root)."""
     if os.geteuid() != 0:
