@@ -43,7 +43,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--duration", type=float, default=None, help="seconds of faults per case (default 64)"
     )
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--settle-timeout", type=float, default=180.0)
+    parser.add_argument("--settle-timeout", type=float, default=120.0)
     parser.add_argument(
         "--quick",
         action="store_true",

@@ -138,6 +138,25 @@ def _start_broker(spec: Spec, out: Path) -> RedisServer | RabbitVhost:
     return RabbitVhost().start()
 
 
+def _broker_leftovers(broker: RedisServer | RabbitVhost) -> dict[str, int]:
+    """Redis: messages still queued, and delivered but never acknowledged (they come back
+    only after the visibility timeout)."""
+    if not isinstance(broker, RedisServer):
+        return {}
+    import redis
+
+    client = redis.Redis.from_url(broker.url)
+    try:
+        found = {"unacked": int(client.hlen("unacked"))}
+        for queue in ("celery", "sagas.control"):
+            found[f"queued:{queue}"] = int(client.llen(queue))
+        return found
+    except redis.RedisError:
+        return {}
+    finally:
+        client.close()
+
+
 def _log_counts(processes: list[Any]) -> dict[str, int]:
     text = "".join(p.log_text() for p in processes)
     return {
@@ -242,6 +261,7 @@ def _run(
     time.sleep(3)  # anything still in flight (a late reply, a stale re-send) lands now
     findings = collect(run.engine, keys, STOCK)
     supervisor.stop()
+    leftovers = _broker_leftovers(broker)
     findings.lost = [_explain_lost(item, run.saga_ids, worker) for item in findings.lost]
     self_exits = [asdict(e) for e in supervisor.exits]
     return {
@@ -255,6 +275,7 @@ def _run(
         "exits": self_exits,
         "restarts": supervisor.restarts,
         "logs": _log_counts([worker, *beats]),
+        "broker_leftovers": leftovers,
         "database": database,
         "log_dir": str(out),
         **findings.as_dict(),
