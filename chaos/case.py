@@ -6,6 +6,7 @@ so each case runs in a fresh interpreter; it prints its row as JSON on the last 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -138,7 +139,7 @@ def _start_broker(spec: Spec, out: Path) -> RedisServer | RabbitVhost:
     return RabbitVhost().start()
 
 
-def _broker_leftovers(broker: RedisServer | RabbitVhost) -> dict[str, int]:
+def _broker_leftovers(broker: RedisServer | RabbitVhost) -> dict[str, Any]:
     """Redis: messages still queued, and delivered but never acknowledged (they come back
     only after the visibility timeout)."""
     if not isinstance(broker, RedisServer):
@@ -147,7 +148,12 @@ def _broker_leftovers(broker: RedisServer | RabbitVhost) -> dict[str, int]:
 
     client = redis.Redis.from_url(broker.url)
     try:
-        found = {"unacked": int(client.hlen("unacked"))}
+        found: dict[str, Any] = {"unacked": int(client.hlen("unacked"))}
+        tasks = []
+        for raw in client.hvals("unacked"):
+            with contextlib.suppress(ValueError, KeyError, IndexError, TypeError):
+                tasks.append(json.loads(raw)[0]["headers"]["task"])
+        found["unacked_tasks"] = sorted(tasks)
         for queue in ("celery", "sagas.control"):
             found[f"queued:{queue}"] = int(client.llen(queue))
         return found
