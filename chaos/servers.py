@@ -22,7 +22,19 @@ import time
 import uuid
 from pathlib import Path
 
-PG_BIN = Path(os.environ.get("CHAOS_PG_BIN", "/usr/lib/postgresql/15/bin"))
+
+def _pg_bin() -> Path:
+    """``CHAOS_PG_BIN``, else the newest ``/usr/lib/postgresql/<version>/bin`` (Debian)."""
+    if os.environ.get("CHAOS_PG_BIN"):
+        return Path(os.environ["CHAOS_PG_BIN"])
+    found = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+        key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0,
+    )
+    return found[-1].parent if found else Path("/usr/lib/postgresql/15/bin")
+
+
+PG_BIN = _pg_bin()
 PG_PORT = int(os.environ.get("CHAOS_PG_PORT", "55432"))
 REDIS_PORT = int(os.environ.get("CHAOS_REDIS_PORT", "6390"))
 AMQP_HOST = os.environ.get("CHAOS_AMQP_HOST", "127.0.0.1:5672")

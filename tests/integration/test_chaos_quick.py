@@ -18,12 +18,16 @@ import pytest
 from chaos.__main__ import run_one
 from chaos.servers import PG_BIN, Postgres, free_port
 from chaos.table import broken
+from tests.conftest import in_ci
 
 
 @pytest.fixture(scope="module")
 def own_postgres() -> Iterator[Postgres]:
     if not (PG_BIN / "initdb").exists() or shutil.which("redis-server") is None:
-        pytest.skip(f"needs {PG_BIN}/initdb and redis-server")
+        why = f"needs {PG_BIN}/initdb and redis-server (CHAOS_PG_BIN names another bin dir)"
+        if in_ci():
+            pytest.fail(f"{why}; CI must have them", pytrace=False)
+        pytest.skip(why)
     # its own temporary directory: pytest's tmp_path is closed to the postgres user
     pg = Postgres(port=free_port()).start()
     yield pg
