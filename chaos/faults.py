@@ -229,6 +229,12 @@ CASES = {
             restart_postgres,
         ),
         Case(
+            "pg-flap",
+            "pg_ctl restart -m immediate every 8 s (4 s quick)",
+            every(8.0, 4.0),
+            restart_postgres,
+        ),
+        Case(
             "broker-restart",
             "Redis SIGKILLed and restarted empty / RabbitMQ connections closed, at 30% and 65%",
             at_fractions(0.3, 0.65),
