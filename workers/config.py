@@ -13,7 +13,20 @@ import os
 from pathlib import Path
 from typing import Any
 
+from kombu import transport
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
+FILESYSTEM_TRANSPORT = "workers.fs_broker:Transport"
+
+
+def use_atomic_filesystem_broker() -> None:
+    """``filesystem://`` as this example's transport with atomic writes
+    (``workers.fs_broker``), in every process that imports the example app."""
+    transport.TRANSPORT_ALIASES["filesystem"] = FILESYSTEM_TRANSPORT
+    transport._transport_cache.pop("filesystem", None)  # resolved before: resolve again
+
+
+use_atomic_filesystem_broker()
 
 
 def demo_dir() -> Path:
