@@ -36,6 +36,10 @@ DEMO_SETTINGS = {
     "SAGAS_RETRY_POLICIES": json.dumps(
         {"refund_payment": {"max_retries": 2, "backoff_base": 0.2, "backoff_cap": 1}}
     ),
+    # the embedded worker runs threads, which Celery's time limits do not interrupt: the
+    # scan times a hung shipment out 1 s after its 3 s, at once (no re-send first)
+    "SAGAS_TIME_LIMIT_GRACE": "1",
+    "SAGAS_MAX_REDISPATCHES": "0",
     "SAGAS_SCAN_INTERVAL": "0.5",
     "SAGAS_RELAY_INTERVAL": "2",
     "SAGAS_RELAY_AFTER": "10",
