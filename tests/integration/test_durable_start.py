@@ -99,11 +99,19 @@ def worker_and_beat(deployment: Deployment, **env: Any) -> Iterator[list[CeleryP
         yield [stack.enter_context(worker), stack.enter_context(beat)]
 
 
+UNRECOVERABLE = "Unrecoverable error"
+
+
 def _supervised(processes: list[CeleryProcess]) -> None:
     """Restart a worker or beat that exited when its broker died (celery 5.7 sometimes
-    does: see CELERY_NOTES.md), as a process supervisor would."""
+    does: see CELERY_NOTES.md), as a process supervisor would; one that logged kombu's
+    unrecoverable error but did not exit (its warm shutdown waits) is killed first, as a
+    liveness probe would."""
     for process in processes:
-        if not process.is_alive:
+        since_start = process.log_text().rsplit("\n=== ", 1)[-1]
+        if process.is_alive() and UNRECOVERABLE in since_start:
+            process.kill()
+        if not process.is_alive():
             process.start()
 
 
