@@ -5,7 +5,7 @@ The coordinator and the scanner only talk to these; SQLAlchemy and Celery sit be
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -277,9 +277,6 @@ class Claim(Protocol):
         messages: Sequence[OutboxMessage],
         now: datetime,
     ) -> tuple[OutboxMessage, ...]: ...
-
-
-Decide = Callable[[SagaRecord], tuple[Decision, Sequence[OutboxMessage]]]
 
 
 class SagaStore(Protocol):

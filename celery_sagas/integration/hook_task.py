@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery import Celery, Task
 
+from celery_sagas.integration.config import SAGA_TASK_OPTIONS
 from celery_sagas.integration.dispatcher import HOOK_TASK
 
 if TYPE_CHECKING:
@@ -29,8 +30,7 @@ def register_hook_task(app: Celery, runtime: SagaRuntime) -> None:
         name=HOOK_TASK,
         bind=True,
         shared=False,
-        acks_late=True,
-        reject_on_worker_lost=True,
+        **SAGA_TASK_OPTIONS,
         ignore_result=True,
         max_retries=HOOK_RETRIES,
         soft_time_limit=HOOK_LEASE - 5,

@@ -77,6 +77,14 @@ class SagaRuntime:
         self.limits = PayloadLimits(
             settings.max_payload_bytes, settings.max_payload_depth, settings.max_key_length
         )
+        self.timing = Timing(
+            step_timeouts=settings.step_timeouts,
+            saga_deadlines=settings.saga_deadlines,
+            max_concurrent=settings.max_concurrent,
+            max_redispatches=settings.max_redispatches,
+            time_limit_grace=settings.time_limit_grace,
+            queue_timeout=settings.queue_timeout,
+        )
         self.start_tasks: dict[str, Task] = {}
         self._store: SqlSagaStore | None = None
         self._coordinator: Coordinator | None = None
@@ -108,17 +116,6 @@ class SagaRuntime:
         )
         expires_at = utcnow() + timedelta(seconds=valid)
         return signing.sign(kwargs, task_name, self.settings.signing_key or "", expires_at)
-
-    @property
-    def timing(self) -> Timing:
-        return Timing(
-            step_timeouts=self.settings.step_timeouts,
-            saga_deadlines=self.settings.saga_deadlines,
-            max_concurrent=self.settings.max_concurrent,
-            max_redispatches=self.settings.max_redispatches,
-            time_limit_grace=self.settings.time_limit_grace,
-            queue_timeout=self.settings.queue_timeout,
-        )
 
     @property
     def coordinator(self) -> Coordinator:

@@ -101,15 +101,15 @@ class StepTask(Task):
         running the participant again."""
         carried_run = kwargs.pop(CARRIED, None)
         waited = int(kwargs.get(STORE_RETRIES, 0))
+        message = None if carried_run else StepMessage.parse(kwargs)
+        if not carried_run and message is None:
+            return {"outcome": "ignored", "reason": "malformed"}
         try:
-            if carried_run:
+            if message is None:
                 run: StepRun = from_carried(carried_run)
-            elif StepMessage.parse(kwargs) is None:
-                return {"outcome": "ignored", "reason": "malformed"}
             elif self.apply_outcome is None:  # coordinator_hop: a signed command
-                run = self._run_command(kwargs)
+                run = self._run_command(kwargs, message)
             else:
-                message = StepMessage.of(kwargs)
                 run = self.runner.run(self.store_factory(), message, self._tries(waited))
         except StoreUnavailableError as exc:  # the saga could not be read: nothing ran
             again = {**kwargs, STORE_RETRIES: waited + 1}
@@ -157,12 +157,12 @@ class StepTask(Task):
                 extra={"saga_id": saga_id, "saga": self.saga.name, "step": self.step_def.name},
             )
 
-    def _run_command(self, kwargs: dict[str, Any]) -> StepRun:
+    def _run_command(self, kwargs: dict[str, Any], message: StepMessage) -> StepRun:
         """Verify the command's signature and expiry before anything runs."""
         refused = refusal(kwargs, self.name, self.signing_key or "", utcnow())
         if refused is not None:
-            return self.runner.refuse(StepMessage.of(kwargs), refused, "signed command refused")
-        return self.runner.run_command(StepMessage.of(kwargs), self._tries(0))
+            return self.runner.refuse(message, refused, "signed command refused")
+        return self.runner.run_command(message, self._tries(0))
 
     def _finish(self, run: Finished, kwargs: dict[str, Any]) -> dict[str, Any]:
         if self.apply_outcome is None:  # the chain's coordinator task records and applies it
