@@ -1,7 +1,7 @@
 """The example Celery app: ``celery -A workers.app worker|beat|flower``.
 
-Configured from the environment (see ``workers.config``); the order-fulfillment saga is
-installed with one call.
+Configured from the environment (see ``workers.config``); the example sagas (order
+fulfillment and bank transfer) are installed with one call.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from celery import Celery, signals
 
 from celery_sagas import install
 from workers import config, db, hooks
-from workers.sagas import order_fulfillment
+from workers.sagas import EXAMPLE_SAGAS
 
 app = Celery("workers")
 app.conf.broker_url = config.broker_url()
@@ -21,7 +21,7 @@ app.conf.broker_transport_options = config.broker_transport_options(app.conf.bro
 app.conf.task_ignore_result = True
 app.conf.worker_send_task_events = True
 app.conf.broker_connection_retry_on_startup = True
-sagas = install(app, [order_fulfillment], database_url=config.saga_database_url())
+sagas = install(app, EXAMPLE_SAGAS, database_url=config.saga_database_url())
 hooks.register(app)
 
 

@@ -1,4 +1,5 @@
-"""The example participants' own database: stock, reservations, payments, shipments, mail.
+"""The example participants' own database: stock, reservations, payments, shipments, mail,
+and the bank-transfer example's accounts, movements and notices.
 
 These tables belong to the services the saga calls, not to the saga store. Every
 side-effect table has a UNIQUE ``idempotency_key`` so a redelivered step or compensation
@@ -18,7 +19,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection, Engine, Row
 
 from celery_sagas.store.engine import build_engine
 
@@ -96,6 +97,43 @@ order_outcomes = sa.Table(
 )
 
 
+# --- the bank-transfer example (``workers.bank``) ----------------------------------
+
+accounts = sa.Table(
+    "accounts",
+    participant_metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    # what the account was opened with: balance == opening_balance + its movements, always
+    sa.Column("opening_balance", sa.BigInteger, nullable=False),  # cents
+    sa.Column("balance", sa.BigInteger, nullable=False),  # cents
+    sa.Column("frozen", sa.Boolean, nullable=False, default=False),
+)
+
+# append-only: money moves only by inserting a movement (and changing the balance in the
+# same transaction); a compensation inserts the opposite movement under its own key
+account_movements = sa.Table(
+    "account_movements",
+    participant_metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("transfer_id", sa.Text, nullable=False, index=True),
+    sa.Column("idempotency_key", sa.Text, nullable=False, unique=True),
+    sa.Column("account_id", sa.Text, nullable=False, index=True),
+    sa.Column("amount", sa.BigInteger, nullable=False),  # cents, signed; 0 for a void
+    sa.Column("kind", sa.Text, nullable=False),  # debit | credit | refund | reversal | void
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, default=utc_now),
+)
+
+transfer_notices = sa.Table(
+    "transfer_notices",
+    participant_metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("transfer_id", sa.Text, nullable=False, index=True),
+    sa.Column("idempotency_key", sa.Text, nullable=False, unique=True),
+    sa.Column("kind", sa.Text, nullable=False),  # completed | reversed | withheld
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, default=utc_now),
+)
+
+
 # --- engine -------------------------------------------------------------------
 
 _engine: Engine | None = None
@@ -145,6 +183,27 @@ def dialect_insert(connection: Connection, table: sa.Table) -> Any:
     if name == "sqlite":
         return sqlite.insert(table)
     raise RuntimeError(f"the example participants support PostgreSQL and SQLite, not {name}")
+
+
+def insert_once(
+    connection: Connection, table: sa.Table, values: Mapping[str, Any]
+) -> tuple[Row[Any], bool]:
+    """Insert the row for ``values["idempotency_key"]`` unless it exists.
+
+    Returns the (locked) row and whether this call inserted it.
+    """
+    key = values["idempotency_key"]
+    insert = (
+        dialect_insert(connection, table)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=[table.c.idempotency_key])
+        .returning(table.c.id)
+    )
+    inserted = connection.execute(insert).scalar_one_or_none() is not None
+    row = connection.execute(
+        sa.select(table).where(table.c.idempotency_key == key).with_for_update()
+    ).one()
+    return row, inserted
 
 
 def create_tables(engine: Engine | None = None) -> None:

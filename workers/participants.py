@@ -127,27 +127,6 @@ def _order_id(ctx: StepContext) -> str:
     return str(ctx.payload["order_id"])
 
 
-def _insert_once(
-    connection: Connection, table: sa.Table, values: Mapping[str, Any]
-) -> tuple[Row[Any], bool]:
-    """Insert the row for ``values["idempotency_key"]`` unless it exists.
-
-    Returns the (locked) row and whether this call inserted it.
-    """
-    key = values["idempotency_key"]
-    insert = (
-        db.dialect_insert(connection, table)
-        .values(**values)
-        .on_conflict_do_nothing(index_elements=[table.c.idempotency_key])
-        .returning(table.c.id)
-    )
-    inserted = connection.execute(insert).scalar_one_or_none() is not None
-    row = connection.execute(
-        sa.select(table).where(table.c.idempotency_key == key).with_for_update()
-    ).one()
-    return row, inserted
-
-
 def _act_once(
     ctx: StepContext,
     table: sa.Table,
@@ -159,7 +138,7 @@ def _act_once(
     Returns the row and whether this call wrote it (``False``: an earlier call did).
     """
     with db.get_engine().begin() as connection:
-        row, inserted = _insert_once(
+        row, inserted = db.insert_once(
             connection,
             table,
             {"order_id": _order_id(ctx), "idempotency_key": ctx.idempotency_key, **values},
@@ -215,7 +194,7 @@ def _row_to_undo(
         return connection.execute(
             sa.select(table).where(table.c.id == original_id).with_for_update()
         ).one_or_none()
-    row, inserted = _insert_once(
+    row, inserted = db.insert_once(
         connection,
         table,
         {

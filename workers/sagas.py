@@ -1,8 +1,17 @@
-"""The order-fulfillment saga: four steps, each with its compensation."""
+"""The example sagas: order fulfillment (four steps) and a bank transfer (three), each
+step with its compensation. ``EXAMPLE_SAGAS`` is what ``workers.app`` installs."""
 
 from __future__ import annotations
 
 from celery_sagas import Saga, Step
+from workers.bank import (
+    credit_target,
+    debit_source,
+    notify,
+    refund_source,
+    reverse_credit,
+    send_reversal_notice,
+)
 from workers.hooks import ORDER_COMPLETED, ORDER_FAILED
 from workers.participants import (
     cancel_shipment,
@@ -14,7 +23,7 @@ from workers.participants import (
     send_cancellation_notice,
     send_confirmation,
 )
-from workers.validation import validate_order
+from workers.validation import validate_order, validate_transfer
 
 order_fulfillment = Saga(
     "order_fulfillment",
@@ -29,3 +38,18 @@ order_fulfillment = Saga(
         Step("send_confirmation", action=send_confirmation, compensation=send_cancellation_notice),
     ],
 )
+
+# insufficient funds (or an unknown or frozen source) declines the debit: nothing moved,
+# nothing compensated; a frozen target fails the credit, and the debit is refunded
+bank_transfer = Saga(
+    "bank_transfer",
+    business_key="transfer_id",
+    validate=validate_transfer,
+    steps=[
+        Step("debit_source", action=debit_source, compensation=refund_source),
+        Step("credit_target", action=credit_target, compensation=reverse_credit),
+        Step("notify", action=notify, compensation=send_reversal_notice),
+    ],
+)
+
+EXAMPLE_SAGAS = (order_fulfillment, bank_transfer)

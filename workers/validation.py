@@ -1,4 +1,5 @@
-"""Checking an order before the order-fulfillment saga starts.
+"""Checking a payload before its saga starts: an order (order fulfillment) or a transfer
+(bank transfer, ``validate_transfer``, see the end of this module).
 
 ``validate_order`` raises ``InvalidPayloadError`` naming the first field that is wrong, so a
 bad order is refused up front instead of failing half-way through the saga.
@@ -36,11 +37,11 @@ def _is_non_empty_string(value: object) -> bool:
     return isinstance(value, str) and bool(value.strip())
 
 
-def _check_order_id(order: Mapping[str, Any]) -> None:
-    if "order_id" not in order:
-        raise InvalidPayloadError("order_id is missing")
-    if not _is_non_empty_string(order["order_id"]):
-        raise InvalidPayloadError(f"order_id must be a non-empty string, got {order['order_id']!r}")
+def _check_text(payload: Mapping[str, Any], name: str) -> None:
+    if name not in payload:
+        raise InvalidPayloadError(f"{name} is missing")
+    if not _is_non_empty_string(payload[name]):
+        raise InvalidPayloadError(f"{name} must be a non-empty string, got {payload[name]!r}")
 
 
 def _check_item(index: int, item: object) -> None:
@@ -111,18 +112,18 @@ def _check_hang_seconds(order: Mapping[str, Any]) -> None:
         raise InvalidPayloadError(f"hang_seconds must be a non-negative number, got {seconds!r}")
 
 
-def _check_json(order: Mapping[str, Any]) -> None:
+def _check_json(payload: Mapping[str, Any], what: str = "order") -> None:
     try:
-        json.dumps(dict(order), allow_nan=False)
+        json.dumps(dict(payload), allow_nan=False)
     except (TypeError, ValueError) as exc:
-        raise InvalidPayloadError(f"order must be JSON-serialisable: {exc}") from exc
+        raise InvalidPayloadError(f"{what} must be JSON-serialisable: {exc}") from exc
 
 
 def validate_order(order: object) -> None:
     """Raise ``InvalidPayloadError`` if ``order`` cannot start an order-fulfillment saga."""
     if not isinstance(order, Mapping):
         raise InvalidPayloadError(f"order must be a dict, got {type(order).__name__}")
-    _check_order_id(order)
+    _check_text(order, "order_id")
     _check_items(order)
     _check_payment(order)
     _check_simulate(order)
@@ -141,3 +142,29 @@ def parse_simulation(behaviour: str) -> tuple[str, float]:
         raise ValueError(f"unknown simulation {behaviour!r}: expected {SIMULATION_FORMS}")
     kind, _, argument = behaviour.partition(":")
     return kind, float(argument) if argument else 0.0
+
+
+# --- the bank transfer ------------------------------------------------------------------
+
+
+def validate_transfer(transfer: object) -> None:
+    """Raise ``InvalidPayloadError`` if ``transfer`` cannot start a bank-transfer saga.
+
+    A transfer looks like ``{"transfer_id": "TR-1", "source": "ACC-1", "target": "ACC-2",
+    "amount": 2500}`` (cents), with the optional ``simulate`` and ``hang_seconds`` of an
+    order. Whether the accounts exist, are frozen or hold enough is the bank's to say.
+    """
+    if not isinstance(transfer, Mapping):
+        raise InvalidPayloadError(f"transfer must be a dict, got {type(transfer).__name__}")
+    for name in ("transfer_id", "source", "target"):
+        _check_text(transfer, name)
+    if transfer["source"] == transfer["target"]:
+        raise InvalidPayloadError(
+            f"source and target must be different accounts, got {transfer['source']!r} twice"
+        )
+    amount = transfer.get("amount")
+    if not _is_int(amount) or amount <= 0:
+        raise InvalidPayloadError(f"amount must be a positive integer (cents), got {amount!r}")
+    _check_simulate(transfer)
+    _check_hang_seconds(transfer)
+    _check_json(transfer, "transfer")
