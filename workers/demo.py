@@ -1,14 +1,17 @@
-"""``make demo``: 200 order sagas through real Celery worker and beat processes.
+"""``make demo``: 200 order sagas and 60 bank transfers through real Celery worker and beat
+processes, then the order choreography (``workers.choreography_demo``, when present).
 
 With no environment it runs on the embedded default (SQLite + kombu's ``filesystem://``
 transport under ``.demo/``, worker ``-P threads``); with ``CELERY_BROKER_URL`` and
 ``SAGAS_DATABASE_URL`` it runs the same job on Redis/RabbitMQ and PostgreSQL (prefork).
-It exits non-zero if a saga is left unsettled or an invariant is broken.
+It checks the invariants (stock conserved, nothing charged for a failed order, balances
+summing to the start, ...) and exits non-zero if a saga is left unsettled or one is broken.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import random
@@ -141,7 +144,7 @@ def progress(done: int, total: int, counts: Mapping[str, int], started: float) -
 
 
 def print_summary(report: Mapping[str, Any]) -> None:
-    print("\nsagas by final state")
+    print("\norder sagas by final state")
     for state, count in sorted(report["states"].items()):
         print(f"  {state:<22}{count:>6}")
     print(f"  {'total':<22}{report['total']:>6}")
@@ -160,6 +163,16 @@ def print_summary(report: Mapping[str, Any]) -> None:
     ]
     for label, value in rows:
         print(f"  {label:<50}{value!s:>12}")
+    if "bank" in report:
+        from workers.bank_demo import transfer_summary_lines
+
+        print("\nbank transfers")
+        print("\n".join(transfer_summary_lines(report["bank"])))
+    if "choreography" in report:
+        print("\norder choreography")
+        for label, value in report["choreography"].items():
+            if label != "invariants":
+                print(f"  {label:<50}{value!s:>12}")
     print("\ninvariants")
     for name, ok in report["invariants"].items():
         print(f"  [{'ok' if ok else 'BROKEN'}] {name}")
@@ -210,7 +223,7 @@ def reset_database() -> None:
 
     from celery_sagas.store import upgrade
     from celery_sagas.store.tables import guards, outbox, sagas, steps, transitions
-    from workers import db
+    from workers import bank_demo, db
 
     upgrade(config.database_url())
     db.create_tables()
@@ -226,6 +239,7 @@ def reset_database() -> None:
         ):
             conn.execute(delete(table))
     db.seed_inventory(STOCK)
+    bank_demo.open_demo_accounts()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -235,7 +249,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "-n", "--sagas", type=int, default=200, help="how many orders (default 200)"
     )
-    parser.add_argument("--seed", type=int, default=7, help="random seed for the order mix")
+    parser.add_argument(
+        "--transfers",
+        type=int,
+        default=60,
+        help="how many bank transfers, started with the orders (default 60; 0 for none)",
+    )
+    parser.add_argument(
+        "--choreographies",
+        type=int,
+        default=50,
+        help="how many choreographed orders, run after the orchestrated sagas settled "
+        "(default 50; 0 for none; only when workers.choreography_demo exists)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=7, help="random seed for the order and transfer mixes"
+    )
     parser.add_argument(
         "--concurrency",
         type=int,
@@ -248,6 +277,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.sagas < 1:
         parser.error("--sagas must be at least 1")
+    if args.transfers < 0 or args.choreographies < 0:
+        parser.error("--transfers and --choreographies must not be negative")
 
     embedded = prepare_embedded(fresh=True)
     where = (
@@ -295,16 +326,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run_job(args: argparse.Namespace, embedded: bool) -> dict[str, Any]:
     from celery_sagas import InvalidPayloadError
     from celery_sagas.store import SqlSagaStore
+    from workers import bank_demo
+    from workers.bank_transfers import start_transfer
     from workers.orders import start_saga
 
     store = SqlSagaStore(config.database_url())
     orders = make_orders(args.sagas, args.seed)
+    transfers = bank_demo.make_transfers(args.transfers, args.seed)
     started = time.monotonic()
     # the durable start: each delay() commits the saga (and its first step's outbox row)
     # before it returns, so a handle is a saga that exists
     handles = [start_saga.delay(order) for order in orders]
+    for planned in transfers:
+        start_transfer.delay(planned.payload)
     starts_s = time.monotonic() - started
-    print(f"demo: {len(handles)} orders started durably in {starts_s:.1f}s")
+    print(
+        f"demo: {len(handles)} orders and {len(transfers)} bank transfers started durably "
+        f"in {starts_s:.1f}s"
+    )
     again = start_saga.delay(orders[0])  # the same order again: the same saga, not a new one
     print(f"demo: the same order again returns the same saga: {again.saga_id == handles[0].id}")
     try:
@@ -312,18 +351,54 @@ def run_job(args: argparse.Namespace, embedded: bool) -> dict[str, Any]:
     except InvalidPayloadError as exc:
         print(f"demo: an invalid order is refused before anything is written: {exc}")
     show_one_outcome(orders[0]["order_id"], handles[0], args.timeout)
-    wait_settled(store, len(orders), started, args.timeout)
+    wait_settled(store, len(orders) + len(transfers), started, args.timeout)
     drained = drain_dead_letters(store)
     from workers.report import build_report
 
-    hooks_ok = wait_for_hooks(store, args.timeout)
+    hooks_ok = wait_for_hooks(args.timeout)
     report = build_report(store, orders, time.monotonic() - started, STOCK)
     report["dead_letters"] = drained
     report["invariants"]["every dead-lettered compensation was resolved by the drain"] = (
         drained["resolved"] == drained["landed"] and drained["drain_exit"] == 0
     )
     report["invariants"]["every finished order's outcome hook ran exactly once"] = hooks_ok
+    if transfers:
+        report["bank"] = bank_demo.transfer_report(transfers)
+        report["invariants"].update(report["bank"]["invariants"])
+    choreography = run_choreography_if_present(args.choreographies)
+    if choreography is not None:
+        report["choreography"] = choreography
+        report["invariants"].update(choreography_invariants(choreography))
     return report
+
+
+CHOREOGRAPHY_MODULE = "workers.choreography_demo"
+
+
+def choreography_invariants(result: Mapping[str, Any]) -> dict[str, bool]:
+    """The choreography's own checks, named for the demo's list; a result without any
+    is itself a broken invariant (the demo must not pass by checking nothing)."""
+    checks = result.get("invariants")
+    if not isinstance(checks, Mapping) or not checks:
+        return {"choreography: reported its invariant checks": False}
+    return {f"choreography: {name}": bool(ok) for name, ok in checks.items()}
+
+
+def run_choreography_if_present(count: int) -> dict[str, Any] | None:
+    """``run_choreography(count)`` of ``workers.choreography_demo`` (counts and an
+    ``invariants`` mapping), on the running worker; ``None`` while that module does not
+    exist. An import error inside the module is raised, not hidden."""
+    if count == 0:
+        return None
+    try:
+        module = importlib.import_module(CHOREOGRAPHY_MODULE)
+    except ModuleNotFoundError as exc:
+        if exc.name != CHOREOGRAPHY_MODULE:
+            raise
+        print(f"demo: no {CHOREOGRAPHY_MODULE} module: the order choreography is not run")
+        return None
+    print(f"demo: {count} choreographed orders (order choreography)")
+    return dict(module.run_choreography(count))
 
 
 def show_one_outcome(order_id: str, handle: Any, timeout: float) -> None:
@@ -333,16 +408,17 @@ def show_one_outcome(order_id: str, handle: Any, timeout: float) -> None:
     print(f"demo: handle.wait() for order {order_id}: {outcome.state.value} ({steps})")
 
 
-def wait_for_hooks(store: Any, timeout: float) -> bool:
+def wait_for_hooks(timeout: float) -> bool:
     """Every COMPLETED or FAILED saga fires its hook once (``workers.hooks``); they are
     sent after the saga settles, so wait for them, then check there are no extra runs."""
     import sqlalchemy as sa
 
     from workers import db
+    from workers.report import ORDER_SAGA, saga_states
 
     deadline = time.monotonic() + timeout
     while True:
-        counts = store.count_by_state()
+        counts = saga_states(ORDER_SAGA)
         finished = counts.get("COMPLETED", 0) + counts.get("FAILED", 0)
         with db.get_engine().connect() as conn:
             runs = conn.execute(

@@ -1,4 +1,5 @@
-"""The demo's summary and invariant checks, read from the saga and participant tables."""
+"""The demo's summary and invariant checks for the orders, read from the saga and
+participant tables (the transfers': ``workers.bank_demo``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from sqlalchemy import func, select
 
 from celery_sagas.store.tables import sagas, steps, transitions
 from workers import db
+
+ORDER_SAGA = "order_fulfillment"
 
 
 def _percentile(values: Sequence[float], fraction: float) -> float:
@@ -79,6 +82,13 @@ def _compensated_in_reverse(conn: Any) -> bool:
     return all(seq == sorted(seq, reverse=True) for seq in order.values())
 
 
+def saga_states(name: str) -> dict[str, int]:
+    """How many sagas of type ``name`` are in each state."""
+    query = select(sagas.c.state, func.count()).where(sagas.c.name == name).group_by(sagas.c.state)
+    with db.get_engine().connect() as conn:
+        return {state: int(count) for state, count in conn.execute(query)}
+
+
 def build_report(
     store: Any, orders: Sequence[Mapping[str, Any]], wall_s: float, initial_stock: Mapping[str, int]
 ) -> dict[str, Any]:
@@ -91,12 +101,14 @@ def build_report(
                 sagas.c.state,
                 sagas.c.created_at,
                 sagas.c.finished_at,
-            )
+            ).where(sagas.c.name == ORDER_SAGA)
         ).all()
         step_rows = conn.execute(
             select(
                 steps.c.status, steps.c.error_kind, steps.c.attempts, steps.c.compensation_attempts
             )
+            .join(sagas, sagas.c.id == steps.c.saga_id)
+            .where(sagas.c.name == ORDER_SAGA)
         ).all()
         effects = _side_effects(conn)
         reserved = Counter()
@@ -111,7 +123,7 @@ def build_report(
         duplicates = conn.execute(
             select(func.count())
             .select_from(sagas)
-            .where(sagas.c.business_key == orders[0]["order_id"])
+            .where(sagas.c.name == ORDER_SAGA, sagas.c.business_key == orders[0]["order_id"])
         ).scalar_one()
     states = Counter(row.state for row in saga_rows)
     durations = [
