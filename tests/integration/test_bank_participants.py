@@ -301,3 +301,40 @@ def test_simulate_fails_a_step_as_a_business_error(bank: str) -> None:
     with pytest.raises(SimulatedFailure):
         debit_source(context("debit_source", transfer(simulate={"debit_source": "fail"})))
     assert balances() == OPENING
+
+
+# --- the demo's checks can fail -----------------------------------------------------------
+
+
+def test_the_demo_report_finds_a_missing_transfer_and_a_broken_ledger(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from celery_sagas.store import upgrade
+    from workers import bank_demo
+
+    monkeypatch.delenv("PARTICIPANTS_DATABASE_URL", raising=False)
+    monkeypatch.setenv(db.DATABASE_URL_ENV, sqlite_url)
+    db.reset_engine()
+    try:
+        upgrade(sqlite_url)
+        db.create_tables()
+        bank_demo.open_demo_accounts()
+        planned = bank_demo.make_transfers(5, seed=1)
+        assert planned == bank_demo.make_transfers(5, seed=1)  # reproducible
+        report = bank_demo.transfer_report(planned)  # no saga was ever started
+        broken = sorted(name for name, ok in report["invariants"].items() if not ok)
+        assert [name.split(" (")[0] for name in broken] == [
+            "bank: each transfer ended as planned",
+            "bank: one saga per transfer",
+        ]
+        with db.get_engine().begin() as connection:
+            connection.execute(
+                sa.update(db.accounts).where(db.accounts.c.id == "ACC-01").values(balance=1)
+            )
+        report = bank_demo.transfer_report(planned)
+        assert not report["invariants"]["bank: every balance == opening balance + its movements"]
+        assert not report["invariants"][
+            f"bank: balances sum to the start ({bank_demo.START_TOTAL} cents)"
+        ]
+    finally:
+        db.reset_engine()
