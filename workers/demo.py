@@ -409,7 +409,7 @@ def show_one_outcome(order_id: str, handle: Any, timeout: float) -> None:
 
 
 def wait_for_hooks(timeout: float) -> bool:
-    """Every COMPLETED or FAILED saga fires its hook once (``workers.hooks``); they are
+    """Every COMPLETED or FAILED order fires its hook once (``workers.hooks``); they are
     sent after the saga settles, so wait for them, then check there are no extra runs."""
     import sqlalchemy as sa
 
