@@ -253,6 +253,11 @@ def dead_letter_step(handler: str, event_id: str) -> int:
     return -1 - digest % (2**31 - 2)
 
 
+def is_handler_dead_letter(step: int) -> bool:
+    """A dead-letter row of a choreography handler (not of a compensation)."""
+    return step < 0
+
+
 def reaction_key(saga_id: str, handler: str, event_id: str) -> str:
     """The idempotency key of one handler's reaction to one event (attempt rows)."""
     return f"{saga_id}:{handler}:{event_id}"

@@ -310,6 +310,8 @@ class ChoreographySubscriber:
             pending = self.service_outbox(service).unsent(before, batch)
             if pending:
                 logger.warning("relaying %d unsent event(s) of %s", len(pending), service)
+            for event in pending:  # timeline first (idempotent): its handler may have died
+                self.store.record(self.choreography, event.saga_id, None, [event], self.clock())
             count += self.publish_service_events(service, pending)
         return count
 

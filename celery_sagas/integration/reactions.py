@@ -177,13 +177,16 @@ def _record(
     delivery: Delivery,
     reaction: Reaction,
 ) -> None:
-    """Timeline first (so a reaction is never recorded before its cause), then publish."""
+    """Timeline first (so a reaction is never recorded before its cause), then publish.
+    A duplicate records what its first run may not have (a crash after commit) and
+    publishes nothing: what that run left unsent is the relay's."""
     outcome = reaction.recorded or reaction.outcome
     consumed = Consumed(delivery.event_id, subscription.handler, delivery.event, outcome)
     subscriber.store.record(
         subscriber.choreography, delivery.saga_id, consumed, reaction.events, subscriber.clock()
     )
-    subscriber.publish_service_events(subscription.service, reaction.events)
+    if reaction.outcome != "duplicate":
+        subscriber.publish_service_events(subscription.service, reaction.events)
 
 
 def _said(subscriber: ChoreographySubscriber, text: str, data: Mapping[str, Any]) -> str:

@@ -91,8 +91,15 @@ def test_happy_path_fulfils_the_order_and_tracks_the_saga(
     assert record.finished_at is not None
     assert timeline(saga_id) == HAPPY
     assert reactions(saga_id) == sorted(
-        [(h, "ok") for h in ("inventory.reserve", "payment.charge",
-                             "shipping.create_shipment", "order.fulfil")]
+        [
+            (h, "ok")
+            for h in (
+                "inventory.reserve",
+                "payment.charge",
+                "shipping.create_shipment",
+                "order.fulfil",
+            )
+        ]
     )
     assert statuses(order["order_id"]) == {
         "reservations": ["reserved"],
