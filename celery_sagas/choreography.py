@@ -20,6 +20,8 @@ from celery_sagas.machine import TERMINAL_STATES, SagaState
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 # who publishes the start and deadline events (the library itself, from the saga database)
 LIBRARY_SERVICE = "celery_sagas"
+# the transition log's actor of what a choreography did by itself (not an operator)
+ACTOR_PREFIX = "choreography:"
 EVENT_NAMESPACE = uuid.UUID("6f1c1d2e-6a57-4a8e-9c51-0c6f3b8e2a10")
 
 
@@ -251,6 +253,17 @@ def dead_letter_step(handler: str, event_id: str) -> int:
     steps count from 0) and stable per handler and event."""
     digest = uuid.uuid5(EVENT_NAMESPACE, f"{handler}:{event_id}").int
     return -1 - digest % (2**31 - 2)
+
+
+def automatic_actor(who: str) -> str:
+    """The transition log's actor for a handler (or the library) acting on its own."""
+    return f"{ACTOR_PREFIX}{who}"
+
+
+def by_operator(actor: str) -> bool:
+    """A transition a person made (cancel, DLQ retry/discard, replay), not the coordinator
+    or a choreography acting on its own."""
+    return actor != "coordinator" and not actor.startswith(ACTOR_PREFIX)
 
 
 def is_handler_dead_letter(step: int) -> bool:

@@ -16,6 +16,7 @@ from celery_sagas.choreography import (
     Choreography,
     OutgoingEvent,
     Reaction,
+    automatic_actor,
     dead_letter_step,
     reaction_key,
 )
@@ -165,7 +166,7 @@ def react(
             delivery.dead_letter,
             "resolved",
             subscriber.clock(),
-            subscription.handler,
+            automatic_actor(subscription.handler),
             "re-delivered event handled",
         )
     return reaction.outcome

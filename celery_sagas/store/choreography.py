@@ -27,6 +27,9 @@ from celery_sagas.choreography import (
     deadline_event_id,
     track,
 )
+from celery_sagas.choreography import (
+    automatic_actor as auto,
+)
 from celery_sagas.errors import StoreUnavailableError
 from celery_sagas.machine import TERMINAL_STATES, SagaState
 from celery_sagas.settings import redact_url
@@ -130,7 +133,16 @@ class ChoreographyStore:
                 ).scalar_one()
                 return str(existing), False
             self._add_event(conn, event, now, sent=False)
-            self._log(conn, new.saga_id, now, event.name, "", state, _published_by(event))
+            self._log(
+                conn,
+                new.saga_id,
+                now,
+                event.name,
+                "",
+                state,
+                _published_by(event),
+                auto(LIBRARY_SERVICE),
+            )
         return new.saga_id, True
 
     # -- tracking ---------------------------------------------------------------------
@@ -156,7 +168,14 @@ class ChoreographyStore:
                 if consumed.outcome != "ok":
                     note += f" ({consumed.outcome})"
                 self._log(
-                    conn, saga_id, now, consumed.event_name, state, state, note, consumed.handler
+                    conn,
+                    saga_id,
+                    now,
+                    consumed.event_name,
+                    state,
+                    state,
+                    note,
+                    auto(consumed.handler),
                 )
             for event in published:
                 if self._add_event(conn, event, now, sent=True):
@@ -169,7 +188,7 @@ class ChoreographyStore:
                         state,
                         new,
                         _published_by(event),
-                        event.handler or event.service,
+                        auto(event.handler or event.service),
                     )
                     state = new
             self._update(conn, saga_id, old, state, now, published)
@@ -222,7 +241,7 @@ class ChoreographyStore:
                     old,
                     new,
                     "deadline passed: " + _published_by(event),
-                    "celery_sagas.scan",
+                    auto("celery_sagas.scan"),
                 )
                 self._update(conn, row.id, old, new, now, [event])
                 fired_events.append(_as_published(event, now))
@@ -332,7 +351,7 @@ class ChoreographyStore:
         old: SagaState | str,
         new: SagaState | str,
         reason: str,
-        actor: str = LIBRARY_SERVICE,
+        actor: str,
     ) -> None:
         conn.execute(
             transitions.insert().values(

@@ -10,6 +10,7 @@ from typing import Any
 
 from sqlalchemy import Connection, select, update
 
+from celery_sagas.choreography import automatic_actor
 from celery_sagas.store.choreography import ChoreographyStore, _insert
 from celery_sagas.store.dead_letters import ALLOWED_FROM
 from celery_sagas.store.tables import dead_letters, sagas, transitions
@@ -78,7 +79,7 @@ def bury(
             now,
             event,
             f"{handler} dead-lettered after {attempts} attempt(s): {error}",
-            handler,
+            automatic_actor(handler),
         )
 
 

@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -252,6 +252,9 @@ def test_handler_rolled_back_after_publishing_is_dead_lettered_then_drained(
     assert wait_state(saga_id).state.value == "COMPLETED"
     assert statuses(order["order_id"])["shipments"] == ["created"]
     assert [n for n, _ in timeline(saga_id)].count("ShipmentCreated") == 1
+    shown = _cli(deployment, "show", saga_id, "--json")
+    actions = [a["reason"] for a in json.loads(shown.stdout)["operator_actions"]]
+    assert actions == [f"dead letter {entry.id} of shipping.create_shipment: retrying"]
 
 
 def test_list_and_show_a_choreographed_saga(
@@ -271,6 +274,41 @@ def test_list_and_show_a_choreographed_saga(
     assert text.returncode == 0, text.stderr
     for line in ("published by payment", "consumed by shipping.create_shipment", "OrderFulfilled"):
         assert line in text.stdout
+
+
+def test_the_sagas_page_metrics_and_stuck_alarm_see_a_choreographed_saga(
+    deployment: Deployment, start: Callable[..., str], sku: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from celery_sagas.integration.flower import pages_for
+    from celery_sagas.integration.saga_view import read_detail
+    from celery_sagas.scanner import report_stuck
+    from celery_sagas.store.stats import StatsReader
+    from workers.app import app, sagas
+
+    done = start(choreo_order(sku))
+    stalled = start(choreo_order(sku, simulate={"payment": "stall"}), timedelta(seconds=3))
+    wait_state(done)
+    eventually(lambda: len(timeline(stalled)) == 2, "the stalled saga reserved its stock")
+
+    pages = pages_for(app)
+    detail = read_detail(pages.store, done, pages.redact_fields, pages.sagas, pages.choreographies)
+    assert detail is not None and detail.definition_installed
+    assert detail.record.state.value == "COMPLETED"
+    shown = [(row.step, row.actor) for row in detail.timeline]
+    assert ("ShipmentCreated", "choreography:shipping.create_shipment") in shown
+    assert ("ShipmentCreated", "choreography:order.fulfil") in shown  # consumed by
+    assert detail.operator_actions == []
+
+    stats = StatsReader(deployment.database_url, settle_after=None, stuck_after=0.0)()
+    assert stats.states["order_choreography"]["COMPLETED"] >= 1
+    assert stats.states["order_choreography"]["PENDING"] >= 1
+    assert stats.stuck["order_choreography"] >= 1
+    assert "order_choreography" not in stats.unknown_definition
+
+    with caplog.at_level("WARNING", logger="celery_sagas"):
+        report_stuck(sagas.coordinator, datetime.now(UTC), 0.0, 1000)
+    assert f"stuck saga {stalled} (order_choreography" in caplog.text
+    assert wait_state(stalled).state.value == "FAILED"  # its deadline: nothing left moving
 
 
 def test_a_stopped_service_handles_its_waiting_events_once_replay_included(
@@ -300,3 +338,7 @@ def test_a_stopped_service_handles_its_waiting_events_once_replay_included(
         assert [n for n, _ in timeline(saga_id)].count("ShipmentCreated") == 1
     nothing = _cli(deployment, "replay", ids[0], "--json")
     assert json.loads(nothing.stdout)["event"] is None
+    shown = json.loads(_cli(deployment, "show", ids[0], "--json").stdout)
+    assert [a["reason"] for a in shown["operator_actions"]] == [
+        "replayed to shipping.create_shipment"
+    ]
