@@ -37,6 +37,7 @@ from celery_sagas.integration.reactions import (
     Subscription,
     react,
 )
+from celery_sagas.integration.runtime import _consume_by_default as consume_by_default
 from celery_sagas.log import logger
 from celery_sagas.redaction import redact
 from celery_sagas.settings import SagaSettings
@@ -173,6 +174,9 @@ class ChoreographySubscriber:
             **(self.app.conf.task_routes or {}),
             subscription.task_name: {"queue": subscription.queue},
         }
+        # a worker without -Q (one node) serves every service; a service's own workers
+        # consume its queue: -Q payment
+        consume_by_default(self.app, subscription.queue)
         return task
 
     def handlers_of(self, event: str) -> tuple[Subscription, ...]:

@@ -342,3 +342,45 @@ def test_a_stopped_service_handles_its_waiting_events_once_replay_included(
     assert [a["reason"] for a in shown["operator_actions"]] == [
         "replayed to shipping.create_shipment"
     ]
+
+
+def test_the_relay_publishes_and_records_an_event_a_dead_worker_left_in_its_outbox(
+    on: Any, start: Callable[..., str], sku: str
+) -> None:
+    """Payment committed PaymentProcessed in its outbox and died before publishing: beat's
+    relay records it in the timeline and delivers it; the saga carries on."""
+    from celery_sagas.choreography import OutgoingEvent
+    from workers import db
+
+    order = choreo_order(sku, simulate={"payment": "stall"})
+    saga_id = start(order, timedelta(seconds=60))
+    eventually(lambda: len(timeline(saga_id)) == 2, "inventory reserved")
+    events, _ = on.store.timeline(saga_id)
+    left = OutgoingEvent(
+        event_id="00000000-0000-4000-8000-" + saga_id[-12:],
+        saga_id=saga_id,
+        name="PaymentProcessed",
+        service="payment",
+        data=dict(events[-1].data),
+        handler="payment.charge",
+        caused_by=events[-1].event_id,
+    )
+    with db.get_engine().begin() as conn:
+        on.service_outbox("payment")._write(conn, left, on.clock())
+    record = wait_state(saga_id)
+    assert record.state.value == "COMPLETED"
+    assert timeline(saga_id)[2] == ("PaymentProcessed", "payment.charge")
+    assert outbox_rows(saga_id)[1] == ("PaymentProcessed", True)
+
+
+def test_the_demo_run_checks_its_invariants(on: Any, start: Callable[..., str]) -> None:
+    from workers.choreography_demo import run_choreography
+
+    report = run_choreography(12, on=on, stock=20, timeout=60)
+    assert report["states"] == {"COMPLETED": 8, "FAILED": 4}
+    assert report["checks"] == {
+        "stock_conserved": True,
+        "nothing_charged_for_failed_orders": True,
+        "one_shipment_per_fulfilled_order": True,
+    }
+    assert report["ok"]
