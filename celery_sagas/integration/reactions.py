@@ -146,7 +146,16 @@ def react(
         reason = _said(subscriber, describe(exc), delivery.data)
         return [event.outgoing(subscription.on_business_error, {**delivery.data, "reason": reason})]
 
+    def track(tx: Any, reaction: Reaction) -> None:
+        """The timeline in the handler's own transaction (its service database is the
+        saga database): one commit per hop, and no window between the two."""
+        subscriber.store.record_in(
+            tx, choreography, delivery.saga_id, _consumed(subscription, delivery, reaction),
+            reaction.events, now,
+        )  # fmt: skip
+
     now = subscriber.clock()
+    together = subscriber.service_url(subscription.service) == subscriber.settings.database_url
     try:
         reaction = subscriber.service_outbox(subscription.service).react(
             delivery.saga_id,
@@ -156,10 +165,18 @@ def react(
             on_business if subscription.on_business_error else None,
             subscription.business_errors,
             now,
+            track if together else None,
         )
     except Exception as exc:
         return _failed(subscriber, subscription, delivery, exc, tries)
-    _record(subscriber, subscription, delivery, reaction)
+    if not together:
+        subscriber.store.record(
+            choreography, delivery.saga_id, _consumed(subscription, delivery, reaction),
+            reaction.events, subscriber.clock(),
+        )  # fmt: skip
+    # a duplicate publishes nothing: what its first run left unsent is the relay's
+    if reaction.outcome != "duplicate":
+        subscriber.publish_service_events(subscription.service, reaction.events)
     if delivery.dead_letter is not None:
         move(
             subscriber.store,
@@ -172,22 +189,11 @@ def react(
     return reaction.outcome
 
 
-def _record(
-    subscriber: ChoreographySubscriber,
-    subscription: Subscription,
-    delivery: Delivery,
-    reaction: Reaction,
-) -> None:
-    """Timeline first (so a reaction is never recorded before its cause), then publish.
-    A duplicate records what its first run may not have (a crash after commit) and
-    publishes nothing: what that run left unsent is the relay's."""
+def _consumed(subscription: Subscription, delivery: Delivery, reaction: Reaction) -> Consumed:
+    """The reaction as the timeline records it (a duplicate: as its first run did; the
+    timeline rows are written once either way)."""
     outcome = reaction.recorded or reaction.outcome
-    consumed = Consumed(delivery.event_id, subscription.handler, delivery.event, outcome)
-    subscriber.store.record(
-        subscriber.choreography, delivery.saga_id, consumed, reaction.events, subscriber.clock()
-    )
-    if reaction.outcome != "duplicate":
-        subscriber.publish_service_events(subscription.service, reaction.events)
+    return Consumed(delivery.event_id, subscription.handler, delivery.event, outcome)
 
 
 def _said(subscriber: ChoreographySubscriber, text: str, data: Mapping[str, Any]) -> str:

@@ -158,40 +158,53 @@ class ChoreographyStore:
         """A handler's reaction and the events it published: the timeline rows that are new
         and the saga's state after them (None: no such saga)."""
         with self._begin() as conn:
-            row = self._lock(conn, saga_id)
-            if row is None:
-                return None
-            old = SagaState(row.state)
-            state = old
-            if consumed is not None and self._add_reaction(conn, saga_id, consumed, now):
-                note = f"consumed by {consumed.handler}"
-                if consumed.outcome != "ok":
-                    note += f" ({consumed.outcome})"
+            return self.record_in(conn, choreography, saga_id, consumed, published, now)
+
+    def record_in(
+        self,
+        conn: Connection,
+        choreography: Choreography,
+        saga_id: str,
+        consumed: Consumed | None,
+        published: Sequence[OutgoingEvent],
+        now: datetime,
+    ) -> SagaState | None:
+        """``record`` in the caller's transaction on the saga database (a handler's own,
+        when its service keeps its tables in the saga database: one commit per hop)."""
+        row = self._lock(conn, saga_id)
+        if row is None:
+            return None
+        old = SagaState(row.state)
+        state = old
+        if consumed is not None and self._add_reaction(conn, saga_id, consumed, now):
+            note = f"consumed by {consumed.handler}"
+            if consumed.outcome != "ok":
+                note += f" ({consumed.outcome})"
+            self._log(
+                conn,
+                saga_id,
+                now,
+                consumed.event_name,
+                state,
+                state,
+                note,
+                auto(consumed.handler),
+            )
+        for event in published:
+            if self._add_event(conn, event, now, sent=True):
+                new = track(choreography, state, event.name)
                 self._log(
                     conn,
                     saga_id,
                     now,
-                    consumed.event_name,
+                    event.name,
                     state,
-                    state,
-                    note,
-                    auto(consumed.handler),
+                    new,
+                    _published_by(event),
+                    auto(event.handler or event.service),
                 )
-            for event in published:
-                if self._add_event(conn, event, now, sent=True):
-                    new = track(choreography, state, event.name)
-                    self._log(
-                        conn,
-                        saga_id,
-                        now,
-                        event.name,
-                        state,
-                        new,
-                        _published_by(event),
-                        auto(event.handler or event.service),
-                    )
-                    state = new
-            self._update(conn, saga_id, old, state, now, published)
+                state = new
+        self._update(conn, saga_id, old, state, now, published)
         return state
 
     def fail_overdue(
@@ -263,6 +276,8 @@ class ChoreographyStore:
         if not event_ids:
             return
         with self._begin() as conn:
+            if self.is_postgres:  # a lost mark only means a harmless duplicate publish
+                conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
             conn.execute(
                 update(events)
                 .where(events.c.event_id.in_(list(event_ids)), events.c.sent_at.is_(None))

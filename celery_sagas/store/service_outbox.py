@@ -68,6 +68,8 @@ Index(
 Work = Callable[[Connection], Sequence[OutgoingEvent]]
 # a declared business error: the failure event(s) to publish instead
 OnBusiness = Callable[[BaseException], Sequence[OutgoingEvent]]
+# last in the handler's transaction, with what it did
+BeforeCommit = Callable[[Connection, Reaction], None]
 
 
 def create_service_tables(url_or_engine: str | Engine) -> None:
@@ -110,6 +112,7 @@ class ServiceOutbox:
         on_business: OnBusiness | None,
         business_errors: tuple[type[BaseException], ...],
         now: datetime,
+        before_commit: BeforeCommit | None = None,
     ) -> Reaction:
         """Run ``work`` once per (event, handler): the guard row first (a concurrent
         duplicate waits on it, then finds it), the work in a savepoint, the outbox rows and
@@ -133,7 +136,12 @@ class ServiceOutbox:
                         service_guards.c.event_id == event_id, service_guards.c.handler == handler
                     )
                 ).scalar_one()
-                return Reaction("duplicate", self._unsent_of(conn, event_id, handler), recorded)
+                duplicate = Reaction(
+                    "duplicate", self._unsent_of(conn, event_id, handler), recorded
+                )
+                if before_commit is not None:
+                    before_commit(conn, duplicate)
+                return duplicate
             outcome, events = self._run(conn, work, on_business, business_errors)
             written = tuple(self._write(conn, event, now) for event in events)
             conn.execute(
@@ -141,7 +149,10 @@ class ServiceOutbox:
                 .where(service_guards.c.event_id == event_id, service_guards.c.handler == handler)
                 .values(outcome=outcome)
             )
-        return Reaction(outcome, written)
+            reaction = Reaction(outcome, written)
+            if before_commit is not None:
+                before_commit(conn, reaction)
+        return reaction
 
     @staticmethod
     def _run(
@@ -213,6 +224,8 @@ class ServiceOutbox:
         if not ids:
             return
         with self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":  # a lost mark: a harmless duplicate publish
+                conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
             conn.execute(
                 update(service_outbox)
                 .where(service_outbox.c.id.in_(list(ids)), service_outbox.c.sent_at.is_(None))

@@ -6,14 +6,13 @@ service whose events wait in its durable queue (and a replay while it is away)."
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
 from tests.integration.choreography_support import (
     choreo_order,
@@ -209,15 +208,20 @@ def test_deadline_scan_fails_a_stalled_choreography_once(
     assert stock_of(sku) == 10
 
 
-def _cli(deployment: Deployment, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, **deployment.env, "SAGAS_CELERY_APP": "workers.app"}
-    return subprocess.run(
-        [sys.executable, "-m", "celery_sagas.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+@dataclass
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def _cli(deployment: Deployment, *args: str) -> Ran:
+    """``celery-sagas --app workers.app …`` in this process (the app is imported already)."""
+    from celery_sagas.cli import cli
+
+    env = {**deployment.env, "SAGAS_CELERY_APP": "workers.app"}
+    result = CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
+    return Ran(result.exit_code, result.stdout, result.stderr)
 
 
 def test_handler_rolled_back_after_publishing_is_dead_lettered_then_drained(
