@@ -217,7 +217,8 @@ class ChoreographySubscriber:
                 kwargsrepr=repr({**kwargs, "data": redact(kwargs["data"], self.redact_fields)}),
             )
             sent += 1
-        if not sent and wanted is None:
+        terminal = self.choreography.succeeded | self.choreography.failed
+        if not sent and wanted is None and name not in terminal:
             logger.info(
                 "saga %s: no handler subscribed to %s",
                 saga_id,
