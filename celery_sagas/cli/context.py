@@ -68,6 +68,11 @@ class CliContext:
             self._app = load_app(name)
         return self._app
 
+    def is_choreography(self, name: str) -> bool:
+        from celery_sagas.integration.choreography import choreographies
+
+        return name in choreographies(self.app)
+
     def choreography(self, name: str) -> Any:
         """The app's subscriber of the choreography ``name`` (``choreography_subscriber``)."""
         from celery_sagas.integration.choreography import choreographies

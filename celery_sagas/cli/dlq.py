@@ -327,7 +327,14 @@ def drain(
 def cancel_saga(ctx: click.Context, ref: str, name: str | None, reason: str) -> None:
     context = context_of(ctx)
     runtime = context.runtime
-    saga_id = context.resolve(ref, name).saga_id
+    record = context.resolve(ref, name)
+    if context.is_choreography(record.name):
+        raise CancelRefused(
+            f"saga {record.saga_id} is a choreography ({record.name}): no coordinator can "
+            "cancel it; its services compensate when a failure event is published (or its "
+            "deadline passes)"
+        )
+    saga_id = record.saga_id
     result = dlq.cancel(runtime.coordinator, saga_id, context.actor(), reason)
     if not result.changed:
         raise CancelRefused(result.message)

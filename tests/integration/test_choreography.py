@@ -274,6 +274,9 @@ def test_list_and_show_a_choreographed_saga(
     assert shown.returncode == 0, shown.stderr
     detail = json.loads(shown.stdout)
     assert detail["state"] == "COMPLETED"
+    refused = _cli(deployment, "cancel", saga_id, "--reason", "test")
+    assert refused.returncode == 1
+    assert "is a choreography (order_choreography)" in refused.stderr
     text = _cli(deployment, "show", saga_id)
     assert text.returncode == 0, text.stderr
     for line in ("published by payment", "consumed by shipping.create_shipment", "OrderFulfilled"):
