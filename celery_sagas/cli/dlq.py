@@ -139,10 +139,12 @@ def _retry(context: Any, entry_id: int, reason: str | None) -> dlq.ActionResult:
     entry = context.store.dead_letter(entry_id)
     if entry is None or not is_handler_dead_letter(entry.step):
         return dlq.retry(context.runtime.coordinator, entry_id, context.actor(), reason)
+    from celery_sagas.integration import choreography_operators as operators
+
     subscriber = context.choreography(entry.saga_name)
     event_id = str(entry.payload["event_id"])
-    if subscriber.retry_dead_letter(
-        entry.id, entry.saga_id, entry.step_name, event_id, context.actor()
+    if operators.retry_dead_letter(
+        subscriber, entry.id, entry.saga_id, entry.step_name, event_id, context.actor()
     ):
         done = f"entry {entry.id}: {entry.payload.get('event')} re-delivered to {entry.step_name}"
         return dlq.ActionResult(True, done, entry.saga_id)
@@ -157,8 +159,10 @@ def _discard(context: Any, entry_id: int, reason: str) -> dlq.ActionResult:
         return dlq.discard(context.runtime.coordinator, entry_id, context.actor(), reason)
     if not reason.strip():
         raise SagaError("a reason is required to discard a dead letter")
+    from celery_sagas.integration import choreography_operators as operators
+
     subscriber = context.choreography(entry.saga_name)
-    if subscriber.discard_dead_letter(entry.id, context.actor(), reason):
+    if operators.discard_dead_letter(subscriber, entry.id, context.actor(), reason):
         return dlq.ActionResult(
             True, f"entry {entry.id}: {entry.step_name} discarded (handled by hand)", entry.saga_id
         )

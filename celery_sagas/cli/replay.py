@@ -27,10 +27,12 @@ from celery_sagas.cli.render import emit_json, iso
 def replay_command(
     ctx: click.Context, ref: str, name: str | None, dry_run: bool, as_json: bool
 ) -> None:
+    from celery_sagas.integration.choreography_operators import replay
+
     context = context_of(ctx)
     record = context.resolve(ref, name)
     subscriber = context.choreography(record.name)
-    result = subscriber.replay(record.saga_id, context.actor(), dry_run=dry_run)
+    result = replay(subscriber, record.saga_id, context.actor(), dry_run=dry_run)
     event = result.event
     data: dict[str, Any] = {
         "saga_id": record.saga_id,

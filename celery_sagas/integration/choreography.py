@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -23,11 +22,10 @@ from celery_sagas.choreography import (
     Choreography,
     OutgoingEvent,
     PublishedEvent,
-    awaiting_reaction,
     start_event_id,
 )
 from celery_sagas.coordinator import payload_hash, utcnow
-from celery_sagas.errors import BusinessError, InvalidPayloadError, SagaError, SagaNotFoundError
+from celery_sagas.errors import BusinessError, InvalidPayloadError, SagaError
 from celery_sagas.integration.config import SAGA_TASK_OPTIONS, check_app
 from celery_sagas.integration.quiet import quiet_periodic_tasks
 from celery_sagas.integration.reactions import (
@@ -43,20 +41,9 @@ from celery_sagas.redaction import redact
 from celery_sagas.settings import SagaSettings
 from celery_sagas.store import SqlSagaStore, dispose_all_after_fork
 from celery_sagas.store.choreography import ChoreographyStore, NewChoreographedSaga
-from celery_sagas.store.choreography_dead_letters import move
 from celery_sagas.store.service_outbox import ServiceOutbox
 
 REGISTRY_ATTR = "_celery_sagas_choreographies"
-
-
-@dataclass(frozen=True)
-class Replay:
-    """What ``replay`` re-published (or would, in a dry run)."""
-
-    saga_id: str
-    event: PublishedEvent | None
-    handlers: tuple[str, ...]
-    sent: int
 
 
 class ChoreographySubscriber:
@@ -333,58 +320,6 @@ class ChoreographySubscriber:
             )
         self.publish_library_events(fired)
         return len(fired)
-
-    # -- operators --------------------------------------------------------------------
-
-    def replay(self, saga_id: str, actor: str, dry_run: bool = False) -> Replay:
-        """Re-publish the last event a subscribed handler never reacted to, to those
-        handlers only; their guards keep it once."""
-        events, reacted = self.store.timeline(saga_id)
-        if not events:
-            raise SagaNotFoundError(f"saga {saga_id} has no {self.choreography.name} events")
-        subscribers: dict[str, list[str]] = {}
-        for s in self.subscriptions:
-            subscribers.setdefault(s.event, []).append(s.handler)
-        awaited = awaiting_reaction(events, reacted, subscribers)
-        if awaited is None:
-            return Replay(saga_id, None, (), 0)
-        if dry_run:
-            return Replay(saga_id, awaited.event, awaited.handlers, 0)
-        event = awaited.event
-        note = f"replayed to {', '.join(awaited.handlers)}"
-        self.store.log(saga_id, event.name, note, actor, self.clock())
-        sent = self.deliver(saga_id, event.name, event.event_id, event.data, only=awaited.handlers)
-        return Replay(saga_id, event, awaited.handlers, sent)
-
-    def subscription_of(self, handler: str) -> Subscription:
-        for subscription in self.subscriptions:
-            if subscription.handler == handler:
-                return subscription
-        raise SagaError(f"no handler {handler!r} in {self.choreography.name}")
-
-    def retry_dead_letter(
-        self, entry_id: int, saga_id: str, handler: str, event_id: str, actor: str
-    ) -> bool:
-        """Re-deliver a dead handler's event to that handler (its guard keeps it once);
-        the entry is resolved when the handler succeeds, dead again if it fails again."""
-        event = self.store.event(event_id)
-        if event is None:
-            raise SagaNotFoundError(f"event {event_id} of saga {saga_id} is not recorded")
-        subscription = self.subscription_of(handler)
-        if not move(self.store, entry_id, "retrying", self.clock(), actor):
-            return False
-        self.deliver(
-            saga_id,
-            event.name,
-            event_id,
-            event.data,
-            only=[subscription.handler],
-            dead_letter=entry_id,
-        )
-        return True
-
-    def discard_dead_letter(self, entry_id: int, actor: str, reason: str) -> bool:
-        return move(self.store, entry_id, "discarded", self.clock(), actor, reason)
 
 
 def choreography_subscriber(
