@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-# Declaring sagas
+# Declaring sagas (orchestrated, and choreographed)
+from celery_sagas.choreography import Choreography
 from celery_sagas.definition import RetryPolicy, Saga, Step, StepContext
 
 # Errors
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from celery import Celery
 
     from celery_sagas.integration import SagaRuntime
+    from celery_sagas.integration.choreography import ChoreographySubscriber
 
 
 def install(app: Celery, sagas: Sequence[Saga], **settings: Any) -> SagaRuntime:
@@ -35,8 +37,19 @@ def install(app: Celery, sagas: Sequence[Saga], **settings: Any) -> SagaRuntime:
     return _install(app, sagas, **settings)
 
 
+def choreography_subscriber(
+    app: Celery, choreography: Choreography, **settings: Any
+) -> ChoreographySubscriber:
+    """Wire a choreography into the Celery ``app``; returns the handler decorator (see
+    ``celery_sagas.integration.choreography``)."""
+    from celery_sagas.integration.choreography import choreography_subscriber as _subscribe
+
+    return _subscribe(app, choreography, **settings)
+
+
 __all__ = [
     "BusinessError",
+    "Choreography",
     "InvalidPayloadError",
     "PayloadConflictError",
     "RetryPolicy",
@@ -48,5 +61,6 @@ __all__ = [
     "StepContext",
     "StepStatus",
     "TransientError",
+    "choreography_subscriber",
     "install",
 ]

@@ -12,7 +12,7 @@ from typing import Any
 from celery import Celery, signals
 
 from celery_sagas import install
-from workers import config, db, hooks
+from workers import choreography, config, db, hooks
 from workers.sagas import EXAMPLE_SAGAS
 
 app = Celery("workers")
@@ -23,6 +23,7 @@ app.conf.worker_send_task_events = True
 app.conf.broker_connection_retry_on_startup = True
 sagas = install(app, EXAMPLE_SAGAS, database_url=config.saga_database_url())
 hooks.register(app)
+order_choreography = choreography.register(app)  # the choreographed order flow
 
 
 @signals.worker_process_init.connect(weak=False)

@@ -1,5 +1,5 @@
 """``make demo``: 200 order sagas and 60 bank transfers through real Celery worker and beat
-processes, then the order choreography (``workers.choreography_demo``, when present).
+processes, then the order choreography (``workers.choreography_demo``).
 
 With no environment it runs on the embedded default (SQLite + kombu's ``filesystem://``
 transport under ``.demo/``, worker ``-P threads``); with ``CELERY_BROKER_URL`` and
@@ -11,7 +11,6 @@ summing to the start, ...) and exits non-zero if a saga is left unsettled or one
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import random
@@ -260,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=int,
         default=50,
         help="how many choreographed orders, run after the orchestrated sagas settled "
-        "(default 50; 0 for none; only when workers.choreography_demo exists)",
+        "(default 50; 0 for none)",
     )
     parser.add_argument(
         "--seed", type=int, default=7, help="random seed for the order and transfer mixes"
@@ -372,9 +371,6 @@ def run_job(args: argparse.Namespace, embedded: bool) -> dict[str, Any]:
     return report
 
 
-CHOREOGRAPHY_MODULE = "workers.choreography_demo"
-
-
 def choreography_invariants(result: Mapping[str, Any]) -> dict[str, bool]:
     """The choreography's own checks, named for the demo's list; a result without any
     is itself a broken invariant (the demo must not pass by checking nothing)."""
@@ -385,20 +381,14 @@ def choreography_invariants(result: Mapping[str, Any]) -> dict[str, bool]:
 
 
 def run_choreography_if_present(count: int) -> dict[str, Any] | None:
-    """``run_choreography(count)`` of ``workers.choreography_demo`` (counts and an
-    ``invariants`` mapping), on the running worker; ``None`` while that module does not
-    exist. An import error inside the module is raised, not hidden."""
+    """``run_choreography(count)`` of the order choreography (counts and an
+    ``invariants`` mapping), on the running worker; ``None`` when asked for none."""
     if count == 0:
         return None
-    try:
-        module = importlib.import_module(CHOREOGRAPHY_MODULE)
-    except ModuleNotFoundError as exc:
-        if exc.name != CHOREOGRAPHY_MODULE:
-            raise
-        print(f"demo: no {CHOREOGRAPHY_MODULE} module: the order choreography is not run")
-        return None
+    from workers.choreography_demo import run_choreography
+
     print(f"demo: {count} choreographed orders (order choreography)")
-    return dict(module.run_choreography(count))
+    return dict(run_choreography(count))
 
 
 def show_one_outcome(order_id: str, handle: Any, timeout: float) -> None:

@@ -1,5 +1,5 @@
 """``celery-sagas …`` and ``celery -A app sagas …``: inspect sagas, operate the dead-letter
-queue, cancel sagas, migrate the schema.
+queue, cancel sagas, replay a choreographed saga's event, migrate the schema.
 
 Any failure is one line ``Error: [code] message`` (see ``cli.failures``): exit status 2 when
 the command line is wrong, 1 when the command failed; ``--debug`` shows the traceback.
@@ -21,6 +21,7 @@ from celery_sagas.cli.evolve import migrate_sagas_command
 from celery_sagas.cli.failures import ReportedFailure, failure_of, report
 from celery_sagas.cli.inspect import list_command, migrate_command, show_command
 from celery_sagas.cli.metrics import metrics_command
+from celery_sagas.cli.replay import replay_command
 
 DEBUG_KEY = "celery_sagas.debug"
 
@@ -48,6 +49,7 @@ COMMANDS = (
     migrate_sagas_command,
     dlq_group,
     cancel_saga,
+    replay_command,
     metrics_command,
 )
 

@@ -55,10 +55,9 @@ class CliContext:
             _ = self.runtime
 
     @property
-    def runtime(self) -> Any:
-        """The installed saga runtime of the Celery app (``install(app, …)``)."""
-        app = self._app
-        if app is None:
+    def app(self) -> Any:
+        """The Celery app that declares the sagas (``--app``, the env, or ``celery -A``)."""
+        if self._app is None:
             name = self.app_name or os.environ.get(APP_ENV)
             if not name:
                 raise CommandError(
@@ -66,7 +65,31 @@ class CliContext:
                     "this command changes sagas, so it needs the Celery app that declares "
                     f"them: {APP_HINT}",
                 )
-            app = self._app = load_app(name)
+            self._app = load_app(name)
+        return self._app
+
+    def is_choreography(self, name: str) -> bool:
+        from celery_sagas.integration.choreography import choreographies
+
+        return name in choreographies(self.app)
+
+    def choreography(self, name: str) -> Any:
+        """The app's subscriber of the choreography ``name`` (``choreography_subscriber``)."""
+        from celery_sagas.integration.choreography import choreographies
+
+        found = choreographies(self.app)
+        if name not in found:
+            raise CommandError(
+                "not_choreography",
+                f"{name!r} is not a choreography of the Celery app "
+                f"{getattr(self.app, 'main', None) or self.app!r} (it has: {sorted(found)})",
+            )
+        return found[name]
+
+    @property
+    def runtime(self) -> Any:
+        """The installed saga runtime of the Celery app (``install(app, …)``)."""
+        app = self.app
         runtime = getattr(app, "_celery_sagas_runtime", None)
         if runtime is None:
             raise CommandError(

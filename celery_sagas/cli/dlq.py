@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from celery_sagas import dlq
+from celery_sagas.choreography import is_handler_dead_letter
 from celery_sagas.cli.context import context_of
 from celery_sagas.cli.refs import name_option
 from celery_sagas.cli.render import (
@@ -74,7 +75,7 @@ def show_entry(ctx: click.Context, entry_id: int, as_json: bool) -> None:
         raise SagaNotFoundError(
             f"no dead-letter entry {entry_id}; `celery-sagas dlq list` shows them"
         )
-    key = f"{entry.saga_id}:{entry.step_name}:compensation"
+    key = entry.payload.get("attempts_key") or f"{entry.saga_id}:{entry.step_name}:compensation"
     attempts = store.attempts(key)
     actions = operator_actions(store.transitions(entry.saga_id))
     data = {
@@ -132,6 +133,44 @@ def _publish(ctx: click.Context, result: dlq.ActionResult) -> None:
         context_of(ctx).runtime.publish(result.messages)
 
 
+def _retry(context: Any, entry_id: int, reason: str | None) -> dlq.ActionResult:
+    """A dead compensation is re-run by its saga's coordinator; a dead choreography
+    handler gets its event re-delivered (its guard keeps it once)."""
+    entry = context.store.dead_letter(entry_id)
+    if entry is None or not is_handler_dead_letter(entry.step):
+        return dlq.retry(context.runtime.coordinator, entry_id, context.actor(), reason)
+    from celery_sagas.integration import choreography_operators as operators
+
+    subscriber = context.choreography(entry.saga_name)
+    event_id = str(entry.payload["event_id"])
+    if operators.retry_dead_letter(
+        subscriber, entry.id, entry.saga_id, entry.step_name, event_id, context.actor()
+    ):
+        done = f"entry {entry.id}: {entry.payload.get('event')} re-delivered to {entry.step_name}"
+        return dlq.ActionResult(True, done, entry.saga_id)
+    return dlq.ActionResult(
+        False, f"entry {entry.id} {dlq.ALREADY.get(entry.status, entry.status)}; nothing done"
+    )
+
+
+def _discard(context: Any, entry_id: int, reason: str) -> dlq.ActionResult:
+    entry = context.store.dead_letter(entry_id)
+    if entry is None or not is_handler_dead_letter(entry.step):
+        return dlq.discard(context.runtime.coordinator, entry_id, context.actor(), reason)
+    if not reason.strip():
+        raise SagaError("a reason is required to discard a dead letter")
+    from celery_sagas.integration import choreography_operators as operators
+
+    subscriber = context.choreography(entry.saga_name)
+    if operators.discard_dead_letter(subscriber, entry.id, context.actor(), reason):
+        return dlq.ActionResult(
+            True, f"entry {entry.id}: {entry.step_name} discarded (handled by hand)", entry.saga_id
+        )
+    return dlq.ActionResult(
+        False, f"entry {entry.id} {dlq.ALREADY.get(entry.status, entry.status)}; nothing done"
+    )
+
+
 @dlq_group.command("retry", help="Re-run a dead compensation now (ID, or --all dead entries).")
 @click.argument("entry_id", type=int, required=False)
 @click.option("--all", "retry_all", is_flag=True, help="Retry every dead entry.")
@@ -151,7 +190,7 @@ def retry_entry(
     if not ids:
         click.echo("no dead entries")
     for number in ids:
-        result = dlq.retry(context.runtime.coordinator, number, context.actor(), reason)
+        result = _retry(context, number, reason)
         _publish(ctx, result)
         click.echo(result.message)
 
@@ -162,7 +201,7 @@ def retry_entry(
 @click.pass_context
 def discard_entry(ctx: click.Context, entry_id: int, reason: str) -> None:
     context = context_of(ctx)
-    result = dlq.discard(context.runtime.coordinator, entry_id, context.actor(), reason)
+    result = _discard(context, entry_id, reason)
     _publish(ctx, result)
     click.echo(result.message)
 
@@ -174,7 +213,10 @@ def _queued_entries(runtime: Any, limit: int, consume: bool) -> tuple[list[tuple
     with runtime.app.connection_for_read() as conn:
         queue = conn.SimpleQueue(runtime.settings.dlq_queue)
         try:
-            depth = queue.qsize()
+            try:
+                depth = queue.qsize()
+            except conn.channel_errors:  # never declared (no message yet, e.g. on Redis)
+                return found, 0
             while consume and len(found) < limit:
                 try:
                     message = queue.get(block=False)
@@ -259,7 +301,7 @@ def drain(
     retried: list[int] = []
     with click.progressbar(entries, label="retrying", file=sys.stderr) as bar:
         for entry in bar:
-            result = dlq.retry(runtime.coordinator, entry.id, context.actor(), reason)
+            result = _retry(context, entry.id, reason)
             _publish(ctx, result)
             if result.changed:
                 retried.append(entry.id)
@@ -289,7 +331,14 @@ def drain(
 def cancel_saga(ctx: click.Context, ref: str, name: str | None, reason: str) -> None:
     context = context_of(ctx)
     runtime = context.runtime
-    saga_id = context.resolve(ref, name).saga_id
+    record = context.resolve(ref, name)
+    if context.is_choreography(record.name):
+        raise CancelRefused(
+            f"saga {record.saga_id} is a choreography ({record.name}): no coordinator can "
+            "cancel it; its services compensate when a failure event is published (or its "
+            "deadline passes)"
+        )
+    saga_id = record.saga_id
     result = dlq.cancel(runtime.coordinator, saga_id, context.actor(), reason)
     if not result.changed:
         raise CancelRefused(result.message)

@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from celery_sagas.choreography import by_operator
 from celery_sagas.protocols import DeadLetterRecord, SagaRecord, TransitionRecord
 from celery_sagas.redaction import redact
 
@@ -41,8 +42,8 @@ def saga_summary(record: SagaRecord) -> dict[str, Any]:
 
 
 def operator_actions(log: Sequence[TransitionRecord]) -> list[TransitionRecord]:
-    """What people did to the saga (cancel, DLQ retry/discard), with their reasons."""
-    return [t for t in log if t.actor != "coordinator"]
+    """What people did to the saga (cancel, DLQ retry/discard, replay), with their reasons."""
+    return [t for t in log if by_operator(t.actor)]
 
 
 def action_summary(t: TransitionRecord) -> dict[str, Any]:
@@ -157,7 +158,9 @@ def render_detail(
         table(
             rows,
             ["#", "step", "status", "tries", "undo tries", "started", "took", "result", "error"],
-        ),
+        )
+        if rows
+        else "none (a choreographed saga: the timeline holds its events and reactions)",
     ]
     start = log[0].at if log else record.created_at
     timeline = [

@@ -35,6 +35,7 @@ from tornado.ioloop import IOLoop
 from tornado.options import options as flower_options
 
 from celery_sagas.definition import Saga
+from celery_sagas.integration.choreography import choreographies
 from celery_sagas.integration.diagram import LEGEND
 from celery_sagas.integration.paging import REFRESH_CHOICES, BadQuery, ListQuery, Paging
 from celery_sagas.integration.saga_view import (
@@ -112,6 +113,7 @@ class SagaPages:
     store: SagaReader
     sagas: Mapping[str, Saga]
     redact_fields: Sequence[str] = ()
+    choreographies: frozenset[str] = frozenset()  # their sagas have no definition to find
 
 
 class _SagaHandler(BaseHandler):
@@ -189,7 +191,12 @@ class SagaView(_SagaHandler):
             return
         saga_id = found[0].saga_id if found else ref
         detail = await self.blocking(
-            read_detail, pages.store, saga_id, pages.redact_fields, pages.sagas
+            read_detail,
+            pages.store,
+            saga_id,
+            pages.redact_fields,
+            pages.sagas,
+            pages.choreographies,
         )
         if detail is None:
             raise web.HTTPError(404, f"no saga with id or business key {ref!r}")
@@ -230,7 +237,12 @@ def pages_for(app: Celery) -> SagaPages:
         raise click.UsageError(
             f"{app.main or 'the app'} has no sagas installed: call celery_sagas.install(app, …)"
         )
-    return SagaPages(runtime.store, runtime.sagas, runtime.settings.redact_fields)
+    return SagaPages(
+        runtime.store,
+        runtime.sagas,
+        runtime.settings.redact_fields,
+        frozenset(choreographies(app)),
+    )
 
 
 # --------------------------------------------------------------------------- command

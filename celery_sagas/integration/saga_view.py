@@ -10,7 +10,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from flower.utils.search import QuerySyntaxError
 from flower.utils.tasks import iter_tasks
 
+from celery_sagas.choreography import by_operator
 from celery_sagas.definition import Saga, SagaRegistry
 from celery_sagas.integration.diagram import phases, render_svg
 from celery_sagas.integration.dispatcher import ADVANCE_TASK, COMPENSATED_TASK, DEAD_LETTER_TASK
@@ -98,7 +99,7 @@ def compensation_order(log: Sequence[TransitionRecord]) -> list[str]:
 
 
 def operator_actions(log: Sequence[TransitionRecord]) -> list[TransitionRecord]:
-    return [t for t in log if t.actor != "coordinator"]
+    return [t for t in log if by_operator(t.actor)]
 
 
 def step_tasks(tasks: Sequence[TaskLink], step: StepRecord, roles: set[str]) -> list[TaskLink]:
@@ -150,8 +151,10 @@ def read_detail(
     ref: str,
     redact_fields: Sequence[str],
     sagas: Mapping[str, Saga] | None = None,
+    choreographies: Collection[str] = (),
 ) -> SagaDetail | None:
-    """Everything the saga page shows from the database (blocking: run in an executor)."""
+    """Everything the saga page shows from the database (blocking: run in an executor).
+    A choreographed saga (of ``choreographies``) has no steps: its timeline is its events."""
     record = store.find(ref)
     if record is None:
         return None
@@ -168,7 +171,9 @@ def read_detail(
             for e in store.dead_letters(saga_id=record.saga_id, status="all")
         ],
         diagram=diagram_of(record, sagas or {}),
-        definition_installed=sagas is None or definition_of(record, sagas) is not None,
+        definition_installed=sagas is None
+        or record.name in choreographies
+        or definition_of(record, sagas) is not None,
     )
 
 

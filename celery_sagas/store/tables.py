@@ -209,3 +209,42 @@ attempts = Table(
     Column("error", Text, nullable=False),
 )
 Index("ix_saga_attempt_key", attempts.c.key, attempts.c.attempt)
+
+# -- choreographed sagas (``celery_sagas.choreography``): their timeline, in the saga database
+
+# Every event of a choreographed saga, in publication order. The start and deadline events
+# are published by the library from here (``sent_at`` NULL until published); the events a
+# service publishes are relayed from that service's own outbox and recorded here as sent.
+events = Table(
+    "saga_event",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("event_id", String(36), nullable=False, unique=True),
+    Column("saga_id", String(36), ForeignKey("saga.id", ondelete="CASCADE"), nullable=False),
+    Column("name", String(200), nullable=False),
+    Column("service", String(200), nullable=False),
+    Column("handler", String(400)),  # the handler that published it (None: the library)
+    Column("caused_by", String(36)),  # the event that handler consumed
+    Column("payload", JSON, nullable=False),
+    Column("published_at", UtcDateTime(), nullable=False),
+    Column("sent_at", UtcDateTime()),
+)
+Index("ix_saga_event_saga_id", events.c.saga_id, events.c.id)
+Index(
+    "ix_saga_event_unsent",
+    events.c.published_at,
+    postgresql_where=events.c.sent_at.is_(None),
+    sqlite_where=events.c.sent_at.is_(None),
+)
+
+# One row per handler that consumed an event of a choreographed saga (once per pair).
+reactions = Table(
+    "saga_reaction",
+    metadata,
+    Column("event_id", String(36), primary_key=True),
+    Column("handler", String(400), primary_key=True),
+    Column("saga_id", String(36), ForeignKey("saga.id", ondelete="CASCADE"), nullable=False),
+    Column("outcome", String(16), nullable=False),  # ok | business
+    Column("at", UtcDateTime(), nullable=False),
+)
+Index("ix_saga_reaction_saga_id", reactions.c.saga_id)

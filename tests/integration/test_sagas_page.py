@@ -160,7 +160,7 @@ def test_the_list_counts_states_and_filters_by_state_and_name(site: Site) -> Non
     assert status == 200
     assert site.failed in failed
     assert site.completed not in failed
-    # the counts above the list answer the same name filter (the example app has two sagas)
+    # the page counts the sagas of the type it lists (the session's database holds others)
     engine = SqlSagaStore(db.database_url()).engine
     counts = count_by_state(engine, Filter(name="order_fulfillment"))
     assert 'data-state="FAILED"' in failed
