@@ -1,0 +1,98 @@
+"""What the worker's pool means for sagas, set up and said once as a worker starts.
+
+- ``-P gevent``: psycopg2 must wait greenly (``green.make_psycopg2_green``), or every
+  query blocks every greenlet of the process.
+- Time limits: prefork enforces both of a step task's limits (the soft one interrupts the
+  participant at its timeout, the hard one replaces the child ``time_limit_grace`` later);
+  gevent only the hard one (a ``gevent.Timeout`` in the greenlet, recorded by the task's
+  ``on_failure``); threads and solo neither. There the saga's own deadline is the backstop:
+  the scan times a step out once ``timeout + time_limit_grace`` passed since a worker began
+  it with no outcome, after re-sending it ``max_redispatches`` times first (a silent step
+  is taken for one whose worker died). A thread is not dead, only late, so a hung call
+  then holds its thread, and every re-send one more: a worker warns about it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from celery import Celery, signals
+
+from celery_sagas.integration.green import make_psycopg2_green
+from celery_sagas.log import logger
+
+SOFT_LIMIT_POOLS = frozenset({"prefork"})
+HARD_LIMIT_POOLS = frozenset({"prefork", "gevent"})
+_POOL_MODULES = {
+    "celery.concurrency.prefork": "prefork",
+    "celery.concurrency.thread": "threads",
+    "celery.concurrency.gevent": "gevent",
+    "celery.concurrency.eventlet": "eventlet",
+    "celery.concurrency.solo": "solo",
+}
+
+
+def pool_name(pool_cls: Any) -> str:
+    """``prefork``, ``threads``, ``gevent``, ``eventlet``, ``solo`` or the class's path,
+    from a worker's ``pool_cls`` (an alias, a ``module:Class`` path or the class)."""
+    if isinstance(pool_cls, str):
+        module = pool_cls.partition(":")[0]
+        return _POOL_MODULES.get(module, "processes" if pool_cls == "processes" else pool_cls)
+    module = getattr(pool_cls, "__module__", "")
+    return _POOL_MODULES.get(module, f"{module}.{getattr(pool_cls, '__name__', '?')}")
+
+
+@dataclass(frozen=True)
+class PoolNote:
+    level: str  # "info" | "warning"
+    text: str
+
+
+def pool_notes(pool: str, timed_steps: bool, max_redispatches: int, green: bool) -> list[PoolNote]:
+    """What a worker of ``pool`` says about sagas as it starts (pure)."""
+    notes = []
+    if pool == "processes":
+        pool = "prefork"
+    if pool == "gevent" and green:
+        notes.append(PoolNote("info", "-P gevent: psycopg2 waits greenly"))
+    if timed_steps and pool not in SOFT_LIMIT_POOLS:
+        enforced = "only the hard one" if pool in HARD_LIMIT_POOLS else "none"
+        text = (
+            f"-P {pool}: of Celery's time limits of step tasks, {enforced} is enforced; "
+            "step timeouts rely on the saga's deadline (the scan, at timeout + "
+            "time_limit_grace after a worker began the step)"
+        )
+        if pool not in HARD_LIMIT_POOLS and max_redispatches > 0:
+            text += (
+                f", and a hung step is re-sent {max_redispatches} time(s) before it is timed "
+                "out, each re-send holding one more thread: set sagas_max_redispatches=0"
+            )
+            notes.append(PoolNote("warning", text))
+        else:
+            notes.append(PoolNote("info", text))
+    return notes
+
+
+def watch_pools(app: Celery, timed_steps: bool, max_redispatches: int) -> None:
+    """Make psycopg2 green now if gevent patched already (``celery worker -P gevent``
+    patches before it imports the app), again when a worker of ``app`` initialises, and
+    say what its pool means for sagas when it is ready."""
+    make_psycopg2_green()
+
+    def on_init(sender: Any = None, **_: Any) -> None:
+        if getattr(sender, "app", None) is app:
+            make_psycopg2_green()
+
+    def on_ready(sender: Any = None, **_: Any) -> None:
+        controller = getattr(sender, "controller", None)
+        if getattr(sender, "app", None) is not app or controller is None:
+            return
+        pool = pool_name(controller.pool_cls)
+        green = make_psycopg2_green()
+        for note in pool_notes(pool, timed_steps, max_redispatches, green):
+            log = logger.warning if note.level == "warning" else logger.info
+            log("celery-sagas: %s", note.text)
+
+    signals.worker_init.connect(on_init, weak=False)
+    signals.worker_ready.connect(on_ready, weak=False)
