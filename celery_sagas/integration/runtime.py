@@ -93,6 +93,9 @@ class SagaRuntime:
         # the store and coordinator are made on first use, possibly by several pool
         # threads (or greenlets) at once: one of them makes each
         self._making = threading.Lock()
+        # the engine's pool for this worker's concurrency (integration.pools), under the
+        # configured engine_options
+        self.engine_defaults: dict[str, Any] = {}
 
     @property
     def store(self) -> SqlSagaStore:
@@ -112,8 +115,16 @@ class SagaRuntime:
         return SqlSagaStore(
             self.settings.database_url,
             prepare=self.settings.prepared_statements,
-            **dict(self.settings.engine_options),
+            **{**self.engine_defaults, **self.settings.engine_options},
         )
+
+    def size_engine_pool(self, options: dict[str, int]) -> dict[str, int]:
+        """A worker's pool defaults, before the store is made; ``pool_size`` configured in
+        ``engine_options`` wins. What was taken (nothing, then)."""
+        if "pool_size" in self.settings.engine_options or self._store is not None:
+            return {}
+        self.engine_defaults.update(options)
+        return dict(options)
 
     def sign(
         self, kwargs: dict[str, Any], task_name: str, saga: Saga, index: int
@@ -388,7 +399,7 @@ def install(app: Celery, sagas: Sequence[Saga], **settings: Any) -> SagaRuntime:
     }
     signals.worker_process_init.connect(_dispose_engines, weak=False)
     timed = any(t is not None for saga in sagas for t in timing.timeouts(saga))
-    watch_pools(app, timed, runtime.settings.max_redispatches)  # -P gevent, threads
+    watch_pools(app, timed, runtime.settings.max_redispatches, runtime.size_engine_pool)
     quiet_periodic_tasks((RELAY_TASK, SCAN_TASK))  # no INFO lines when they did nothing
     app._celery_sagas_runtime = runtime  # read by `celery -A app sagas …`
     return runtime

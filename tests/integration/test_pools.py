@@ -95,6 +95,8 @@ def test_concurrent_sagas_complete_with_one_side_effect_each(
     assert "Traceback" not in log
     if pool == "gevent":
         assert "celery-sagas: -P gevent: psycopg2 waits greenly" in log
+    size = min(CONCURRENCY[pool], 20)
+    assert f"engine pools hold {size} connections (+10)" in log
     enforced = "only the hard one" if pool == "gevent" else "none"
     assert f"celery-sagas: -P {pool}: of Celery's time limits of step tasks, {enforced}" in log
 
