@@ -24,6 +24,9 @@ class Round:
     chains: float  # per second
     sagas: float
     dbos: float | None = None
+    # CPU ms of the worker's processes per chain / saga (None where /proc is not there)
+    chain_cpu_ms: float | None = None
+    saga_cpu_ms: float | None = None
 
     def ratios(self) -> dict[str, float]:
         found = {"sagas/chains": self.sagas / self.chains}
@@ -40,6 +43,9 @@ def medians(rounds: Sequence[Round]) -> dict[str, float]:
         figures["sagas"].append(one.sagas)
         if one.dbos:
             figures.setdefault("dbos", []).append(one.dbos)
+        if one.chain_cpu_ms is not None and one.saga_cpu_ms is not None:
+            figures.setdefault("chain_cpu_ms", []).append(one.chain_cpu_ms)
+            figures.setdefault("saga_cpu_ms", []).append(one.saga_cpu_ms)
         for name, value in one.ratios().items():
             figures.setdefault(name, []).append(value)
     return {name: statistics.median(values) for name, values in figures.items()}
@@ -51,9 +57,16 @@ def format_round(number: int, one: Round) -> str:
     return f"round {number}: chains/s {one.chains:7.1f}  sagas/s {one.sagas:7.1f}{dbos}  {ratios}"
 
 
+def _figure(name: str, value: float) -> str:
+    if "/" in name:
+        return f"{name} {value:.2f}"
+    if name.endswith("_cpu_ms"):
+        return f"{name.removesuffix('_cpu_ms')} CPU {value:.1f} ms"
+    return f"{name}/s {value:.1f}"
+
+
 def format_medians(found: dict[str, float], rounds: int) -> str:
-    parts = [f"{name} {value:.2f}" if "/" in name else f"{name}/s {value:.1f}"
-             for name, value in found.items()]  # fmt: skip
+    parts = [_figure(name, value) for name, value in found.items()]
     return f"median of {rounds} round(s): " + "  ".join(parts)
 
 
@@ -64,10 +77,19 @@ def run_rounds(
     bench.warm_up()
     done = []
     for number in range(1, rounds + 1):
-        chains = bench.chain_throughput(f"chains_round_{number}")["per_second"]
-        sagas = bench.saga_throughput(f"sagas_round_{number}", count_txns=False)["per_second"]
+        chains = bench.chain_throughput(f"chains_round_{number}")
+        sagas = bench.saga_throughput(f"sagas_round_{number}", count_txns=False)
         dbos = peer(bench.options)["per_second"] if peer else None
-        done.append(Round(chains, sagas, dbos))
+        chain_cpu, saga_cpu = chains["cpu_ms_per_chain"], sagas["cpu_ms_per_saga"]
+        done.append(
+            Round(
+                chains["per_second"],
+                sagas["per_second"],
+                dbos,
+                chain_cpu["worker"] if chain_cpu else None,
+                saga_cpu["worker"] if saga_cpu else None,
+            )
+        )
         say(format_round(number, done[-1]))
     return done
 
@@ -120,6 +142,7 @@ def format_matrix(rows: Sequence[dict[str, Any]]) -> str:
     header = (
         f"{'pool':<18}{'chains/s':>10}{'sagas/s':>10}{'ratio':>8}"
         f"{'saga p50 ms':>13}{'chain p50 ms':>14}"
+        f"{'worker CPU ms/chain':>21}{'/saga':>7}"
     )
     lines = [header]
     for row in rows:
@@ -130,5 +153,7 @@ def format_matrix(rows: Sequence[dict[str, Any]]) -> str:
             f"{row['pool'] + ' -c ' + str(row['concurrency']):<18}"
             f"{median['chains']:>10.1f}{median['sagas']:>10.1f}{median['sagas/chains']:>8.2f}"
             f"{saga_p50:>13.1f}{chain_p50:>14.1f}"
+            f"{median.get('chain_cpu_ms', float('nan')):>21.1f}"
+            f"{median.get('saga_cpu_ms', float('nan')):>7.1f}"
         )
     return "\n".join(lines)

@@ -41,7 +41,13 @@ def test_matrix_table_has_a_row_per_worker() -> None:
     row = {
         "pool": "gevent",
         "concurrency": 200,
-        "median": {"chains": 120.0, "sagas": 90.0, "sagas/chains": 0.75},
+        "median": {
+            "chains": 120.0,
+            "sagas": 90.0,
+            "sagas/chains": 0.75,
+            "chain_cpu_ms": 6.0,
+            "saga_cpu_ms": 11.5,
+        },
         "saga_latency_ms": {"p50": 130.0},
         "chain_latency_ms": {"p50": 95.0},
     }
@@ -55,4 +61,6 @@ def test_matrix_table_has_a_row_per_worker() -> None:
         "0.75",
         "130.0",
         "95.0",
+        "6.0",
+        "11.5",
     ]
