@@ -70,6 +70,14 @@ def format_medians(found: dict[str, float], rounds: int) -> str:
     return f"median of {rounds} round(s): " + "  ".join(parts)
 
 
+def format_latency(summary: dict[str, Any], count: int) -> str:
+    def one(kind: str) -> str:
+        cuts = summary[f"{kind}_latency_ms"]
+        return f"{kind} p50 {cuts['p50']:.1f} / p99 {cuts['p99']:.1f} ms"
+
+    return f"latency one at a time (n={count}): {one('saga')}, {one('chain')}"
+
+
 def run_rounds(
     bench: Bench, rounds: int, peer: Peer | None, say: Callable[[str], None]
 ) -> list[Round]:
@@ -119,6 +127,7 @@ def run_in_rounds(
         bench.chain_latency()
         summary = rounds_summary(bench, done)
         say(format_medians(summary["median"], len(done)))
+        say(format_latency(summary, options.latency_n))
         return summary, bench.samples
 
 

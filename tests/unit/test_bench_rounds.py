@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bench.bench import IO_STEP_MS, parse_options
-from bench.rounds import Round, format_matrix, format_round, medians
+from bench.rounds import Round, format_latency, format_matrix, format_round, medians
 
 
 def test_medians_of_figures_and_of_same_round_ratios() -> None:
@@ -64,3 +64,13 @@ def test_matrix_table_has_a_row_per_worker() -> None:
         "6.0",
         "11.5",
     ]
+
+
+def test_latency_line_names_both_percentiles_of_both() -> None:
+    summary = {
+        "saga_latency_ms": {"p50": 14.0, "p90": 15.0, "p99": 20.5},
+        "chain_latency_ms": {"p50": 5.0, "p90": 6.0, "p99": 9.0},
+    }
+    assert format_latency(summary, 200) == (
+        "latency one at a time (n=200): saga p50 14.0 / p99 20.5 ms, chain p50 5.0 / p99 9.0 ms"
+    )
