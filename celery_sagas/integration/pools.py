@@ -48,8 +48,9 @@ def pool_name(pool_cls: Any) -> str:
     """``prefork``, ``threads``, ``gevent``, ``eventlet``, ``solo`` or the class's path,
     from a worker's ``pool_cls`` (an alias, a ``module:Class`` path or the class)."""
     if isinstance(pool_cls, str):
-        module = pool_cls.partition(":")[0]
-        return _POOL_MODULES.get(module, "processes" if pool_cls == "processes" else pool_cls)
+        if pool_cls == "processes":  # Celery's old alias of prefork
+            return "prefork"
+        return _POOL_MODULES.get(pool_cls.partition(":")[0], pool_cls)
     module = getattr(pool_cls, "__module__", "")
     return _POOL_MODULES.get(module, f"{module}.{getattr(pool_cls, '__name__', '?')}")
 
@@ -86,8 +87,6 @@ def pool_notes(
                 f"{engine_pool['pool_size']} connections (+{engine_pool['max_overflow']})",
             )
         )
-    if pool == "processes":
-        pool = "prefork"
     if pool == "gevent" and green:
         notes.append(PoolNote("info", "-P gevent: psycopg2 waits greenly"))
     if timed_steps and pool not in SOFT_LIMIT_POOLS:

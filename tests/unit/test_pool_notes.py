@@ -17,7 +17,7 @@ from celery_sagas.integration.pools import PoolNote, engine_pool_for, pool_name,
         ("threads", "threads"),
         ("celery.concurrency.thread:TaskPool", "threads"),
         ("celery.concurrency.gevent:TaskPool", "gevent"),
-        ("processes", "processes"),
+        ("processes", "prefork"),
     ],
 )
 def test_pool_name_from_an_alias_or_a_path(pool_cls: str, name: str) -> None:
@@ -32,7 +32,6 @@ def test_pool_name_from_the_class() -> None:
 
 def test_prefork_says_nothing() -> None:
     assert pool_notes("prefork", timed_steps=True, max_redispatches=2, green=False) == []
-    assert pool_notes("processes", timed_steps=True, max_redispatches=2, green=False) == []
 
 
 def test_threads_with_re_sends_warn_that_a_hung_step_holds_more_threads() -> None:
