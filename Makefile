@@ -1,7 +1,10 @@
 # The README's commands. Everything runs from the project's own virtualenv (.venv).
 #   make test   PYTEST_ARGS="tests/unit -x"    lint gates + the whole pytest suite
 #   make demo   DEMO_ARGS="..."                the demo on the embedded default
-#   make bench  BENCH_ARGS="..."               the benchmark (needs the services)
+#   make bench  BENCH_ARGS="..."               the benchmark (needs the services): 3 rounds
+#                                              of chains, sagas and DBOS (if bench-peers ran)
+#   make bench-io                              the I/O-bound case by pool, plot in docs/bench.png
+#   make bench-peers                           DBOS into .venv-peers, for make bench's rounds
 #   make chaos  CHAOS_ARGS="--quick"           the fault matrix on its own servers (not in make test)
 #   make lint                                  ruff, ruff format --check, import-linter, mypy
 #   make test-lowest                           unit + a few integration tests on the lowest
@@ -19,16 +22,22 @@ LOWEST := .venv-lowest
 LOWEST_EXTRAS := redis postgres prometheus flower rabbitmq
 LOWEST_TESTS ?= tests/unit tests/integration/test_end_to_end.py tests/integration/test_store_contract.py tests/integration/test_migrations.py tests/integration/test_sagas_page.py tests/integration/test_dead_letters.py
 DEMO_ARGS ?=
-BENCH_ARGS ?=
+BENCH_ARGS ?= --rounds 3
+BENCH_IO_ARGS ?= --io-matrix --n 1000 --latency-n 100 --plot docs/bench.png
+BENCH_STAMP := $(VENV)/.bench-installed
+PEERS := .venv-peers
+PEERS_STAMP := $(PEERS)/.installed
 CHAOS_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test test-lowest demo bench chaos lint services clean
+.PHONY: help venv test test-lowest demo bench bench-io bench-peers chaos lint services clean
 
 help:
 	@echo "make test    [PYTEST_ARGS=...]  ruff + import-linter + mypy + pytest (starts services if needed)"
 	@echo "make demo    [DEMO_ARGS=...]    run the demo (python -m workers.demo)"
-	@echo "make bench   [BENCH_ARGS=...]   run bench/bench.py"
+	@echo "make bench   [BENCH_ARGS=...]   run bench/bench.py (default: --rounds 3)"
+	@echo "make bench-io [BENCH_IO_ARGS=...] the I/O-bound case on prefork/threads/gevent + plot"
+	@echo "make bench-peers                DBOS in .venv-peers: make bench then runs it too"
 	@echo "make chaos   [CHAOS_ARGS=...]   the fault matrix (python -m chaos; own PostgreSQL/Redis)"
 	@echo "make lint                      ruff check, ruff format --check, lint-imports, mypy"
 	@echo "make test-lowest               unit + some integration tests on the lowest declared versions"
@@ -69,8 +78,26 @@ test-lowest: services
 demo: $(STAMP)
 	$(BIN)/python -m workers.demo $(DEMO_ARGS)
 
-bench: $(STAMP) services
+# matplotlib for the bench's plot (the `bench` extra), next to the dev install
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[dev,bench]'
+	@touch $@
+
+bench: $(BENCH_STAMP) services
 	$(BIN)/python bench/bench.py $(BENCH_ARGS)
+
+bench-io: $(BENCH_STAMP) services
+	$(BIN)/python bench/bench.py $(BENCH_IO_ARGS)
+
+# DBOS in a virtualenv of its own: its dependencies never change what the project runs on
+$(PEERS_STAMP):
+	$(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/python -m pip install --disable-pip-version-check -q 'dbos>=3.4,<4' 'psycopg2-binary>=2.9.9'
+	@touch $@
+
+bench-peers: $(PEERS_STAMP)
+	@$(PEERS)/bin/python -m pip show dbos | head -2
+	@echo "make bench now runs DBOS's workflow in its rounds (bench/dbos_peer.py)"
 
 # Starts its own PostgreSQL (port 55432) and redis-server (6390); RabbitMQ gets a vhost of its own.
 chaos: $(STAMP)
@@ -83,6 +110,6 @@ lint: $(STAMP)
 	$(BIN)/mypy celery_sagas
 
 clean:
-	rm -rf .demo .pytest_cache .ruff_cache .mypy_cache .import_linter_cache build dist $(LOWEST)
+	rm -rf .demo .pytest_cache .ruff_cache .mypy_cache .import_linter_cache build dist $(LOWEST) $(PEERS)
 	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +
 	find . -path ./$(VENV) -prune -o -type d -name '*.egg-info' -prune -exec rm -rf {} +

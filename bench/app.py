@@ -9,8 +9,11 @@ One app, one worker, one queue for both workloads:
   records its completion in Redis (``ZADD`` of the completion time under the chain id), the
   minimal completion signal that needs no result backend.
 
-Configured from the environment: ``CELERY_BROKER_URL``, ``SAGAS_DATABASE_URL`` and
-``BENCH_REDIS_URL`` (where chain completions go; defaults to the broker URL).
+Configured from the environment: ``CELERY_BROKER_URL``, ``SAGAS_DATABASE_URL``,
+``BENCH_REDIS_URL`` (where chain completions go; defaults to the broker URL) and
+``BENCH_STEP_MS``: every saga step, compensation and chain task first waits that many
+milliseconds, as a call to another service would (``time.sleep``: under ``-P gevent``,
+which monkey-patched it, a green sleep that lets the other greenlets run).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from celery_sagas import Saga, Step, StepContext, install
 
 CHAIN_DONE_KEY = "bench:chains:done"
 SAGA_NAME = "bench_noop"
+STEP_SECONDS = float(os.environ.get("BENCH_STEP_MS") or 0) / 1000
 
 app = Celery("bench")
 app.conf.broker_url = os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/12")
@@ -36,11 +40,19 @@ app.conf.broker_connection_retry_on_startup = True
 # --- the saga -------------------------------------------------------------------------
 
 
+def io_wait() -> None:
+    """The step's call to another service (``BENCH_STEP_MS``)."""
+    if STEP_SECONDS:
+        time.sleep(STEP_SECONDS)
+
+
 def act(context: StepContext) -> dict[str, Any]:
+    io_wait()
     return {"ok": context.step}
 
 
 def undo(context: StepContext) -> dict[str, Any]:
+    io_wait()
     return {"undone": context.step}
 
 
@@ -70,19 +82,20 @@ def completions() -> redis.Redis:
 
 @app.task(name="bench.noop_1")
 def noop_1() -> None:
-    return None
+    io_wait()
 
 
 @app.task(name="bench.noop_2")
 def noop_2() -> None:
-    return None
+    io_wait()
 
 
 @app.task(name="bench.noop_3")
 def noop_3() -> None:
-    return None
+    io_wait()
 
 
 @app.task(name="bench.noop_4")
 def noop_4(_previous: None, chain_id: str) -> None:
+    io_wait()
     completions().zadd(CHAIN_DONE_KEY, {chain_id: time.time()})

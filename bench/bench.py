@@ -1,9 +1,11 @@
 """Benchmark: a 4-step no-op saga against a bare Celery chain of four no-op tasks.
 
-    python bench/bench.py [--n 2000] [--concurrency 2] [--coordinator-hop] [--json]
+    python bench/bench.py [--n 2000] [--pool prefork] [--concurrency 2] [--step-ms 0]
+                          [--rounds K] [--io-matrix] [--plot docs/bench.png]
+                          [--coordinator-hop] [--json]
 
 It creates a throwaway PostgreSQL database, flushes a dedicated Redis DB, starts a real
-prefork ``celery worker`` for ``bench.app`` and, in one run, measures:
+``celery worker`` for ``bench.app`` (``--pool``, ``--concurrency``) and, in one run, measures:
 
 1. throughput of N bare chains (``noop_1 | noop_2 | noop_3 | noop_4``), completion read
    from Redis (the last task ``ZADD``s its completion time);
@@ -11,10 +13,18 @@ prefork ``celery worker`` for ``bench.app`` and, in one run, measures:
    transactions per saga (``pg_stat_database``);
 3. latency at low load, one saga (then one chain) at a time: publish -> completion.
 
-A saga costs 5 task hops (start + 4 steps, each applying its own outcome), a chain 4: if
-per-hop cost were the only cost, sagas/s could reach at most 4/5 = 0.8 of chains/s. With
-``--coordinator-hop`` every step's outcome takes a second hop through the coordinator task
-(``step | celery_sagas.advance``): 9 hops, a ceiling of 4/9 = 0.44.
+``--step-ms S``: every step (and chain task) waits S ms first, as a call to another service
+would. ``--rounds K``: K rounds round-robin (chains, sagas and, when ``make bench-peers``
+made ``.venv-peers``, DBOS's direct workflow of the same 4 steps: ``bench/dbos_peer.py``),
+per-round figures, then medians and same-round ratios (the machine's noise moves all of a
+round together). ``--io-matrix``: the I/O-bound case (``--step-ms 20``) on prefork -c 8,
+threads -c 32 and gevent -c 200 in turn. ``--plot PATH``: a PNG of throughput by pool and
+concurrency and of the latency CDFs (``bench/plot.py``, needs matplotlib).
+
+A saga costs 4 task hops (the caller writes the saga and publishes its first step; each
+step task applies its own outcome), a chain 4. With ``--coordinator-hop`` every step's
+outcome takes a second hop through the coordinator task (``step | celery_sagas.advance``):
+8 hops, a ceiling of 4/8 = 0.5.
 """
 
 from __future__ import annotations
@@ -58,6 +68,9 @@ LATENCY_POLL = 0.005
 # (PGSTAT_IDLE_INTERVAL): the counters are read once they stayed unchanged that long.
 STATS_QUIET_SECONDS = 11.0
 STATS_POLL = 0.5
+POOLS = ("prefork", "threads", "gevent", "solo")
+IO_STEP_MS = 20.0
+IO_MATRIX = (("prefork", 8), ("threads", 32), ("gevent", 200))
 
 T = TypeVar("T")
 
@@ -83,6 +96,12 @@ class Options:
     coordinator_hop: bool
     as_json: bool
     compare_start: bool = True
+    pool: str = "prefork"
+    step_ms: float = 0.0
+    rounds: int = 1
+    io_matrix: bool = False
+    plot: Path | None = None
+    peers: bool = True
 
 
 def parse_options(argv: list[str] | None = None) -> Options:
@@ -90,7 +109,35 @@ def parse_options(argv: list[str] | None = None) -> Options:
         description="Throughput and latency of celery-sagas against bare Celery chains.",
     )
     parser.add_argument("--n", type=int, default=2000, help="chains and sagas per run")
-    parser.add_argument("--concurrency", type=int, default=2, help="prefork pool size")
+    parser.add_argument(
+        "--pool", choices=POOLS, default="prefork", help="the worker's pool (celery -P)"
+    )
+    parser.add_argument("--concurrency", type=int, default=2, help="the worker's pool size")
+    parser.add_argument(
+        "--step-ms",
+        type=float,
+        default=0.0,
+        help="each step and chain task waits this long first (an HTTP call's time)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="K > 1: chains, sagas and DBOS (if .venv-peers exists) round-robin K times; "
+        "medians and same-round ratios",
+    )
+    parser.add_argument(
+        "--io-matrix",
+        action="store_true",
+        help=f"the I/O-bound case (--step-ms {IO_STEP_MS:g} unless given) on "
+        + ", ".join(f"{pool} -c {c}" for pool, c in IO_MATRIX),
+    )
+    parser.add_argument(
+        "--plot", type=Path, default=None, help="write a PNG of the figures (needs matplotlib)"
+    )
+    parser.add_argument(
+        "--no-peers", action="store_true", help="leave DBOS out of the rounds even if installed"
+    )
     parser.add_argument("--warmup", type=int, default=50, help="uncounted sagas and chains")
     parser.add_argument(
         "--latency-n", type=int, default=200, help="sagas and chains run one at a time"
@@ -127,6 +174,11 @@ def parse_options(argv: list[str] | None = None) -> Options:
     args = parser.parse_args(argv)
     if args.n < 1 or args.concurrency < 1 or args.latency_n < 1 or args.warmup < 0:
         parser.error("--n, --concurrency and --latency-n must be >= 1, --warmup >= 0")
+    if args.rounds < 1 or args.step_ms < 0:
+        parser.error("--rounds must be >= 1 and --step-ms >= 0")
+    step_ms = args.step_ms
+    if args.io_matrix and "--step-ms" not in (argv if argv is not None else sys.argv):
+        step_ms = IO_STEP_MS
     return Options(
         n=args.n,
         concurrency=args.concurrency,
@@ -140,6 +192,12 @@ def parse_options(argv: list[str] | None = None) -> Options:
         coordinator_hop=args.coordinator_hop,
         as_json=args.json,
         compare_start=not args.no_compare_start,
+        pool=args.pool,
+        step_ms=step_ms,
+        rounds=args.rounds,
+        io_matrix=args.io_matrix,
+        plot=args.plot,
+        peers=not args.no_peers,
     )
 
 
@@ -293,12 +351,12 @@ class Worker:
             )
 
 
-def start_worker(concurrency: int, env: dict[str, str], log_dir: Path) -> Worker:
-    hostname = f"bench-{os.getpid()}@{socket.gethostname()}"
-    log_path = log_dir / "worker.log"
+def start_worker(pool: str, concurrency: int, env: dict[str, str], log_dir: Path) -> Worker:
+    hostname = f"bench-{os.getpid()}-{pool}{concurrency}@{socket.gethostname()}"
+    log_path = log_dir / f"worker-{pool}-{concurrency}.log"
     command = [
         sys.executable, "-m", "celery", "-A", "bench.app", "worker",
-        "-P", "prefork", "-c", str(concurrency), "-n", hostname,
+        "-P", pool, "-c", str(concurrency), "-n", hostname,
         "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "WARNING",
     ]  # fmt: skip
     with log_path.open("wb") as log:
@@ -551,6 +609,11 @@ class Bench:
     database: str
     cpu: CpuMeter | None
     results: dict[str, Any] = field(default_factory=dict)
+    # one-at-a-time latencies in ms, every sample (for the plot's CDFs)
+    samples: dict[str, list[float]] = field(default_factory=dict)
+    # prefixes business keys and chain ids: workers run in turn on one database must not
+    # find the sagas of the previous one (a start with a known key is a no-op)
+    tag: str = ""
 
     # -- publishing --
 
@@ -619,59 +682,74 @@ class Bench:
         count = self.options.warmup
         if not count:
             return
+        self.chains.clear()
+        completed = self.sagas.count_in("COMPLETED")
         for i in range(count):
-            self.publish_chain(f"warm-{i}")
-            self.publish_saga(f"warm-{i}")
+            self.publish_chain(f"{self.tag}warm-{i}")
+            self.publish_saga(f"{self.tag}warm-{i}")
         self.wait_for_count("warm-up chains", self.chains.count, count)
-        self.wait_for_sagas("warm-up sagas", count)
+        self.wait_for_sagas("warm-up sagas", completed + count)
 
-    def chain_throughput(self) -> None:
+    def chain_throughput(self, key: str = "chains") -> dict[str, Any]:
         n = self.options.n
         self.chains.clear()
         cpu_before = self.cpu_sample()
         first_publish = time.time()
         for i in range(n):
-            self.publish_chain(f"tput-{i}")
+            self.publish_chain(f"{self.tag}tput-{i}")
         published = time.time() - first_publish
         self.wait_for_count("chains", self.chains.count, n)
         cpu_ms = self.cpu_ms_per_item(cpu_before)
         elapsed = self.chains.last_completion() - first_publish
-        self.results["chains"] = {
+        self.results[key] = {
             "per_second": n / elapsed,
             "seconds": elapsed,
             "publish_seconds": published,
             "cpu_ms_per_chain": cpu_ms,
         }
+        return dict(self.results[key])
 
-    def saga_throughput(self, label: str = "sagas", durable: bool = True) -> None:
+    def saga_throughput(
+        self, label: str = "sagas", durable: bool = True, count_txns: bool = True
+    ) -> dict[str, Any]:
+        """``count_txns``: also PostgreSQL transactions per saga (waits twice for the
+        statistics to settle, ~11 s each)."""
         n = self.options.n
         before_completed = self.sagas.count_in("COMPLETED")
-        before = settled_txn_counts(self.admin, self.database, self.options.timeout)
+        before = (
+            settled_txn_counts(self.admin, self.database, self.options.timeout)
+            if count_txns
+            else None
+        )
         reads_before = self.sagas.reads
         cpu_before = self.cpu_sample()
         first_publish = time.time()
         for i in range(n):
-            self.publish_saga(f"{label}-{i}", durable)
+            self.publish_saga(f"{self.tag}{label}-{i}", durable)
         published = time.time() - first_publish
         self.wait_for_sagas(label, before_completed + n)
         cpu_ms = self.cpu_ms_per_item(cpu_before)
         elapsed = self.sagas.last_finished_at() - first_publish
-        after = settled_txn_counts(self.admin, self.database, self.options.timeout)
-        own_reads = self.sagas.reads - reads_before
         self.results[label] = {
             "per_second": n / elapsed,
             "seconds": elapsed,
             "publish_seconds": published,
             "starts_per_second": n / published,  # what the caller sustains
             "cpu_ms_per_saga": cpu_ms,
-            "commits_per_saga": (after.commits - before.commits) / n,
-            "read_only_txns_per_saga": (after.rollbacks - before.rollbacks - own_reads) / n,
         }
+        if before is not None:
+            after = settled_txn_counts(self.admin, self.database, self.options.timeout)
+            own_reads = self.sagas.reads - reads_before
+            self.results[label]["commits_per_saga"] = (after.commits - before.commits) / n
+            self.results[label]["read_only_txns_per_saga"] = (
+                after.rollbacks - before.rollbacks - own_reads
+            ) / n
+        return dict(self.results[label])
 
     def saga_latency(self) -> None:
         end_to_end, in_database = [], []
         for i in range(self.options.latency_n):
-            key = f"lat-{i}"
+            key = f"{self.tag}lat-{i}"
             published = time.time()
             self.publish_saga(key)
             created, finished = wait_for(
@@ -684,13 +762,14 @@ class Bench:
             in_database.append(finished - created)
             progress(f"saga latency: {i + 1}/{self.options.latency_n}")
         end_progress()
+        self.samples["saga"] = [seconds * 1000 for seconds in end_to_end]
         self.results["saga_latency_ms"] = percentiles_ms(end_to_end)
         self.results["saga_latency_created_to_finished_ms"] = percentiles_ms(in_database)
 
     def chain_latency(self) -> None:
         latencies = []
         for i in range(self.options.latency_n):
-            chain_id = f"lat-{i}"
+            chain_id = f"{self.tag}lat-{i}"
             published = time.time()
             self.publish_chain(chain_id)
             finished = wait_for(
@@ -702,6 +781,7 @@ class Bench:
             latencies.append(finished - published)
             progress(f"chain latency: {i + 1}/{self.options.latency_n}")
         end_progress()
+        self.samples["chain"] = [seconds * 1000 for seconds in latencies]
         self.results["chain_latency_ms"] = percentiles_ms(latencies)
 
     def run(self) -> dict[str, Any]:
@@ -722,7 +802,9 @@ class Bench:
         return {
             "coordinator_hop": self.options.coordinator_hop,
             "n": self.options.n,
+            "pool": self.options.pool,
             "concurrency": self.options.concurrency,
+            "step_ms": self.options.step_ms,
             "cpus": os.cpu_count(),
             "latency_n": self.options.latency_n,
             "chains_per_second": chains_per_s,
@@ -745,9 +827,10 @@ def format_table(summary: dict[str, Any]) -> str:
     in_db = summary["saga_latency_created_to_finished_ms"]
     rows = [
         ("N (chains, sagas)", f"{summary['n']}"),
+        ("each step waits (--step-ms)", f"{summary['step_ms']:g} ms"),
         (
             "worker",
-            f"prefork -c {summary['concurrency']} ({summary['cpus']} CPUs, "
+            f"{summary['pool']} -c {summary['concurrency']} ({summary['cpus']} CPUs, "
             f"1-min load before: {summary['load_average_before']})",
         ),
         (
@@ -855,7 +938,7 @@ def bench_database(admin: sa.Engine, options: Options) -> Iterator[tuple[str, st
 def running_worker(
     options: Options, env: dict[str, str], bench_app: ModuleType, log_dir: Path
 ) -> Iterator[Worker]:
-    worker = start_worker(options.concurrency, env, log_dir)
+    worker = start_worker(options.pool, options.concurrency, env, log_dir)
     try:
         wait_until_ready(worker, bench_app.app, timeout=min(options.timeout, 60.0))
         yield worker
@@ -880,7 +963,45 @@ def make_cpu_meter(
     )
 
 
-def run(options: Options) -> dict[str, Any]:
+@dataclass
+class Session:
+    """The servers of one run, shared by the workers it starts in turn (``--io-matrix``):
+    one bench database, one Redis DB, the bench app imported in this process."""
+
+    options: Options
+    stack: contextlib.ExitStack
+    broker: redis.Redis
+    admin: sa.Engine
+    database: str
+    db_url: str
+    env: dict[str, str]
+    bench_app: ModuleType
+    log_dir: Path
+
+    @contextlib.contextmanager
+    def bench(self, options: Options) -> Iterator[Bench]:
+        """A worker of ``options.pool`` / ``options.concurrency`` and a Bench driving it."""
+        env = {**self.env, "BENCH_STEP_MS": f"{options.step_ms:g}"}
+        with contextlib.ExitStack() as stack:
+            worker = stack.enter_context(running_worker(options, env, self.bench_app, self.log_dir))
+            engine = sa.create_engine(self.db_url, poolclass=NullPool)
+            stack.callback(engine.dispose)
+            sagas = SagaTable(stack.enter_context(engine.connect()), self.bench_app.SAGA_NAME)
+            yield Bench(
+                tag=f"{options.pool}{options.concurrency}-",
+                options=options,
+                bench_app=self.bench_app,
+                worker=worker,
+                sagas=sagas,
+                chains=ChainLog(self.broker, self.bench_app.CHAIN_DONE_KEY),
+                admin=self.admin,
+                database=self.database,
+                cpu=make_cpu_meter(worker, self.admin, self.database, sagas, self.broker),
+            )
+
+
+@contextlib.contextmanager
+def session(options: Options) -> Iterator[Session]:
     broker_url = redis_url_for(options)
     broker = check_redis(broker_url)
     admin = admin_engine(options.pg_admin_url)
@@ -903,28 +1024,68 @@ def run(options: Options) -> dict[str, Any]:
         }
         bench_app = load_bench_app(env)
         log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sagas-bench-")))
-        worker = stack.enter_context(running_worker(options, env, bench_app, log_dir))
-        engine = sa.create_engine(db_url, poolclass=NullPool)
-        stack.callback(engine.dispose)
-        sagas = SagaTable(stack.enter_context(engine.connect()), bench_app.SAGA_NAME)
-        bench = Bench(
-            options=options,
-            bench_app=bench_app,
-            worker=worker,
-            sagas=sagas,
-            chains=ChainLog(broker, bench_app.CHAIN_DONE_KEY),
-            admin=admin,
-            database=database,
-            cpu=make_cpu_meter(worker, admin, database, sagas, broker),
-        )
-        return bench.run()
+        yield Session(options, stack, broker, admin, database, db_url, env, bench_app, log_dir)
+
+
+def run(options: Options) -> dict[str, Any]:
+    """One worker, one run: the table ``format_table`` prints."""
+    with session(options) as current, current.bench(options) as bench:
+        summary = bench.run()
+        summary["latency_samples_ms"] = bench.samples
+        return summary
+
+
+def reporter(as_json: bool) -> Callable[[str], None]:
+    """Prints a line of the report as the run goes (to stderr under --json, whose stdout
+    is the JSON)."""
+
+    def say(text: str) -> None:
+        end_progress()
+        print(text, file=sys.stderr if as_json else sys.stdout, flush=True)
+
+    return say
+
+
+def single_row(summary: dict[str, Any]) -> dict[str, Any]:
+    """A single run as a row of the plot's throughput panel."""
+    return {
+        "pool": summary["pool"],
+        "concurrency": summary["concurrency"],
+        "median": {"chains": summary["chains_per_second"], "sagas": summary["sagas_per_second"]},
+    }
+
+
+def measure(
+    options: Options, say: Callable[[str], None]
+) -> tuple[Any, str, list[dict[str, Any]], dict[str, Any]]:
+    """(JSON summary, text report, plot rows, plot samples) of the mode ``options`` asks."""
+    from bench import peers, rounds
+
+    if options.io_matrix:
+        with session(options) as current:
+            rows, samples = rounds.run_matrix(current, options, IO_MATRIX, say)
+        return rows, rounds.format_matrix(rows), rows, samples
+    if options.rounds > 1:
+        peer = peers.run_dbos if options.peers and peers.dbos_available() else None
+        if peer is None:
+            say("DBOS: not in the rounds (make bench-peers installs it into .venv-peers)")
+        with session(options) as current:
+            summary, latencies = rounds.run_in_rounds(current, options, peer, say)
+        label = f"{options.pool} -c {options.concurrency}"
+        return summary, "", [summary], {label: latencies}
+    summary = run(options)
+    latencies = summary.pop("latency_samples_ms")
+    label = f"{options.pool} -c {options.concurrency}"
+    return summary, format_table(summary), [single_row(summary)], {label: latencies}
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bench.peers import PeerError
+
     options = parse_options(argv)
     try:
-        summary = run(options)
-    except BenchError as exc:
+        summary, report, rows, samples = measure(options, reporter(options.as_json))
+    except (BenchError, PeerError) as exc:
         end_progress()
         print(f"bench failed: {exc}", file=sys.stderr)
         return 1
@@ -934,8 +1095,16 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if options.as_json:
         print(json.dumps(summary, indent=2))
-    else:
-        print(format_table(summary))
+    elif report:
+        print(report)
+    if options.plot is not None:
+        from bench.plot import write_plot
+
+        title = (
+            f"celery-sagas vs bare Celery chains, N={options.n}, each step waits "
+            f"{options.step_ms:g} ms ({os.cpu_count()} CPUs, shared)"
+        )
+        print(f"plot: {write_plot(options.plot, rows, samples, title)}", file=sys.stderr)
     return 0
 
 

@@ -6,6 +6,7 @@ schedule and the reliability settings. The store is created lazily, once per pro
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any
@@ -28,6 +29,7 @@ from celery_sagas.integration.dispatcher import (
     CeleryDispatcher,
 )
 from celery_sagas.integration.hook_task import HOOK_LEASE, register_hook_task
+from celery_sagas.integration.pools import watch_pools
 from celery_sagas.integration.quiet import quiet_periodic_tasks
 from celery_sagas.integration.steps import StepTask
 from celery_sagas.integration.tasks import (
@@ -88,22 +90,41 @@ class SagaRuntime:
         self.start_tasks: dict[str, Task] = {}
         self._store: SqlSagaStore | None = None
         self._coordinator: Coordinator | None = None
+        # the store and coordinator are made on first use, possibly by several pool
+        # threads (or greenlets) at once: one of them makes each
+        self._making = threading.Lock()
+        # the engine's pool for this worker's concurrency (integration.pools), under the
+        # configured engine_options
+        self.engine_defaults: dict[str, Any] = {}
 
     @property
     def store(self) -> SqlSagaStore:
         if self._store is None:
-            if not self.settings.database_url:
-                raise SagaConfigurationError(
-                    "this worker has no saga database (a coordinator_hop participant "
-                    "worker): route the coordinator, start, scan and relay tasks to workers "
-                    "that set SAGAS_DATABASE_URL"
-                )
-            self._store = SqlSagaStore(
-                self.settings.database_url,
-                prepare=self.settings.prepared_statements,
-                **dict(self.settings.engine_options),
-            )
+            with self._making:
+                if self._store is None:
+                    self._store = self._make_store()
         return self._store
+
+    def _make_store(self) -> SqlSagaStore:
+        if not self.settings.database_url:
+            raise SagaConfigurationError(
+                "this worker has no saga database (a coordinator_hop participant "
+                "worker): route the coordinator, start, scan and relay tasks to workers "
+                "that set SAGAS_DATABASE_URL"
+            )
+        return SqlSagaStore(
+            self.settings.database_url,
+            prepare=self.settings.prepared_statements,
+            **{**self.engine_defaults, **self.settings.engine_options},
+        )
+
+    def size_engine_pool(self, options: dict[str, int]) -> dict[str, int]:
+        """A worker's pool defaults, before the store is made; ``pool_size`` configured in
+        ``engine_options`` wins. What was taken (nothing, then)."""
+        if "pool_size" in self.settings.engine_options or self._store is not None:
+            return {}
+        self.engine_defaults.update(options)
+        return dict(options)
 
     def sign(
         self, kwargs: dict[str, Any], task_name: str, saga: Saga, index: int
@@ -120,16 +141,19 @@ class SagaRuntime:
     @property
     def coordinator(self) -> Coordinator:
         if self._coordinator is None:
-            self._coordinator = Coordinator(
-                self.store,
-                self.sagas,
-                utcnow,
-                self.timing,
-                redact_fields=self.settings.redact_fields,
-                auto_retry_interval=self.settings.dlq_auto_retry_interval,
-                messages_with_data=self.settings.coordinator_hop,
-                limits=self.limits,
-            )
+            store = self.store
+            with self._making:
+                if self._coordinator is None:
+                    self._coordinator = Coordinator(
+                        store,
+                        self.sagas,
+                        utcnow,
+                        self.timing,
+                        redact_fields=self.settings.redact_fields,
+                        auto_retry_interval=self.settings.dlq_auto_retry_interval,
+                        messages_with_data=self.settings.coordinator_hop,
+                        limits=self.limits,
+                    )
         return self._coordinator
 
     def start_task(self, saga_name: str) -> Task:
@@ -374,6 +398,8 @@ def install(app: Celery, sagas: Sequence[Saga], **settings: Any) -> SagaRuntime:
         SCAN_TASK: {"task": SCAN_TASK, "schedule": runtime.settings.scan_interval},
     }
     signals.worker_process_init.connect(_dispose_engines, weak=False)
+    timed = any(t is not None for saga in sagas for t in timing.timeouts(saga))
+    watch_pools(app, timed, runtime.settings.max_redispatches, runtime.size_engine_pool)
     quiet_periodic_tasks((RELAY_TASK, SCAN_TASK))  # no INFO lines when they did nothing
     app._celery_sagas_runtime = runtime  # read by `celery -A app sagas …`
     return runtime

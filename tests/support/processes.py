@@ -31,7 +31,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 T = TypeVar("T")
 Kind = Literal["worker", "beat"]
-Pool = Literal["prefork", "threads", "solo"]
+Pool = Literal["prefork", "threads", "gevent", "solo"]
 
 READY_MARKERS: dict[str, str] = {"worker": " ready.", "beat": "beat: Starting..."}
 
