@@ -2,7 +2,8 @@
 #   make test   PYTEST_ARGS="tests/unit -x"    lint gates + the whole pytest suite
 #   make demo   DEMO_ARGS="..."                the demo on the embedded default
 #   make bench  BENCH_ARGS="..."               the benchmark (needs the services): 3 rounds
-#                                              of chains, sagas and DBOS (if bench-peers ran)
+#                                              of chains, sagas and DBOS (if bench-peers ran),
+#                                              then the order choreography's events/s
 #   make bench-io                              the I/O-bound case by pool, plot in docs/bench.png
 #   make bench-peers                           DBOS into .venv-peers, for make bench's rounds
 #   make chaos  CHAOS_ARGS="--quick"           the fault matrix on its own servers (not in make test)
@@ -23,6 +24,7 @@ LOWEST_EXTRAS := redis postgres prometheus flower rabbitmq
 LOWEST_TESTS ?= tests/unit tests/integration/test_end_to_end.py tests/integration/test_store_contract.py tests/integration/test_migrations.py tests/integration/test_sagas_page.py tests/integration/test_dead_letters.py
 DEMO_ARGS ?=
 BENCH_ARGS ?= --rounds 3
+CHOREO_BENCH_ARGS ?= --n 500
 BENCH_IO_ARGS ?= --io-matrix --n 1000 --latency-n 100 --plot docs/bench.png
 BENCH_STAMP := $(VENV)/.bench-installed
 PEERS := .venv-peers
@@ -35,7 +37,7 @@ CHAOS_ARGS ?=
 help:
 	@echo "make test    [PYTEST_ARGS=...]  ruff + import-linter + mypy + pytest (starts services if needed)"
 	@echo "make demo    [DEMO_ARGS=...]    run the demo (python -m workers.demo)"
-	@echo "make bench   [BENCH_ARGS=...]   run bench/bench.py (default: --rounds 3)"
+	@echo "make bench   [BENCH_ARGS=...]   bench/bench.py (default: --rounds 3), then bench/choreography_bench.py"
 	@echo "make bench-io [BENCH_IO_ARGS=...] the I/O-bound case on prefork/threads/gevent + plot"
 	@echo "make bench-peers                DBOS in .venv-peers: make bench then runs it too"
 	@echo "make chaos   [CHAOS_ARGS=...]   the fault matrix (python -m chaos; own PostgreSQL/Redis)"
@@ -85,6 +87,7 @@ $(BENCH_STAMP): $(STAMP)
 
 bench: $(BENCH_STAMP) services
 	$(BIN)/python bench/bench.py $(BENCH_ARGS)
+	$(BIN)/python bench/choreography_bench.py $(CHOREO_BENCH_ARGS)
 
 bench-io: $(BENCH_STAMP) services
 	$(BIN)/python bench/bench.py $(BENCH_IO_ARGS)
