@@ -220,12 +220,19 @@ class SagaRuntime:
             stuck_after=self.settings.stuck_after,
         )
         outbox.publish(self.store, self.dispatcher, report.messages, utcnow)
+        compacted = scanner.compact(
+            self.store,
+            utcnow(),
+            after=self.settings.compact_after,
+            batch=self.settings.compact_batch,
+        )
         return {
             "timed_out": report.timed_out,
             "resent": report.resent,
             "compensation_given_up": report.compensation_given_up,
             "admitted": report.admitted,
             "stuck": report.stuck,
+            "compacted": compacted.guards + compacted.outbox,
         }
 
     def publish(self, messages: Sequence[OutboxMessage]) -> int:

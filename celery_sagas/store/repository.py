@@ -23,18 +23,20 @@ from celery_sagas.errors import (
 from celery_sagas.machine import Decision, SagaState
 from celery_sagas.protocols import (
     AttemptRecord,
+    Compacted,
     CreateResult,
     DeadLetterRecord,
     Expectation,
     GuardRecord,
     NewSaga,
     OutboxMessage,
+    Pruned,
     SagaRecord,
     TransitionRecord,
     expects,
 )
 from celery_sagas.settings import redact_url
-from celery_sagas.store import caller, once, one_statement, writes
+from celery_sagas.store import caller, once, one_statement, retention, writes
 from celery_sagas.store import claims as claim_rows
 from celery_sagas.store import dead_letters as dead_letter_rows
 from celery_sagas.store import guards as guard_rows
@@ -441,6 +443,26 @@ class SqlSagaStore:
     def put_guard(self, guard: GuardRecord, now: datetime) -> GuardRecord:
         with self._connect() as conn:
             return guard_rows.put_guard(conn, self._insert(guards), guard, now)
+
+    # -- retention ----------------------------------------------------------------------
+
+    def prunable(self, finished_before: datetime, name: str | None = None) -> int:
+        with self._read() as conn:
+            return retention.count_prunable(conn, finished_before, name)
+
+    def prune(
+        self,
+        finished_before: datetime,
+        limit: int,
+        name: str | None = None,
+        after: tuple[datetime, str] | None = None,
+    ) -> Pruned:
+        with self._connect() as conn:
+            return retention.prune(conn, finished_before, limit, name, after, self.is_postgres)
+
+    def compact(self, finished_before: datetime, limit: int, now: datetime) -> Compacted:
+        with self._connect() as conn:
+            return retention.compact(conn, finished_before, now, limit, self.is_postgres)
 
     # -- failed attempts and the dead-letter queue ------------------------------------
 
