@@ -169,6 +169,10 @@ def prune_command(
         else:
             click.echo(f"would prune {total} saga(s) finished before {iso(cutoff)}")
         return
+    click.echo(
+        f"pruning {total} saga(s) finished before {iso(cutoff)}, {batch} per transaction",
+        err=True,
+    )
     with _progress(total) as update:
         tally = prune_all(store, cutoff, batch, name, update)
     if as_json:

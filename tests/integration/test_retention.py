@@ -4,6 +4,9 @@ nothing else; ``compact`` deletes guards and sent outbox rows nothing reads agai
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,7 +27,9 @@ from celery_sagas.protocols import GuardRecord, SagaStore
 from celery_sagas.runner import STALE, Ignored, StepMessage, StepRunner
 from celery_sagas.store import SqlSagaStore, shared_engine, upgrade
 from celery_sagas.testing import InMemorySagaStore, RecordingDispatcher, run_until_settled
+from tests.conftest import require_service
 from tests.integration import test_store_contract as contract
+from tests.support.databases import create_pg_database, drop_pg_database
 
 OLD = datetime.now(UTC) - timedelta(days=40)
 CUTOFF = datetime.now(UTC) - timedelta(days=30)
@@ -274,3 +279,76 @@ def test_compact_keeps_a_finished_saga_until_its_hook_message_is_sent(backend: B
     assert store.compact(CUTOFF, 100, datetime.now(UTC)).sagas == 1
     assert store.get_guard(claim) is None
     assert store.get_guard(f"{recent}:reserve:action") is not None
+
+
+# --------------------------------------------------------------------------- the real CLI
+
+
+def cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "celery_sagas.cli", "--database-url", url, "prune", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def cli_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        url = f"sqlite+pysqlite:///{tmp_path / 'cli.sqlite3'}"
+        upgrade(url)
+        yield url
+        shared_engine(url).dispose()
+        return
+    require_service("postgresql")
+    url = create_pg_database("retention_cli")
+    upgrade(url)
+    yield url
+    shared_engine(url).dispose()
+    drop_pg_database(url)
+
+
+def test_prune_through_the_cli(cli_url: str) -> None:
+    store = SqlSagaStore(cli_url)
+    old = [run(store, toy(), f"old-{i}", OLD) for i in range(3)]
+    shop_saga = retried_to_failed(store, "shop-1", OLD)
+    recent = run(store, toy(), "recent", datetime.now(UTC))
+
+    dry = cli(cli_url, "--finished-before", "30d", "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    assert json.loads(dry.stdout)["sagas"] == 4 and json.loads(dry.stdout)["dry_run"] is True
+    assert all(store.load(i) is not None for i in [*old, shop_saga])
+
+    named = cli(cli_url, "--finished-before", "30d", "--name", "shop", "--batch", "1")
+    assert named.returncode == 0, named.stderr
+    assert named.stdout.startswith("pruned 1 saga(s) finished before ")
+    assert "saga_dead_letter 1" in named.stdout and "saga_attempt 2" in named.stdout
+    assert "pruning 1 saga(s)" in named.stderr
+
+    cutoff = (datetime.now(UTC) - timedelta(days=30)).isoformat()
+    done = cli(cli_url, "--finished-before", cutoff, "--batch", "2", "--json")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["sagas"] == 3 and summary["rows"]["saga_step"] == 12
+    assert summary["rows"]["saga"] == 3 and summary["rows_per_second"] > 0
+    assert all(store.load(i) is None for i in [*old, shop_saga])
+    assert store.load(recent) is not None
+    store.engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ("30x", "neither an age"),
+        ("0d", "not a positive age"),
+        ("2026-01-01T00:00:00", "has no timezone"),
+        ("2999-01-01T00:00:00Z", "in the future"),
+    ],
+)
+def test_a_bad_cutoff_is_a_usage_error(tmp_path: Path, value: str, says: str) -> None:
+    result = cli(f"sqlite+pysqlite:///{tmp_path / 'x.sqlite3'}", "--finished-before", value)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("Error: [usage] ") and says in lines[0]
