@@ -276,6 +276,11 @@ PRUNED_TABLES = (
 )
 
 
+# a retention pass over ``limit`` sagas deletes up to this many sent outbox rows per saga
+# (a saga writes one per step and hook), so it keeps up with the sagas that finish
+SENT_ROWS_PER_SAGA = 8
+
+
 @dataclass(frozen=True)
 class Pruned:
     """One batch of ``prune``: the sagas deleted, the rows deleted per table, and where the
@@ -456,7 +461,8 @@ class SagaStore(Protocol):
         """Delete what can never be needed again: the guards of up to ``limit`` sagas
         that finished before ``finished_before`` (their messages are ignored before any
         guard is read; a saga with an unsent outbox row keeps them), and up to ``limit``
-        outbox rows sent before it. Off the step path: the scan runs it."""
+        times ``SENT_ROWS_PER_SAGA`` outbox rows sent before it. Off the step path: the
+        scan runs it."""
         ...
 
     # -- what the scanner needs --

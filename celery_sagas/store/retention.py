@@ -33,7 +33,7 @@ from sqlalchemy import (
 
 from celery_sagas.definition import HOOK_NAMES, HOOK_ROLE
 from celery_sagas.machine import TERMINAL_STATES
-from celery_sagas.protocols import PRUNED_TABLES, Compacted, Pruned
+from celery_sagas.protocols import PRUNED_TABLES, SENT_ROWS_PER_SAGA, Compacted, Pruned
 from celery_sagas.store.tables import (
     attempts,
     dead_letters,
@@ -47,7 +47,8 @@ from celery_sagas.store.tables import (
 FINISHED = tuple(sorted(state.value for state in TERMINAL_STATES))
 OPEN_DEAD_LETTER = ("dead", "retrying")
 ROLES = ("action", "compensation")
-# how many outbox ids past the oldest sent row one pass looks at (ids follow time)
+KEYS_PER_STATEMENT = 5000  # bound parameters per DELETE (SQLite allows 32766)
+# how many of the oldest outbox rows one pass looks at, per row it may delete
 OUTBOX_WINDOW_FACTOR = 4
 
 
@@ -113,26 +114,28 @@ def guard_keys(ids: Sequence[str]) -> Select[Any]:
 
 
 def _delete_guards(conn: Connection, ids: Sequence[str]) -> int:
-    keys = guard_keys(ids).subquery()
-    return conn.execute(delete(guards).where(guards.c.key.in_(select(keys.c.key)))).rowcount
+    """Delete by the exact keys, each an index probe; one statement joining the key
+    list would let the planner hash-join a scan of the whole guard table instead."""
+    keys = list(conn.execute(guard_keys(ids)).scalars())
+    deleted = 0
+    for start in range(0, len(keys), KEYS_PER_STATEMENT):
+        chunk = keys[start : start + KEYS_PER_STATEMENT]
+        deleted += conn.execute(delete(guards).where(guards.c.key.in_(chunk))).rowcount
+    return deleted
 
 
 def delete_sent_outbox(conn: Connection, sent_before: datetime, limit: int) -> int:
-    """Up to ``limit`` outbox rows sent before ``sent_before``: a window of ids from the
-    oldest sent row (an index walk that stops at once), so a pass never reads the whole
-    table however many recent rows it holds; rows never sent are left to the relay."""
-    head = conn.execute(
-        select(func.min(outbox.c.id)).where(outbox.c.sent_at.is_not(None))
-    ).scalar_one_or_none()
-    if head is None:
-        return 0
-    window = and_(outbox.c.id >= head, outbox.c.id < head + limit * OUTBOX_WINDOW_FACTOR)
-    doomed = (
-        select(outbox.c.id)
-        .where(window, outbox.c.sent_at < sent_before)
+    """Up to ``limit`` outbox rows sent before ``sent_before``, among the oldest ``limit`` *
+    ``OUTBOX_WINDOW_FACTOR`` rows (a walk of the primary key from its start, which stops
+    there): a pass never reads the whole table, however many recent rows it holds. Rows
+    still unsent (the relay's) and rows sent recently are stepped over, not deleted."""
+    oldest = (
+        select(outbox.c.id, outbox.c.sent_at)
         .order_by(outbox.c.id)
-        .limit(limit)
+        .limit(limit * OUTBOX_WINDOW_FACTOR)
+        .subquery()
     )
+    doomed = select(oldest.c.id).where(oldest.c.sent_at < sent_before).limit(limit)
     return conn.execute(delete(outbox).where(outbox.c.id.in_(doomed.scalar_subquery()))).rowcount
 
 
@@ -153,7 +156,7 @@ def prune(
     )
     taken = conn.execute(_locked(query, is_postgres)).all()
     rows = dict.fromkeys(PRUNED_TABLES, 0)
-    rows["saga_outbox"] = delete_sent_outbox(conn, finished_before, limit)
+    rows["saga_outbox"] = delete_sent_outbox(conn, finished_before, limit * SENT_ROWS_PER_SAGA)
     if not taken:
         return Pruned(0, rows, None)
     ids = [row.id for row in taken]
@@ -191,7 +194,7 @@ def compact(
         .limit(limit)
     )
     ids = list(conn.execute(_locked(query, is_postgres)).scalars())
-    sent = delete_sent_outbox(conn, finished_before, limit)
+    sent = delete_sent_outbox(conn, finished_before, limit * SENT_ROWS_PER_SAGA)
     if not ids:
         return Compacted(0, 0, sent)
     deleted = _delete_guards(conn, ids)

@@ -8,7 +8,13 @@ from datetime import datetime
 
 from celery_sagas.definition import HOOK_NAMES, hook_key, idempotency_key
 from celery_sagas.machine import TERMINAL_STATES
-from celery_sagas.protocols import DeadLetterRecord, OutboxMessage, SagaRecord, TransitionRecord
+from celery_sagas.protocols import (
+    SENT_ROWS_PER_SAGA,
+    DeadLetterRecord,
+    OutboxMessage,
+    SagaRecord,
+    TransitionRecord,
+)
 from celery_sagas.testing.dead_letters import OPEN
 
 ROLES = ("action", "compensation")
@@ -55,7 +61,8 @@ def guard_keys(saga: SagaRecord, transitions: Iterable[TransitionRecord]) -> set
     return keys | {hook_key(saga.saga_id, hook) for hook in HOOK_NAMES}
 
 
-def sent_before(outbox: Mapping[int, OutboxMessage], when: datetime, limit: int) -> list[int]:
-    """The ids of up to ``limit`` rows sent before ``when``, oldest first."""
+def sent_before(outbox: Mapping[int, OutboxMessage], when: datetime, sagas: int) -> list[int]:
+    """The ids of the rows sent before ``when``, oldest first, as many as a pass over
+    ``sagas`` sagas deletes."""
     old = (i for i, m in sorted(outbox.items()) if m.sent_at is not None and m.sent_at < when)
-    return [i for _, i in zip(range(limit), old, strict=False)]
+    return [i for _, i in zip(range(sagas * SENT_ROWS_PER_SAGA), old, strict=False)]

@@ -229,9 +229,10 @@ def test_compact_deletes_guards_of_finished_sagas_and_old_sent_rows_only(
 ) -> None:
     store = backend.store
     saga = toy()
-    done = run(store, saga, "done", OLD)
+    # the moving saga first: its unsent row is the oldest, which the pass steps over
     moving = Coordinator(store, registry([saga]), clock=lambda: OLD)
     started = moving.start("toy", {"order_id": "moving"})
+    done = run(store, saga, "done", OLD)
     runner = StepRunner(saga, 0, "action", saga.steps[0].retry, clock=lambda: OLD)
     begun = runner.run(store, step_message(saga, started.saga_id, 0))
     assert not isinstance(begun, Ignored)  # it ran: its guard is written
