@@ -2,6 +2,7 @@
 #   make test   PYTEST_ARGS="tests/unit -x"    lint gates + the whole pytest suite
 #   make demo   DEMO_ARGS="..."                the demo on the embedded default
 #   make bench  BENCH_ARGS="..."               the benchmark (needs the services)
+#   make bench-scale SCALE_ARGS="--sizes 1000,100000"   flat at a million finished sagas?
 #   make chaos  CHAOS_ARGS="--quick"           the fault matrix on its own servers (not in make test)
 #   make lint                                  ruff, ruff format --check, import-linter, mypy
 #   make test-lowest                           unit + a few integration tests on the lowest
@@ -20,15 +21,17 @@ LOWEST_EXTRAS := redis postgres prometheus flower rabbitmq
 LOWEST_TESTS ?= tests/unit tests/integration/test_end_to_end.py tests/integration/test_store_contract.py tests/integration/test_migrations.py tests/integration/test_sagas_page.py tests/integration/test_dead_letters.py
 DEMO_ARGS ?=
 BENCH_ARGS ?=
+SCALE_ARGS ?=
 CHAOS_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test test-lowest demo bench chaos lint services clean
+.PHONY: help venv test test-lowest demo bench bench-scale chaos lint services clean
 
 help:
 	@echo "make test    [PYTEST_ARGS=...]  ruff + import-linter + mypy + pytest (starts services if needed)"
 	@echo "make demo    [DEMO_ARGS=...]    run the demo (python -m workers.demo)"
 	@echo "make bench   [BENCH_ARGS=...]   run bench/bench.py"
+	@echo "make bench-scale [SCALE_ARGS=...] scan, relay, list, show, metrics, Sagas page at 1k/100k/1M finished sagas; prune rows/s"
 	@echo "make chaos   [CHAOS_ARGS=...]   the fault matrix (python -m chaos; own PostgreSQL/Redis)"
 	@echo "make lint                      ruff check, ruff format --check, lint-imports, mypy"
 	@echo "make test-lowest               unit + some integration tests on the lowest declared versions"
@@ -71,6 +74,10 @@ demo: $(STAMP)
 
 bench: $(STAMP) services
 	$(BIN)/python bench/bench.py $(BENCH_ARGS)
+
+# Seeds throwaway databases (1M sagas: ~7 GB, minutes): --sizes 1000,100000 for a quick run.
+bench-scale: $(STAMP) services
+	$(BIN)/python bench/scale.py $(SCALE_ARGS)
 
 # Starts its own PostgreSQL (port 55432) and redis-server (6390); RabbitMQ gets a vhost of its own.
 chaos: $(STAMP)

@@ -10,7 +10,7 @@ over the last 100 days) plus a few live sagas (PENDING, one unsent outbox row ea
 times, median of ``--repeat`` runs:
 
 - one scan (``scanner.scan``: due sagas, admissions, stuck sagas) and one compaction pass
-  (``scanner.compact``: the scan's retention work, ``compact_batch`` sagas);
+  over 100 finished sagas (``scanner.compact``: the scan's retention work);
 - one relay pass (``outbox.relay`` publishing the live sagas' unsent rows to a recording
   dispatcher; the rows are put back unsent between runs);
 - ``celery-sagas list`` (first page and the counts per state), ``celery-sagas show``;
@@ -63,6 +63,7 @@ from celery_sagas.testing import RecordingDispatcher
 DEFAULT_PG_ADMIN_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
 DEFAULT_SIZES = (1_000, 100_000, 1_000_000)
 GIB = 1 << 30
+COMPACT_BATCH = 100
 BYTES_PER_SAGA_GUESS = 6_000  # to check the disk before seeding (measured ~3.5 kB)
 
 
@@ -115,12 +116,13 @@ def bytes_stored(engine: sa.Engine) -> dict[str, int]:
         }
 
 
-def measure(url: str, size: int, repeat: int, prune: bool) -> Row:
+def measure(url: str, size: int, repeat: int, prune: bool, seeded: bool = False) -> Row:
     row = Row(size)
     store = SqlSagaStore(url)
     engine = store.engine
     began = time.perf_counter()
-    seed(engine, size)
+    if not seeded:
+        seed(engine, size)
     row.seed_seconds = time.perf_counter() - began
     with engine.connect() as conn:
         conn.execution_options(isolation_level="AUTOCOMMIT").execute(sa.text("VACUUM ANALYZE"))
@@ -167,8 +169,9 @@ def measure(url: str, size: int, repeat: int, prune: bool) -> Row:
     with FlowerPages(store, registry([SAGA])) as pages:
         timings["Sagas page"] = median_ms(lambda: pages.get("/sagas"), repeat)
         timings["saga page"] = median_ms(lambda: pages.get(f"/sagas/{middle}"), repeat)
-    timings["compact pass"] = median_ms(
-        lambda: scanner.compact(store, datetime.now(UTC), 86400.0, 500), repeat
+    # each pass compacts a full batch of COMPACT_BATCH sagas (finished over a day ago)
+    timings[f"compact {COMPACT_BATCH}"] = median_ms(
+        lambda: scanner.compact(store, datetime.now(UTC), 86400.0, COMPACT_BATCH), repeat
     )
     if prune:
         row.prune = prune_rate(store, size)
@@ -244,6 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-prune", action="store_true", help="skip the prune measurement")
     parser.add_argument("--keep", action="store_true", help="keep the databases")
+    parser.add_argument(
+        "--existing",
+        metavar="URL",
+        help="measure a database seeded before (with --keep) instead of seeding one",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON")
     options = parser.parse_args(argv)
     # the relay's warning and Flower's no-auth warning would repeat on every run
@@ -255,6 +263,12 @@ def main(argv: list[str] | None = None) -> int:
     if any(s < 1 for s in sizes) or options.repeat < 1:
         parser.error("--sizes and --repeat must be positive")
     rows = []
+    if options.existing:
+        with sa.create_engine(options.existing).connect() as conn:
+            count = "SELECT count(*) FROM saga WHERE finished_at IS NOT NULL"
+            size = int(conn.execute(sa.text(count)).scalar_one())
+        rows.append(measure(options.existing, size, options.repeat, not options.no_prune, True))
+        sizes = []
     for size in sizes:
         check_disk(size)
         print(f"seeding {size:,} finished sagas …", file=sys.stderr, flush=True)

@@ -40,6 +40,7 @@ from celery_sagas.store import caller, once, one_statement, retention, writes
 from celery_sagas.store import claims as claim_rows
 from celery_sagas.store import dead_letters as dead_letter_rows
 from celery_sagas.store import guards as guard_rows
+from celery_sagas.store.browse import with_business_key
 from celery_sagas.store.claims import SqlClaim
 from celery_sagas.store.engine import autocommit_engine, shared_engine
 from celery_sagas.store.prepared import Prepared
@@ -262,9 +263,7 @@ class SqlSagaStore:
         with self._read() as conn:
             ids = (
                 conn.execute(
-                    select(sagas.c.id)
-                    .where(sagas.c.business_key == business_key)
-                    .order_by(sagas.c.name)
+                    select(sagas.c.id).where(with_business_key(business_key)).order_by(sagas.c.name)
                 )
                 .scalars()
                 .all()
@@ -279,7 +278,7 @@ class SqlSagaStore:
         with self._read() as conn:
             saga_id = conn.execute(
                 select(sagas.c.id)
-                .where(sagas.c.business_key == ref)
+                .where(with_business_key(ref))
                 .order_by(sagas.c.created_at.desc())
                 .limit(1)
             ).scalar_one_or_none()

@@ -161,9 +161,11 @@ def prune(
         return Pruned(0, rows, None)
     ids = [row.id for row in taken]
     rows["saga_guard"] = _delete_guards(conn, ids)
+    # the sent rows went above; the unsent ones are found through their partial index
+    unsent = delete(outbox).where(outbox.c.saga_id.in_(ids), outbox.c.sent_at.is_(None))
+    rows["saga_outbox"] += conn.execute(unsent).rowcount
     by_saga: tuple[tuple[str, Any], ...] = (
         ("saga_attempt", attempts.c.saga_id),
-        ("saga_outbox", outbox.c.saga_id),  # the unsent rows: the partial index has them
         ("saga_dead_letter", dead_letters.c.saga_id),
         ("saga_transition", transitions.c.saga_id),
         ("saga_step", steps.c.saga_id),

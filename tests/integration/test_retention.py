@@ -25,7 +25,7 @@ from celery_sagas.machine import SagaState
 from celery_sagas.policy import RetryPolicy
 from celery_sagas.protocols import GuardRecord, SagaStore
 from celery_sagas.runner import STALE, Ignored, StepMessage, StepRunner
-from celery_sagas.store import SqlSagaStore, shared_engine, upgrade
+from celery_sagas.store import SqlSagaStore, browse, shared_engine, upgrade
 from celery_sagas.testing import InMemorySagaStore, RecordingDispatcher, run_until_settled
 from tests.conftest import require_service
 from tests.integration import test_store_contract as contract
@@ -353,3 +353,29 @@ def test_a_bad_cutoff_is_a_usage_error(tmp_path: Path, value: str, says: str) ->
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert lines[0].startswith("Error: [usage] ") and says in lines[0]
+
+
+# --------------------------------------------------------------------------- bounded counts
+
+
+def test_counts_of_finished_sagas_stop_at_the_cap_and_say_so(cli_url: str) -> None:
+    """``list`` and the Sagas page count COMPLETED and FAILED up to a cap (an index walk
+    that stops there), everything else exactly."""
+    store = SqlSagaStore(cli_url)
+    for i in range(3):
+        run(store, toy(), f"done-{i}", OLD)
+    run(store, contract.Toy(decline_at=2).saga(), "failed", OLD)
+    run(store, shop(refund_failures=99), "dead", OLD)
+    Coordinator(store, registry([toy()]), clock=lambda: OLD).start("toy", {"order_id": "live"})
+    exact = {"COMPLETED": 3, "FAILED": 1, "COMPENSATION_FAILED": 1, "STARTED": 1}
+
+    assert dict(browse.count_by_state(store.engine, cap=None)) == exact
+    assert dict(browse.count_by_state(store.engine)) == exact  # under the default cap
+    capped = browse.count_by_state(store.engine, cap=2)
+    assert dict(capped) == exact  # 3 is "more than 2": the walk stopped at 3
+    assert [browse.shown(capped[s], cap=2) for s in sorted(capped)] == ["1", "2+", "1", "1"]
+    assert browse.total(capped, cap=2) == (5, "5+")
+    assert browse.total(capped) == (6, "6")
+    only_toy = browse.count_by_state(store.engine, browse.Filter(name="toy"), cap=1)
+    assert dict(only_toy) == {"COMPLETED": 2, "FAILED": 1, "STARTED": 1}
+    store.engine.dispose()
