@@ -129,6 +129,10 @@ def delete_sent_outbox(conn: Connection, sent_before: datetime, limit: int) -> i
     ``OUTBOX_WINDOW_FACTOR`` rows (a walk of the primary key from its start, which stops
     there): a pass never reads the whole table, however many recent rows it holds. Rows
     still unsent (the relay's) and rows sent recently are stepped over, not deleted."""
+    first = select(outbox.c.created_at).order_by(outbox.c.id).limit(1)
+    created = conn.execute(first).scalar_one_or_none()
+    if created is None or created >= sent_before:  # the oldest row is too young: done
+        return 0
     oldest = (
         select(outbox.c.id, outbox.c.sent_at)
         .order_by(outbox.c.id)
