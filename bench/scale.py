@@ -33,7 +33,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -77,19 +77,6 @@ class Row:
     prune: dict[str, float] = field(default_factory=dict)
 
 
-def median_ms(
-    run: Callable[[], Any], repeat: int, before: Callable[[], Any] | None = None
-) -> float:
-    times = []
-    for _ in range(repeat):
-        if before is not None:
-            before()
-        began = time.perf_counter()
-        run()
-        times.append((time.perf_counter() - began) * 1000)
-    return statistics.median(times)
-
-
 @contextmanager
 def throwaway_database(admin_url: str, name: str, keep: bool) -> Iterator[str]:
     admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
@@ -116,67 +103,86 @@ def bytes_stored(engine: sa.Engine) -> dict[str, int]:
         }
 
 
-def measure(url: str, size: int, repeat: int, prune: bool, seeded: bool = False) -> Row:
-    row = Row(size)
-    store = SqlSagaStore(url)
-    engine = store.engine
-    began = time.perf_counter()
-    if not seeded:
-        seed(engine, size)
-    row.seed_seconds = time.perf_counter() - began
-    with engine.connect() as conn:
-        conn.execution_options(isolation_level="AUTOCOMMIT").execute(sa.text("VACUUM ANALYZE"))
-    sizes = bytes_stored(engine)
-    row.bytes_per_saga = sum(sizes.values()) / size
+Operation = tuple[Callable[[], Any], Callable[[], Any] | None]  # (timed, untimed before)
 
-    coordinator = Coordinator(store, registry([SAGA]))
-    dispatcher = RecordingDispatcher()
-    now = datetime.now(UTC)
-    timings = row.timings
-    timings["scan"] = median_ms(lambda: scanner.scan(coordinator, now, 200, 600.0), repeat)
 
-    def unsend() -> None:
-        with engine.begin() as conn:
+class Target:
+    """One seeded database and the operations timed on it."""
+
+    def __init__(self, url: str, size: int, seeded: bool = False) -> None:
+        self.row = Row(size)
+        self.store = store = SqlSagaStore(url)
+        self.engine = engine = store.engine
+        began = time.perf_counter()
+        if not seeded:
+            seed(engine, size)
+        self.row.seed_seconds = time.perf_counter() - began
+        with engine.connect() as conn:
+            autocommit = conn.execution_options(isolation_level="AUTOCOMMIT")
+            autocommit.execute(sa.text("VACUUM ANALYZE"))
+        self.row.bytes_per_saga = sum(bytes_stored(engine).values()) / size
+        self.coordinator = Coordinator(store, registry([SAGA]))
+        self.dispatcher = RecordingDispatcher()
+        self.collector = SagaCollector(StatsReader(engine))
+        began = time.perf_counter()
+        list(self.collector.collect())  # folds the whole history once
+        self.row.first_scrape_ms = (time.perf_counter() - began) * 1000
+        self.middle = f"K-{size // 2}"
+        self.pages = FlowerPages(store, registry([SAGA])).__enter__()
+
+    def close(self) -> None:
+        self.pages.__exit__(None, None, None)
+        self.engine.dispose()
+
+    def operations(self) -> dict[str, Operation]:
+        store, engine = self.store, self.engine
+        return {
+            "scan": (lambda: scanner.scan(self.coordinator, datetime.now(UTC), 200, 600), None),
+            "relay": (self._relay, self._unsend),
+            "list": (lambda: (page(engine, Filter(), 0, 50), count_by_state(engine)), None),
+            "show": (self._show, None),
+            "metrics scrape": (lambda: list(self.collector.collect()), None),
+            "Sagas page": (lambda: self.pages.get("/sagas"), None),
+            "saga page": (lambda: self.pages.get(f"/sagas/{self.middle}"), None),
+            # each pass compacts a full batch (the sagas finished over a day ago)
+            f"compact {COMPACT_BATCH}": (
+                lambda: scanner.compact(store, datetime.now(UTC), 86400.0, COMPACT_BATCH),
+                None,
+            ),
+        }
+
+    def _unsend(self) -> None:
+        with self.engine.begin() as conn:
             conn.execute(
                 sa.text("UPDATE saga_outbox SET sent_at = NULL WHERE saga_id LIKE 'live-%'")
             )
 
-    def relay() -> None:
-        sent = outbox.relay(store, dispatcher, lambda: datetime.now(UTC), 5.0, 500)
+    def _relay(self) -> None:
+        sent = outbox.relay(self.store, self.dispatcher, lambda: datetime.now(UTC), 5.0, 500)
         assert sent == LIVE, sent
 
-    timings["relay"] = median_ms(relay, repeat, before=unsend)
+    def _show(self) -> None:
+        record = resolve(self.store, self.middle, None)
+        self.store.transitions(record.saga_id)
+        self.store.dead_letters(saga_id=record.saga_id, status=None, limit=1000)
 
-    def listing() -> None:
-        page(engine, Filter(), 0, 50)
-        count_by_state(engine, Filter())
 
-    timings["list"] = median_ms(listing, repeat)
-    middle = f"K-{size // 2}"
-
-    def show() -> None:
-        record = resolve(store, middle, None)
-        store.transitions(record.saga_id)
-        store.dead_letters(saga_id=record.saga_id, status=None, limit=1000)
-
-    timings["show"] = median_ms(show, repeat)
-    reader = StatsReader(engine)
-    collector = SagaCollector(reader)
-    began = time.perf_counter()
-    list(collector.collect())
-    row.first_scrape_ms = (time.perf_counter() - began) * 1000
-    timings["metrics scrape"] = median_ms(lambda: list(collector.collect()), repeat)
-    with FlowerPages(store, registry([SAGA])) as pages:
-        timings["Sagas page"] = median_ms(lambda: pages.get("/sagas"), repeat)
-        timings["saga page"] = median_ms(lambda: pages.get(f"/sagas/{middle}"), repeat)
-    # each pass compacts a full batch of COMPACT_BATCH sagas (finished over a day ago)
-    timings[f"compact {COMPACT_BATCH}"] = median_ms(
-        lambda: scanner.compact(store, datetime.now(UTC), 86400.0, COMPACT_BATCH), repeat
-    )
-    if prune:
-        row.prune = prune_rate(store, size)
-    store.engine.dispose()
-    return row
+def measure_interleaved(targets: list[Target], repeat: int) -> None:
+    """Round-robin over the sizes, ``repeat`` times: a change of the machine's load
+    between runs hits every size alike."""
+    samples: dict[tuple[int, str], list[float]] = {}
+    for _ in range(repeat):
+        for target in targets:
+            for name, (timed, before) in target.operations().items():
+                if before is not None:
+                    before()
+                began = time.perf_counter()
+                timed()
+                elapsed = (time.perf_counter() - began) * 1000
+                samples.setdefault((target.row.size, name), []).append(elapsed)
+    for target in targets:
+        for name in target.operations():
+            target.row.timings[name] = statistics.median(samples[(target.row.size, name)])
 
 
 def prune_rate(store: SqlSagaStore, size: int) -> dict[str, float]:
@@ -262,22 +268,29 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--sizes: comma-separated integers, got {options.sizes!r}")
     if any(s < 1 for s in sizes) or options.repeat < 1:
         parser.error("--sizes and --repeat must be positive")
-    rows = []
-    if options.existing:
-        with sa.create_engine(options.existing).connect() as conn:
-            count = "SELECT count(*) FROM saga WHERE finished_at IS NOT NULL"
-            size = int(conn.execute(sa.text(count)).scalar_one())
-        rows.append(measure(options.existing, size, options.repeat, not options.no_prune, True))
-        sizes = []
-    for size in sizes:
-        check_disk(size)
-        print(f"seeding {size:,} finished sagas …", file=sys.stderr, flush=True)
-        name = f"sagas_scale_{size}_{os.getpid()}"
-        with throwaway_database(options.admin_url, name, options.keep) as url:
+    targets: list[Target] = []
+    with ExitStack() as stack:
+        if options.existing:
+            with sa.create_engine(options.existing).connect() as conn:
+                count = "SELECT count(*) FROM saga WHERE finished_at IS NOT NULL"
+                found = int(conn.execute(sa.text(count)).scalar_one())
+            targets.append(Target(options.existing, found, seeded=True))
+            sizes = []
+        for size in sizes:
+            check_disk(size)
+            print(f"seeding {size:,} finished sagas …", file=sys.stderr, flush=True)
+            name = f"sagas_scale_{size}_{os.getpid()}"
+            url = stack.enter_context(throwaway_database(options.admin_url, name, options.keep))
             upgrade(url)
-            prune = not options.no_prune and size == max(sizes)
-            rows.append(measure(url, size, options.repeat, prune))
-        print(f"  {size:,}: seeded in {rows[-1].seed_seconds:.1f} s", file=sys.stderr)
+            targets.append(Target(url, size))
+            print(f"  seeded in {targets[-1].row.seed_seconds:.1f} s", file=sys.stderr)
+        for target in targets:
+            stack.callback(target.close)
+        measure_interleaved(targets, options.repeat)
+        largest = max(targets, key=lambda t: t.row.size)
+        if not options.no_prune:
+            largest.row.prune = prune_rate(largest.store, largest.row.size)
+    rows = [t.row for t in targets]
     if options.json:
         print(json.dumps([row.__dict__ for row in rows], indent=2))
     else:
