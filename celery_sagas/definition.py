@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from functools import cached_property
@@ -316,6 +316,15 @@ HOOK_ROLE = "hook"
 def hook_key(saga_id: str, hook: str) -> str:
     """The run-once key of a saga's hook (shaped like a step guard key)."""
     return idempotency_key(saga_id, hook, HOOK_ROLE)
+
+
+def guard_keys(saga_id: str, step_names: Iterable[str]) -> set[str]:
+    """Every guard key a saga with these steps can have written: each step's action and
+    compensation, and its hooks' run-once claims (what retention deletes)."""
+    keys = {hook_key(saga_id, hook) for hook in HOOK_NAMES}
+    for name in step_names:
+        keys |= {idempotency_key(saga_id, name, role) for role in ("action", "compensation")}
+    return keys
 
 
 class SagaRegistry(dict[str, Saga]):

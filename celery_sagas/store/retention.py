@@ -31,7 +31,7 @@ from sqlalchemy import (
     update,
 )
 
-from celery_sagas.definition import HOOK_NAMES, HOOK_ROLE
+from celery_sagas.definition import guard_keys
 from celery_sagas.machine import TERMINAL_STATES
 from celery_sagas.protocols import PRUNED_TABLES, SENT_ROWS_PER_SAGA, Compacted, Pruned
 from celery_sagas.store.tables import (
@@ -46,7 +46,6 @@ from celery_sagas.store.tables import (
 
 FINISHED = tuple(sorted(state.value for state in TERMINAL_STATES))
 OPEN_DEAD_LETTER = ("dead", "retrying")
-ROLES = ("action", "compensation")
 KEYS_PER_STATEMENT = 5000  # bound parameters per DELETE (SQLite allows 32766)
 # how many of the oldest outbox rows one pass looks at, per row it may delete
 OUTBOX_WINDOW_FACTOR = 4
@@ -95,28 +94,25 @@ def _locked(query: Select[Any], is_postgres: bool) -> Select[Any]:
     return query.with_for_update(skip_locked=True, of=sagas) if is_postgres else query
 
 
-def guard_keys(ids: Sequence[str]) -> Select[Any]:
-    """Every guard key the sagas ``ids`` can have written (see the module's docstring)."""
-    names = union(
-        select(steps.c.saga_id, steps.c.name.label("step")).where(steps.c.saga_id.in_(ids)),
+def step_names(ids: Sequence[str]) -> Select[Any]:
+    """``(saga_id, step name)`` of the sagas ``ids``: their steps, and the steps their
+    transitions name (a definition change may have renamed some)."""
+    return union(  # type: ignore[return-value]
+        select(steps.c.saga_id, steps.c.name).where(steps.c.saga_id.in_(ids)),
         select(transitions.c.saga_id, transitions.c.step).where(
             transitions.c.saga_id.in_(ids), transitions.c.step.is_not(None)
         ),
-    ).subquery()
-    keys = [
-        select((names.c.saga_id + ":" + names.c.step + f":{role}").label("key")) for role in ROLES
-    ]
-    keys += [
-        select((sagas.c.id + f":{hook}:{HOOK_ROLE}").label("key")).where(sagas.c.id.in_(ids))
-        for hook in HOOK_NAMES
-    ]
-    return union(*keys)  # type: ignore[return-value]
+    )
 
 
 def _delete_guards(conn: Connection, ids: Sequence[str]) -> int:
-    """Delete by the exact keys, each an index probe; one statement joining the key
-    list would let the planner hash-join a scan of the whole guard table instead."""
-    keys = list(conn.execute(guard_keys(ids)).scalars())
+    """Delete by the exact keys (``definition.guard_keys``), each an index probe; one
+    statement joining a key list would let the planner hash-join a scan of the whole
+    guard table instead."""
+    names: dict[str, list[str]] = {saga_id: [] for saga_id in ids}
+    for saga_id, name in conn.execute(step_names(ids)):
+        names[saga_id].append(name)
+    keys = sorted(set().union(*(guard_keys(i, steps_of) for i, steps_of in names.items())))
     deleted = 0
     for start in range(0, len(keys), KEYS_PER_STATEMENT):
         chunk = keys[start : start + KEYS_PER_STATEMENT]

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 
-from celery_sagas.definition import HOOK_NAMES, hook_key, idempotency_key
+from celery_sagas.definition import guard_keys
 from celery_sagas.machine import TERMINAL_STATES
 from celery_sagas.protocols import (
     SENT_ROWS_PER_SAGA,
@@ -16,8 +16,6 @@ from celery_sagas.protocols import (
     TransitionRecord,
 )
 from celery_sagas.testing.dead_letters import OPEN
-
-ROLES = ("action", "compensation")
 
 
 def prunable(
@@ -53,12 +51,12 @@ def compactable(
     )
 
 
-def guard_keys(saga: SagaRecord, transitions: Iterable[TransitionRecord]) -> set[str]:
-    """Every guard key ``saga`` can have written: its steps' and its hooks'."""
+def guard_keys_of(saga: SagaRecord, transitions: Iterable[TransitionRecord]) -> set[str]:
+    """Every guard key ``saga`` can have written, by the names of its steps and of the
+    steps its transitions name (as the SQL store)."""
     names = {s.name for s in saga.steps}
     names |= {t.step for t in transitions if t.saga_id == saga.saga_id and t.step is not None}
-    keys = {idempotency_key(saga.saga_id, name, role) for name in names for role in ROLES}
-    return keys | {hook_key(saga.saga_id, hook) for hook in HOOK_NAMES}
+    return guard_keys(saga.saga_id, names)
 
 
 def sent_before(outbox: Mapping[int, OutboxMessage], when: datetime, sagas: int) -> list[int]:

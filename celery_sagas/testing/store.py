@@ -503,7 +503,7 @@ class InMemorySagaStore:
         self._compacted.pop(saga_id, None)
 
     def _delete_guards(self, saga: SagaRecord) -> int:
-        keys = retention.guard_keys(saga, self._transitions) & self._guards.keys()
+        keys = retention.guard_keys_of(saga, self._transitions) & self._guards.keys()
         for key in keys:
             del self._guards[key]
         return len(keys)
