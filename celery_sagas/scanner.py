@@ -112,7 +112,7 @@ def compact(store: SagaStore, now: datetime, after: float, batch: int) -> Compac
     per pass, off the step path; ``celery-sagas prune`` deletes the sagas themselves."""
     done = store.compact(now - timedelta(seconds=after), batch, now)
     if done.guards or done.outbox:
-        logger.info(
+        logger.debug(
             "compacted %d finished saga(s): %d guard(s), %d sent outbox row(s) deleted",
             done.sagas,
             done.guards,
