@@ -6,6 +6,7 @@
 #                                              then the order choreography's events/s
 #   make bench-io                              the I/O-bound case by pool, plot in docs/bench.png
 #   make bench-peers                           DBOS into .venv-peers, for make bench's rounds
+#   make bench-scale SCALE_ARGS="--sizes 1000,100000"   flat at a million finished sagas?
 #   make chaos  CHAOS_ARGS="--quick"           the fault matrix on its own servers (not in make test)
 #   make lint                                  ruff, ruff format --check, import-linter, mypy
 #   make test-lowest                           unit + a few integration tests on the lowest
@@ -29,10 +30,11 @@ BENCH_IO_ARGS ?= --io-matrix --n 1000 --latency-n 100 --plot docs/bench.png
 BENCH_STAMP := $(VENV)/.bench-installed
 PEERS := .venv-peers
 PEERS_STAMP := $(PEERS)/.installed
+SCALE_ARGS ?=
 CHAOS_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test test-lowest demo bench bench-io bench-peers chaos lint services clean
+.PHONY: help venv test test-lowest demo bench bench-io bench-peers bench-scale chaos lint services clean
 
 help:
 	@echo "make test    [PYTEST_ARGS=...]  ruff + import-linter + mypy + pytest (starts services if needed)"
@@ -40,6 +42,7 @@ help:
 	@echo "make bench   [BENCH_ARGS=...]   bench/bench.py (default: --rounds 3), then bench/choreography_bench.py"
 	@echo "make bench-io [BENCH_IO_ARGS=...] the I/O-bound case on prefork/threads/gevent + plot"
 	@echo "make bench-peers                DBOS in .venv-peers: make bench then runs it too"
+	@echo "make bench-scale [SCALE_ARGS=...] scan, relay, list, show, metrics, Sagas page at 1k/100k/1M finished sagas; prune rows/s"
 	@echo "make chaos   [CHAOS_ARGS=...]   the fault matrix (python -m chaos; own PostgreSQL/Redis)"
 	@echo "make lint                      ruff check, ruff format --check, lint-imports, mypy"
 	@echo "make test-lowest               unit + some integration tests on the lowest declared versions"
@@ -101,6 +104,10 @@ $(PEERS_STAMP):
 bench-peers: $(PEERS_STAMP)
 	@$(PEERS)/bin/python -m pip show dbos | head -2
 	@echo "make bench now runs DBOS's workflow in its rounds (bench/dbos_peer.py)"
+
+# Seeds throwaway databases (1M sagas: ~7 GB, minutes): --sizes 1000,100000 for a quick run.
+bench-scale: $(STAMP) services
+	$(BIN)/python bench/scale.py $(SCALE_ARGS)
 
 # Starts its own PostgreSQL (port 55432) and redis-server (6390); RabbitMQ gets a vhost of its own.
 chaos: $(STAMP)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from functools import cached_property
@@ -210,7 +210,7 @@ class Saga:
 
     def __post_init__(self) -> None:
         _check_name(self.name, "name", None)
-        for hook in ("on_completed", "on_failed"):
+        for hook in HOOK_NAMES:
             _check_hook(getattr(self, hook), hook, self.name)
         steps = tuple(self.steps)
         if not steps:
@@ -307,6 +307,24 @@ def _unshared_compensation_names(steps: tuple[Step, ...]) -> tuple[Step, ...]:
 def idempotency_key(saga_id: str, step: str, role: str) -> str:
     """The guard key ``saga_id:step_name:action|compensation``."""
     return f"{saga_id}:{step}:{role}"
+
+
+HOOK_NAMES = ("on_completed", "on_failed")
+HOOK_ROLE = "hook"
+
+
+def hook_key(saga_id: str, hook: str) -> str:
+    """The run-once key of a saga's hook (shaped like a step guard key)."""
+    return idempotency_key(saga_id, hook, HOOK_ROLE)
+
+
+def guard_keys(saga_id: str, step_names: Iterable[str]) -> set[str]:
+    """Every guard key a saga with these steps can have written: each step's action and
+    compensation, and its hooks' run-once claims (what retention deletes)."""
+    keys = {hook_key(saga_id, hook) for hook in HOOK_NAMES}
+    for name in step_names:
+        keys |= {idempotency_key(saga_id, name, role) for role in ("action", "compensation")}
+    return keys
 
 
 class SagaRegistry(dict[str, Saga]):

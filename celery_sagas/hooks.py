@@ -20,20 +20,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from celery_sagas.definition import Saga, hook_task_name
+from celery_sagas.definition import HOOK_NAMES, Saga, hook_key, hook_task_name
 from celery_sagas.machine import Decision, SagaState
 from celery_sagas.outcomes import outcome_after
 from celery_sagas.protocols import OutboxMessage, SagaRecord
 
 HOOK_KIND = "hook"
-HOOKS = {SagaState.COMPLETED: "on_completed", SagaState.FAILED: "on_failed"}
+HOOKS = dict(zip((SagaState.COMPLETED, SagaState.FAILED), HOOK_NAMES, strict=True))
 # signature options that make sense on a hook message (JSON values only)
 KEPT_OPTIONS = ("queue", "routing_key", "exchange", "priority", "expires", "countdown")
-
-
-def hook_key(saga_id: str, hook: str) -> str:
-    """The run-once key of a saga's hook (shaped like a step guard key)."""
-    return f"{saga_id}:{hook}:hook"
 
 
 def fired_hook(record: SagaRecord, decision: Decision) -> str | None:

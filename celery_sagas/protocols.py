@@ -264,6 +264,46 @@ class CreateResult:
     messages: tuple[OutboxMessage, ...] = field(default_factory=tuple)
 
 
+# the tables a saga's rows live in, in the order pruning deletes them
+PRUNED_TABLES = (
+    "saga_guard",
+    "saga_attempt",
+    "saga_outbox",
+    "saga_dead_letter",
+    "saga_transition",
+    "saga_step",
+    "saga_reaction",
+    "saga_event",
+    "saga",
+)
+
+
+# a retention pass over ``limit`` sagas deletes up to this many sent outbox rows per saga
+# (a saga writes one per step and hook), so it keeps up with the sagas that finish
+SENT_ROWS_PER_SAGA = 8
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """One batch of ``prune``: the sagas deleted, the rows deleted per table, and where the
+    next batch starts (``after``: the ``(created_at, saga_id)`` of the last saga taken;
+    None when this batch took none, so there is nothing left)."""
+
+    sagas: int
+    rows: Mapping[str, int]
+    after: tuple[datetime, str] | None
+
+
+@dataclass(frozen=True)
+class Compacted:
+    """One pass of ``compact``: finished sagas whose guards were deleted, guard rows and
+    sent outbox rows deleted."""
+
+    sagas: int = 0
+    guards: int = 0
+    outbox: int = 0
+
+
 class Claim(Protocol):
     """Sagas claimed by a scan, locked until the claim's transaction ends
     (``FOR UPDATE SKIP LOCKED`` on PostgreSQL; SQLite serialises writers)."""
@@ -397,6 +437,34 @@ class SagaStore(Protocol):
     def claim_auto_retry(self, entry: DeadLetterRecord, next_at: datetime) -> bool:
         """Count one automatic retry of a dead entry (compare-and-set); False if another
         recovery worker or an operator got there first."""
+        ...
+
+    # -- retention --
+
+    def prunable(self, finished_before: datetime, name: str | None = None) -> int:
+        """How many sagas ``prune`` would delete now."""
+        ...
+
+    def prune(
+        self,
+        finished_before: datetime,
+        limit: int,
+        name: str | None = None,
+        after: tuple[datetime, str] | None = None,
+    ) -> Pruned:
+        """Delete up to ``limit`` sagas COMPLETED or FAILED before ``finished_before``
+        (of type ``name``), without an open dead letter, with every row they own, in one
+        short transaction; locked sagas are skipped. ``after``: the previous batch's
+        ``Pruned.after`` (sagas are taken in ``(created_at, saga_id)`` order). Sent
+        outbox rows sent before ``finished_before`` go too (a sent row is never read)."""
+        ...
+
+    def compact(self, finished_before: datetime, limit: int, now: datetime) -> Compacted:
+        """Delete what can never be needed again: the guards of up to ``limit`` sagas
+        that finished before ``finished_before`` (their messages are ignored before any
+        guard is read; a saga with an unsent outbox row keeps them), and up to ``limit``
+        times ``SENT_ROWS_PER_SAGA`` outbox rows sent before it. Off the step path: the
+        scan runs it."""
         ...
 
     # -- what the scanner needs --

@@ -14,7 +14,7 @@ from celery_sagas import machine
 from celery_sagas.coordinator import Coordinator
 from celery_sagas.log import logger
 from celery_sagas.machine import StepStatus
-from celery_sagas.protocols import OutboxMessage
+from celery_sagas.protocols import Compacted, OutboxMessage, SagaStore
 
 
 @dataclass(frozen=True)
@@ -103,3 +103,19 @@ def scan(coordinator: Coordinator, now: datetime, batch: int, stuck_after: float
             report.admitted,
         )
     return report
+
+
+def compact(store: SagaStore, now: datetime, after: float, batch: int) -> Compacted:
+    """Delete the guards of sagas finished more than ``after`` seconds ago and the outbox
+    rows sent that long ago: nothing reads them again (a message for a finished saga is
+    ignored before its guard is read; sent rows are never read). One batched transaction
+    per pass, off the step path; ``celery-sagas prune`` deletes the sagas themselves."""
+    done = store.compact(now - timedelta(seconds=after), batch, now)
+    if done.guards or done.outbox:
+        logger.debug(
+            "compacted %d finished saga(s): %d guard(s), %d sent outbox row(s) deleted",
+            done.sagas,
+            done.guards,
+            done.outbox,
+        )
+    return done

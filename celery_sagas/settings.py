@@ -34,6 +34,10 @@ class SagaSettings:
     scan_interval: float = 2.0
     scan_batch: int = 200
     stuck_after: float = 600.0
+    # the scan deletes the guards of sagas finished this long ago, and outbox rows sent
+    # this long ago, compact_batch of each per pass (``celery-sagas prune`` the rest)
+    compact_after: float = 86400.0
+    compact_batch: int = 500
     max_redispatches: int = 2
     time_limit_grace: float = 10.0  # hard time limit = step timeout + this
     queue_timeout: float | None = None  # bound on a step's wait for a worker (None: none)
@@ -65,11 +69,12 @@ class SagaSettings:
             "relay_after",
             "scan_interval",
             "stuck_after",
+            "compact_after",
             "time_limit_grace",
         ):
             if getattr(self, name) <= 0:
                 raise SagaConfigurationError(f"{name} must be positive")
-        for name in ("relay_batch", "scan_batch"):
+        for name in ("relay_batch", "scan_batch", "compact_batch"):
             if getattr(self, name) < 1:
                 raise SagaConfigurationError(f"{name} must be >= 1")
         if self.dlq_auto_retry_interval <= 0 or self.dlq_auto_retries < 0:

@@ -21,6 +21,7 @@ from celery_sagas.cli.evolve import migrate_sagas_command
 from celery_sagas.cli.failures import ReportedFailure, failure_of, report
 from celery_sagas.cli.inspect import list_command, migrate_command, show_command
 from celery_sagas.cli.metrics import metrics_command
+from celery_sagas.cli.prune import prune_command
 from celery_sagas.cli.replay import replay_command
 
 DEBUG_KEY = "celery_sagas.debug"
@@ -51,6 +52,7 @@ COMMANDS = (
     cancel_saga,
     replay_command,
     metrics_command,
+    prune_command,
 )
 
 

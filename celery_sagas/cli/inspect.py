@@ -20,13 +20,13 @@ from celery_sagas.cli.render import (
 )
 from celery_sagas.machine import SETTLED_STATES, SagaState
 from celery_sagas.settings import SagaSettings, redact_url
-from celery_sagas.store.browse import Filter, count_by_state, page
+from celery_sagas.store.browse import Filter, count_by_state, page, shown
 
 STATE_CHOICES = click.Choice([s.value for s in SagaState], case_sensitive=False)
 
 
 def counts_line(counts: Mapping[str, int]) -> str:
-    return "  ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "no sagas match"
+    return "  ".join(f"{k}={shown(v)}" for k, v in sorted(counts.items())) or "no sagas match"
 
 
 @click.command("list", help="List sagas, newest first, with their counts per state.")

@@ -51,7 +51,15 @@ from celery_sagas.integration.saga_view import (
 )
 from celery_sagas.log import logger
 from celery_sagas.machine import SETTLED_STATES, SagaState
-from celery_sagas.store.browse import Filter, count_by_state, page, sagas_by_ref
+from celery_sagas.store.browse import (
+    COUNT_CAP,
+    Filter,
+    count_by_state,
+    page,
+    sagas_by_ref,
+    shown,
+    total,
+)
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 T = TypeVar("T")
@@ -162,14 +170,18 @@ class SagaListView(_SagaHandler):
         state = SagaState(query.state) if query.state else None
         facet = Filter(name=query.name, search=query.search)  # the counts ignore the state
         counts: Mapping[str, int] = await self.blocking(count_by_state, engine, facet)
-        total = counts.get(query.state, 0) if query.state else sum(counts.values())
-        paging = Paging.of(query.page, query.per_page, total)
+        counted, everything = total(counts)
+        if query.state:
+            counted = min(counts.get(query.state, 0), COUNT_CAP)
+        paging = Paging.of(query.page, query.per_page, counted)
         where = Filter(state=state, name=query.name, search=query.search)
         records = await self.blocking(page, engine, where, paging.offset, paging.per_page)
         self.render_page(
             "sagas.html",
             records=records,
-            counts={s.value: counts.get(s.value, 0) for s in SagaState},
+            counts={s.value: shown(counts.get(s.value, 0)) for s in SagaState},
+            everything=everything,
+            listed=shown(counts.get(query.state, 0)) if query.state else everything,
             states=[s.value for s in SagaState],
             names=sorted({*self.pages.sagas, *([query.name] if query.name else [])}),
             query=query,

@@ -244,6 +244,14 @@ class SagaRuntime:
             stuck_after=self.settings.stuck_after,
         )
         outbox.publish(self.store, self.dispatcher, report.messages, utcnow)
+        # routine housekeeping: logged at DEBUG, not in the result (whose non-zero values
+        # make the periodic log filter keep the task's "succeeded" line)
+        scanner.compact(
+            self.store,
+            utcnow(),
+            after=self.settings.compact_after,
+            batch=self.settings.compact_batch,
+        )
         return {
             "timed_out": report.timed_out,
             "resent": report.resent,

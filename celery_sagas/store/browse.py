@@ -136,18 +136,74 @@ def page(engine: Engine, where: Filter, offset: int = 0, limit: int = 50) -> tup
         return tuple(_saga_record(r) for r in conn.execute(query).all())
 
 
-def count_by_state(engine: Engine, where: Filter = Filter()) -> Mapping[str, int]:
-    """How many sagas matching ``where`` are in each state."""
-    query = select(sagas.c.state, func.count()).where(where.where()).group_by(sagas.c.state)
+# COMPLETED and FAILED sagas are counted up to this many per state (then "10000+"), so
+# a count costs the same with a thousand finished sagas or a million
+COUNT_CAP = 10_000
+FINISHED_STATES = (SagaState.COMPLETED.value, SagaState.FAILED.value)
+
+
+def count_by_state(
+    engine: Engine, where: Filter = Filter(), cap: int | None = COUNT_CAP
+) -> Mapping[str, int]:
+    """How many sagas matching ``where`` are in each state. Sagas not finished (moving, or
+    waiting in the DLQ) are counted exactly, through the partial index of unfinished
+    sagas; COMPLETED and FAILED (always finished) up to ``cap`` + 1 each, an index walk
+    that stops there
+    (a count above ``cap`` means "more than ``cap``"; ``None``: exact, a full count)."""
+    if cap is None:
+        query = select(sagas.c.state, func.count()).where(where.where()).group_by(sagas.c.state)
+        with engine.connect() as conn:
+            return {state: int(count) for state, count in conn.execute(query).all()}
+    unfinished = (
+        select(sagas.c.state, func.count())
+        .where(where.where(), sagas.c.finished_at.is_(None))
+        .group_by(sagas.c.state)
+    )
     with engine.connect() as conn:
-        return {state: int(count) for state, count in conn.execute(query).all()}
+        counts = {state: int(count) for state, count in conn.execute(unfinished).all()}
+        for state in FINISHED_STATES:
+            capped = (  # ordered by the indexed state: an index-only walk of ix_saga_state
+                select(sagas.c.state)
+                .where(where.where(), sagas.c.state == state)
+                .order_by(sagas.c.state)
+                .limit(cap + 1)
+                .subquery()
+            )
+            found = int(conn.execute(select(func.count()).select_from(capped)).scalar_one())
+            if found:
+                counts[state] = counts.get(state, 0) + found
+    return counts
+
+
+def shown(count: int, cap: int | None = COUNT_CAP) -> str:
+    """A count as ``count_by_state`` gives it, for people: ``10000+`` above the cap."""
+    return f"{cap}+" if cap is not None and count > cap else str(count)
+
+
+def total(counts: Mapping[str, int], cap: int | None = COUNT_CAP) -> tuple[int, str]:
+    """The sum of capped counts (a lower bound if any was capped) and how to show it."""
+    capped = cap is not None and any(c > cap for c in counts.values())
+    known = sum(min(c, cap) if cap is not None else c for c in counts.values())
+    return known, f"{known}+" if capped else str(known)
+
+
+def with_business_key(ref: str) -> ColumnElement[bool]:
+    """Sagas whose business key is ``ref``, found through the ``(name, business_key)``
+    unique index: one probe per saga type, the types found by a skip scan of that index
+    (a recursive walk from one name to the next), since a condition on the business key
+    alone would read the whole table."""
+    names = select(func.min(sagas.c.name).label("name")).cte("saga_names", recursive=True)
+    following = select(func.min(sagas.c.name)).where(sagas.c.name > names.c.name)
+    names = names.union_all(select(following.scalar_subquery()).where(names.c.name.is_not(None)))
+    known = select(names.c.name).where(names.c.name.is_not(None))
+    return and_(sagas.c.business_key == ref, sagas.c.name.in_(known))
 
 
 def sagas_by_ref(engine: Engine, ref: str, name: str | None = None) -> tuple[SagaRecord, ...]:
     """Every saga ``ref`` can mean: the saga with that id, else the sagas with that business
     key (of type ``name`` if given), newest first. Steps are not loaded."""
     by_id: Any = sagas.c.id == ref
-    by_key: Any = sagas.c.business_key == ref
+    by_key: Any = with_business_key(ref)
     if name:
         by_id, by_key = and_(by_id, sagas.c.name == name), and_(by_key, sagas.c.name == name)
     with engine.connect() as conn:

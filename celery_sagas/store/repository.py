@@ -23,21 +23,24 @@ from celery_sagas.errors import (
 from celery_sagas.machine import Decision, SagaState
 from celery_sagas.protocols import (
     AttemptRecord,
+    Compacted,
     CreateResult,
     DeadLetterRecord,
     Expectation,
     GuardRecord,
     NewSaga,
     OutboxMessage,
+    Pruned,
     SagaRecord,
     TransitionRecord,
     expects,
 )
 from celery_sagas.settings import redact_url
-from celery_sagas.store import caller, once, one_statement, writes
+from celery_sagas.store import caller, once, one_statement, retention, writes
 from celery_sagas.store import claims as claim_rows
 from celery_sagas.store import dead_letters as dead_letter_rows
 from celery_sagas.store import guards as guard_rows
+from celery_sagas.store.browse import with_business_key
 from celery_sagas.store.claims import SqlClaim
 from celery_sagas.store.engine import autocommit_engine, shared_engine
 from celery_sagas.store.prepared import Prepared
@@ -260,9 +263,7 @@ class SqlSagaStore:
         with self._read() as conn:
             ids = (
                 conn.execute(
-                    select(sagas.c.id)
-                    .where(sagas.c.business_key == business_key)
-                    .order_by(sagas.c.name)
+                    select(sagas.c.id).where(with_business_key(business_key)).order_by(sagas.c.name)
                 )
                 .scalars()
                 .all()
@@ -277,7 +278,7 @@ class SqlSagaStore:
         with self._read() as conn:
             saga_id = conn.execute(
                 select(sagas.c.id)
-                .where(sagas.c.business_key == ref)
+                .where(with_business_key(ref))
                 .order_by(sagas.c.created_at.desc())
                 .limit(1)
             ).scalar_one_or_none()
@@ -441,6 +442,26 @@ class SqlSagaStore:
     def put_guard(self, guard: GuardRecord, now: datetime) -> GuardRecord:
         with self._connect() as conn:
             return guard_rows.put_guard(conn, self._insert(guards), guard, now)
+
+    # -- retention ----------------------------------------------------------------------
+
+    def prunable(self, finished_before: datetime, name: str | None = None) -> int:
+        with self._read() as conn:
+            return retention.count_prunable(conn, finished_before, name)
+
+    def prune(
+        self,
+        finished_before: datetime,
+        limit: int,
+        name: str | None = None,
+        after: tuple[datetime, str] | None = None,
+    ) -> Pruned:
+        with self._connect() as conn:
+            return retention.prune(conn, finished_before, limit, name, after, self.is_postgres)
+
+    def compact(self, finished_before: datetime, limit: int, now: datetime) -> Compacted:
+        with self._connect() as conn:
+            return retention.compact(conn, finished_before, now, limit, self.is_postgres)
 
     # -- failed attempts and the dead-letter queue ------------------------------------
 

@@ -73,6 +73,8 @@ sagas = Table(
     Column("admitted", Boolean, nullable=False, server_default=true()),
     Column("stuck_reported_at", UtcDateTime()),
     Column("definition", String(64)),  # the fingerprint of the definition it started with
+    # when the periodic pass deleted its guards and sent outbox rows (retention)
+    Column("compacted_at", UtcDateTime()),
     UniqueConstraint("name", "business_key", name="uq_saga_name_business_key"),
 )
 Index("ix_saga_state", sagas.c.state)
@@ -97,6 +99,15 @@ Index(
     sagas.c.created_at,
     postgresql_where=sagas.c.finished_at.is_(None),
     sqlite_where=sagas.c.finished_at.is_(None),
+)
+
+# Finished sagas whose guards the periodic pass has not deleted yet: it stays as small as
+# the sagas finished within ``compact_after``, however many the table holds.
+Index(
+    "ix_saga_compactable",
+    sagas.c.finished_at,
+    postgresql_where=sagas.c.finished_at.is_not(None) & sagas.c.compacted_at.is_(None),
+    sqlite_where=sagas.c.finished_at.is_not(None) & sagas.c.compacted_at.is_(None),
 )
 
 steps = Table(
@@ -209,6 +220,8 @@ attempts = Table(
     Column("error", Text, nullable=False),
 )
 Index("ix_saga_attempt_key", attempts.c.key, attempts.c.attempt)
+# pruning deletes a saga's attempts (and the foreign key's cascade looks them up) by saga
+Index("ix_saga_attempt_saga_id", attempts.c.saga_id)
 
 # -- choreographed sagas (``celery_sagas.choreography``): their timeline, in the saga database
 

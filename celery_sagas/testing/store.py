@@ -5,6 +5,7 @@ The same contract suite (``tests/integration/test_store_contract.py``) runs agai
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -27,14 +28,17 @@ from celery_sagas.machine import (
     StepStatus,
 )
 from celery_sagas.protocols import (
+    PRUNED_TABLES,
     STARTED,
     AttemptRecord,
+    Compacted,
     CreateResult,
     DeadLetterRecord,
     Expectation,
     GuardRecord,
     NewSaga,
     OutboxMessage,
+    Pruned,
     SagaRecord,
     SagaStore,
     StepRecord,
@@ -43,7 +47,7 @@ from celery_sagas.protocols import (
     expects,
     step_values,
 )
-from celery_sagas.testing import dead_letters
+from celery_sagas.testing import dead_letters, retention
 from celery_sagas.testing.columns import as_json, as_utc
 
 
@@ -101,6 +105,8 @@ class InMemorySagaStore:
         self._guards: dict[str, GuardRecord] = {}
         self._dead_letters: dict[int, DeadLetterRecord] = {}
         self._attempts: list[AttemptRecord] = []  # in insertion (id) order
+        self._compacted: dict[str, datetime] = {}  # the ``compacted_at`` column
+        self._outbox_ids = itertools.count(1)  # a sequence: ids are never reused
 
     def __repr__(self) -> str:
         return f"InMemorySagaStore({len(self._sagas)} sagas)"
@@ -131,6 +137,7 @@ class InMemorySagaStore:
                 "_outbox_keys",
                 "_guards",
                 "_dead_letters",
+                "_compacted",
             )
             saved = {name: dict(getattr(self, name)) for name in tables}
             transitions, attempts = len(self._transitions), len(self._attempts)
@@ -178,7 +185,7 @@ class InMemorySagaStore:
                 self._outbox[message_id] = replace(row, sent_at=now)
         written = []
         for message, body in zip(messages, bodies, strict=True):
-            new_id = len(self._outbox) + 1
+            new_id = next(self._outbox_ids)
             self._outbox[new_id] = OutboxMessage(saga.saga_id, body, id=new_id, created_at=now)
             self._outbox_keys[new_id] = body.get("key")  # None for a DLQ message
             written.append(OutboxMessage(saga.saga_id, message.body, id=new_id, created_at=now))
@@ -434,6 +441,95 @@ class InMemorySagaStore:
         with self._lock:
             self.calls.append("transitions")
             return tuple(t for t in self._transitions if t.saga_id == saga_id)
+
+    # -- retention (the rules: ``testing.retention``) ----------------------------------
+
+    def prunable(self, finished_before: datetime, name: str | None = None) -> int:
+        finished_before = as_utc(finished_before)
+        with self._lock:
+            self.calls.append("prunable")
+            entries = self._dead_letters.values()
+            return sum(
+                retention.prunable(s, entries, finished_before, name) for s in self._sagas.values()
+            )
+
+    def prune(
+        self,
+        finished_before: datetime,
+        limit: int,
+        name: str | None = None,
+        after: tuple[datetime, str] | None = None,
+    ) -> Pruned:
+        finished_before = as_utc(finished_before)
+        with self._transaction("prune"):
+            entries = self._dead_letters.values()
+            taken = sorted(
+                (
+                    s
+                    for s in self._sagas.values()
+                    if retention.prunable(s, entries, finished_before, name)
+                    and retention.past(s, after)
+                ),
+                key=_oldest_first,
+            )[:limit]
+            rows = dict.fromkeys(PRUNED_TABLES, 0)
+            rows["saga_outbox"] = self._delete_outbox(
+                retention.sent_before(self._outbox, finished_before, limit)
+            )
+            for saga in taken:
+                self._delete_saga(saga, rows)
+            last = (taken[-1].created_at, taken[-1].saga_id) if taken else None
+            return Pruned(len(taken), rows, last)
+
+    def _delete_saga(self, saga: SagaRecord, rows: dict[str, int]) -> None:
+        saga_id = saga.saga_id
+        rows["saga_guard"] += self._delete_guards(saga)
+        kept = [a for a in self._attempts if a.saga_id != saga_id]
+        rows["saga_attempt"] += len(self._attempts) - len(kept)
+        self._attempts[:] = kept
+        unsent = [i for i, m in self._outbox.items() if m.saga_id == saga_id and not m.sent_at]
+        rows["saga_outbox"] += self._delete_outbox(unsent)
+        dead = [i for i, e in self._dead_letters.items() if e.saga_id == saga_id]
+        for entry_id in dead:
+            del self._dead_letters[entry_id]
+        rows["saga_dead_letter"] += len(dead)
+        kept_log = [t for t in self._transitions if t.saga_id != saga_id]
+        rows["saga_transition"] += len(self._transitions) - len(kept_log)
+        self._transitions[:] = kept_log
+        rows["saga_step"] += len(saga.steps)
+        rows["saga"] += 1
+        del self._sagas[saga_id], self._hashes[saga_id], self._keys[(saga.name, saga.business_key)]
+        self._stuck_reported.pop(saga_id, None)
+        self._compacted.pop(saga_id, None)
+
+    def _delete_guards(self, saga: SagaRecord) -> int:
+        keys = retention.guard_keys_of(saga, self._transitions) & self._guards.keys()
+        for key in keys:
+            del self._guards[key]
+        return len(keys)
+
+    def _delete_outbox(self, ids: Sequence[int]) -> int:
+        for message_id in ids:
+            del self._outbox[message_id]
+            self._outbox_keys.pop(message_id, None)
+        return len(ids)
+
+    def compact(self, finished_before: datetime, limit: int, now: datetime) -> Compacted:
+        finished_before = as_utc(finished_before)
+        with self._transaction("compact"):
+            unsent = {m.saga_id for m in self._outbox.values() if m.sent_at is None}
+            taken = sorted(
+                (
+                    s
+                    for s in self._sagas.values()
+                    if retention.compactable(s, self._compacted, unsent, finished_before)
+                ),
+                key=lambda s: s.finished_at or finished_before,
+            )[:limit]
+            sent = self._delete_outbox(retention.sent_before(self._outbox, finished_before, limit))
+            guards = sum(self._delete_guards(s) for s in taken)
+            self._compacted.update(dict.fromkeys((s.saga_id for s in taken), as_utc(now)))
+            return Compacted(len(taken), guards, sent)
 
     # -- failed attempts and the dead-letter queue ---------------------------------------
 

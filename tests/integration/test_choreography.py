@@ -110,6 +110,25 @@ def test_happy_path_fulfils_the_order_and_tracks_the_saga(
     assert all(sent for _, sent in outbox_rows(saga_id))
 
 
+def test_prune_deletes_a_finished_choreography_with_its_timeline(
+    start: Callable[..., str], sku: str
+) -> None:
+    import os
+
+    from celery_sagas.store import SqlSagaStore
+
+    saga_id = start(choreo_order(sku, qty=1))
+    assert wait_state(saga_id).state.value == "COMPLETED"
+    assert timeline(saga_id) == HAPPY and reactions(saga_id)
+    store = SqlSagaStore(os.environ["SAGAS_DATABASE_URL"])
+    after = datetime.now(UTC) + timedelta(seconds=1)
+    pruned = store.prune(after, limit=10_000, name="order_choreography")
+    assert pruned.rows["saga_event"] >= len(HAPPY)
+    assert pruned.rows["saga_reaction"] >= 4
+    assert store.load(saga_id) is None
+    assert timeline(saga_id) == [] and reactions(saga_id) == []
+
+
 def test_declined_card_releases_the_stock_and_nothing_else(
     start: Callable[..., str], sku: str
 ) -> None:

@@ -1,0 +1,66 @@
+"""Retention in ``InMemorySagaStore``: which sagas ``prune`` and ``compact`` take, and the
+guard keys a saga can have written, by the rules of ``celery_sagas.store.retention``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+
+from celery_sagas.definition import guard_keys
+from celery_sagas.machine import TERMINAL_STATES
+from celery_sagas.protocols import (
+    SENT_ROWS_PER_SAGA,
+    DeadLetterRecord,
+    OutboxMessage,
+    SagaRecord,
+    TransitionRecord,
+)
+from celery_sagas.testing.dead_letters import OPEN
+
+
+def prunable(
+    saga: SagaRecord,
+    dead_letters: Iterable[DeadLetterRecord],
+    finished_before: datetime,
+    name: str | None,
+) -> bool:
+    """COMPLETED or FAILED before ``finished_before``, of type ``name``, no open dead letter."""
+    return (
+        saga.state in TERMINAL_STATES
+        and saga.finished_at is not None
+        and saga.finished_at < finished_before
+        and (name is None or saga.name == name)
+        and not any(e.saga_id == saga.saga_id and e.status in OPEN for e in dead_letters)
+    )
+
+
+def past(saga: SagaRecord, after: tuple[datetime, str] | None) -> bool:
+    """After the keyset ``after`` in ``(created_at, saga_id)`` order."""
+    return after is None or (saga.created_at, saga.saga_id) > after
+
+
+def compactable(
+    saga: SagaRecord, compacted: Iterable[str], unsent_sagas: set[str], finished_before: datetime
+) -> bool:
+    """Finished before ``finished_before``, not compacted, no outbox row left unsent."""
+    return (
+        saga.finished_at is not None
+        and saga.finished_at < finished_before
+        and saga.saga_id not in compacted
+        and saga.saga_id not in unsent_sagas
+    )
+
+
+def guard_keys_of(saga: SagaRecord, transitions: Iterable[TransitionRecord]) -> set[str]:
+    """Every guard key ``saga`` can have written, by the names of its steps and of the
+    steps its transitions name (as the SQL store)."""
+    names = {s.name for s in saga.steps}
+    names |= {t.step for t in transitions if t.saga_id == saga.saga_id and t.step is not None}
+    return guard_keys(saga.saga_id, names)
+
+
+def sent_before(outbox: Mapping[int, OutboxMessage], when: datetime, sagas: int) -> list[int]:
+    """The ids of the rows sent before ``when``, oldest first, as many as a pass over
+    ``sagas`` sagas deletes."""
+    old = (i for i, m in sorted(outbox.items()) if m.sent_at is not None and m.sent_at < when)
+    return [i for _, i in zip(range(sagas * SENT_ROWS_PER_SAGA), old, strict=False)]
