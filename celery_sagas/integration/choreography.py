@@ -295,11 +295,15 @@ class ChoreographySubscriber:
         """Publish what was left unsent: the library's events and every service outbox."""
         before = self.clock() - timedelta(seconds=self.settings.relay_after)
         batch = self.settings.relay_batch
-        count = self.publish_library_events(self.store.unsent(before, batch))
+        name = self.choreography.name
+        count = self.publish_library_events(self.store.unsent(name, before, batch))
         services = {s.service for s in self.subscriptions}
         by_url: dict[str, str] = {self.service_url(s): s for s in sorted(services)}
         for service in by_url.values():
+            # a service database may hold other choreographies' outboxes: theirs to relay
             pending = self.service_outbox(service).unsent(before, batch)
+            mine = self.store.sagas_of(name, (e.saga_id for e in pending))
+            pending = tuple(e for e in pending if e.saga_id in mine)
             if pending:
                 logger.warning("relaying %d unsent event(s) of %s", len(pending), service)
             for event in pending:  # timeline first (idempotent): its handler may have died
