@@ -7,7 +7,8 @@
     PaymentFailed (declined card) → inventory releases → InventoryReleased → OrderFailed
     ShipmentFailed → payment refunds → PaymentRefunded → inventory releases → OrderFailed
     OrderTimedOut (the deadline) → payment refunds (if it charged) → inventory releases
-    (if it reserved) → OrderFailed
+    (if it reserved) → OrderFailed; shipping cancels the shipment, or leaves a cancelled
+    one in its place so a PaymentProcessed that arrives late ships nothing
     InventoryFailed (no stock) → OrderFailed
 
 Every handler works in its service's transaction (``tx``) on the participants' tables
@@ -228,20 +229,40 @@ def refund(event: Event, tx: Connection) -> None:
     event.publish("PaymentRefunded", _failure(event, event.name))
 
 
+def _shipment_once(event: Event, tx: Connection, status: str, tracking: str | None) -> bool:
+    """Insert the order's shipment row (or its cancelled placeholder); False if one is
+    there already."""
+    return bool(
+        tx.execute(
+            db.dialect_insert(tx, db.shipments)
+            .values(
+                order_id=event.data["order_id"],
+                idempotency_key=_key(event, "shipment"),
+                status=status,
+                tracking=tracking,
+            )
+            .on_conflict_do_nothing(index_elements=[db.shipments.c.idempotency_key])
+        ).rowcount
+    )
+
+
 def create_shipment(event: Event, tx: Connection) -> None:
     tracking = f"TRK-{event.data['order_id']}"
-    tx.execute(
-        sa.insert(db.shipments).values(
-            order_id=event.data["order_id"],
-            idempotency_key=_key(event, "shipment"),
-            status="created",
-            tracking=tracking,
-        )
-    )
+    if not _shipment_once(event, tx, "created", tracking):
+        return  # the order timed out first (cancel_shipment): ship nothing
     event.publish("ShipmentCreated", {**event.data, "tracking": tracking})
     _crash_if_planned(event, "shipping.create_shipment")  # after publishing: rolled back
     if _plan(event).get("shipping") == "fail":
         raise ShipmentRefused(f"carrier refused order {event.data['order_id']}")
+
+
+def cancel_shipment(event: Event, tx: Connection) -> None:
+    """The order timed out: cancel its shipment, or leave a cancelled one in its place so
+    a PaymentProcessed still on its way (shipping was away) ships nothing."""
+    if not _shipment_once(event, tx, "cancelled", None):
+        row = _row(tx, db.shipments, event, "shipment")
+        if row.status == "created":
+            _set_status(tx, db.shipments, row.id, "cancelled")
 
 
 def _close_order(event: Event, tx: Connection, status: str, reason: str | None) -> None:
@@ -290,6 +311,7 @@ def register(app: Celery) -> ChoreographySubscriber:
     on("ShipmentFailed", service="payment")(refund)
     on("OrderTimedOut", service="payment")(_named(refund, "refund_on_timeout"))
     on("PaymentProcessed", service="shipping", on_business_error="ShipmentFailed")(create_shipment)
+    on("OrderTimedOut", service="shipping")(cancel_shipment)
     on("ShipmentCreated", service="order")(fulfil)
     on("InventoryReleased", service="order")(fail)
     on("InventoryFailed", service="order")(_named(fail, "reject"))
