@@ -40,7 +40,7 @@ from celery_sagas.log import logger
 from celery_sagas.redaction import redact
 from celery_sagas.settings import SagaSettings
 from celery_sagas.store import SqlSagaStore, dispose_all_after_fork
-from celery_sagas.store.choreography import ChoreographyStore, NewChoreographedSaga
+from celery_sagas.store.choreography import ChoreographyStore, Consumed, NewChoreographedSaga
 from celery_sagas.store.service_outbox import ServiceOutbox
 
 REGISTRY_ATTR = "_celery_sagas_choreographies"
@@ -307,9 +307,21 @@ class ChoreographySubscriber:
             if pending:
                 logger.warning("relaying %d unsent event(s) of %s", len(pending), service)
             for event in pending:  # timeline first (idempotent): its handler may have died
-                self.store.record(self.choreography, event.saga_id, None, [event], self.clock())
+                consumed = self._consumed_by(service, event)
+                self.store.record(self.choreography, event.saga_id, consumed, [event], self.clock())
             count += self.publish_service_events(service, pending)
         return count
+
+    def _consumed_by(self, service: str, event: OutgoingEvent) -> Consumed | None:
+        """The reaction that published ``event``, as its service's guard recorded it (a
+        handler that died before the saga database's transaction left it unrecorded)."""
+        if event.caused_by is None or event.handler is None:
+            return None
+        outcome = self.service_outbox(service).reacted(event.caused_by, event.handler)
+        cause = self.store.event(event.caused_by) if outcome else None
+        if outcome is None or cause is None:
+            return None
+        return Consumed(event.caused_by, event.handler, cause.name, outcome)
 
     def scan(self) -> int:
         """Fail sagas past their deadline (their ``on_deadline`` event, published now)."""
