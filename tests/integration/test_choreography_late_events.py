@@ -7,24 +7,39 @@ messages go to a throwaway Redis database that no worker reads."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
 
 import pytest
 from celery import Celery
 
+from celery_sagas.store import upgrade
 from tests.integration.choreography_support import choreo_order, statuses, stock_of
 from tests.integration.conftest import Deployment
+from tests.support.databases import create_pg_database, drop_pg_database
 
 pytestmark = pytest.mark.integration
 
 
+@pytest.fixture(scope="module")
+def saga_url(deployment: Deployment) -> Iterator[str]:
+    """A saga database of these tests' own (the participants' tables stay in the
+    session's): the deadline scan sees only their sagas."""
+    url = create_pg_database("choreo_late")
+    upgrade(url)
+    yield url
+    drop_pg_database(url)
+
+
 @pytest.fixture
-def on(deployment: Deployment, redis_url: str) -> Any:
-    from workers import choreography
+def on(saga_url: str, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Any:
+    from workers import choreography, db
 
     choreography.create_tables()
+    monkeypatch.setenv("PARTICIPANTS_DATABASE_URL", db.database_url())  # the session's
+    monkeypatch.setenv("SAGAS_DATABASE_URL", saga_url)
+    monkeypatch.setenv("CELERY_BROKER_URL", redis_url)  # Celery prefers it to broker=
     return choreography.register(Celery(f"late-{uuid.uuid4().hex[:6]}", broker=redis_url))
 
 

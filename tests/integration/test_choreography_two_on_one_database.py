@@ -46,7 +46,8 @@ def saga_url() -> Iterator[str]:
 
 
 @pytest.fixture
-def pair(saga_url: str, redis_url: str) -> tuple[Any, Any]:
+def pair(saga_url: str, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Any]:
+    monkeypatch.setenv("CELERY_BROKER_URL", redis_url)  # Celery prefers it to broker=
     app = Celery(f"two-{uuid.uuid4().hex[:6]}", broker=redis_url)
     alpha = choreography_subscriber(app, ALPHA, database_url=saga_url)
     beta = choreography_subscriber(app, BETA, database_url=saga_url)
