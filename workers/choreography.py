@@ -7,8 +7,12 @@
     PaymentFailed (declined card) → inventory releases → InventoryReleased → OrderFailed
     ShipmentFailed → payment refunds → PaymentRefunded → inventory releases → OrderFailed
     OrderTimedOut (the deadline) → payment refunds (if it charged) → inventory releases
-    (if it reserved) → OrderFailed
+    (if it reserved) → OrderFailed; shipping cancels the shipment (if it shipped)
     InventoryFailed (no stock) → OrderFailed
+
+A compensation that finds nothing to undo leaves a ``void`` row under the forward
+handler's key, so a forward event that arrives after it (its service was away past the
+deadline) acts no more.
 
 Every handler works in its service's transaction (``tx``) on the participants' tables
 (inventory, reservations, payments, shipments of ``workers.db``, and ``choreo_orders``
@@ -175,26 +179,40 @@ def _failure(event: Event, default: str) -> dict[str, Any]:
 # -- handlers -----------------------------------------------------------------------
 
 
+def _insert_once(tx: Connection, table: sa.Table, event: Event, what: str, **values: Any) -> Any:
+    """Insert the order's ``what`` row under its key; its id, or None if a row is there
+    already (a compensation's ``void`` placeholder: the order was compensated before this
+    late event came, so the handler must not act)."""
+    return tx.execute(
+        db.dialect_insert(tx, table)
+        .values(order_id=event.data["order_id"], idempotency_key=_key(event, what), **values)
+        .on_conflict_do_nothing(index_elements=[table.c.idempotency_key])
+        .returning(table.c.id)
+    ).scalar_one_or_none()
+
+
+def _void_if_missing(
+    tx: Connection, table: sa.Table, event: Event, what: str, **values: Any
+) -> Any:
+    """The order's ``what`` row, locked; a ``void`` placeholder is left in its place when
+    the forward handler has not acted (yet), so a late one cannot act after this."""
+    _insert_once(tx, table, event, what, status="void", **values)
+    return _row(tx, table, event, what)
+
+
 def reserve(event: Event, tx: Connection) -> None:
     items = [{"sku": i["sku"], "qty": i["qty"]} for i in event.data["items"]]
-    _change_stock(tx, items, -1)
-    row_id = tx.execute(
-        sa.insert(db.reservations)
-        .values(
-            order_id=event.data["order_id"],
-            idempotency_key=_key(event, "reservation"),
-            status="reserved",
-            items=items,
-        )
-        .returning(db.reservations.c.id)
-    ).scalar_one()
+    row_id = _insert_once(tx, db.reservations, event, "reservation", status="reserved", items=items)
+    if row_id is None:
+        return  # released before it came (the order timed out): reserve nothing
+    _change_stock(tx, items, -1)  # no stock: rolls the reservation back with it
     event.publish("InventoryReserved", {**event.data, "reservation_id": row_id})
 
 
 def release(event: Event, tx: Connection) -> None:
     """Put a reservation back (nothing to do if there is none)."""
-    row = _row(tx, db.reservations, event, "reservation")
-    if row is not None and row.status == "reserved":
+    row = _void_if_missing(tx, db.reservations, event, "reservation", items=[])
+    if row.status == "reserved":
         _change_stock(tx, row.items, +1)
         _set_status(tx, db.reservations, row.id, "released")
     event.publish("InventoryReleased", _failure(event, event.name))
@@ -206,42 +224,42 @@ def charge(event: Event, tx: Connection) -> None:
     method = str(event.data["payment"]["method"])
     if method == DECLINED_CARD:
         raise PaymentDeclined(f"payment declined for order {event.data['order_id']}")
-    row_id = tx.execute(
-        sa.insert(db.payments)
-        .values(
-            order_id=event.data["order_id"],
-            idempotency_key=_key(event, "payment"),
-            status="captured",
-            amount=order_total(event.data),
-            method=method,
-        )
-        .returning(db.payments.c.id)
-    ).scalar_one()
+    amount = order_total(event.data)
+    row_id = _insert_once(
+        tx, db.payments, event, "payment", status="captured", amount=amount, method=method
+    )
+    if row_id is None:
+        return  # refunded before it came (the order timed out): charge nothing
     event.publish("PaymentProcessed", {**event.data, "payment_id": row_id})
 
 
 def refund(event: Event, tx: Connection) -> None:
     """Refund a captured payment (nothing to do if there is none)."""
-    row = _row(tx, db.payments, event, "payment")
-    if row is not None and row.status == "captured":
+    row = _void_if_missing(tx, db.payments, event, "payment", amount=0, method="none")
+    if row.status == "captured":
         _set_status(tx, db.payments, row.id, "refunded")
     event.publish("PaymentRefunded", _failure(event, event.name))
 
 
 def create_shipment(event: Event, tx: Connection) -> None:
     tracking = f"TRK-{event.data['order_id']}"
-    tx.execute(
-        sa.insert(db.shipments).values(
-            order_id=event.data["order_id"],
-            idempotency_key=_key(event, "shipment"),
-            status="created",
-            tracking=tracking,
-        )
-    )
+    if (
+        _insert_once(tx, db.shipments, event, "shipment", status="created", tracking=tracking)
+        is None
+    ):
+        return  # cancelled before it came (the order timed out): ship nothing
     event.publish("ShipmentCreated", {**event.data, "tracking": tracking})
     _crash_if_planned(event, "shipping.create_shipment")  # after publishing: rolled back
     if _plan(event).get("shipping") == "fail":
         raise ShipmentRefused(f"carrier refused order {event.data['order_id']}")
+
+
+def cancel_shipment(event: Event, tx: Connection) -> None:
+    """The order timed out: cancel its shipment, or leave a void one in its place so a
+    PaymentProcessed still on its way (shipping was away) ships nothing."""
+    row = _void_if_missing(tx, db.shipments, event, "shipment")
+    if row.status == "created":
+        _set_status(tx, db.shipments, row.id, "cancelled")
 
 
 def _close_order(event: Event, tx: Connection, status: str, reason: str | None) -> None:
@@ -290,6 +308,7 @@ def register(app: Celery) -> ChoreographySubscriber:
     on("ShipmentFailed", service="payment")(refund)
     on("OrderTimedOut", service="payment")(_named(refund, "refund_on_timeout"))
     on("PaymentProcessed", service="shipping", on_business_error="ShipmentFailed")(create_shipment)
+    on("OrderTimedOut", service="shipping")(cancel_shipment)
     on("ShipmentCreated", service="order")(fulfil)
     on("InventoryReleased", service="order")(fail)
     on("InventoryFailed", service="order")(_named(fail, "reject"))

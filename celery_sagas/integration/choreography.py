@@ -40,7 +40,7 @@ from celery_sagas.log import logger
 from celery_sagas.redaction import redact
 from celery_sagas.settings import SagaSettings
 from celery_sagas.store import SqlSagaStore, dispose_all_after_fork
-from celery_sagas.store.choreography import ChoreographyStore, NewChoreographedSaga
+from celery_sagas.store.choreography import ChoreographyStore, Consumed, NewChoreographedSaga
 from celery_sagas.store.service_outbox import ServiceOutbox
 
 REGISTRY_ATTR = "_celery_sagas_choreographies"
@@ -295,17 +295,33 @@ class ChoreographySubscriber:
         """Publish what was left unsent: the library's events and every service outbox."""
         before = self.clock() - timedelta(seconds=self.settings.relay_after)
         batch = self.settings.relay_batch
-        count = self.publish_library_events(self.store.unsent(before, batch))
+        name = self.choreography.name
+        count = self.publish_library_events(self.store.unsent(name, before, batch))
         services = {s.service for s in self.subscriptions}
         by_url: dict[str, str] = {self.service_url(s): s for s in sorted(services)}
         for service in by_url.values():
+            # a service database may hold other choreographies' outboxes: theirs to relay
             pending = self.service_outbox(service).unsent(before, batch)
+            mine = self.store.sagas_of(name, (e.saga_id for e in pending))
+            pending = tuple(e for e in pending if e.saga_id in mine)
             if pending:
                 logger.warning("relaying %d unsent event(s) of %s", len(pending), service)
             for event in pending:  # timeline first (idempotent): its handler may have died
-                self.store.record(self.choreography, event.saga_id, None, [event], self.clock())
+                consumed = self._consumed_by(service, event)
+                self.store.record(self.choreography, event.saga_id, consumed, [event], self.clock())
             count += self.publish_service_events(service, pending)
         return count
+
+    def _consumed_by(self, service: str, event: OutgoingEvent) -> Consumed | None:
+        """The reaction that published ``event``, as its service's guard recorded it (a
+        handler that died before the saga database's transaction left it unrecorded)."""
+        if event.caused_by is None or event.handler is None:
+            return None
+        outcome = self.service_outbox(service).reacted(event.caused_by, event.handler)
+        cause = self.store.event(event.caused_by) if outcome else None
+        if outcome is None or cause is None:
+            return None
+        return Consumed(event.caused_by, event.handler, cause.name, outcome)
 
     def scan(self) -> int:
         """Fail sagas past their deadline (their ``on_deadline`` event, published now)."""

@@ -9,7 +9,7 @@ claims it; its deadline is ``deadline_at``, which ``fail_overdue`` enforces.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -262,11 +262,18 @@ class ChoreographyStore:
 
     # -- the library's own events (start, deadline) -------------------------------------
 
-    def unsent(self, created_before: datetime, limit: int) -> tuple[PublishedEvent, ...]:
+    def unsent(self, name: str, created_before: datetime, limit: int) -> tuple[PublishedEvent, ...]:
+        """The library's unsent events of choreography ``name``'s sagas (another
+        choreography's relay delivers its own: it alone knows their handlers)."""
         with self.engine.connect() as conn:
             rows = conn.execute(
                 select(events)
-                .where(events.c.sent_at.is_(None), events.c.published_at < created_before)
+                .join(sagas, sagas.c.id == events.c.saga_id)
+                .where(
+                    events.c.sent_at.is_(None),
+                    events.c.published_at < created_before,
+                    sagas.c.name == name,
+                )
                 .order_by(events.c.id)
                 .limit(limit)
             ).all()
@@ -285,6 +292,17 @@ class ChoreographyStore:
             )
 
     # -- reading ----------------------------------------------------------------------
+
+    def sagas_of(self, name: str, saga_ids: Iterable[str]) -> frozenset[str]:
+        """Those of ``saga_ids`` that are sagas of choreography ``name``."""
+        wanted = sorted(set(saga_ids))
+        if not wanted:
+            return frozenset()
+        with self.engine.connect() as conn:
+            found = conn.execute(
+                select(sagas.c.id).where(sagas.c.id.in_(wanted), sagas.c.name == name)
+            ).scalars()
+            return frozenset(found)
 
     def timeline(
         self, saga_id: str

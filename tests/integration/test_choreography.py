@@ -220,8 +220,8 @@ def test_deadline_scan_fails_a_stalled_choreography_once(
     ]
     assert statuses(order["order_id"]) == {
         "reservations": ["released"],
-        "payments": [],
-        "shipments": [],
+        "payments": ["void"],  # the placeholder a late InventoryReserved finds
+        "shipments": ["void"],  # the placeholder a late PaymentProcessed finds
         "choreo_orders": ["failed"],
     }
     assert stock_of(sku) == 10
@@ -368,6 +368,31 @@ def test_a_stopped_service_handles_its_waiting_events_once_replay_included(
     assert [a["reason"] for a in shown["operator_actions"]] == [
         "replayed to shipping.create_shipment"
     ]
+
+
+def test_a_shipment_event_arriving_after_the_deadline_ships_nothing(
+    start: Callable[..., str], shipping: CeleryProcess, sku: str
+) -> None:
+    """Shipping is away past the deadline: the order is failed (refunded, released) while
+    PaymentProcessed waits in its queue. When shipping comes back, that late event must
+    leave a shipment standing for the failed order."""
+    shipping.stop()
+    order = choreo_order(sku)
+    saga_id = start(order, deadline=timedelta(seconds=1.5))
+    assert wait_state(saga_id).state.value == "FAILED"
+    shipping.start().wait_ready()
+
+    def both_handled() -> bool:
+        handlers = {h for h, _ in reactions(saga_id)}
+        return {"shipping.create_shipment", "shipping.cancel_shipment"} <= handlers
+
+    # in whichever order shipping takes them, no shipment is left standing
+    eventually(both_handled, "PaymentProcessed and OrderTimedOut handled by shipping")
+    found = statuses(order["order_id"])
+    assert found["shipments"] in (["cancelled"], ["void"])  # cancelled, or never created
+    assert found["payments"] == ["refunded"]
+    assert found["reservations"] == ["released"]
+    assert stock_of(sku) == 10
 
 
 def test_the_relay_publishes_and_records_an_event_a_dead_worker_left_in_its_outbox(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -14,7 +15,8 @@ import sqlalchemy as sa
 from celery import Celery
 
 from celery_sagas import BusinessError, Choreography, RetryPolicy, choreography_subscriber
-from celery_sagas.choreography import start_event_id
+from celery_sagas.choreography import OutgoingEvent, start_event_id
+from celery_sagas.coordinator import utcnow
 from celery_sagas.store import SqlSagaStore, upgrade
 from celery_sagas.store.service_outbox import (
     create_service_tables,
@@ -159,3 +161,32 @@ def test_a_business_error_commits_the_guard_and_the_failure_event_only(
     assert [e.name for e in timeline] == ["Opened", "Refused"]
     assert "Declined: [declined] no room in the ledger" in timeline[-1].data["reason"]
     assert flow.saga_store.load(saga_id).state.value == "COMPENSATING"
+
+
+def test_the_relay_records_the_reaction_of_a_handler_that_died_before_the_timeline(
+    flow: Any, databases: tuple[str, str]
+) -> None:
+    """The service committed its work, guard and outbox row; its worker died before the
+    saga database's transaction. The relay records the event it left and the reaction
+    its guard holds, so the timeline says which handler consumed what."""
+    saga_url, _ = databases
+    saga_id = flow.start({"mode": "ok"})
+    opened = start_event_id(saga_id)
+    booked = OutgoingEvent(
+        str(uuid.uuid4()), saga_id, "Booked", "ledger", {"mode": "ok"}, "ledger.book", opened
+    )
+    flow.service_outbox("ledger").react(
+        saga_id, "ledger.book", opened, lambda tx: [booked], None, (), flow.clock()
+    )
+    assert counts(saga_url, saga_id, events, reactions) == {"saga_event": 1, "saga_reaction": 0}
+
+    flow.clock = lambda: utcnow() + timedelta(minutes=1)  # past relay_after
+    try:
+        flow.relay()
+    finally:
+        flow.clock = utcnow
+    assert counts(saga_url, saga_id, events, reactions) == {"saga_event": 2, "saga_reaction": 1}
+    _, reacted = flow.store.timeline(saga_id)
+    assert reacted == {(opened, "ledger.book")}
+    assert deliver(flow, saga_id) == "duplicate"  # and a late duplicate adds nothing
+    assert counts(saga_url, saga_id, events, reactions) == {"saga_event": 2, "saga_reaction": 1}
