@@ -144,8 +144,10 @@ def test_a_hanging_step_times_out_at_its_deadline_and_its_late_end_changes_nothi
         assert "no reply within" in (shipment.error or "")
         late = f"saga {record.saga_id} create_shipment: ignored StepSucceeded (late"
         worker.wait_for_log(late, timeout=hang + 5)
-    else:  # gevent's hard limit (a gevent.Timeout) interrupted the call
-        assert "hard time limit" in (shipment.error or "")
+    else:  # gevent's hard limit (a gevent.Timeout) interrupts the call at the same moment
+        # the scan's deadline falls due: on a busy machine either records the timeout first
+        reasons = ("hard time limit", "no reply within")
+        assert any(reason in (shipment.error or "") for reason in reasons), shipment.error
     assert [s.status for s in rows_for(db.shipments, order["order_id"])] == ["cancelled"]
     assert rows_for(db.notifications, order["order_id"]) == []
 
