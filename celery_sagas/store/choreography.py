@@ -16,7 +16,6 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, Engine, exists, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from celery_sagas.choreography import (
@@ -33,7 +32,7 @@ from celery_sagas.choreography import (
 from celery_sagas.errors import StoreUnavailableError
 from celery_sagas.machine import TERMINAL_STATES, SagaState
 from celery_sagas.settings import redact_url
-from celery_sagas.store.engine import shared_engine
+from celery_sagas.store.engine import engine_of, upsert_insert
 from celery_sagas.store.tables import events, reactions, sagas, transitions
 
 
@@ -57,10 +56,6 @@ class Consumed:
     outcome: str
 
 
-def _insert(conn: Connection, table: Any) -> Any:
-    return (postgresql if conn.dialect.name == "postgresql" else sqlite).insert(table)
-
-
 def _published(row: Any) -> PublishedEvent:
     return PublishedEvent(
         event_id=row.event_id,
@@ -78,9 +73,7 @@ class ChoreographyStore:
     """The saga database's side of choreography."""
 
     def __init__(self, url_or_engine: str | Engine) -> None:
-        self.engine = (
-            shared_engine(url_or_engine) if isinstance(url_or_engine, str) else url_or_engine
-        )
+        self.engine = engine_of(url_or_engine)
         self.is_postgres = self.engine.dialect.name == "postgresql"
 
     @contextmanager
@@ -107,7 +100,7 @@ class ChoreographyStore:
         state = track(choreography, None, event.name)
         with self._begin() as conn:
             inserted = conn.execute(
-                _insert(conn, sagas)
+                upsert_insert(conn, sagas)
                 .values(
                     id=new.saga_id,
                     name=new.name,
@@ -343,7 +336,7 @@ class ChoreographyStore:
     def _add_event(conn: Connection, event: OutgoingEvent, now: datetime, sent: bool) -> bool:
         return bool(
             conn.execute(
-                _insert(conn, events)
+                upsert_insert(conn, events)
                 .values(
                     event_id=event.event_id,
                     saga_id=event.saga_id,
@@ -363,7 +356,7 @@ class ChoreographyStore:
     def _add_reaction(conn: Connection, saga_id: str, consumed: Consumed, now: datetime) -> bool:
         return bool(
             conn.execute(
-                _insert(conn, reactions)
+                upsert_insert(conn, reactions)
                 .values(
                     event_id=consumed.event_id,
                     handler=consumed.handler,

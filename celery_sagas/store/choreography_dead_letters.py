@@ -11,8 +11,9 @@ from typing import Any
 from sqlalchemy import Connection, select, update
 
 from celery_sagas.choreography import automatic_actor
-from celery_sagas.store.choreography import ChoreographyStore, _insert
+from celery_sagas.store.choreography import ChoreographyStore
 from celery_sagas.store.dead_letters import ALLOWED_FROM
+from celery_sagas.store.engine import upsert_insert
 from celery_sagas.store.tables import dead_letters, sagas, transitions
 
 
@@ -56,7 +57,7 @@ def bury(
         "resolved_at": None,
     }
     with store.engine.begin() as conn:
-        statement = _insert(conn, dead_letters).values(
+        statement = upsert_insert(conn, dead_letters).values(
             saga_id=saga_id,
             saga_name=saga_name,
             step=step,

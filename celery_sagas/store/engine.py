@@ -5,7 +5,8 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, Table, create_engine, event
+from sqlalchemy.dialects import postgresql, sqlite
 
 _engines: dict[str, Engine] = {}
 _lock = threading.Lock()
@@ -73,3 +74,13 @@ def dispose_all_after_fork() -> None:
     with _lock:
         for engine in _engines.values():
             engine.dispose(close=False)
+
+
+def engine_of(url_or_engine: str | Engine) -> Engine:
+    """The process's shared engine for a URL, or the engine given."""
+    return shared_engine(url_or_engine) if isinstance(url_or_engine, str) else url_or_engine
+
+
+def upsert_insert(conn: Connection, table: Table) -> Any:
+    """The dialect's own INSERT (PostgreSQL or SQLite), which has ``on_conflict_do_*``."""
+    return (postgresql if conn.dialect.name == "postgresql" else sqlite).insert(table)

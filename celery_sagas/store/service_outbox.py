@@ -25,10 +25,9 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 
 from celery_sagas.choreography import OutgoingEvent, Reaction
-from celery_sagas.store.engine import shared_engine
+from celery_sagas.store.engine import engine_of, upsert_insert
 from celery_sagas.store.tables import Id, UtcDateTime
 
 service_metadata = MetaData()
@@ -74,12 +73,8 @@ BeforeCommit = Callable[[Connection, Reaction], None]
 
 def create_service_tables(url_or_engine: str | Engine) -> None:
     """Create the guard and outbox tables in a service's database (if missing)."""
-    engine = shared_engine(url_or_engine) if isinstance(url_or_engine, str) else url_or_engine
+    engine = engine_of(url_or_engine)
     service_metadata.create_all(engine)
-
-
-def _insert(conn: Connection, table: Table) -> Any:
-    return (postgresql if conn.dialect.name == "postgresql" else sqlite).insert(table)
 
 
 def _event(row: Any) -> OutgoingEvent:
@@ -99,9 +94,7 @@ class ServiceOutbox:
     """One service database: runs handlers behind their guard, keeps their outbox."""
 
     def __init__(self, url_or_engine: str | Engine) -> None:
-        self.engine = (
-            shared_engine(url_or_engine) if isinstance(url_or_engine, str) else url_or_engine
-        )
+        self.engine = engine_of(url_or_engine)
 
     def react(
         self,
@@ -120,7 +113,7 @@ class ServiceOutbox:
         and commits the guard with ``on_business``'s events; anything else rolls back all."""
         with self.engine.begin() as conn:
             claimed = conn.execute(
-                _insert(conn, service_guards)
+                upsert_insert(conn, service_guards)
                 .values(
                     event_id=event_id,
                     handler=handler,
