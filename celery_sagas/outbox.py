@@ -6,11 +6,11 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 
 from celery_sagas.log import logger
-from celery_sagas.protocols import Dispatcher, OutboxMessage, SagaStore
+from celery_sagas.protocols import Dispatcher, OutboxMessage, OutboxStore
 
 
 def publish(
-    store: SagaStore,
+    store: OutboxStore,
     dispatcher: Dispatcher,
     messages: Sequence[OutboxMessage],
     now: Callable[[], datetime],
@@ -40,7 +40,7 @@ def publish(
 
 
 def relay(
-    store: SagaStore,
+    store: OutboxStore,
     dispatcher: Dispatcher,
     now: Callable[[], datetime],
     older_than: float,

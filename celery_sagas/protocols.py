@@ -1,307 +1,75 @@
-"""The seams: the records the store hands out, and the store/dispatcher interfaces.
+"""The seams: the store interfaces, split by the role that uses them, and the dispatcher.
 
 The coordinator and the scanner only talk to these; SQLAlchemy and Celery sit behind them.
+The records they hand out are in ``celery_sagas.records`` (re-exported here).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Protocol
 
-from celery_sagas.definition import idempotency_key
-from celery_sagas.machine import (
-    FORWARD_STATES,
-    Decision,
-    ErrorKind,
-    SagaState,
-    SagaView,
-    StepChange,
-    StepStatus,
-    StepView,
+from celery_sagas.machine import Decision, SagaState
+from celery_sagas.records import (
+    FINISHED_COMPENSATION,
+    FINISHED_FORWARD,
+    PRUNED_TABLES,
+    SENT_ROWS_PER_SAGA,
+    STARTED,
+    AttemptRecord,
+    Compacted,
+    CreateResult,
+    DeadLetterRecord,
+    Expectation,
+    GuardRecord,
+    NewSaga,
+    OutboxMessage,
+    Pruned,
+    SagaRecord,
+    StepRecord,
+    TransitionRecord,
+    current_execution_key,
+    expects,
+    same_definition,
+    step_values,
 )
 
-
-@dataclass(frozen=True)
-class StepRecord:
-    index: int
-    name: str
-    status: StepStatus
-    attempts: int = 0
-    compensation_attempts: int = 0
-    result: Any = None
-    error: str | None = None
-    error_kind: ErrorKind | None = None
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
-    compensation_started_at: datetime | None = None
-    compensation_finished_at: datetime | None = None
-    deadline_at: datetime | None = None
-    redispatch_at: datetime | None = None
-    dispatches: int = 0
-    started: bool = False  # a worker began executing the current send (scans only)
-    began_at: datetime | None = None  # when a worker last began it (scans only)
-
-
-FINISHED_FORWARD = (StepStatus.COMPLETED, StepStatus.FAILED, StepStatus.TIMED_OUT)
-FINISHED_COMPENSATION = (StepStatus.COMPENSATED, StepStatus.COMPENSATION_FAILED)
-
-
-def step_values(change: StepChange, now: datetime) -> dict[str, Any]:
-    """The fields one step status change sets (timestamps follow the status): the one
-    rule both stores apply, the SQL store as column values, the fake on its records."""
-    values: dict[str, Any] = {"status": change.new}
-    if change.has_result:
-        values["result"] = change.result
-    if change.error is not None:
-        values["error"] = change.error
-    if change.error_kind is not None:
-        values["error_kind"] = change.error_kind
-    for timing in ("deadline_at", "redispatch_at", "dispatches"):
-        if getattr(change, timing) is not None:
-            values[timing] = getattr(change, timing)
-    if change.new not in (StepStatus.RUNNING, StepStatus.COMPENSATING):
-        values.update(deadline_at=None, redispatch_at=None)
-    if change.new == StepStatus.RUNNING and change.old != StepStatus.RUNNING:
-        values["started_at"] = now
-        values["finished_at"] = None
-    elif change.new in FINISHED_FORWARD:
-        values["finished_at"] = now
-        if change.attempts is not None:
-            values["attempts"] = change.attempts
-    elif change.new == StepStatus.COMPENSATING:
-        values["compensation_started_at"] = now
-    elif change.new in FINISHED_COMPENSATION:
-        values["compensation_finished_at"] = now
-        if change.attempts is not None:
-            values["compensation_attempts"] = change.attempts
-    return values
-
-
-@dataclass(frozen=True)
-class SagaRecord:
-    saga_id: str
-    name: str
-    business_key: str
-    state: SagaState
-    current_step: int
-    token: int
-    version: int
-    payload: Mapping[str, Any]
-    created_at: datetime
-    updated_at: datetime
-    reason: str | None = None
-    finished_at: datetime | None = None
-    deadline_at: datetime | None = None
-    due_at: datetime | None = None
-    admitted: bool = True
-    definition: str | None = None  # the fingerprint of the definition it started with
-    steps: tuple[StepRecord, ...] = ()
-
-    def view(self, timeouts: Sequence[float | None] = (), max_redispatches: int = 2) -> SagaView:
-        """The machine's view; ``timeouts`` are the steps' timeouts in seconds."""
-        timeouts = tuple(timeouts) or (None,) * len(self.steps)
-        return SagaView(
-            saga_id=self.saga_id,
-            name=self.name,
-            state=self.state,
-            current_step=self.current_step,
-            token=self.token,
-            steps=tuple(
-                StepView(
-                    s.index,
-                    s.name,
-                    s.status,
-                    s.error_kind,
-                    timeout=timeouts[s.index],
-                    deadline_at=s.deadline_at,
-                    redispatch_at=s.redispatch_at,
-                    dispatches=s.dispatches,
-                    started=s.started,
-                    began_at=s.began_at,
-                )
-                for s in self.steps
-            ),
-            deadline_at=self.deadline_at,
-            max_redispatches=max_redispatches,
-        )
-
-    def results(self) -> dict[str, Any]:
-        """Results of the completed steps, by step name."""
-        return {s.name: s.result for s in self.steps if s.status == StepStatus.COMPLETED}
-
-
-@dataclass(frozen=True)
-class NewSaga:
-    saga_id: str
-    name: str
-    business_key: str
-    payload: Mapping[str, Any]
-    payload_hash: str
-    step_names: tuple[str, ...]
-    deadline_at: datetime | None = None
-    definition: str | None = None  # the definition's fingerprint
-
-
-@dataclass(frozen=True)
-class OutboxMessage:
-    """A message to publish after commit. ``body`` alone is enough to publish it."""
-
-    saga_id: str
-    body: Mapping[str, Any]
-    id: int | None = None
-    created_at: datetime | None = None
-    sent_at: datetime | None = None
-
-
-@dataclass(frozen=True)
-class TransitionRecord:
-    saga_id: str
-    at: datetime
-    step: str | None
-    old: str
-    new: str
-    reason: str | None = None
-    actor: str = "coordinator"
-
-
-STARTED = "started"  # guard outcome while an execution is under way
-
-
-def current_execution_key(record: SagaRecord) -> str:
-    """The guard key of what the saga is waiting for: its current action or compensation."""
-    role = "compensation" if record.state == SagaState.COMPENSATING else "action"
-    return idempotency_key(record.saga_id, record.steps[record.current_step].name, role)
-
-
-@dataclass(frozen=True)
-class Expectation:
-    """What a step message claims: that the saga waits for step ``step``'s ``role``
-    (``action`` | ``compensation``) under attempt ``token``. A worker marks the step
-    started, and runs it, only if the saga says so (``expects``)."""
-
-    step: int
-    token: int
-    role: str
-    definition: str | None = None  # the fingerprint of the definition the worker runs
-
-    @property
-    def states(self) -> frozenset[SagaState]:
-        return FORWARD_STATES if self.role == "action" else frozenset({SagaState.COMPENSATING})
-
-
-def expects(record: SagaRecord | None, expectation: Expectation) -> bool:
-    """True if ``record`` is live and waits for exactly this step, role and token, under
-    the definition the worker runs."""
-    return (
-        record is not None
-        and record.state in expectation.states
-        and record.current_step == expectation.step
-        and record.token == expectation.token
-        and same_definition(record, expectation.definition)
-    )
-
-
-def same_definition(record: SagaRecord, definition: str | None) -> bool:
-    """The saga started with ``definition`` (a saga from before fingerprints: any)."""
-    return definition is None or record.definition in (None, definition)
-
-
-@dataclass(frozen=True)
-class GuardRecord:
-    """The recorded outcome of one step or compensation: ``key`` is
-    ``saga_id:step:action|compensation``; ``outcome`` is ``ok``, ``business`` or ``error``."""
-
-    key: str
-    outcome: str
-    result: Any = None
-    error: str | None = None
-    recorded_at: datetime | None = None
-
-
-@dataclass(frozen=True)
-class DeadLetterRecord:
-    """A compensation that exhausted its retries. ``status``: dead, retrying (an operator
-    re-ran it), resolved (the re-run succeeded), discarded (fixed by hand)."""
-
-    id: int
-    saga_id: str
-    saga_name: str
-    step: int
-    step_name: str
-    task_name: str
-    status: str
-    attempts: int
-    deaths: int
-    error: str | None
-    traceback: str | None
-    payload: Any
-    created_at: datetime
-    updated_at: datetime
-    resolved_at: datetime | None = None
-    resolution: str | None = None
-    auto_retries: int = 0
-    next_auto_retry_at: datetime | None = None
-
-
-@dataclass(frozen=True)
-class AttemptRecord:
-    """One failed attempt of a step or compensation (successes are in the guard)."""
-
-    saga_id: str
-    key: str
-    attempt: int
-    at: datetime
-    error: str
-
-
-@dataclass(frozen=True)
-class CreateResult:
-    record: SagaRecord
-    created: bool
-    messages: tuple[OutboxMessage, ...] = field(default_factory=tuple)
-
-
-# the tables a saga's rows live in, in the order pruning deletes them
-PRUNED_TABLES = (
-    "saga_guard",
-    "saga_attempt",
-    "saga_outbox",
-    "saga_dead_letter",
-    "saga_transition",
-    "saga_step",
-    "saga_reaction",
-    "saga_event",
-    "saga",
-)
-
-
-# a retention pass over ``limit`` sagas deletes up to this many sent outbox rows per saga
-# (a saga writes one per step and hook), so it keeps up with the sagas that finish
-SENT_ROWS_PER_SAGA = 8
-
-
-@dataclass(frozen=True)
-class Pruned:
-    """One batch of ``prune``: the sagas deleted, the rows deleted per table, and where the
-    next batch starts (``after``: the ``(created_at, saga_id)`` of the last saga taken;
-    None when this batch took none, so there is nothing left)."""
-
-    sagas: int
-    rows: Mapping[str, int]
-    after: tuple[datetime, str] | None
-
-
-@dataclass(frozen=True)
-class Compacted:
-    """One pass of ``compact``: finished sagas whose guards were deleted, guard rows and
-    sent outbox rows deleted."""
-
-    sagas: int = 0
-    guards: int = 0
-    outbox: int = 0
+__all__ = [
+    "FINISHED_COMPENSATION",
+    "FINISHED_FORWARD",
+    "PRUNED_TABLES",
+    "SENT_ROWS_PER_SAGA",
+    "STARTED",
+    "AttemptRecord",
+    "Claim",
+    "Clock",
+    "Compacted",
+    "CreateResult",
+    "DeadLetterRecord",
+    "DeadLetterStore",
+    "Dispatcher",
+    "Expectation",
+    "GuardRecord",
+    "GuardStore",
+    "NewSaga",
+    "OutboxMessage",
+    "OutboxStore",
+    "Pruned",
+    "RetentionStore",
+    "SagaBrowsing",
+    "SagaRecord",
+    "SagaStore",
+    "SagaWrites",
+    "ScanStore",
+    "StepRecord",
+    "TransitionRecord",
+    "current_execution_key",
+    "expects",
+    "same_definition",
+    "step_values",
+]
 
 
 class Claim(Protocol):
@@ -319,7 +87,9 @@ class Claim(Protocol):
     ) -> tuple[OutboxMessage, ...]: ...
 
 
-class SagaStore(Protocol):
+class SagaWrites(Protocol):
+    """Sagas created, read and changed: the coordinator's side."""
+
     def create(
         self,
         new: NewSaga,
@@ -376,12 +146,20 @@ class SagaStore(Protocol):
         changed since: load and decide again)."""
         ...
 
+
+class OutboxStore(Protocol):
+    """The outbox: what the relay publishes after commit and marks sent."""
+
     def mark_sent(self, message_ids: Sequence[int], now: datetime) -> None: ...
 
     def unsent(self, created_before: datetime, limit: int) -> tuple[OutboxMessage, ...]:
         """Messages never published nor consumed (no worker took their key), created
         before ``created_before``: what the relay must publish."""
         ...
+
+
+class GuardStore(Protocol):
+    """Idempotency guards: the step path's check before and record after a participant."""
 
     def get_guard(self, key: str) -> GuardRecord | None: ...
 
@@ -403,6 +181,10 @@ class SagaStore(Protocol):
         """Record a final outcome once; returns whichever record won."""
         ...
 
+
+class SagaBrowsing(Protocol):
+    """What the CLI, the Sagas page and the metrics read."""
+
     def list_sagas(
         self,
         state: SagaState | None = None,
@@ -416,7 +198,9 @@ class SagaStore(Protocol):
 
     def transitions(self, saga_id: str) -> tuple[TransitionRecord, ...]: ...
 
-    # -- failed attempts and the dead-letter queue --
+
+class DeadLetterStore(Protocol):
+    """Failed attempts and the dead-letter queue."""
 
     def record_attempt(
         self, saga_id: str, key: str, attempt: int, error: str, now: datetime
@@ -439,7 +223,10 @@ class SagaStore(Protocol):
         recovery worker or an operator got there first."""
         ...
 
-    # -- retention --
+
+class RetentionStore(Protocol):
+    """Deleting what finished sagas no longer need (``celery-sagas prune``, the scan's
+    compaction)."""
 
     def prunable(self, finished_before: datetime, name: str | None = None) -> int:
         """How many sagas ``prune`` would delete now."""
@@ -467,7 +254,9 @@ class SagaStore(Protocol):
         scan runs it."""
         ...
 
-    # -- what the scanner needs --
+
+class ScanStore(Protocol):
+    """What beat's scanner claims and marks."""
 
     def claim_due(self, now: datetime, limit: int) -> AbstractContextManager[Claim]:
         """Live sagas whose ``due_at`` has passed, oldest first, locked."""
@@ -486,6 +275,20 @@ class SagaStore(Protocol):
         """Unfinished sagas created before ``older_than`` not reported yet; marks them
         reported, so each is returned once."""
         ...
+
+
+class SagaStore(
+    SagaWrites,
+    OutboxStore,
+    GuardStore,
+    SagaBrowsing,
+    DeadLetterStore,
+    RetentionStore,
+    ScanStore,
+    Protocol,
+):
+    """Everything a saga store provides (the SQL store and the in-memory fake); a part
+    of the engine that needs only one role asks for that role's interface."""
 
 
 class Dispatcher(Protocol):

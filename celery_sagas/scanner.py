@@ -14,7 +14,7 @@ from celery_sagas import machine
 from celery_sagas.coordinator import Coordinator
 from celery_sagas.log import logger
 from celery_sagas.machine import StepStatus
-from celery_sagas.protocols import Compacted, OutboxMessage, SagaStore
+from celery_sagas.protocols import Compacted, OutboxMessage, RetentionStore
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ def scan(coordinator: Coordinator, now: datetime, batch: int, stuck_after: float
     return report
 
 
-def compact(store: SagaStore, now: datetime, after: float, batch: int) -> Compacted:
+def compact(store: RetentionStore, now: datetime, after: float, batch: int) -> Compacted:
     """Delete the guards of sagas finished more than ``after`` seconds ago and the outbox
     rows sent that long ago: nothing reads them again (a message for a finished saga is
     ignored before its guard is read; sent rows are never read). One batched transaction

@@ -15,7 +15,7 @@ import click
 
 from celery_sagas.cli.context import store_of
 from celery_sagas.cli.render import emit_json, iso
-from celery_sagas.protocols import PRUNED_TABLES, SagaStore
+from celery_sagas.protocols import PRUNED_TABLES, RetentionStore
 
 UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
@@ -83,7 +83,7 @@ class Tally:
 
 
 def prune_all(
-    store: SagaStore,
+    store: RetentionStore,
     cutoff: datetime,
     batch: int,
     name: str | None,
