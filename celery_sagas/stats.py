@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from celery_sagas.machine.dead_letters import DeadLetterStatus
+
 # Upper bounds (seconds) of the duration histograms. Steps run from milliseconds (a database
 # write) to minutes (the default step timeout is 300 s), so the bounds span both.
 DEFAULT_BUCKETS: tuple[float, ...] = (
@@ -41,7 +43,7 @@ STATES: tuple[str, ...] = (
     "FAILED",
     "COMPENSATION_FAILED",
 )
-DEAD_LETTER_STATUSES: tuple[str, ...] = ("dead", "retrying", "resolved", "discarded")
+DEAD_LETTER_STATUSES: tuple[str, ...] = tuple(status.value for status in DeadLetterStatus)
 
 
 def bucket_bounds(

@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 
 from celery_sagas.settings import redact_url
 from celery_sagas.store import upgrade
-from workers import config, db
+from workers import choreography, config, db
 
 DEMO_STOCK = {"WIDGET": 10_000, "GADGET": 10_000, "RARE-GEM": 6}
 
@@ -26,8 +26,8 @@ def bootstrap(seed: bool = True) -> list[str]:
     """Do the work; returns what happened, one line per step."""
     url = config.database_url()
     done = [f"saga schema at revision {upgrade(url)} ({redact_url(url)})"]
-    db.create_tables()
-    done.append("participant tables present")
+    choreography.create_tables()
+    done.append("participant tables and the choreography services' outbox present")
     if not seed:
         return done
     with db.get_engine().connect() as conn:

@@ -222,10 +222,10 @@ def reset_database() -> None:
 
     from celery_sagas.store import upgrade
     from celery_sagas.store.tables import guards, outbox, sagas, steps, transitions
-    from workers import bank_demo, db
+    from workers import bank_demo, choreography, db
 
     upgrade(config.database_url())
-    db.create_tables()
+    choreography.create_tables()  # the participants' tables and the services' outbox
     engine = db.get_engine()
     with engine.begin() as conn:
         for table in (

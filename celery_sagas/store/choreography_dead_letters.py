@@ -11,8 +11,8 @@ from typing import Any
 from sqlalchemy import Connection, select, update
 
 from celery_sagas.choreography import automatic_actor
+from celery_sagas.machine.dead_letters import ALLOWED_FROM, moved_values
 from celery_sagas.store.choreography import ChoreographyStore
-from celery_sagas.store.dead_letters import ALLOWED_FROM
 from celery_sagas.store.engine import upsert_insert
 from celery_sagas.store.tables import dead_letters, sagas, transitions
 
@@ -94,11 +94,7 @@ def move(
 ) -> bool:
     """Move an entry to ``status`` if its current status allows it (compare-and-set):
     dead -> retrying | discarded, retrying -> resolved."""
-    values: dict[str, Any] = {"status": status, "updated_at": now}
-    if resolution:
-        values["resolution"] = resolution
-    if status in ("resolved", "discarded"):
-        values["resolved_at"] = now
+    values = moved_values(status, now, resolution)
     with store.engine.begin() as conn:
         row = conn.execute(
             select(dead_letters.c.saga_id, dead_letters.c.step_name, dead_letters.c.payload).where(

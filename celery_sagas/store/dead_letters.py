@@ -10,12 +10,9 @@ from sqlalchemy import Connection, Row, delete, select, update
 
 from celery_sagas.definition import idempotency_key
 from celery_sagas.machine import DeadLetterChange
+from celery_sagas.machine.dead_letters import ALLOWED_FROM, OPEN_DEAD_LETTER, moved_values
 from celery_sagas.protocols import STARTED, AttemptRecord, DeadLetterRecord
 from celery_sagas.store.tables import attempts, dead_letters, guards, sagas, steps
-
-OPEN = ("dead", "retrying")
-# which status a change may move an entry from
-ALLOWED_FROM = {"retrying": ("dead",), "discarded": ("dead",), "resolved": ("retrying",)}
 
 
 def write_change(
@@ -24,11 +21,7 @@ def write_change(
     if change.status == "dead":
         _bury(conn, insert, saga_id, change, now)
         return
-    values: dict[str, Any] = {"status": change.status, "updated_at": now}
-    if change.resolution:
-        values["resolution"] = change.resolution
-    if change.status in ("resolved", "discarded"):
-        values["resolved_at"] = now
+    values = moved_values(change.status, now, change.resolution)
     changed = conn.execute(
         update(dead_letters)
         .where(
@@ -121,7 +114,7 @@ def query(saga_id: str | None, status: str | None, limit: int) -> Any:
     if saga_id is not None:
         statement = statement.where(dead_letters.c.saga_id == saga_id)
     if status == "open":
-        statement = statement.where(dead_letters.c.status.in_(OPEN))
+        statement = statement.where(dead_letters.c.status.in_(OPEN_DEAD_LETTER))
     elif status not in (None, "all"):
         statement = statement.where(dead_letters.c.status == status)
     return statement

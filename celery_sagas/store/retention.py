@@ -33,6 +33,7 @@ from sqlalchemy import (
 
 from celery_sagas.definition import guard_keys
 from celery_sagas.machine import TERMINAL_STATES
+from celery_sagas.machine.dead_letters import OPEN_DEAD_LETTER
 from celery_sagas.protocols import PRUNED_TABLES, SENT_ROWS_PER_SAGA, Compacted, Pruned
 from celery_sagas.store.tables import (
     attempts,
@@ -47,7 +48,6 @@ from celery_sagas.store.tables import (
 )
 
 FINISHED = tuple(sorted(state.value for state in TERMINAL_STATES))
-OPEN_DEAD_LETTER = ("dead", "retrying")
 KEYS_PER_STATEMENT = 5000  # bound parameters per DELETE (SQLite allows 32766)
 # how many of the oldest outbox rows one pass looks at, per row it may delete
 OUTBOX_WINDOW_FACTOR = 4

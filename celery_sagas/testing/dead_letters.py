@@ -10,12 +10,9 @@ from typing import Any
 
 from celery_sagas.errors import SagaError
 from celery_sagas.machine import DeadLetterChange
+from celery_sagas.machine.dead_letters import ALLOWED_FROM, OPEN_DEAD_LETTER, moved_values
 from celery_sagas.protocols import DeadLetterRecord, SagaRecord
 from celery_sagas.testing.columns import as_json, as_utc
-
-OPEN = ("dead", "retrying")
-# which status a change may move an entry from (the same table as the SQL store's)
-ALLOWED_FROM = {"retrying": ("dead",), "discarded": ("dead",), "resolved": ("retrying",)}
 
 
 def detached(entry: DeadLetterRecord) -> DeadLetterRecord:
@@ -43,12 +40,7 @@ def changed(
         return _buried(entries, existing, saga, change, now)
     if existing is None or existing.status not in ALLOWED_FROM[change.status]:
         return None
-    values: dict[str, Any] = {"status": change.status, "updated_at": now}
-    if change.resolution:
-        values["resolution"] = change.resolution
-    if change.status in ("resolved", "discarded"):
-        values["resolved_at"] = now
-    return replace(existing, **values)
+    return replace(existing, **moved_values(change.status, now, change.resolution))
 
 
 def _buried(
@@ -97,5 +89,5 @@ def matches(entry: DeadLetterRecord, saga_id: str | None, status: str | None) ->
     if saga_id is not None and entry.saga_id != saga_id:
         return False
     if status == "open":
-        return entry.status in OPEN
+        return entry.status in OPEN_DEAD_LETTER
     return status in (None, "all") or entry.status == status

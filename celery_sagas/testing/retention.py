@@ -8,6 +8,7 @@ from datetime import datetime
 
 from celery_sagas.definition import guard_keys
 from celery_sagas.machine import TERMINAL_STATES
+from celery_sagas.machine.dead_letters import OPEN_DEAD_LETTER
 from celery_sagas.protocols import (
     SENT_ROWS_PER_SAGA,
     DeadLetterRecord,
@@ -15,7 +16,6 @@ from celery_sagas.protocols import (
     SagaRecord,
     TransitionRecord,
 )
-from celery_sagas.testing.dead_letters import OPEN
 
 
 def prunable(
@@ -30,7 +30,9 @@ def prunable(
         and saga.finished_at is not None
         and saga.finished_at < finished_before
         and (name is None or saga.name == name)
-        and not any(e.saga_id == saga.saga_id and e.status in OPEN for e in dead_letters)
+        and not any(
+            e.saga_id == saga.saga_id and e.status in OPEN_DEAD_LETTER for e in dead_letters
+        )
     )
 
 

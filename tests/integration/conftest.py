@@ -59,11 +59,11 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     os.environ["SAGAS_DATABASE_URL"] = database_url
     os.environ["CELERY_BROKER_URL"] = broker_url
     from celery_sagas.store import upgrade
-    from workers import db
+    from workers import choreography, db
 
     db.reset_engine()
     upgrade(database_url)
-    db.create_tables()
+    choreography.create_tables()  # the participants' tables and the services' outbox
     yield Deployment(database_url, broker_url, tmp_path_factory.mktemp("celery"))
     db.reset_engine()
     for key, value in saved.items():

@@ -270,7 +270,8 @@ def test_handler_rolled_back_after_publishing_is_dead_lettered_then_drained(
     assert listed.returncode == 0, listed.stderr
     assert entry.id in [e["id"] for e in json.loads(listed.stdout)]
     drained = _cli(deployment, "dlq", "drain", "--wait", "30", "--json")
-    assert drained.returncode == 0, drained.stdout + drained.stderr
+    # 1: another test's compensation in this database may still be dead; ours must resolve
+    assert drained.returncode in (0, 1), drained.stdout + drained.stderr
     assert {e["id"]: e["status"] for e in json.loads(drained.stdout)}[entry.id] == "resolved"
     assert wait_state(saga_id).state.value == "COMPLETED"
     assert statuses(order["order_id"])["shipments"] == ["created"]
