@@ -250,7 +250,7 @@ def _run(
     """Run the statement: the outbox messages written, or None if the gate wrote nothing
     (then nothing at all was written). ``prepare``: as a server-side prepared statement."""
     shape, params = shape_and_parameters(saga, decision, messages, now, guard)
-    row = prepared(shape, conn.dialect, prepare).execute(conn, params).one()
+    (row,) = prepared(shape, conn.dialect, prepare).rows(conn, params)
     if row.moved != 1:
         return None
     new_ids: tuple[int, ...] = tuple(row[1:])

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import re
-from types import SimpleNamespace
+from collections import namedtuple
+from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Connection, CursorResult, Dialect
+from sqlalchemy import Connection, Dialect
 from sqlalchemy.exc import DBAPIError
 
 UNKNOWN_NAME = "26000"  # the session lost the PREPAREd name (a pooler discarded it)
@@ -46,6 +47,7 @@ class Prepared:
             if (processor := dialect.type_descriptor(bind.type).bind_processor(dialect)) is not None
         }
         self.names: list[str] = []
+        self._row_types: dict[tuple[str, ...], Any] = {}
         text = _PLACEHOLDER.sub(self._positional, compiled.string)
         self.name = "cs_" + hashlib.sha1(text.encode()).hexdigest()[:20]
         self.prepare = f"PREPARE {self.name} AS {text}"
@@ -67,39 +69,64 @@ class Prepared:
         return values
 
     def rows(self, conn: Connection, params: dict[str, Any]) -> list[Any]:
-        """The result rows (attribute access by column label), result-processed."""
+        """The result rows (attribute access by column label, and by position),
+        result-processed."""
         if not self.enabled:
             return list(conn.execute(self.statement, params).all())
-        result = self.execute(conn, params)
-        names = list(result.keys())
+        names, raw = self._execute_prepared(conn, params)
+        row_type: Any = self._row_types.get(names)
+        if row_type is None:
+            row_type = self._row_types[names] = namedtuple("PreparedRow", names, rename=True)
         processors = [self.results.get(name) for name in names]
+        if not any(processors):
+            return [row_type._make(row) for row in raw]
         return [
-            SimpleNamespace(
-                **{
-                    name: value if processor is None or value is None else processor(value)
-                    for name, value, processor in zip(names, row, processors, strict=True)
-                }
+            row_type._make(
+                value if processor is None or value is None else processor(value)
+                for value, processor in zip(row, processors, strict=True)
             )
-            for row in result
+            for row in raw
         ]
 
-    def execute(self, conn: Connection, params: dict[str, Any]) -> CursorResult[Any]:
-        """Run it on ``conn`` (PREPAREd there first if needed; again if the session lost
-        it, e.g. behind a pooler that discards session state, or a migration changed a
-        table under it). ``conn`` must be in autocommit: a failed EXECUTE is retried."""
-        if not self.enabled:
-            return conn.execute(self.statement, params)
+    def _execute_prepared(
+        self, conn: Connection, params: dict[str, Any]
+    ) -> tuple[tuple[str, ...], Sequence[Any]]:
+        """``EXECUTE`` on ``conn`` (``PREPARE``d there first if needed; again if the session
+        lost it, e.g. behind a pooler that discards session state, or a migration changed
+        a table under it). ``conn`` must be in autocommit: a failed EXECUTE is retried.
+
+        The column names and the raw rows: the statement runs on the driver's cursor,
+        without SQLAlchemy's per-call execution context and result metadata (which a
+        textual ``EXECUTE`` rebuilds on every call); driver errors go through the
+        connection's own handling (wrapped as ``DBAPIError``, a lost connection
+        invalidated)."""
         prepared: set[str] = conn.connection.info.setdefault("celery_sagas_prepared", set())
         if self.name not in prepared:
-            conn.exec_driver_sql(self.prepare)
+            self._on_cursor(conn, self.prepare, None)
             prepared.add(self.name)
         try:
-            return conn.exec_driver_sql(self.execute_sql, self.values(params))
+            return self._on_cursor(conn, self.execute_sql, self.values(params))
         except DBAPIError as exc:
             code = getattr(exc.orig, "pgcode", None)
             if code not in (UNKNOWN_NAME, PLAN_CHANGED):
                 raise
             if code == PLAN_CHANGED:
-                conn.exec_driver_sql(f"DEALLOCATE {self.name}")
-            conn.exec_driver_sql(self.prepare)
-            return conn.exec_driver_sql(self.execute_sql, self.values(params))
+                self._on_cursor(conn, f"DEALLOCATE {self.name}", None)
+            self._on_cursor(conn, self.prepare, None)
+            return self._on_cursor(conn, self.execute_sql, self.values(params))
+
+    @staticmethod
+    def _on_cursor(
+        conn: Connection, sql: str, values: dict[str, Any] | None
+    ) -> tuple[tuple[str, ...], Sequence[Any]]:
+        cursor = conn.connection.cursor()
+        try:
+            cursor.execute(sql, values)
+            if cursor.description is None:
+                return (), []
+            names = tuple(column[0] for column in cursor.description)
+            return names, cursor.fetchall()
+        except conn.dialect.loaded_dbapi.Error as exc:
+            conn._handle_dbapi_exception(exc, sql, values, cursor, None)  # raises
+        finally:
+            cursor.close()
