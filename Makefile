@@ -102,7 +102,7 @@ $(PEERS_STAMP):
 	@touch $@
 
 bench-peers: $(PEERS_STAMP)
-	@$(PEERS)/bin/python -m pip show dbos | head -2
+	@$(PEERS)/bin/python -m pip show dbos | sed -n '1,2p'
 	@echo "make bench now runs DBOS's workflow in its rounds (bench/dbos_peer.py)"
 
 # Seeds throwaway databases (1M sagas: ~7 GB, minutes): --sizes 1000,100000 for a quick run.
