@@ -13,7 +13,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from celery import Celery, Task, signals
 
@@ -44,6 +44,9 @@ from celery_sagas.store.choreography import ChoreographyStore, Consumed, NewChor
 from celery_sagas.store.service_outbox import ServiceOutbox
 
 REGISTRY_ATTR = "_celery_sagas_choreographies"
+
+# an event to deliver: a service's outbox row or one the library publishes
+E = TypeVar("E", OutgoingEvent, PublishedEvent)
 
 
 class ChoreographySubscriber:
@@ -217,25 +220,20 @@ class ChoreographySubscriber:
     def publish_service_events(self, service: str, events: Sequence[OutgoingEvent]) -> int:
         """Deliver committed outbox rows of ``service`` and mark them sent; a failed
         delivery stays for the relay."""
-        sent: list[int] = []
-        for event in events:
-            try:
-                self.deliver(event.saga_id, event.name, event.event_id, event.data)
-            except Exception:
-                logger.exception(
-                    "publish of %s for saga %s failed; the relay will retry",
-                    event.name,
-                    event.saga_id,
-                    extra={"saga_id": event.saga_id},
-                )
-                continue
-            if event.id is not None:
-                sent.append(event.id)
+        delivered = self._deliver_each(events)
+        sent = [event.id for event in delivered if event.id is not None]
         self.service_outbox(service).mark_sent(sent, self.clock())
         return len(sent)
 
     def publish_library_events(self, events: Sequence[PublishedEvent]) -> int:
-        sent: list[str] = []
+        """Deliver the start and deadline events and mark them sent (the same rule)."""
+        sent = [event.event_id for event in self._deliver_each(events)]
+        self.store.mark_sent(sent, self.clock())
+        return len(sent)
+
+    def _deliver_each(self, events: Sequence[E]) -> list[E]:
+        """The events whose delivery succeeded; a failure is logged and left unsent."""
+        delivered: list[E] = []
         for event in events:
             try:
                 self.deliver(event.saga_id, event.name, event.event_id, event.data)
@@ -247,9 +245,8 @@ class ChoreographySubscriber:
                     extra={"saga_id": event.saga_id},
                 )
                 continue
-            sent.append(event.event_id)
-        self.store.mark_sent(sent, self.clock())
-        return len(sent)
+            delivered.append(event)
+        return delivered
 
     # -- starting ---------------------------------------------------------------------
 
