@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -12,8 +13,8 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from celery_sagas.machine import FORWARD_STATES, SagaState
 from celery_sagas.protocols import STARTED, GuardRecord, SagaRecord
-from celery_sagas.store.records import _joined_record
-from celery_sagas.store.tables import UtcDateTime, guards, sagas
+from celery_sagas.store.records import JoinedLayout
+from celery_sagas.store.tables import UtcDateTime, guards, sagas, stored_utc
 
 GUARD_FIELDS = ("outcome", "result", "error", "recorded_at")
 
@@ -73,7 +74,8 @@ def _expected(saga_id: Any) -> Any:
 def begin_step_statement(with_steps: Any) -> Any:
     """The saga-and-steps query (``with_steps``) plus, in the same statement (PostgreSQL:
     a data-modifying CTE, one snapshot), a ``started`` marker written only if that saga
-    expects the message, and the guard row as it was."""
+    expects the message, and the guard row as it was. ``with_steps`` may carry the
+    saga's payload in its first row only (the driver decodes it once, not per step)."""
     marker = select(
         bindparam("g_key", type_=String),
         literal(STARTED, type_=String),
@@ -98,16 +100,24 @@ def begin_step_statement(with_steps: Any) -> Any:
     )
 
 
-def begun(rows: Any) -> tuple[GuardRecord | None, SagaRecord | None]:
-    """``begin_guard``'s answer and the saga, from the (non-empty) rows of
-    ``begin_step_statement`` (no marker written: the recorded outcome, if any)."""
-    first = rows[0]
-    recorded = None
-    if not first.g_marked and first.g_outcome not in (None, STARTED):
-        recorded = GuardRecord(
-            first.g_key, first.g_outcome, first.g_result, first.g_error, first.g_recorded_at
-        )
-    return recorded, _joined_record(rows)
+class Begun:
+    """Reads the raw rows of ``begin_step_statement`` (by position: see ``JoinedLayout``)."""
+
+    def __init__(self, labels: Sequence[str]) -> None:
+        self.saga = JoinedLayout(labels)
+        at = {label: i for i, label in enumerate(labels)}
+        self.marked = at["g_marked"]
+        self.guard = tuple(at[f"g_{name}"] for name in ("key", *GUARD_FIELDS))
+
+    def answer(self, rows: Sequence[Sequence[Any]]) -> tuple[GuardRecord | None, SagaRecord | None]:
+        """``begin_guard``'s answer and the saga, from the (non-empty) rows (no marker
+        written: the recorded outcome, if any)."""
+        first = rows[0]
+        key, outcome, result, error, recorded_at = (first[i] for i in self.guard)
+        recorded = None
+        if not first[self.marked] and outcome not in (None, STARTED):
+            recorded = GuardRecord(key, outcome, result, error, stored_utc(recorded_at))
+        return recorded, self.saga.record(rows)
 
 
 def begin_guard(conn: Connection, mark_started: Any, key: str, now: datetime) -> GuardRecord | None:

@@ -46,6 +46,7 @@ class Prepared:
             for name, bind in compiled.binds.items()
             if (processor := dialect.type_descriptor(bind.type).bind_processor(dialect)) is not None
         }
+        self.labels = tuple(column.key for column in statement.selected_columns)
         self.names: list[str] = []
         self._row_types: dict[tuple[str, ...], Any] = {}
         text = _PLACEHOLDER.sub(self._positional, compiled.string)
@@ -67,6 +68,14 @@ class Prepared:
             if name in values:
                 values[name] = processor(values[name])
         return values
+
+    def raw(self, conn: Connection, params: dict[str, Any]) -> Sequence[Sequence[Any]]:
+        """The result rows as the driver returns them, columns in ``labels`` order, not
+        result-processed (datetimes in the session's time zone; JSON decoded) — for a
+        caller that reads them by position (SQLAlchemy's rows when not prepared)."""
+        if not self.enabled:
+            return conn.execute(self.statement, params).all()
+        return self._execute_prepared(conn, params)[1]
 
     def rows(self, conn: Connection, params: dict[str, Any]) -> list[Any]:
         """The result rows (attribute access by column label, and by position),

@@ -11,7 +11,7 @@ from typing import Any
 
 from celery_sagas.machine import Decision, ErrorKind, SagaState, StepStatus
 from celery_sagas.protocols import NewSaga, SagaRecord, StepRecord
-from celery_sagas.store.tables import steps
+from celery_sagas.store.tables import steps, stored_utc
 
 
 def _step_record(row: Any) -> StepRecord:
@@ -56,6 +56,83 @@ def _joined_record(rows: Sequence[Any]) -> SagaRecord | None:
     if not rows:
         return None
     return _saga_record(rows[0], [_StepColumns(r) for r in rows])
+
+
+SAGA_FIELDS = (
+    "id", "name", "business_key", "state", "current_step", "token", "version", "payload",
+    "created_at", "updated_at", "reason", "finished_at", "deadline_at", "due_at", "admitted",
+    "definition",
+)  # fmt: skip
+STEP_FIELDS = (
+    "idx", "name", "status", "attempts", "compensation_attempts", "result", "error",
+    "error_kind", "started_at", "finished_at", "compensation_started_at",
+    "compensation_finished_at", "deadline_at", "redispatch_at", "dispatches",
+)  # fmt: skip
+
+
+class JoinedLayout:
+    """Where the saga's and the steps' columns sit in the raw rows of a saga-and-steps
+    join (by label), to build the record straight from the driver's tuples: the hot
+    path's read (``begin_step``) skips per-value result processing and row objects.
+    Datetimes are made UTC here; JSON arrives decoded by the driver."""
+
+    def __init__(self, labels: Sequence[str]) -> None:
+        at = {label: i for i, label in enumerate(labels)}
+        self.saga = tuple(at[name] for name in SAGA_FIELDS)
+        self.step = tuple(at[STEP_PREFIX + name] for name in STEP_FIELDS)
+
+    def record(self, rows: Sequence[Sequence[Any]]) -> SagaRecord | None:
+        """The saga from its rows, steps in ``idx`` order (None: no rows, no saga)."""
+        if not rows:
+            return None
+        (
+            saga_id, name, business_key, state, current_step, token, version, payload,
+            created_at, updated_at, reason, finished_at, deadline_at, due_at, admitted,
+            definition,
+        ) = (rows[0][i] for i in self.saga)  # fmt: skip
+        return SagaRecord(
+            saga_id=saga_id,
+            name=name,
+            business_key=business_key,
+            state=SagaState(state),
+            current_step=current_step,
+            token=token,
+            version=version,
+            payload=payload,
+            created_at=stored_utc(created_at),
+            updated_at=stored_utc(updated_at),
+            reason=reason,
+            finished_at=stored_utc(finished_at),
+            deadline_at=stored_utc(deadline_at),
+            due_at=stored_utc(due_at),
+            admitted=admitted,
+            definition=definition,
+            steps=tuple(self._step(row) for row in rows),
+        )
+
+    def _step(self, row: Sequence[Any]) -> StepRecord:
+        (
+            idx, name, status, attempts, compensation_attempts, result, error, error_kind,
+            started_at, finished_at, compensation_started_at, compensation_finished_at,
+            deadline_at, redispatch_at, dispatches,
+        ) = (row[i] for i in self.step)  # fmt: skip
+        return StepRecord(
+            index=idx,
+            name=name,
+            status=StepStatus(status),
+            attempts=attempts,
+            compensation_attempts=compensation_attempts,
+            result=result,
+            error=error,
+            error_kind=ErrorKind(error_kind) if error_kind else None,
+            started_at=stored_utc(started_at),
+            finished_at=stored_utc(finished_at),
+            compensation_started_at=stored_utc(compensation_started_at),
+            compensation_finished_at=stored_utc(compensation_finished_at),
+            deadline_at=stored_utc(deadline_at),
+            redispatch_at=stored_utc(redispatch_at),
+            dispatches=dispatches,
+        )
 
 
 def _saga_record(row: Any, step_rows: Sequence[Any] = ()) -> SagaRecord:

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Table, bindparam, func, select, update
+from sqlalchemy import Connection, Engine, Table, bindparam, case, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
@@ -64,8 +64,18 @@ WITH_STEPS = (
 )
 
 
-# PostgreSQL: mark a step started and read its saga, one round trip (``begin_step``)
-BEGIN_STEP = guard_rows.begin_step_statement(WITH_STEPS)
+# PostgreSQL: mark a step started and read its saga, one round trip (``begin_step``); the
+# payload comes in the first step's row only (decoded once, not once per step)
+BEGIN_STEP = guard_rows.begin_step_statement(
+    select(
+        *(column for column in sagas.c if column.name != "payload"),
+        case((steps.c.idx == 0, sagas.c.payload)).label("payload"),
+        *STEP_COLUMNS,
+    )
+    .join(steps, steps.c.saga_id == sagas.c.id)
+    .where(sagas.c.id == bindparam("p_saga_id"))
+    .order_by(steps.c.idx)
+)
 
 
 class SqlSagaStore:
@@ -91,6 +101,7 @@ class SqlSagaStore:
         self._begin_step = (
             Prepared(BEGIN_STEP, self.engine.dialect, prepare) if self.is_postgres else None
         )
+        self._begun = guard_rows.Begun(self._begin_step.labels) if self._begin_step else None
         self._mark_started = guard_rows.mark_started_statement(self._insert(guards))
 
     def __repr__(self) -> str:
@@ -416,10 +427,11 @@ class SqlSagaStore:
                 "g_role": expectation.role,
                 "g_definition": expectation.definition,
             }
-            rows = self._begin_step.rows(conn, params)
+            rows = self._begin_step.raw(conn, params)
         if not rows:  # no such saga: nothing written
             return None, None
-        return guard_rows.begun(rows)
+        assert self._begun is not None
+        return self._begun.answer(rows)
 
     def begin_guard(self, key: str, now: datetime) -> GuardRecord | None:
         with self._one_statement() as conn:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, overload
 
 from sqlalchemy import (
     JSON,
@@ -42,11 +42,21 @@ class UtcDateTime(TypeDecorator[datetime]):
             raise ValueError(f"naive datetime {value!r}: use timezone-aware datetimes")
         return value.astimezone(UTC)
 
-    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        moment: datetime = value
-        return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return stored_utc(value)
+
+
+@overload
+def stored_utc(moment: datetime) -> datetime: ...
+@overload
+def stored_utc(moment: None) -> None: ...
+@overload
+def stored_utc(moment: datetime | None) -> datetime | None: ...
+def stored_utc(moment: datetime | None) -> datetime | None:
+    """A datetime as the database returned it, UTC-aware (SQLite's are naive, in UTC)."""
+    if moment is None:
+        return None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 # BigInteger ids autoincrement on PostgreSQL; SQLite only autoincrements INTEGER keys.
