@@ -10,7 +10,8 @@ One app, one worker, one queue for both workloads:
   minimal completion signal that needs no result backend.
 
 Configured from the environment: ``CELERY_BROKER_URL``, ``SAGAS_DATABASE_URL``,
-``BENCH_REDIS_URL`` (where chain completions go; defaults to the broker URL) and
+``BENCH_REDIS_URL`` (where chain completions go; defaults to the broker URL),
+``BENCH_CHAIN_ACKS_LATE`` (``true``: the chain tasks ack late, as saga tasks do) and
 ``BENCH_STEP_MS``: every saga step, compensation and chain task first waits that many
 milliseconds, as a call to another service would (``time.sleep``: under ``-P gevent``,
 which monkey-patched it, a green sleep that lets the other greenlets run).
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import redis
@@ -30,6 +32,17 @@ from celery_sagas import Saga, Step, StepContext, install
 CHAIN_DONE_KEY = "bench:chains:done"
 SAGA_NAME = "bench_noop"
 STEP_SECONDS = float(os.environ.get("BENCH_STEP_MS") or 0) / 1000
+
+
+def chain_delivery(environ: Mapping[str, str]) -> dict[str, bool]:
+    """The chain tasks' delivery options: Celery's defaults, or (``--chain-acks-late``,
+    ``BENCH_CHAIN_ACKS_LATE=true``) acked after they run, as saga tasks are."""
+    if environ.get("BENCH_CHAIN_ACKS_LATE") == "true":
+        return {"acks_late": True, "reject_on_worker_lost": True}
+    return {}
+
+
+CHAIN_DELIVERY = chain_delivery(os.environ)
 
 app = Celery("bench")
 app.conf.broker_url = os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/12")
@@ -80,22 +93,22 @@ def completions() -> redis.Redis:
     return _completions
 
 
-@app.task(name="bench.noop_1")
+@app.task(name="bench.noop_1", **CHAIN_DELIVERY)
 def noop_1() -> None:
     io_wait()
 
 
-@app.task(name="bench.noop_2")
+@app.task(name="bench.noop_2", **CHAIN_DELIVERY)
 def noop_2() -> None:
     io_wait()
 
 
-@app.task(name="bench.noop_3")
+@app.task(name="bench.noop_3", **CHAIN_DELIVERY)
 def noop_3() -> None:
     io_wait()
 
 
-@app.task(name="bench.noop_4")
+@app.task(name="bench.noop_4", **CHAIN_DELIVERY)
 def noop_4(_previous: None, chain_id: str) -> None:
     io_wait()
     completions().zadd(CHAIN_DONE_KEY, {chain_id: time.time()})

@@ -102,6 +102,7 @@ class Options:
     io_matrix: bool = False
     plot: Path | None = None
     peers: bool = True
+    chain_acks_late: bool = False
 
 
 def parse_options(argv: list[str] | None = None) -> Options:
@@ -170,6 +171,12 @@ def parse_options(argv: list[str] | None = None) -> Options:
         action="store_true",
         help="skip the second saga run started message-only (start_saga.enqueue)",
     )
+    parser.add_argument(
+        "--chain-acks-late",
+        action="store_true",
+        help="the chain tasks take the sagas' delivery settings (acks_late, "
+        "reject_on_worker_lost): a baseline that survives a killed worker too",
+    )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args(argv)
     if args.n < 1 or args.concurrency < 1 or args.latency_n < 1 or args.warmup < 0:
@@ -198,6 +205,7 @@ def parse_options(argv: list[str] | None = None) -> Options:
         io_matrix=args.io_matrix,
         plot=args.plot,
         peers=not args.no_peers,
+        chain_acks_late=args.chain_acks_late,
     )
 
 
@@ -801,6 +809,7 @@ class Bench:
         hops = HOPS_PER_SAGA_WITH_COORDINATOR_HOP if self.options.coordinator_hop else HOPS_PER_SAGA
         return {
             "coordinator_hop": self.options.coordinator_hop,
+            "chain_acks_late": self.options.chain_acks_late,
             "n": self.options.n,
             "pool": self.options.pool,
             "concurrency": self.options.concurrency,
@@ -838,6 +847,12 @@ def format_table(summary: dict[str, Any]) -> str:
             "each outcome through celery_sagas.advance (coordinator_hop)"
             if summary["coordinator_hop"]
             else "each step task applies its own outcome (default)",
+        ),
+        (
+            "chains",
+            "acks_late, reject_on_worker_lost (as saga tasks; --chain-acks-late)"
+            if summary.get("chain_acks_late")
+            else "Celery's defaults (acked before they run)",
         ),
         (
             f"chains/s ({HOPS_PER_CHAIN} hops)",
@@ -1017,6 +1032,7 @@ def session(options: Options) -> Iterator[Session]:
             "SAGAS_DATABASE_URL": db_url,
             "BENCH_REDIS_URL": broker_url,
             "SAGAS_COORDINATOR_HOP": "true" if options.coordinator_hop else "false",
+            "BENCH_CHAIN_ACKS_LATE": "true" if options.chain_acks_late else "false",
             "SAGAS_SIGNING_KEY": "bench-signing-key",
             "PYTHONPATH": os.pathsep.join(
                 p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p

@@ -109,6 +109,7 @@ def rounds_summary(bench: Bench, done: Sequence[Round]) -> dict[str, Any]:
         "concurrency": options.concurrency,
         "step_ms": options.step_ms,
         "n": options.n,
+        "chain_acks_late": options.chain_acks_late,
         "rounds": [one.__dict__ for one in done],
         "median": medians(done),
         "saga_latency_ms": bench.results.get("saga_latency_ms"),
@@ -121,7 +122,11 @@ def run_in_rounds(
 ) -> tuple[dict[str, Any], dict[str, list[float]]]:
     """``--rounds K`` on one worker; then the one-at-a-time latencies."""
     with current.bench(options) as bench:
-        say(f"{options.pool} -c {options.concurrency}, step {options.step_ms:g} ms, N={options.n}")
+        acks = ", chains acks_late" if options.chain_acks_late else ""
+        say(
+            f"{options.pool} -c {options.concurrency}, step {options.step_ms:g} ms, "
+            f"N={options.n}{acks}"
+        )
         done = run_rounds(bench, options.rounds, peer, say)
         bench.saga_latency()
         bench.chain_latency()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from bench.bench import IO_STEP_MS, parse_options
@@ -74,3 +76,16 @@ def test_latency_line_names_both_percentiles_of_both() -> None:
     assert format_latency(summary, 200) == (
         "latency one at a time (n=200): saga p50 14.0 / p99 20.5 ms, chain p50 5.0 / p99 9.0 ms"
     )
+
+
+def test_chains_ack_late_only_when_asked(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("SAGAS_DATABASE_URL", f"sqlite:///{tmp_path / 'bench.db'}")
+    from bench.app import chain_delivery  # installs the bench's saga on import
+
+    assert parse_options([]).chain_acks_late is False
+    assert parse_options(["--chain-acks-late"]).chain_acks_late is True
+    assert chain_delivery({"BENCH_CHAIN_ACKS_LATE": "true"}) == {
+        "acks_late": True,
+        "reject_on_worker_lost": True,
+    }
+    assert chain_delivery({"BENCH_CHAIN_ACKS_LATE": "false"}) == chain_delivery({}) == {}
