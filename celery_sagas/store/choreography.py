@@ -32,6 +32,7 @@ from celery_sagas.choreography import (
 from celery_sagas.errors import StoreUnavailableError
 from celery_sagas.machine import TERMINAL_STATES, SagaState
 from celery_sagas.settings import redact_url
+from celery_sagas.store.backends import backend_named
 from celery_sagas.store.engine import engine_of, upsert_insert
 from celery_sagas.store.tables import events, reactions, sagas, transitions
 
@@ -74,7 +75,7 @@ class ChoreographyStore:
 
     def __init__(self, url_or_engine: str | Engine) -> None:
         self.engine = engine_of(url_or_engine)
-        self.is_postgres = self.engine.dialect.name == "postgresql"
+        self.backend = backend_named(self.engine.dialect.name)
 
     @contextmanager
     def _begin(self) -> Iterator[Connection]:
@@ -223,8 +224,7 @@ class ChoreographyStore:
             .order_by(sagas.c.deadline_at)
             .limit(limit)
         )
-        if self.is_postgres:
-            query = query.with_for_update(skip_locked=True, of=sagas)
+        query = self.backend.skip_locked(query, of=sagas)
         fired_events: list[PublishedEvent] = []
         with self._begin() as conn:
             for row in conn.execute(query).all():
@@ -276,8 +276,7 @@ class ChoreographyStore:
         if not event_ids:
             return
         with self._begin() as conn:
-            if self.is_postgres:  # a lost mark only means a harmless duplicate publish
-                conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
+            self.backend.relax_commit(conn)  # a lost mark: a harmless duplicate publish
             conn.execute(
                 update(events)
                 .where(events.c.event_id.in_(list(event_ids)), events.c.sent_at.is_(None))
@@ -328,9 +327,7 @@ class ChoreographyStore:
 
     def _lock(self, conn: Connection, saga_id: str) -> Any:
         query = select(sagas.c.state, sagas.c.version).where(sagas.c.id == saga_id)
-        if self.is_postgres:
-            query = query.with_for_update()
-        return conn.execute(query).one_or_none()
+        return conn.execute(self.backend.lock(query)).one_or_none()
 
     @staticmethod
     def _add_event(conn: Connection, event: OutgoingEvent, now: datetime, sent: bool) -> bool:

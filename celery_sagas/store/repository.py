@@ -12,7 +12,6 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, Engine, Table, bindparam, case, func, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
 from celery_sagas.errors import (
@@ -40,6 +39,7 @@ from celery_sagas.store import caller, once, one_statement, retention, writes
 from celery_sagas.store import claims as claim_rows
 from celery_sagas.store import dead_letters as dead_letter_rows
 from celery_sagas.store import guards as guard_rows
+from celery_sagas.store.backends import POSTGRES, backend_named
 from celery_sagas.store.browse import with_business_key
 from celery_sagas.store.claims import SqlClaim
 from celery_sagas.store.engine import autocommit_engine, shared_engine
@@ -90,7 +90,8 @@ class SqlSagaStore:
             self.engine = shared_engine(url_or_engine, **engine_options)
         else:
             self.engine = url_or_engine
-        self.is_postgres = self.engine.dialect.name == "postgresql"
+        self.backend = backend_named(self.engine.dialect.name)
+        self.is_postgres = self.backend is POSTGRES
         self._autocommit: Engine | None = None
         if self.is_postgres and isinstance(url_or_engine, str):
             self._autocommit = autocommit_engine(url_or_engine, **engine_options)
@@ -111,8 +112,7 @@ class SqlSagaStore:
 
     def _insert(self, table: Table) -> Any:
         """An INSERT with ``on_conflict_do_nothing`` for this backend."""
-        dialect_module = postgresql if self.is_postgres else sqlite
-        return dialect_module.insert(table)
+        return self.backend.insert(table)
 
     @contextmanager
     def _unavailable_as_error(self) -> Iterator[None]:
@@ -357,12 +357,12 @@ class SqlSagaStore:
     @contextmanager
     def claim_due(self, now: datetime, limit: int) -> Iterator[SqlClaim]:
         with self._connect() as conn:
-            yield SqlClaim(self, conn, claim_rows.claim_due(conn, now, limit, self.is_postgres))
+            yield SqlClaim(self, conn, claim_rows.claim_due(conn, now, limit, self.backend))
 
     @contextmanager
     def claim_waiting(self, name: str, max_concurrent: int) -> Iterator[SqlClaim]:
         with self._connect() as conn:
-            records = claim_rows.claim_waiting(conn, name, max_concurrent, self.is_postgres)
+            records = claim_rows.claim_waiting(conn, name, max_concurrent, self.backend)
             yield SqlClaim(self, conn, records)
 
     def waiting_names(self) -> tuple[str, ...]:
@@ -373,15 +373,14 @@ class SqlSagaStore:
         self, older_than: datetime, now: datetime, limit: int
     ) -> tuple[SagaRecord, ...]:
         with self._connect() as conn:
-            return claim_rows.report_stuck(conn, older_than, now, limit, self.is_postgres)
+            return claim_rows.report_stuck(conn, older_than, now, limit, self.backend)
 
     def mark_sent(self, message_ids: Sequence[int], now: datetime) -> None:
         if not message_ids:
             return
         with self._connect() as conn:
-            if self.is_postgres:
-                # Losing this mark only means a harmless duplicate publish by the relay.
-                conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
+            # Losing this mark only means a harmless duplicate publish by the relay.
+            self.backend.relax_commit(conn)
             conn.execute(
                 update(outbox)
                 .where(outbox.c.id.in_(list(message_ids)), outbox.c.sent_at.is_(None))
@@ -469,11 +468,11 @@ class SqlSagaStore:
         after: tuple[datetime, str] | None = None,
     ) -> Pruned:
         with self._connect() as conn:
-            return retention.prune(conn, finished_before, limit, name, after, self.is_postgres)
+            return retention.prune(conn, finished_before, limit, name, after, self.backend)
 
     def compact(self, finished_before: datetime, limit: int, now: datetime) -> Compacted:
         with self._connect() as conn:
-            return retention.compact(conn, finished_before, now, limit, self.is_postgres)
+            return retention.compact(conn, finished_before, now, limit, self.backend)
 
     # -- failed attempts and the dead-letter queue ------------------------------------
 
