@@ -275,7 +275,7 @@ class SqlSagaStore(SqlReads):
         """Claim ``key`` to run something once (an outcome hook): ``run``, ``busy`` (held by
         another delivery, for up to ``lease`` seconds) or ``done``."""
         with self._connect() as conn:
-            return once.claim(conn, key, now, lease)
+            return once.claim(conn, self.backend, key, now, lease)
 
     def release_claim(self, key: str) -> None:
         with self._connect() as conn:
