@@ -58,19 +58,23 @@ class SqlSagaStore(SqlReads):
     backend: ClassVar[Backend]
     _by_dialect: ClassVar[dict[str, type[SqlSagaStore]]] = {}
 
-    def __init_subclass__(cls, backend: Backend, **kwargs: Any) -> None:
+    def __init_subclass__(cls, backend: Backend | None = None, **kwargs: Any) -> None:
+        """``class PostgresSagaStore(SqlSagaStore, backend=POSTGRES)``: the store the
+        constructor makes for that backend's database (a subclass of it inherits it)."""
         super().__init_subclass__(**kwargs)
-        cls.backend = backend
-        SqlSagaStore._by_dialect[backend.name] = cls
+        if backend is not None:
+            cls.backend = backend
+            SqlSagaStore._by_dialect[backend.name] = cls
 
     def __new__(
         cls, url_or_engine: str | Engine, prepare: bool = True, **engine_options: Any
     ) -> SqlSagaStore:
         dialect = backend_named(_dialect_of(url_or_engine)).name
-        chosen = SqlSagaStore._by_dialect[dialect]
-        if not issubclass(chosen, cls):
+        if cls is SqlSagaStore:
+            return super().__new__(SqlSagaStore._by_dialect[dialect])
+        if cls.backend.name != dialect:
             raise DatabaseUrlError(f"{cls.__name__} cannot store sagas in {dialect}")
-        return super().__new__(chosen)
+        return super().__new__(cls)
 
     def __init__(
         self, url_or_engine: str | Engine, prepare: bool = True, **engine_options: Any

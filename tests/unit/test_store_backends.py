@@ -58,6 +58,19 @@ def test_a_backends_store_refuses_another_database(
         store_class(url)
 
 
+class CountingSqliteStore(SqliteSagaStore):
+    """A user's subclass of a backend's store (no ``backend=`` of its own)."""
+
+
+def test_a_subclass_of_a_backends_store_is_made_as_itself() -> None:
+    store = CountingSqliteStore("sqlite://")
+    assert type(store) is CountingSqliteStore
+    assert store.backend is SQLITE
+    assert type(SqlSagaStore("sqlite://")) is SqliteSagaStore
+    with pytest.raises(DatabaseUrlError, match="CountingSqliteStore"):
+        CountingSqliteStore(PG_URL)
+
+
 @pytest.mark.parametrize("url", ["mysql://sagas@db/sagas", "not a url"])
 def test_another_database_is_refused(url: str) -> None:
     with pytest.raises(DatabaseUrlError):
