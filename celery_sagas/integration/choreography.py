@@ -40,8 +40,9 @@ from celery_sagas.log import logger
 from celery_sagas.redaction import redact
 from celery_sagas.settings import SagaSettings
 from celery_sagas.store import SqlSagaStore, dispose_all_after_fork
-from celery_sagas.store.choreography import ChoreographyStore, Consumed, NewChoreographedSaga
+from celery_sagas.store.choreography import ChoreographyStore, NewChoreographedSaga
 from celery_sagas.store.service_outbox import ServiceOutbox
+from celery_sagas.store.timeline_rows import Consumed
 
 REGISTRY_ATTR = "_celery_sagas_choreographies"
 

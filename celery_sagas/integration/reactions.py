@@ -26,8 +26,8 @@ from celery_sagas.log import logger
 from celery_sagas.policy import RetryAt, decide_retry
 from celery_sagas.redaction import redact, scrub, secret_values
 from celery_sagas.runner import MAX_TRACEBACK, describe
-from celery_sagas.store.choreography import Consumed
 from celery_sagas.store.choreography_dead_letters import bury, move
+from celery_sagas.store.timeline_rows import Consumed
 
 if TYPE_CHECKING:
     from celery_sagas.integration.choreography import ChoreographySubscriber

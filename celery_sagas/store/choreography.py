@@ -30,10 +30,13 @@ from celery_sagas.choreography import (
     automatic_actor as auto,
 )
 from celery_sagas.errors import StoreUnavailableError
-from celery_sagas.machine import TERMINAL_STATES, SagaState
+from celery_sagas.machine import SagaState
 from celery_sagas.settings import redact_url
-from celery_sagas.store.engine import engine_of, upsert_insert
-from celery_sagas.store.tables import events, reactions, sagas, transitions
+from celery_sagas.store import timeline_rows as timeline
+from celery_sagas.store.backends import backend_named
+from celery_sagas.store.engine import engine_of
+from celery_sagas.store.tables import events, reactions, sagas
+from celery_sagas.store.timeline_rows import Consumed
 
 
 @dataclass(frozen=True)
@@ -46,35 +49,12 @@ class NewChoreographedSaga:
     deadline_at: datetime | None
 
 
-@dataclass(frozen=True)
-class Consumed:
-    """A handler's reaction to an event: ``ok`` or ``business``."""
-
-    event_id: str
-    handler: str
-    event_name: str
-    outcome: str
-
-
-def _published(row: Any) -> PublishedEvent:
-    return PublishedEvent(
-        event_id=row.event_id,
-        saga_id=row.saga_id,
-        name=row.name,
-        service=row.service,
-        data=row.payload,
-        published_at=row.published_at,
-        handler=row.handler,
-        caused_by=row.caused_by,
-    )
-
-
 class ChoreographyStore:
     """The saga database's side of choreography."""
 
     def __init__(self, url_or_engine: str | Engine) -> None:
         self.engine = engine_of(url_or_engine)
-        self.is_postgres = self.engine.dialect.name == "postgresql"
+        self.backend = backend_named(self.engine.dialect.name)
 
     @contextmanager
     def _begin(self) -> Iterator[Connection]:
@@ -100,7 +80,7 @@ class ChoreographyStore:
         state = track(choreography, None, event.name)
         with self._begin() as conn:
             inserted = conn.execute(
-                upsert_insert(conn, sagas)
+                self.backend.insert(sagas)
                 .values(
                     id=new.saga_id,
                     name=new.name,
@@ -125,15 +105,15 @@ class ChoreographyStore:
                     )
                 ).scalar_one()
                 return str(existing), False
-            self._add_event(conn, event, now, sent=False)
-            self._log(
+            timeline.add_event(conn, self.backend, event, now, sent=False)
+            timeline.log(
                 conn,
                 new.saga_id,
                 now,
                 event.name,
                 "",
                 state,
-                _published_by(event),
+                timeline.published_by(event),
                 auto(LIBRARY_SERVICE),
             )
         return new.saga_id, True
@@ -169,11 +149,13 @@ class ChoreographyStore:
             return None
         old = SagaState(row.state)
         state = old
-        if consumed is not None and self._add_reaction(conn, saga_id, consumed, now):
+        if consumed is not None and timeline.add_reaction(
+            conn, self.backend, saga_id, consumed, now
+        ):
             note = f"consumed by {consumed.handler}"
             if consumed.outcome != "ok":
                 note += f" ({consumed.outcome})"
-            self._log(
+            timeline.log(
                 conn,
                 saga_id,
                 now,
@@ -184,20 +166,20 @@ class ChoreographyStore:
                 auto(consumed.handler),
             )
         for event in published:
-            if self._add_event(conn, event, now, sent=True):
+            if timeline.add_event(conn, self.backend, event, now, sent=True):
                 new = track(choreography, state, event.name)
-                self._log(
+                timeline.log(
                     conn,
                     saga_id,
                     now,
                     event.name,
                     state,
                     new,
-                    _published_by(event),
+                    timeline.published_by(event),
                     auto(event.handler or event.service),
                 )
                 state = new
-        self._update(conn, saga_id, old, state, now, published)
+        timeline.update_state(conn, saga_id, old, state, now, published)
         return state
 
     def fail_overdue(
@@ -223,8 +205,7 @@ class ChoreographyStore:
             .order_by(sagas.c.deadline_at)
             .limit(limit)
         )
-        if self.is_postgres:
-            query = query.with_for_update(skip_locked=True, of=sagas)
+        query = self.backend.skip_locked(query, of=sagas)
         fired_events: list[PublishedEvent] = []
         with self._begin() as conn:
             for row in conn.execute(query).all():
@@ -235,22 +216,22 @@ class ChoreographyStore:
                     service=LIBRARY_SERVICE,
                     data={**row.payload, "reason": f"deadline passed ({row.deadline_at:%H:%M:%S})"},
                 )
-                if not self._add_event(conn, event, now, sent=False):
+                if not timeline.add_event(conn, self.backend, event, now, sent=False):
                     continue
                 old = SagaState(row.state)
                 new = track(choreography, old, event.name)
-                self._log(
+                timeline.log(
                     conn,
                     row.id,
                     now,
                     event.name,
                     old,
                     new,
-                    "deadline passed: " + _published_by(event),
+                    "deadline passed: " + timeline.published_by(event),
                     auto("celery_sagas.scan"),
                 )
-                self._update(conn, row.id, old, new, now, [event])
-                fired_events.append(_as_published(event, now))
+                timeline.update_state(conn, row.id, old, new, now, [event])
+                fired_events.append(timeline.as_published(event, now))
         return tuple(fired_events)
 
     # -- the library's own events (start, deadline) -------------------------------------
@@ -270,14 +251,13 @@ class ChoreographyStore:
                 .order_by(events.c.id)
                 .limit(limit)
             ).all()
-        return tuple(_published(r) for r in rows)
+        return tuple(timeline.published(r) for r in rows)
 
     def mark_sent(self, event_ids: Sequence[str], now: datetime) -> None:
         if not event_ids:
             return
         with self._begin() as conn:
-            if self.is_postgres:  # a lost mark only means a harmless duplicate publish
-                conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
+            self.backend.relax_commit(conn)  # a lost mark: a harmless duplicate publish
             conn.execute(
                 update(events)
                 .where(events.c.event_id.in_(list(event_ids)), events.c.sent_at.is_(None))
@@ -311,121 +291,21 @@ class ChoreographyStore:
                     reactions.c.saga_id == saga_id
                 )
             ).all()
-        return tuple(_published(r) for r in rows), frozenset((p[0], p[1]) for p in pairs)
+        return tuple(timeline.published(r) for r in rows), frozenset((p[0], p[1]) for p in pairs)
 
     def event(self, event_id: str) -> PublishedEvent | None:
         with self.engine.connect() as conn:
             row = conn.execute(select(events).where(events.c.event_id == event_id)).one_or_none()
-        return _published(row) if row else None
+        return timeline.published(row) if row else None
 
     def log(self, saga_id: str, step: str, note: str, actor: str, now: datetime) -> None:
         """A timeline row that changes no state (a replay, an operator action)."""
         with self._begin() as conn:
             state = conn.execute(select(sagas.c.state).where(sagas.c.id == saga_id)).scalar_one()
-            self._log(conn, saga_id, now, step, state, state, note, actor)
+            timeline.log(conn, saga_id, now, step, state, state, note, actor)
 
     # -- rows -------------------------------------------------------------------------
 
     def _lock(self, conn: Connection, saga_id: str) -> Any:
         query = select(sagas.c.state, sagas.c.version).where(sagas.c.id == saga_id)
-        if self.is_postgres:
-            query = query.with_for_update()
-        return conn.execute(query).one_or_none()
-
-    @staticmethod
-    def _add_event(conn: Connection, event: OutgoingEvent, now: datetime, sent: bool) -> bool:
-        return bool(
-            conn.execute(
-                upsert_insert(conn, events)
-                .values(
-                    event_id=event.event_id,
-                    saga_id=event.saga_id,
-                    name=event.name,
-                    service=event.service,
-                    handler=event.handler,
-                    caused_by=event.caused_by,
-                    payload=dict(event.data),
-                    published_at=now,
-                    sent_at=now if sent else None,
-                )
-                .on_conflict_do_nothing()
-            ).rowcount
-        )
-
-    @staticmethod
-    def _add_reaction(conn: Connection, saga_id: str, consumed: Consumed, now: datetime) -> bool:
-        return bool(
-            conn.execute(
-                upsert_insert(conn, reactions)
-                .values(
-                    event_id=consumed.event_id,
-                    handler=consumed.handler,
-                    saga_id=saga_id,
-                    outcome=consumed.outcome,
-                    at=now,
-                )
-                .on_conflict_do_nothing()
-            ).rowcount
-        )
-
-    @staticmethod
-    def _log(
-        conn: Connection,
-        saga_id: str,
-        now: datetime,
-        event: str,
-        old: SagaState | str,
-        new: SagaState | str,
-        reason: str,
-        actor: str,
-    ) -> None:
-        conn.execute(
-            transitions.insert().values(
-                saga_id=saga_id,
-                at=now,
-                step=event,
-                old=str(old),
-                new=str(new),
-                reason=reason,
-                actor=actor[:200],
-            )
-        )
-
-    @staticmethod
-    def _update(
-        conn: Connection,
-        saga_id: str,
-        old: SagaState,
-        new: SagaState,
-        now: datetime,
-        published: Sequence[OutgoingEvent],
-    ) -> None:
-        values: dict[str, Any] = {
-            "state": new.value,
-            "updated_at": now,
-            "version": sagas.c.version + 1,
-        }
-        if new in TERMINAL_STATES and old not in TERMINAL_STATES:
-            values["finished_at"] = now
-            if new == SagaState.FAILED:
-                reasons = [e.data.get("reason") for e in published if e.data.get("reason")]
-                values["reason"] = str(reasons[-1]) if reasons else published[-1].name
-        conn.execute(update(sagas).where(sagas.c.id == saga_id).values(**values))
-
-
-def _published_by(event: OutgoingEvent) -> str:
-    by = event.handler or event.service
-    return f"published by {by}"
-
-
-def _as_published(event: OutgoingEvent, now: datetime) -> PublishedEvent:
-    return PublishedEvent(
-        event.event_id,
-        event.saga_id,
-        event.name,
-        event.service,
-        event.data,
-        now,
-        event.handler,
-        event.caused_by,
-    )
+        return conn.execute(self.backend.lock(query)).one_or_none()

@@ -13,7 +13,6 @@ from sqlalchemy import Connection, select, update
 from celery_sagas.choreography import automatic_actor
 from celery_sagas.machine.dead_letters import ALLOWED_FROM, moved_values
 from celery_sagas.store.choreography import ChoreographyStore
-from celery_sagas.store.engine import upsert_insert
 from celery_sagas.store.tables import dead_letters, sagas, transitions
 
 
@@ -57,7 +56,7 @@ def bury(
         "resolved_at": None,
     }
     with store.engine.begin() as conn:
-        statement = upsert_insert(conn, dead_letters).values(
+        statement = store.backend.insert(dead_letters).values(
             saga_id=saga_id,
             saga_name=saga_name,
             step=step,

@@ -1,6 +1,6 @@
 """The scanner's claims: due sagas, sagas waiting for a free slot, and sagas stuck for too
-long. On PostgreSQL they are locked ``FOR UPDATE SKIP LOCKED``, so two scanners never take
-the same saga; ``SqlClaim`` writes decisions in the claiming transaction.
+long, taken with the backend's ``skip_locked`` (PostgreSQL: ``FOR UPDATE SKIP LOCKED``), so
+two scanners never take the same saga; ``SqlClaim`` writes decisions in the claiming transaction.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from sqlalchemy import Connection, false, func, select, true, update
 
 from celery_sagas.machine import LIVE_STATES, Decision, SagaState
 from celery_sagas.protocols import STARTED, OutboxMessage, SagaRecord, current_execution_key
+from celery_sagas.store.backends import Backend
 from celery_sagas.store.records import _saga_record
 from celery_sagas.store.tables import guards, sagas, steps
 
@@ -23,25 +24,23 @@ if TYPE_CHECKING:
 
 
 def claim_due(
-    conn: Connection, now: datetime, limit: int, is_postgres: bool
+    conn: Connection, now: datetime, limit: int, backend: Backend
 ) -> tuple[SagaRecord, ...]:
     rows = conn.execute(
-        _locked(
+        backend.skip_locked(
             select(sagas)
             .where(sagas.c.due_at.is_not(None), sagas.c.due_at <= now)
             .order_by(sagas.c.due_at)
-            .limit(limit),
-            is_postgres,
+            .limit(limit)
         )
     ).all()
     return _records(conn, rows)
 
 
 def claim_waiting(
-    conn: Connection, name: str, max_concurrent: int, is_postgres: bool
+    conn: Connection, name: str, max_concurrent: int, backend: Backend
 ) -> tuple[SagaRecord, ...]:
-    if is_postgres:  # one admitter per saga type at a time
-        conn.execute(select(func.pg_advisory_xact_lock(_lock_key(name))))
+    backend.one_at_a_time(conn, _lock_key(name))  # one admitter per saga type at a time
     running = conn.execute(
         select(func.count())
         .select_from(sagas)
@@ -79,10 +78,10 @@ def waiting_names(conn: Connection) -> tuple[str, ...]:
 
 
 def report_stuck(
-    conn: Connection, older_than: datetime, now: datetime, limit: int, is_postgres: bool
+    conn: Connection, older_than: datetime, now: datetime, limit: int, backend: Backend
 ) -> tuple[SagaRecord, ...]:
     rows = conn.execute(
-        _locked(
+        backend.skip_locked(
             select(sagas)
             .where(
                 sagas.c.finished_at.is_(None),
@@ -90,8 +89,7 @@ def report_stuck(
                 sagas.c.stuck_reported_at.is_(None),
             )
             .order_by(sagas.c.created_at)
-            .limit(limit),
-            is_postgres,
+            .limit(limit)
         )
     ).all()
     if rows:
@@ -139,10 +137,6 @@ def _with_started_flags(
         )
         for r in records
     )
-
-
-def _locked(query: Any, is_postgres: bool) -> Any:
-    return query.with_for_update(skip_locked=True) if is_postgres else query
 
 
 class SqlClaim:

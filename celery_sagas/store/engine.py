@@ -5,8 +5,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Table, create_engine, event
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Engine, create_engine, event
 
 _engines: dict[str, Engine] = {}
 _lock = threading.Lock()
@@ -79,8 +78,3 @@ def dispose_all_after_fork() -> None:
 def engine_of(url_or_engine: str | Engine) -> Engine:
     """The process's shared engine for a URL, or the engine given."""
     return shared_engine(url_or_engine) if isinstance(url_or_engine, str) else url_or_engine
-
-
-def upsert_insert(conn: Connection, table: Table) -> Any:
-    """The dialect's own INSERT (PostgreSQL or SQLite), which has ``on_conflict_do_*``."""
-    return (postgresql if conn.dialect.name == "postgresql" else sqlite).insert(table)

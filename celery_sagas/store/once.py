@@ -11,19 +11,18 @@ from datetime import datetime, timedelta
 from typing import Literal
 
 from sqlalchemy import Connection, delete, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from celery_sagas.protocols import STARTED
+from celery_sagas.store.backends import Backend
 from celery_sagas.store.tables import guards, outbox
 
 Claimed = Literal["run", "busy", "done"]
 
 
-def claim(conn: Connection, key: str, now: datetime, lease: float) -> Claimed:
-    insert = (pg_insert if conn.dialect.name == "postgresql" else sqlite_insert)(guards)
+def claim(conn: Connection, backend: Backend, key: str, now: datetime, lease: float) -> Claimed:
     statement = (
-        insert.values(key=key, outcome=STARTED, recorded_at=now)
+        backend.insert(guards)
+        .values(key=key, outcome=STARTED, recorded_at=now)
         .on_conflict_do_update(
             index_elements=["key"],
             set_={"recorded_at": now},

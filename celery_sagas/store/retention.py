@@ -1,8 +1,9 @@
 """Retention on SQL: pruning finished sagas with every row they own, and the periodic
 compaction of guards and sent outbox rows nothing will read again.
 
-Each function runs in the caller's (short) transaction. Sagas are taken with
-``FOR UPDATE SKIP LOCKED`` on PostgreSQL, so live work never waits for a retention job.
+Each function runs in the caller's (short) transaction. Sagas are taken with the
+backend's ``skip_locked`` (PostgreSQL: ``FOR UPDATE SKIP LOCKED``; SQLite serialises
+writers), so live work never waits for a retention job.
 
 Guards have no saga id column: their keys are ``saga_id:step:action|compensation`` and
 ``saga_id:hook:hook``, so a saga's guards are found by their exact keys, built from its
@@ -35,6 +36,7 @@ from celery_sagas.definition import guard_keys
 from celery_sagas.machine import TERMINAL_STATES
 from celery_sagas.machine.dead_letters import OPEN_DEAD_LETTER
 from celery_sagas.protocols import PRUNED_TABLES, SENT_ROWS_PER_SAGA, Compacted, Pruned
+from celery_sagas.store.backends import Backend
 from celery_sagas.store.tables import (
     attempts,
     dead_letters,
@@ -91,11 +93,6 @@ def _after(after: tuple[datetime, str] | None) -> ColumnElement[bool]:
     )
 
 
-def _locked(query: Select[Any], is_postgres: bool) -> Select[Any]:
-    """``FOR UPDATE SKIP LOCKED`` on PostgreSQL (SQLite serialises writers)."""
-    return query.with_for_update(skip_locked=True, of=sagas) if is_postgres else query
-
-
 def step_names(ids: Sequence[str]) -> Select[Any]:
     """``(saga_id, step name)`` of the sagas ``ids``: their steps, and the steps their
     transitions name (a definition change may have renamed some)."""
@@ -147,7 +144,7 @@ def prune(
     limit: int,
     name: str | None,
     after: tuple[datetime, str] | None,
-    is_postgres: bool,
+    backend: Backend,
 ) -> Pruned:
     """One batch (see ``SagaStore.prune``), in the caller's transaction."""
     query = (
@@ -156,7 +153,7 @@ def prune(
         .order_by(sagas.c.created_at, sagas.c.id)
         .limit(limit)
     )
-    taken = conn.execute(_locked(query, is_postgres)).all()
+    taken = conn.execute(backend.skip_locked(query, of=sagas)).all()
     rows = dict.fromkeys(PRUNED_TABLES, 0)
     rows["saga_outbox"] = delete_sent_outbox(conn, finished_before, limit * SENT_ROWS_PER_SAGA)
     if not taken:
@@ -183,7 +180,7 @@ def prune(
 
 
 def compact(
-    conn: Connection, finished_before: datetime, now: datetime, limit: int, is_postgres: bool
+    conn: Connection, finished_before: datetime, now: datetime, limit: int, backend: Backend
 ) -> Compacted:
     """One pass (see ``SagaStore.compact``), in the caller's transaction: walks the small
     partial index of finished sagas not compacted yet."""
@@ -199,7 +196,7 @@ def compact(
         .order_by(sagas.c.finished_at)
         .limit(limit)
     )
-    ids = list(conn.execute(_locked(query, is_postgres)).scalars())
+    ids = list(conn.execute(backend.skip_locked(query, of=sagas)).scalars())
     sent = delete_sent_outbox(conn, finished_before, limit * SENT_ROWS_PER_SAGA)
     if not ids:
         return Compacted(0, 0, sent)

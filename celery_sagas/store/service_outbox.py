@@ -27,7 +27,8 @@ from sqlalchemy import (
 )
 
 from celery_sagas.choreography import OutgoingEvent, Reaction
-from celery_sagas.store.engine import engine_of, upsert_insert
+from celery_sagas.store.backends import backend_named
+from celery_sagas.store.engine import engine_of
 from celery_sagas.store.tables import Id, UtcDateTime
 
 service_metadata = MetaData()
@@ -95,6 +96,7 @@ class ServiceOutbox:
 
     def __init__(self, url_or_engine: str | Engine) -> None:
         self.engine = engine_of(url_or_engine)
+        self.backend = backend_named(self.engine.dialect.name)
 
     def react(
         self,
@@ -113,7 +115,7 @@ class ServiceOutbox:
         and commits the guard with ``on_business``'s events; anything else rolls back all."""
         with self.engine.begin() as conn:
             claimed = conn.execute(
-                upsert_insert(conn, service_guards)
+                self.backend.insert(service_guards)
                 .values(
                     event_id=event_id,
                     handler=handler,
@@ -217,8 +219,7 @@ class ServiceOutbox:
         if not ids:
             return
         with self.engine.begin() as conn:
-            if conn.dialect.name == "postgresql":  # a lost mark: a harmless duplicate publish
-                conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
+            self.backend.relax_commit(conn)  # a lost mark: a harmless duplicate publish
             conn.execute(
                 update(service_outbox)
                 .where(service_outbox.c.id.in_(list(ids)), service_outbox.c.sent_at.is_(None))
