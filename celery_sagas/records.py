@@ -14,6 +14,7 @@ from celery_sagas.definition import idempotency_key
 from celery_sagas.machine import (
     FORWARD_STATES,
     ErrorKind,
+    Role,
     SagaState,
     SagaView,
     StepChange,
@@ -170,24 +171,24 @@ STARTED = "started"  # guard outcome while an execution is under way
 
 def current_execution_key(record: SagaRecord) -> str:
     """The guard key of what the saga is waiting for: its current action or compensation."""
-    role = "compensation" if record.state == SagaState.COMPENSATING else "action"
+    role = Role.COMPENSATION if record.state == SagaState.COMPENSATING else Role.ACTION
     return idempotency_key(record.saga_id, record.steps[record.current_step].name, role)
 
 
 @dataclass(frozen=True)
 class Expectation:
     """What a step message claims: that the saga waits for step ``step``'s ``role``
-    (``action`` | ``compensation``) under attempt ``token``. A worker marks the step
+    (its action or its compensation) under attempt ``token``. A worker marks the step
     started, and runs it, only if the saga says so (``expects``)."""
 
     step: int
     token: int
-    role: str
+    role: Role
     definition: str | None = None  # the fingerprint of the definition the worker runs
 
     @property
     def states(self) -> frozenset[SagaState]:
-        return FORWARD_STATES if self.role == "action" else frozenset({SagaState.COMPENSATING})
+        return FORWARD_STATES if self.role == Role.ACTION else frozenset({SagaState.COMPENSATING})
 
 
 def expects(record: SagaRecord | None, expectation: Expectation) -> bool:

@@ -27,7 +27,7 @@ from celery_sagas.definition import RetryPolicy, Saga, Step, StepContext, idempo
 from celery_sagas.encoding import encode_result
 from celery_sagas.errors import StoreUnavailableError
 from celery_sagas.log import logger
-from celery_sagas.machine import ErrorKind, StepStatus
+from celery_sagas.machine import ErrorKind, Role, StepStatus
 from celery_sagas.policy import RetryAt, decide_retry
 from celery_sagas.protocols import (
     Expectation,
@@ -149,7 +149,7 @@ class RetryLater:
 StepRun = Ignored | Finished | RetryLater | OtherDefinition
 
 
-def mismatch(saga: Saga, index: int, role: str, message: StepMessage) -> Ignored | None:
+def mismatch(saga: Saga, index: int, role: Role, message: StepMessage) -> Ignored | None:
     """Pure: a message whose step or key is not this task's (forged or misrouted)."""
     expected = idempotency_key(message.saga_id, saga.steps[index].name, role)
     if message.step != index or message.key != expected:
@@ -157,7 +157,7 @@ def mismatch(saga: Saga, index: int, role: str, message: StepMessage) -> Ignored
     return None
 
 
-def unexpected(record: SagaRecord | None, index: int, role: str, token: int) -> Ignored | None:
+def unexpected(record: SagaRecord | None, index: int, role: Role, token: int) -> Ignored | None:
     """Pure: why the saga (as read) does not wait for this step, role and token."""
     if record is None:
         return Ignored(UNKNOWN_SAGA, "no such saga")
@@ -165,7 +165,7 @@ def unexpected(record: SagaRecord | None, index: int, role: str, token: int) -> 
     timed_out = step is not None and (
         step.status == StepStatus.TIMED_OUT or step.error_kind == ErrorKind.TIMEOUT
     )
-    if step is not None and role == "action" and timed_out:
+    if step is not None and role == Role.ACTION and timed_out:
         return Ignored(LATE, f"{step.name} already timed out")
     expectation = Expectation(index, token, role)
     if record.state not in expectation.states:
@@ -179,14 +179,14 @@ def unexpected(record: SagaRecord | None, index: int, role: str, token: int) -> 
     return None
 
 
-def classify(step: Step, role: str, exc: BaseException, interrupted: tuple[type, ...]) -> str:
+def classify(step: Step, role: Role, exc: BaseException, interrupted: tuple[type, ...]) -> str:
     """Pure: ``business`` (declined, did not act), ``retry``, ``reconnect`` (a lost
     connection: retried with the step's ``connection_retry``), ``timeout`` or ``error``
     (may have acted).
 
     An interrupted action (its soft time limit) is not retried: it timed out and is
     compensated. A compensation is retried whatever it raised (it must finish)."""
-    if role == "compensation":
+    if role == Role.COMPENSATION:
         return "retry"
     if isinstance(exc, tuple(step.business_errors)):
         return "business"
@@ -200,15 +200,15 @@ def classify(step: Step, role: str, exc: BaseException, interrupted: tuple[type,
 
 
 def policy_for(
-    saga: Saga, step: Step, role: str, overrides: Mapping[str, Mapping[str, Any]]
+    saga: Saga, step: Step, role: Role, overrides: Mapping[str, Mapping[str, Any]]
 ) -> RetryPolicy:
     """The step's declared policy, unless configuration overrides it by task name
     (``"order_fulfillment.refund_payment"``) or function name (``"refund_payment"``)."""
-    name = step.name if role == "action" else step.compensation_name
+    name = step.name if role == Role.ACTION else step.compensation_name
     override = overrides.get(f"{saga.name}.{name}") or overrides.get(str(name))
     if override:
         return RetryPolicy(**override)
-    return step.retry if role == "action" else step.compensation_retry
+    return step.retry if role == Role.ACTION else step.compensation_retry
 
 
 class StepRunner:
@@ -218,7 +218,7 @@ class StepRunner:
         self,
         saga: Saga,
         index: int,
-        role: str,
+        role: Role,
         policy: RetryPolicy,
         clock: Callable[[], datetime],
         interrupted: tuple[type[BaseException], ...] = (),
@@ -233,7 +233,7 @@ class StepRunner:
         self.clock = clock
         self.interrupted = interrupted
         self.redact_fields = tuple(redact_fields)
-        default = self.step.action if role == "action" else self.step.compensation
+        default = self.step.action if role == Role.ACTION else self.step.compensation
         self.function = function or default
 
     def run(self, store: SagaStore, message: StepMessage, tries: int = 1) -> StepRun:
@@ -287,7 +287,7 @@ class StepRunner:
         if results is None and snapshot is not None:
             results = {k: v for k, v in snapshot.results().items() if k in self.saga.step_names}
         result = message.result
-        if result is None and snapshot is not None and self.role == "compensation":
+        if result is None and snapshot is not None and self.role == Role.COMPENSATION:
             result = snapshot.steps[self.index].result
         payload = message.payload
         if payload is None and snapshot is not None:
@@ -397,7 +397,7 @@ class StepRunner:
         # a failed compensation is not recorded: an operator retry must run it again
         to_record = (
             None
-            if self.role == "compensation"
+            if self.role == Role.COMPENSATION
             else GuardRecord(context.idempotency_key, "error", error=said)
         )
         return Finished(outcome, to_record, snapshot)

@@ -78,7 +78,7 @@ class StepTask(Task):
     max_retries = None  # the saga's RetryPolicy decides, not Celery's counter
     saga: Saga
     step_def: Step
-    role: str  # "action" | "compensation"
+    role: machine.Role
     runner: StepRunner
     store_factory: Any
     redact_fields: tuple[str, ...] = ()
@@ -137,7 +137,7 @@ class StepTask(Task):
         the pool child running an action: the step timed out (it may have acted), so it
         is recorded failed and compensated now. A killed compensation is sent again by
         the scanner once its time is up (it must finish)."""
-        if not isinstance(exc, TimeLimitExceeded) or self.role != "action":
+        if not isinstance(exc, TimeLimitExceeded) or self.role != machine.Role.ACTION:
             return
         if self.apply_outcome is None or not isinstance(kwargs, dict):
             return

@@ -98,11 +98,11 @@ class StartSagaTask(Task):
         return super().retry(*args, **options)
 
 
-def handed_guard(role: str, outcome: dict[str, Any]) -> GuardRecord | None:
+def handed_guard(role: machine.Role, outcome: dict[str, Any]) -> GuardRecord | None:
     """The guard record a step handed down with its outcome (none for a failed
     compensation: an operator retry must be able to run it again)."""
     key = outcome.get("key")
-    if not key or (role == "compensation" and outcome.get("outcome") == "error"):
+    if not key or (role == machine.Role.COMPENSATION and outcome.get("outcome") == "error"):
         return None
     return GuardRecord(
         str(key), str(outcome["outcome"]), outcome.get("result"), outcome.get("error")
@@ -121,7 +121,9 @@ def _the_payload(saga_name: str, args: Any, kwargs: dict[str, Any]) -> Any:
 
 
 def register_coordinator_tasks(app: Celery, runtime: SagaRuntime) -> None:
-    def record(role: str, outcome: dict[str, Any], saga_id: str, step: int, token: int) -> Any:
+    def record(
+        role: machine.Role, outcome: dict[str, Any], saga_id: str, step: int, token: int
+    ) -> Any:
         """A participant's outcome handed down the chain: recorded (its guard) and applied
         in one transaction; a stale one changes nothing but its guard."""
         if outcome.get("outcome") == IGNORED:  # the step task refused the message
@@ -131,11 +133,11 @@ def register_coordinator_tasks(app: Celery, runtime: SagaRuntime) -> None:
 
     @app.task(name=ADVANCE_TASK, shared=False, **RETRY_ON_STORE)
     def advance(outcome: dict[str, Any], saga_id: str, step: int, token: int) -> str | None:
-        return record("action", outcome, saga_id, step, token)  # type: ignore[no-any-return]
+        return record(machine.Role.ACTION, outcome, saga_id, step, token)  # type: ignore[no-any-return]
 
     @app.task(name=COMPENSATED_TASK, shared=False, **RETRY_ON_STORE)
     def compensated(outcome: dict[str, Any], saga_id: str, step: int, token: int) -> str | None:
-        return record("compensation", outcome, saga_id, step, token)  # type: ignore[no-any-return]
+        return record(machine.Role.COMPENSATION, outcome, saga_id, step, token)  # type: ignore[no-any-return]
 
     @app.task(name=RELAY_TASK, shared=False, ignore_result=True, expires=30, **SAGA_TASK_OPTIONS)
     def relay_outbox() -> int:

@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from celery_sagas.machine.types import Role
+
 
 @dataclass(frozen=True)
 class Begin:
@@ -113,15 +115,15 @@ Event = (
 )
 
 
-def outcome_event(role: str, step: int, token: int, outcome: Mapping[str, Any]) -> Event:
-    """The event a step task's outcome is, for ``role`` "action" or "compensation".
+def outcome_event(role: Role, step: int, token: int, outcome: Mapping[str, Any]) -> Event:
+    """The event a step task's outcome is, for its ``role``.
 
     ``outcome``: ``{"outcome": "ok"|"business"|"error", "result", "error", "attempts",
     "traceback", "timed_out"}`` (what a step task returns, or hands down the chain)."""
     ok = outcome.get("outcome") == "ok"
     attempts = outcome.get("attempts")
     error = outcome.get("error") or "unknown error"
-    if role == "action":
+    if role == Role.ACTION:
         if ok:
             return StepSucceeded(step, token, outcome.get("result"), attempts)
         business = outcome.get("outcome") == "business"

@@ -10,7 +10,7 @@ from celery_sagas import outbox
 from celery_sagas.coordinator import Coordinator
 from celery_sagas.definition import Step, StepFunction
 from celery_sagas.errors import SagaError, SagaNotFoundError
-from celery_sagas.machine import SETTLED_STATES, outcome_event
+from celery_sagas.machine import SETTLED_STATES, Role, outcome_event
 from celery_sagas.protocols import OutboxMessage, SagaRecord, SagaStore
 from celery_sagas.runner import (
     Ignored,
@@ -48,7 +48,7 @@ class RecordingDispatcher:
 
 
 # what a test may put around a participant: (step, index, role, function) -> function
-Wrap = Callable[[Step, int, str, StepFunction], StepFunction]
+Wrap = Callable[[Step, int, Role, StepFunction], StepFunction]
 
 
 def deliver_once(
@@ -64,11 +64,11 @@ def deliver_once(
     waiting), then record the outcome and apply it in one transaction, publish."""
     body = message.body
     saga = coordinator.definition(body["saga"])
-    index, role = int(body["step"]), str(body["kind"])
+    index, role = int(body["step"]), Role(body["kind"])
     step = saga.steps[index]
-    task = saga.step_task_name(index) if role == "action" else saga.compensation_task_name(index)
+    task = saga.step_task_name(index) if role == Role.ACTION else saga.compensation_task_name(index)
     function = (participants or {}).get(task) or (
-        step.action if role == "action" else step.compensation
+        step.action if role == Role.ACTION else step.compensation
     )
     if wrap is not None:
         function = wrap(step, index, role, function)
@@ -94,7 +94,7 @@ def deliver_once(
     outbox.publish(store, dispatcher, handled.messages, coordinator.clock)
 
 
-STEP_KINDS = ("action", "compensation")  # not a dead letter (the DLQ queue) nor a hook
+STEP_KINDS = tuple(Role)  # not a dead letter (the DLQ queue) nor a hook
 
 
 def _for_a_step(message: OutboxMessage, saga_id: str) -> bool:
