@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 from celery_sagas.definition import idempotency_key
@@ -166,7 +167,17 @@ class TransitionRecord:
     actor: str = "coordinator"
 
 
-STARTED = "started"  # guard outcome while an execution is under way
+class GuardOutcome(StrEnum):
+    """What a step guard row says: an execution is under way (``started``), or the final
+    outcome of the step or compensation. The values are the guard table's strings."""
+
+    STARTED = "started"  # not an outcome yet: a worker began it (or holds a hook's claim)
+    OK = "ok"
+    BUSINESS = "business"  # declined: it did not act
+    ERROR = "error"  # failed: it may have acted
+
+
+STARTED = GuardOutcome.STARTED  # guard outcome while an execution is under way
 
 
 def current_execution_key(record: SagaRecord) -> str:
@@ -211,13 +222,18 @@ def same_definition(record: SagaRecord, definition: str | None) -> bool:
 @dataclass(frozen=True)
 class GuardRecord:
     """The recorded outcome of one step or compensation: ``key`` is
-    ``saga_id:step:action|compensation``; ``outcome`` is ``ok``, ``business`` or ``error``."""
+    ``saga_id:step:action|compensation``. A store may pass ``outcome`` as its column's
+    string: it is turned into the enum here (an unknown one raises ``ValueError``)."""
 
     key: str
-    outcome: str
+    outcome: GuardOutcome
     result: Any = None
     error: str | None = None
     recorded_at: datetime | None = None
+
+    def __post_init__(self) -> None:
+        if type(self.outcome) is not GuardOutcome:
+            object.__setattr__(self, "outcome", GuardOutcome(self.outcome))
 
 
 @dataclass(frozen=True)

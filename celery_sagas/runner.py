@@ -31,6 +31,7 @@ from celery_sagas.machine import ErrorKind, Role, StepStatus
 from celery_sagas.policy import RetryAt, decide_retry
 from celery_sagas.protocols import (
     Expectation,
+    GuardOutcome,
     GuardRecord,
     SagaRecord,
     SagaStore,
@@ -326,7 +327,7 @@ class StepRunner:
                     said,
                     extra=self._extra(message.saga_id),
                 )
-                declined = GuardRecord(message.key, "business", error=said)
+                declined = GuardRecord(message.key, GuardOutcome.BUSINESS, error=said)
                 outcome = {"outcome": "business", "result": None, "error": said}
                 return Finished({**outcome, **counted}, declined, snapshot)
             policy = self.step.connection_retry if kind == "reconnect" else self.policy
@@ -335,7 +336,7 @@ class StepRunner:
             if kind == "timeout" and isinstance(run, Finished):
                 return replace(run, outcome={**run.outcome, "timed_out": True})
             return run
-        ok = GuardRecord(message.key, "ok", result)
+        ok = GuardRecord(message.key, GuardOutcome.OK, result)
         return Finished({"outcome": "ok", "result": result, "error": None, **counted}, ok, snapshot)
 
     def _said(self, text: str, context: StepContext) -> str:
@@ -398,7 +399,7 @@ class StepRunner:
         to_record = (
             None
             if self.role == Role.COMPENSATION
-            else GuardRecord(context.idempotency_key, "error", error=said)
+            else GuardRecord(context.idempotency_key, GuardOutcome.ERROR, error=said)
         )
         return Finished(outcome, to_record, snapshot)
 

@@ -30,7 +30,7 @@ from celery_sagas.errors import (
 )
 from celery_sagas.integration.dispatcher import kwargs_repr
 from celery_sagas.log import logger
-from celery_sagas.protocols import GuardRecord, SagaRecord
+from celery_sagas.protocols import GuardOutcome, GuardRecord, SagaRecord
 from celery_sagas.runner import (
     Finished,
     Ignored,
@@ -146,7 +146,7 @@ class StepTask(Task):
         try:
             step, token = int(kwargs["step"]), int(kwargs["token"])
             event = machine.StepFailed(step, token, error, business=False, timed_out=True)
-            guard = GuardRecord(str(kwargs["key"]), "error", error=error)
+            guard = GuardRecord(str(kwargs["key"]), GuardOutcome.ERROR, error=error)
             self.apply_outcome(str(saga_id), event, guard, None)
         except Exception as failed:  # the scanner's deadline is the backstop
             logger.warning(

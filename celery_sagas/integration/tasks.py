@@ -21,7 +21,7 @@ from celery_sagas.errors import (
 )
 from celery_sagas.integration.config import SAGA_TASK_OPTIONS
 from celery_sagas.integration.dispatcher import ADVANCE_TASK, COMPENSATED_TASK, DEAD_LETTER_TASK
-from celery_sagas.protocols import GuardRecord
+from celery_sagas.protocols import GuardOutcome, GuardRecord
 from celery_sagas.redaction import redact
 
 if TYPE_CHECKING:
@@ -102,10 +102,12 @@ def handed_guard(role: machine.Role, outcome: dict[str, Any]) -> GuardRecord | N
     """The guard record a step handed down with its outcome (none for a failed
     compensation: an operator retry must be able to run it again)."""
     key = outcome.get("key")
-    if not key or (role == machine.Role.COMPENSATION and outcome.get("outcome") == "error"):
+    if not key or (
+        role == machine.Role.COMPENSATION and outcome.get("outcome") == GuardOutcome.ERROR
+    ):
         return None
     return GuardRecord(
-        str(key), str(outcome["outcome"]), outcome.get("result"), outcome.get("error")
+        str(key), GuardOutcome(outcome["outcome"]), outcome.get("result"), outcome.get("error")
     )
 
 
