@@ -39,6 +39,7 @@ from celery_sagas.protocols import (
 )
 from celery_sagas.redaction import scrub, secret_values
 from celery_sagas.settings import DEFAULT_REDACT_FIELDS
+from celery_sagas.step_reply import StepReply
 
 MAX_ERROR = 2000
 MAX_TRACEBACK = 8000
@@ -113,21 +114,12 @@ class Ignored:
 
 @dataclass(frozen=True)
 class Finished:
-    """The step's outcome (``{"outcome": "ok"|"business"|"error", "result", "error",
-    "attempts", "traceback"}``), the guard record still to write with it (None: recorded
-    before, or a failed compensation, which stays re-runnable) and the saga as read."""
+    """The step's reply, the guard record still to write with it (None: recorded before,
+    or a failed compensation, which stays re-runnable) and the saga as read."""
 
-    outcome: dict[str, Any]
+    reply: StepReply
     to_record: GuardRecord | None
     snapshot: SagaRecord | None
-
-    def handed_down(self) -> dict[str, Any]:
-        """The outcome as a chain hands it to the coordinator task, with the guard it
-        records (``coordinator_hop``)."""
-        guard = self.to_record
-        if guard is None:
-            return self.outcome
-        return {**self.outcome, "key": guard.key}
 
 
 @dataclass(frozen=True)
@@ -266,8 +258,7 @@ class StepRunner:
                 recorded.outcome,
                 extra=self._extra(message.saga_id),
             )
-            outcome = {"outcome": recorded.outcome, "result": recorded.result}
-            return Finished({**outcome, "error": recorded.error}, None, snapshot)
+            return Finished(StepReply.recorded(recorded), None, snapshot)
         assert snapshot is not None
         return self._call(store, message, snapshot, tries)
 
@@ -312,7 +303,6 @@ class StepRunner:
         tries: int,
     ) -> StepRun:
         context = self.context(message, snapshot, tries)
-        counted = {"attempts": context.attempt}
         try:
             # a result JSON cannot carry fails the step now, naming it (never a silent timeout)
             result = encode_result(self.function(context), self.step.name)
@@ -328,16 +318,16 @@ class StepRunner:
                     extra=self._extra(message.saga_id),
                 )
                 declined = GuardRecord(message.key, GuardOutcome.BUSINESS, error=said)
-                outcome = {"outcome": "business", "result": None, "error": said}
-                return Finished({**outcome, **counted}, declined, snapshot)
+                reply = StepReply(GuardOutcome.BUSINESS, None, said, context.attempt)
+                return Finished(reply, declined, snapshot)
             policy = self.step.connection_retry if kind == "reconnect" else self.policy
             retryable = kind in ("retry", "reconnect")
             run = self._failed(store, context, exc, said, retryable, tries, snapshot, policy)
             if kind == "timeout" and isinstance(run, Finished):
-                return replace(run, outcome={**run.outcome, "timed_out": True})
+                return replace(run, reply=replace(run.reply, timed_out=True))
             return run
         ok = GuardRecord(message.key, GuardOutcome.OK, result)
-        return Finished({"outcome": "ok", "result": result, "error": None, **counted}, ok, snapshot)
+        return Finished(StepReply(GuardOutcome.OK, result, None, context.attempt), ok, snapshot)
 
     def _said(self, text: str, context: StepContext) -> str:
         """``text`` without the payload's secrets (an error that quoted an address)."""
@@ -393,15 +383,14 @@ class StepRunner:
             extra=extra,
         )
         trace = self._said("".join(traceback.format_exception(exc)), context)[-MAX_TRACEBACK:]
-        outcome: dict[str, Any] = {"outcome": "error", "result": None, "error": said}
-        outcome |= {"attempts": context.attempt, "traceback": trace}
+        reply = StepReply(GuardOutcome.ERROR, None, said, context.attempt, trace)
         # a failed compensation is not recorded: an operator retry must run it again
         to_record = (
             None
             if self.role == Role.COMPENSATION
             else GuardRecord(context.idempotency_key, GuardOutcome.ERROR, error=said)
         )
-        return Finished(outcome, to_record, snapshot)
+        return Finished(reply, to_record, snapshot)
 
     def refuse(self, message: StepMessage, reason: str, detail: str) -> Ignored:
         """Refuse a message for a reason found outside the runner (a bad signature)."""

@@ -23,6 +23,7 @@ from celery_sagas.integration.config import SAGA_TASK_OPTIONS
 from celery_sagas.integration.dispatcher import ADVANCE_TASK, COMPENSATED_TASK, DEAD_LETTER_TASK
 from celery_sagas.protocols import GuardOutcome, GuardRecord
 from celery_sagas.redaction import redact
+from celery_sagas.step_reply import StepReply
 
 if TYPE_CHECKING:
     from celery_sagas.integration.runtime import SagaRuntime
@@ -98,17 +99,12 @@ class StartSagaTask(Task):
         return super().retry(*args, **options)
 
 
-def handed_guard(role: machine.Role, outcome: dict[str, Any]) -> GuardRecord | None:
-    """The guard record a step handed down with its outcome (none for a failed
-    compensation: an operator retry must be able to run it again)."""
-    key = outcome.get("key")
-    if not key or (
-        role == machine.Role.COMPENSATION and outcome.get("outcome") == GuardOutcome.ERROR
-    ):
+def handed_guard(role: machine.Role, reply: StepReply, key: Any) -> GuardRecord | None:
+    """The guard record a step handed down with its reply, under ``key`` (none for a
+    failed compensation: an operator retry must be able to run it again)."""
+    if not key or (role == machine.Role.COMPENSATION and reply.outcome == GuardOutcome.ERROR):
         return None
-    return GuardRecord(
-        str(key), GuardOutcome(outcome["outcome"]), outcome.get("result"), outcome.get("error")
-    )
+    return GuardRecord(str(key), reply.outcome, reply.result, reply.error)
 
 
 def _the_payload(saga_name: str, args: Any, kwargs: dict[str, Any]) -> Any:
@@ -130,8 +126,9 @@ def register_coordinator_tasks(app: Celery, runtime: SagaRuntime) -> None:
         in one transaction; a stale one changes nothing but its guard."""
         if outcome.get("outcome") == IGNORED:  # the step task refused the message
             return IGNORED
-        event = machine.outcome_event(role, step, token, outcome)
-        return runtime.apply(saga_id, event, handed_guard(role, outcome))
+        reply = StepReply.from_json(outcome)
+        guard = handed_guard(role, reply, outcome.get("key"))
+        return runtime.apply(saga_id, reply.event(role, step, token), guard)
 
     @app.task(name=ADVANCE_TASK, shared=False, **RETRY_ON_STORE)
     def advance(outcome: dict[str, Any], saga_id: str, step: int, token: int) -> str | None:

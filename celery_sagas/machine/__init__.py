@@ -39,7 +39,6 @@ from celery_sagas.machine.events import (
     StepFailed,
     StepSucceeded,
     Tick,
-    outcome_event,
 )
 from celery_sagas.machine.operator import _cancel, _migrated, _operator_discard, _operator_retry
 from celery_sagas.machine.replies import (
@@ -99,7 +98,6 @@ __all__ = [
     "ignore",
     "needs_compensation",
     "next_to_compensate",
-    "outcome_event",
 ]
 
 

@@ -6,11 +6,8 @@ duplicate reply can be told from the one the saga waits for.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-
-from celery_sagas.machine.types import Role
 
 
 @dataclass(frozen=True)
@@ -113,21 +110,3 @@ Event = (
     | OperatorDiscard
     | Cancel
 )
-
-
-def outcome_event(role: Role, step: int, token: int, outcome: Mapping[str, Any]) -> Event:
-    """The event a step task's outcome is, for its ``role``.
-
-    ``outcome``: ``{"outcome": "ok"|"business"|"error", "result", "error", "attempts",
-    "traceback", "timed_out"}`` (what a step task returns, or hands down the chain)."""
-    ok = outcome.get("outcome") == "ok"
-    attempts = outcome.get("attempts")
-    error = outcome.get("error") or "unknown error"
-    if role == Role.ACTION:
-        if ok:
-            return StepSucceeded(step, token, outcome.get("result"), attempts)
-        business = outcome.get("outcome") == "business"
-        return StepFailed(step, token, error, business, attempts, bool(outcome.get("timed_out")))
-    if ok:
-        return CompensationSucceeded(step, token, outcome.get("result"), attempts)
-    return CompensationFailed(step, token, error, attempts, outcome.get("traceback"))

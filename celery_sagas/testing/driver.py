@@ -10,7 +10,7 @@ from celery_sagas import outbox
 from celery_sagas.coordinator import Coordinator
 from celery_sagas.definition import Step, StepFunction
 from celery_sagas.errors import SagaError, SagaNotFoundError
-from celery_sagas.machine import SETTLED_STATES, Role, outcome_event
+from celery_sagas.machine import SETTLED_STATES, Role
 from celery_sagas.protocols import OutboxMessage, SagaRecord, SagaStore
 from celery_sagas.runner import (
     Ignored,
@@ -89,7 +89,7 @@ def deliver_once(
         run = runner.run(store, message_in, tries)
     if isinstance(run, Ignored | OtherDefinition):  # the latter: another process's saga
         return
-    event = outcome_event(role, index, body["token"], run.outcome)
+    event = run.reply.event(role, index, body["token"])
     handled = coordinator.handle(body["saga_id"], event, run.to_record, run.snapshot)
     outbox.publish(store, dispatcher, handled.messages, coordinator.clock)
 
