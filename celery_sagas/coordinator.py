@@ -26,6 +26,7 @@ from celery_sagas.machine import (
     SETTLED_STATES,
     Command,
     Decision,
+    Role,
     RunStep,
     SagaView,
     SendToDeadLetterQueue,
@@ -93,9 +94,9 @@ def build_message(
                 "step_name": step.name,
             },
         )
-    role = "action" if isinstance(command, RunStep) else "compensation"
+    role = Role.ACTION if isinstance(command, RunStep) else Role.COMPENSATION
     body: dict[str, Any] = {
-        "kind": role,
+        "kind": role.value,
         "saga": saga.name,
         "saga_id": saga_id,
         "step": command.step,
@@ -104,7 +105,7 @@ def build_message(
         "key": idempotency_key(saga_id, step.name, role),
         "definition": saga.fingerprint,
     }
-    if role == "compensation":
+    if role == Role.COMPENSATION:
         # attempts already made (before an operator retry), so attempt numbers continue
         body["attempts_before"] = record.steps[command.step].compensation_attempts if record else 0
     if with_data:
@@ -118,11 +119,11 @@ def _step_data(
     payload: Mapping[str, Any],
     decision: Decision,
     command: Command,
-    role: str,
+    role: Role,
 ) -> dict[str, Any]:
     """The payload and the results a step's participant gets, for a message that must
     carry them."""
-    if role == "compensation":
+    if role == Role.COMPENSATION:
         result = record.steps[command.step].result if record else None
         return {"payload": dict(payload), "result": result}
     results: dict[str, Any] = record.results() if record else {}

@@ -17,7 +17,7 @@ from celery_sagas import machine
 from celery_sagas.coordinator import Coordinator
 from celery_sagas.definition import Saga, idempotency_key
 from celery_sagas.errors import ConcurrentUpdateError, SagaError
-from celery_sagas.machine import FORWARD_STATES, StepStatus
+from celery_sagas.machine import FORWARD_STATES, Role, StepStatus
 from celery_sagas.protocols import OutboxMessage, SagaRecord, StepRecord
 
 
@@ -114,7 +114,7 @@ def _move(
     if isinstance(rebased, str):
         return Skip(record.saga_id, record.business_key, rebased)
     rows, index = rebased
-    key = idempotency_key(record.saga_id, record.steps[record.current_step].name, "action")
+    key = idempotency_key(record.saga_id, record.steps[record.current_step].name, Role.ACTION)
     if coordinator.store.get_guard(key) is not None:
         return Skip(record.saga_id, record.business_key, "a worker has begun its current step")
     move = Move(record.saga_id, record.business_key, target.steps[index].name)

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from celery_sagas.errors import SagaConfigurationError
 from celery_sagas.log import logger
+from celery_sagas.machine import Role
 from celery_sagas.stats import DEAD_LETTER_STATUSES, STATES, Histogram, SagaStats
 
 StatsSource = Callable[[], SagaStats]
@@ -270,8 +271,10 @@ class SagaCollector:
                 (undo, numbers.compensation_durations),
             ):
                 family.add_metric(labels, _buckets(histogram), histogram.total)
-            retries.add_metric([*labels, "action"], float(numbers.retries))
-            retries.add_metric([*labels, "compensation"], float(numbers.compensation_retries))
+            retries.add_metric([*labels, Role.ACTION.value], float(numbers.retries))
+            retries.add_metric(
+                [*labels, Role.COMPENSATION.value], float(numbers.compensation_retries)
+            )
             timeouts.add_metric(labels, float(numbers.timeouts))
         budget = _family(BUDGET)
         for (saga, step), seconds in sorted(self.step_budgets.items()):

@@ -8,12 +8,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 from celery_sagas.definition import idempotency_key
 from celery_sagas.machine import (
     FORWARD_STATES,
     ErrorKind,
+    Role,
     SagaState,
     SagaView,
     StepChange,
@@ -165,29 +167,39 @@ class TransitionRecord:
     actor: str = "coordinator"
 
 
-STARTED = "started"  # guard outcome while an execution is under way
+class GuardOutcome(StrEnum):
+    """What a step guard row says: an execution is under way (``started``), or the final
+    outcome of the step or compensation. The values are the guard table's strings."""
+
+    STARTED = "started"  # not an outcome yet: a worker began it (or holds a hook's claim)
+    OK = "ok"
+    BUSINESS = "business"  # declined: it did not act
+    ERROR = "error"  # failed: it may have acted
+
+
+STARTED = GuardOutcome.STARTED  # guard outcome while an execution is under way
 
 
 def current_execution_key(record: SagaRecord) -> str:
     """The guard key of what the saga is waiting for: its current action or compensation."""
-    role = "compensation" if record.state == SagaState.COMPENSATING else "action"
+    role = Role.COMPENSATION if record.state == SagaState.COMPENSATING else Role.ACTION
     return idempotency_key(record.saga_id, record.steps[record.current_step].name, role)
 
 
 @dataclass(frozen=True)
 class Expectation:
     """What a step message claims: that the saga waits for step ``step``'s ``role``
-    (``action`` | ``compensation``) under attempt ``token``. A worker marks the step
+    (its action or its compensation) under attempt ``token``. A worker marks the step
     started, and runs it, only if the saga says so (``expects``)."""
 
     step: int
     token: int
-    role: str
+    role: Role
     definition: str | None = None  # the fingerprint of the definition the worker runs
 
     @property
     def states(self) -> frozenset[SagaState]:
-        return FORWARD_STATES if self.role == "action" else frozenset({SagaState.COMPENSATING})
+        return FORWARD_STATES if self.role == Role.ACTION else frozenset({SagaState.COMPENSATING})
 
 
 def expects(record: SagaRecord | None, expectation: Expectation) -> bool:
@@ -210,13 +222,18 @@ def same_definition(record: SagaRecord, definition: str | None) -> bool:
 @dataclass(frozen=True)
 class GuardRecord:
     """The recorded outcome of one step or compensation: ``key`` is
-    ``saga_id:step:action|compensation``; ``outcome`` is ``ok``, ``business`` or ``error``."""
+    ``saga_id:step:action|compensation``. A store may pass ``outcome`` as its column's
+    string: it is turned into the enum here (an unknown one raises ``ValueError``)."""
 
     key: str
-    outcome: str
+    outcome: GuardOutcome
     result: Any = None
     error: str | None = None
     recorded_at: datetime | None = None
+
+    def __post_init__(self) -> None:
+        if type(self.outcome) is not GuardOutcome:
+            object.__setattr__(self, "outcome", GuardOutcome(self.outcome))
 
 
 @dataclass(frozen=True)

@@ -27,10 +27,11 @@ from celery_sagas.definition import RetryPolicy, Saga, Step, StepContext, idempo
 from celery_sagas.encoding import encode_result
 from celery_sagas.errors import StoreUnavailableError
 from celery_sagas.log import logger
-from celery_sagas.machine import ErrorKind, StepStatus
+from celery_sagas.machine import ErrorKind, Role, StepStatus
 from celery_sagas.policy import RetryAt, decide_retry
 from celery_sagas.protocols import (
     Expectation,
+    GuardOutcome,
     GuardRecord,
     SagaRecord,
     SagaStore,
@@ -38,6 +39,7 @@ from celery_sagas.protocols import (
 )
 from celery_sagas.redaction import scrub, secret_values
 from celery_sagas.settings import DEFAULT_REDACT_FIELDS
+from celery_sagas.step_reply import StepReply
 
 MAX_ERROR = 2000
 MAX_TRACEBACK = 8000
@@ -112,21 +114,12 @@ class Ignored:
 
 @dataclass(frozen=True)
 class Finished:
-    """The step's outcome (``{"outcome": "ok"|"business"|"error", "result", "error",
-    "attempts", "traceback"}``), the guard record still to write with it (None: recorded
-    before, or a failed compensation, which stays re-runnable) and the saga as read."""
+    """The step's reply, the guard record still to write with it (None: recorded before,
+    or a failed compensation, which stays re-runnable) and the saga as read."""
 
-    outcome: dict[str, Any]
+    reply: StepReply
     to_record: GuardRecord | None
     snapshot: SagaRecord | None
-
-    def handed_down(self) -> dict[str, Any]:
-        """The outcome as a chain hands it to the coordinator task, with the guard it
-        records (``coordinator_hop``)."""
-        guard = self.to_record
-        if guard is None:
-            return self.outcome
-        return {**self.outcome, "key": guard.key}
 
 
 @dataclass(frozen=True)
@@ -149,7 +142,7 @@ class RetryLater:
 StepRun = Ignored | Finished | RetryLater | OtherDefinition
 
 
-def mismatch(saga: Saga, index: int, role: str, message: StepMessage) -> Ignored | None:
+def mismatch(saga: Saga, index: int, role: Role, message: StepMessage) -> Ignored | None:
     """Pure: a message whose step or key is not this task's (forged or misrouted)."""
     expected = idempotency_key(message.saga_id, saga.steps[index].name, role)
     if message.step != index or message.key != expected:
@@ -157,7 +150,7 @@ def mismatch(saga: Saga, index: int, role: str, message: StepMessage) -> Ignored
     return None
 
 
-def unexpected(record: SagaRecord | None, index: int, role: str, token: int) -> Ignored | None:
+def unexpected(record: SagaRecord | None, index: int, role: Role, token: int) -> Ignored | None:
     """Pure: why the saga (as read) does not wait for this step, role and token."""
     if record is None:
         return Ignored(UNKNOWN_SAGA, "no such saga")
@@ -165,7 +158,7 @@ def unexpected(record: SagaRecord | None, index: int, role: str, token: int) -> 
     timed_out = step is not None and (
         step.status == StepStatus.TIMED_OUT or step.error_kind == ErrorKind.TIMEOUT
     )
-    if step is not None and role == "action" and timed_out:
+    if step is not None and role == Role.ACTION and timed_out:
         return Ignored(LATE, f"{step.name} already timed out")
     expectation = Expectation(index, token, role)
     if record.state not in expectation.states:
@@ -179,14 +172,14 @@ def unexpected(record: SagaRecord | None, index: int, role: str, token: int) -> 
     return None
 
 
-def classify(step: Step, role: str, exc: BaseException, interrupted: tuple[type, ...]) -> str:
+def classify(step: Step, role: Role, exc: BaseException, interrupted: tuple[type, ...]) -> str:
     """Pure: ``business`` (declined, did not act), ``retry``, ``reconnect`` (a lost
     connection: retried with the step's ``connection_retry``), ``timeout`` or ``error``
     (may have acted).
 
     An interrupted action (its soft time limit) is not retried: it timed out and is
     compensated. A compensation is retried whatever it raised (it must finish)."""
-    if role == "compensation":
+    if role == Role.COMPENSATION:
         return "retry"
     if isinstance(exc, tuple(step.business_errors)):
         return "business"
@@ -200,15 +193,15 @@ def classify(step: Step, role: str, exc: BaseException, interrupted: tuple[type,
 
 
 def policy_for(
-    saga: Saga, step: Step, role: str, overrides: Mapping[str, Mapping[str, Any]]
+    saga: Saga, step: Step, role: Role, overrides: Mapping[str, Mapping[str, Any]]
 ) -> RetryPolicy:
     """The step's declared policy, unless configuration overrides it by task name
     (``"order_fulfillment.refund_payment"``) or function name (``"refund_payment"``)."""
-    name = step.name if role == "action" else step.compensation_name
+    name = step.name if role == Role.ACTION else step.compensation_name
     override = overrides.get(f"{saga.name}.{name}") or overrides.get(str(name))
     if override:
         return RetryPolicy(**override)
-    return step.retry if role == "action" else step.compensation_retry
+    return step.retry if role == Role.ACTION else step.compensation_retry
 
 
 class StepRunner:
@@ -218,7 +211,7 @@ class StepRunner:
         self,
         saga: Saga,
         index: int,
-        role: str,
+        role: Role,
         policy: RetryPolicy,
         clock: Callable[[], datetime],
         interrupted: tuple[type[BaseException], ...] = (),
@@ -233,7 +226,7 @@ class StepRunner:
         self.clock = clock
         self.interrupted = interrupted
         self.redact_fields = tuple(redact_fields)
-        default = self.step.action if role == "action" else self.step.compensation
+        default = self.step.action if role == Role.ACTION else self.step.compensation
         self.function = function or default
 
     def run(self, store: SagaStore, message: StepMessage, tries: int = 1) -> StepRun:
@@ -265,8 +258,7 @@ class StepRunner:
                 recorded.outcome,
                 extra=self._extra(message.saga_id),
             )
-            outcome = {"outcome": recorded.outcome, "result": recorded.result}
-            return Finished({**outcome, "error": recorded.error}, None, snapshot)
+            return Finished(StepReply.recorded(recorded), None, snapshot)
         assert snapshot is not None
         return self._call(store, message, snapshot, tries)
 
@@ -287,7 +279,7 @@ class StepRunner:
         if results is None and snapshot is not None:
             results = {k: v for k, v in snapshot.results().items() if k in self.saga.step_names}
         result = message.result
-        if result is None and snapshot is not None and self.role == "compensation":
+        if result is None and snapshot is not None and self.role == Role.COMPENSATION:
             result = snapshot.steps[self.index].result
         payload = message.payload
         if payload is None and snapshot is not None:
@@ -311,7 +303,6 @@ class StepRunner:
         tries: int,
     ) -> StepRun:
         context = self.context(message, snapshot, tries)
-        counted = {"attempts": context.attempt}
         try:
             # a result JSON cannot carry fails the step now, naming it (never a silent timeout)
             result = encode_result(self.function(context), self.step.name)
@@ -326,17 +317,17 @@ class StepRunner:
                     said,
                     extra=self._extra(message.saga_id),
                 )
-                declined = GuardRecord(message.key, "business", error=said)
-                outcome = {"outcome": "business", "result": None, "error": said}
-                return Finished({**outcome, **counted}, declined, snapshot)
+                declined = GuardRecord(message.key, GuardOutcome.BUSINESS, error=said)
+                reply = StepReply(GuardOutcome.BUSINESS, None, said, context.attempt)
+                return Finished(reply, declined, snapshot)
             policy = self.step.connection_retry if kind == "reconnect" else self.policy
             retryable = kind in ("retry", "reconnect")
             run = self._failed(store, context, exc, said, retryable, tries, snapshot, policy)
             if kind == "timeout" and isinstance(run, Finished):
-                return replace(run, outcome={**run.outcome, "timed_out": True})
+                return replace(run, reply=replace(run.reply, timed_out=True))
             return run
-        ok = GuardRecord(message.key, "ok", result)
-        return Finished({"outcome": "ok", "result": result, "error": None, **counted}, ok, snapshot)
+        ok = GuardRecord(message.key, GuardOutcome.OK, result)
+        return Finished(StepReply(GuardOutcome.OK, result, None, context.attempt), ok, snapshot)
 
     def _said(self, text: str, context: StepContext) -> str:
         """``text`` without the payload's secrets (an error that quoted an address)."""
@@ -392,15 +383,14 @@ class StepRunner:
             extra=extra,
         )
         trace = self._said("".join(traceback.format_exception(exc)), context)[-MAX_TRACEBACK:]
-        outcome: dict[str, Any] = {"outcome": "error", "result": None, "error": said}
-        outcome |= {"attempts": context.attempt, "traceback": trace}
+        reply = StepReply(GuardOutcome.ERROR, None, said, context.attempt, trace)
         # a failed compensation is not recorded: an operator retry must run it again
         to_record = (
             None
-            if self.role == "compensation"
-            else GuardRecord(context.idempotency_key, "error", error=said)
+            if self.role == Role.COMPENSATION
+            else GuardRecord(context.idempotency_key, GuardOutcome.ERROR, error=said)
         )
-        return Finished(outcome, to_record, snapshot)
+        return Finished(reply, to_record, snapshot)
 
     def refuse(self, message: StepMessage, reason: str, detail: str) -> Ignored:
         """Refuse a message for a reason found outside the runner (a bad signature)."""

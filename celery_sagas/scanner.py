@@ -41,8 +41,7 @@ def classify(decision: machine.Decision) -> ScanReport:
     """What a Tick decision did, for counting (pure)."""
     new = [c.new for c in decision.step_changes]
     return ScanReport(
-        timed_out=int(StepStatus.TIMED_OUT in new)
-        or int(decision.reason is not None and "deadline" in decision.reason),
+        timed_out=int(decision.timed_out),
         resent=int(any(c.old == c.new for c in decision.step_changes)),
         compensation_given_up=int(StepStatus.COMPENSATION_FAILED in new),
     )

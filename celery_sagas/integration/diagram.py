@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from html import escape
 
-from celery_sagas.machine import ErrorKind, StepStatus
+from celery_sagas.machine import ErrorKind, Role, StepStatus
 from celery_sagas.protocols import StepRecord
 
 # status -> (fill, text colour); the CSS classes on the page use the same names
@@ -30,8 +30,8 @@ COLOURS: dict[str, tuple[str, str]] = {
     "not_needed": ("#f3f4f6", "#6b7280"),
 }
 LEGEND = {
-    "action": ("completed", "failed", "timed_out", "running", "pending", "skipped"),
-    "compensation": ("compensated", "compensating", "dead_lettered", "not_needed"),
+    Role.ACTION: ("completed", "failed", "timed_out", "running", "pending", "skipped"),
+    Role.COMPENSATION: ("compensated", "compensating", "dead_lettered", "not_needed"),
 }
 BOX_W, BOX_H, GAP, TOP, BOTTOM, PAD = 170, 46, 40, 28, 130, 12
 
@@ -72,7 +72,7 @@ def phases(steps: Sequence[StepRecord]) -> list[Node]:
     return [Node(s.index, s.name, action_phase(s), compensation_phase(s)) for s in steps]
 
 
-def _box(x: int, y: int, label: str, status: str, role: str, step: str, number: int) -> str:
+def _box(x: int, y: int, label: str, status: str, role: Role, step: str, number: int) -> str:
     fill, ink = COLOURS[status]
     title = escape(f"{step} {role}: {status.replace('_', ' ')}")
     text = escape(label if len(label) <= 19 else label[:18] + "…")
@@ -113,9 +113,9 @@ def render_svg(nodes: Sequence[Node], compensation_names: Sequence[str] = ()) ->
     for i, node in enumerate(nodes):
         x = PAD + i * (BOX_W + GAP)
         undo = compensation_names[i] if i < len(compensation_names) else f"undo {node.name}"
-        parts.append(_box(x, TOP, node.name, node.action, "action", node.name, node.index))
+        parts.append(_box(x, TOP, node.name, node.action, Role.ACTION, node.name, node.index))
         parts.append(
-            _box(x, BOTTOM, undo, node.compensation, "compensation", node.name, node.index)
+            _box(x, BOTTOM, undo, node.compensation, Role.COMPENSATION, node.name, node.index)
         )
         middle = x + BOX_W // 2
         parts.append(

@@ -9,6 +9,7 @@ from celery import Celery, chain
 
 from celery_sagas.definition import Saga
 from celery_sagas.hooks import HOOK_KIND
+from celery_sagas.machine import Role
 from celery_sagas.protocols import OutboxMessage
 from celery_sagas.redaction import redact
 
@@ -30,7 +31,7 @@ def step_kwargs(body: Mapping[str, Any]) -> dict[str, Any]:
     }
     # the data travels only where the participant cannot read the saga (coordinator_hop)
     kwargs.update({k: body[k] for k in ("payload", "results", "result") if k in body})
-    if body["kind"] == "compensation":
+    if body["kind"] == Role.COMPENSATION:
         kwargs["attempts_before"] = body.get("attempts_before", 0)
     return kwargs
 
@@ -93,7 +94,7 @@ class CeleryDispatcher:
             return
         saga = self._definition(body)
         index = body["step"]
-        if body["kind"] == "action":
+        if body["kind"] == Role.ACTION:
             task_name, reply_name = saga.step_task_name(index), ADVANCE_TASK
         else:
             task_name, reply_name = saga.compensation_task_name(index), COMPENSATED_TASK

@@ -299,8 +299,8 @@ def _register_step_tasks(app: Celery, runtime: SagaRuntime, saga: Saga) -> None:
     timeouts = runtime.timing.timeouts(saga)
     for index, step in enumerate(saga.steps):
         for role, name in (
-            ("action", saga.step_task_name(index)),
-            ("compensation", saga.compensation_task_name(index)),
+            (machine.Role.ACTION, saga.step_task_name(index)),
+            (machine.Role.COMPENSATION, saga.compensation_task_name(index)),
         ):
 
             def run(self: StepTask, **kwargs: Any) -> dict[str, Any]:

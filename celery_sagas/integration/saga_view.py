@@ -22,6 +22,7 @@ from celery_sagas.choreography import by_operator
 from celery_sagas.definition import Saga, SagaRegistry
 from celery_sagas.integration.diagram import phases, render_svg
 from celery_sagas.integration.dispatcher import ADVANCE_TASK, COMPENSATED_TASK, DEAD_LETTER_TASK
+from celery_sagas.machine import Role
 from celery_sagas.protocols import DeadLetterRecord, SagaRecord, StepRecord, TransitionRecord
 from celery_sagas.redaction import redact
 
@@ -194,8 +195,8 @@ def _task_roles(sagas: Mapping[str, Saga]) -> dict[str, tuple[str, int | None]]:
     for saga in sagas.values():
         roles[f"{saga.name}.start"] = ("start", None)
         for index in range(len(saga.steps)):
-            roles[saga.step_task_name(index)] = ("action", index)
-            roles[saga.compensation_task_name(index)] = ("compensation", index)
+            roles[saga.step_task_name(index)] = (Role.ACTION, index)
+            roles[saga.compensation_task_name(index)] = (Role.COMPENSATION, index)
     return roles
 
 

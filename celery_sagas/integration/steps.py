@@ -1,14 +1,15 @@
 """Step and compensation tasks: the Celery edge of the one step path (``runner``).
 
-The outcome is ``{"outcome": "ok"|"business"|"error", "result": …, "error": …,
-"attempts": n}``. By default the step task applies it itself, in the same worker process
-(one coordinator transaction, then the next step is published): a step costs one task hop.
-With ``coordinator_hop`` it travels down the chain to the coordinator task
-(``celery_sagas.advance``) instead. A message the saga does not expect returns
-``{"outcome": "ignored", "reason": …}`` and changes nothing. Each task has Celery time
-limits derived from the step's timeout: the soft limit interrupts the participant
-(``SoftTimeLimitExceeded``: the step timed out and is compensated), the hard limit
-replaces its pool child (``on_failure`` records the step as timed out).
+The outcome is a ``StepReply``, returned as its JSON (``{"outcome": "ok"|"business"|
+"error", "result": …, "error": …, "attempts": n}``). By default the step task applies it
+itself, in the same worker process (one coordinator transaction, then the next step is
+published): a step costs one task hop. With ``coordinator_hop`` it travels down the chain
+to the coordinator task (``celery_sagas.advance``) instead, with its guard's ``key``. A
+message the saga does not expect returns ``{"outcome": "ignored", "reason": …}`` and
+changes nothing. Each task has Celery time limits derived from the step's timeout: the
+soft limit interrupts the participant (``SoftTimeLimitExceeded``: the step timed out and
+is compensated), the hard limit replaces its pool child (``on_failure`` records the step
+as timed out).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from celery_sagas.errors import (
 )
 from celery_sagas.integration.dispatcher import kwargs_repr
 from celery_sagas.log import logger
-from celery_sagas.protocols import GuardRecord, SagaRecord
+from celery_sagas.protocols import GuardOutcome, GuardRecord, SagaRecord
 from celery_sagas.runner import (
     Finished,
     Ignored,
@@ -41,6 +42,7 @@ from celery_sagas.runner import (
     StepRunner,
 )
 from celery_sagas.signing import refusal
+from celery_sagas.step_reply import StepReply
 
 STORE_RETRY_CAP = 30.0  # seconds between attempts to apply an outcome while the store is down
 # the kwarg a retry of a failed apply carries: the outcome the participant already produced
@@ -49,15 +51,22 @@ CARRIED = "applying"
 STORE_RETRIES = "store_retries"
 
 
+def handed_down(run: Finished) -> dict[str, Any]:
+    """The reply as a chain hands it to the coordinator task (JSON), with the key of the
+    guard it records (``coordinator_hop``)."""
+    reply = run.reply.to_json()
+    return reply if run.to_record is None else {**reply, "key": run.to_record.key}
+
+
 def as_outcome(guard: GuardRecord) -> dict[str, Any]:
-    return {"outcome": guard.outcome, "result": guard.result, "error": guard.error}
+    return {"outcome": guard.outcome.value, "result": guard.result, "error": guard.error}
 
 
 def carried(run: Finished, tries: int) -> dict[str, Any]:
     """A finished run as a retry message's kwarg (JSON): applying it failed ``tries`` times."""
     guard = run.to_record
     return {
-        "outcome": run.outcome,
+        "outcome": run.reply.to_json(),
         "guard": None if guard is None else as_outcome(guard) | {"key": guard.key},
         "tries": tries,
     }
@@ -68,7 +77,7 @@ def from_carried(value: dict[str, Any]) -> Finished:
     to_record = None
     if guard is not None:
         to_record = GuardRecord(guard["key"], guard["outcome"], guard["result"], guard["error"])
-    return Finished(value["outcome"], to_record, None)
+    return Finished(StepReply.from_json(value["outcome"]), to_record, None)
 
 
 class StepTask(Task):
@@ -78,7 +87,7 @@ class StepTask(Task):
     max_retries = None  # the saga's RetryPolicy decides, not Celery's counter
     saga: Saga
     step_def: Step
-    role: str  # "action" | "compensation"
+    role: machine.Role
     runner: StepRunner
     store_factory: Any
     redact_fields: tuple[str, ...] = ()
@@ -137,7 +146,7 @@ class StepTask(Task):
         the pool child running an action: the step timed out (it may have acted), so it
         is recorded failed and compensated now. A killed compensation is sent again by
         the scanner once its time is up (it must finish)."""
-        if not isinstance(exc, TimeLimitExceeded) or self.role != "action":
+        if not isinstance(exc, TimeLimitExceeded) or self.role != machine.Role.ACTION:
             return
         if self.apply_outcome is None or not isinstance(kwargs, dict):
             return
@@ -146,7 +155,7 @@ class StepTask(Task):
         try:
             step, token = int(kwargs["step"]), int(kwargs["token"])
             event = machine.StepFailed(step, token, error, business=False, timed_out=True)
-            guard = GuardRecord(str(kwargs["key"]), "error", error=error)
+            guard = GuardRecord(str(kwargs["key"]), GuardOutcome.ERROR, error=error)
             self.apply_outcome(str(saga_id), event, guard, None)
         except Exception as failed:  # the scanner's deadline is the backstop
             logger.warning(
@@ -166,10 +175,10 @@ class StepTask(Task):
 
     def _finish(self, run: Finished, kwargs: dict[str, Any]) -> dict[str, Any]:
         if self.apply_outcome is None:  # the chain's coordinator task records and applies it
-            return run.handed_down()
-        event = machine.outcome_event(self.role, kwargs["step"], kwargs["token"], run.outcome)
+            return handed_down(run)
+        event = run.reply.event(self.role, kwargs["step"], kwargs["token"])
         self.apply_outcome(kwargs["saga_id"], event, run.to_record, run.snapshot)
-        return run.outcome
+        return run.reply.to_json()
 
     def _retry_for_store(
         self, exc: Exception, doing: str, failures: int, kwargs: dict[str, Any]

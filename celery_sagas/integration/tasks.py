@@ -21,8 +21,9 @@ from celery_sagas.errors import (
 )
 from celery_sagas.integration.config import SAGA_TASK_OPTIONS
 from celery_sagas.integration.dispatcher import ADVANCE_TASK, COMPENSATED_TASK, DEAD_LETTER_TASK
-from celery_sagas.protocols import GuardRecord
+from celery_sagas.protocols import GuardOutcome, GuardRecord
 from celery_sagas.redaction import redact
+from celery_sagas.step_reply import StepReply
 
 if TYPE_CHECKING:
     from celery_sagas.integration.runtime import SagaRuntime
@@ -98,15 +99,12 @@ class StartSagaTask(Task):
         return super().retry(*args, **options)
 
 
-def handed_guard(role: str, outcome: dict[str, Any]) -> GuardRecord | None:
-    """The guard record a step handed down with its outcome (none for a failed
-    compensation: an operator retry must be able to run it again)."""
-    key = outcome.get("key")
-    if not key or (role == "compensation" and outcome.get("outcome") == "error"):
+def handed_guard(role: machine.Role, reply: StepReply, key: Any) -> GuardRecord | None:
+    """The guard record a step handed down with its reply, under ``key`` (none for a
+    failed compensation: an operator retry must be able to run it again)."""
+    if not key or (role == machine.Role.COMPENSATION and reply.outcome == GuardOutcome.ERROR):
         return None
-    return GuardRecord(
-        str(key), str(outcome["outcome"]), outcome.get("result"), outcome.get("error")
-    )
+    return GuardRecord(str(key), reply.outcome, reply.result, reply.error)
 
 
 def _the_payload(saga_name: str, args: Any, kwargs: dict[str, Any]) -> Any:
@@ -121,21 +119,24 @@ def _the_payload(saga_name: str, args: Any, kwargs: dict[str, Any]) -> Any:
 
 
 def register_coordinator_tasks(app: Celery, runtime: SagaRuntime) -> None:
-    def record(role: str, outcome: dict[str, Any], saga_id: str, step: int, token: int) -> Any:
+    def record(
+        role: machine.Role, outcome: dict[str, Any], saga_id: str, step: int, token: int
+    ) -> Any:
         """A participant's outcome handed down the chain: recorded (its guard) and applied
         in one transaction; a stale one changes nothing but its guard."""
         if outcome.get("outcome") == IGNORED:  # the step task refused the message
             return IGNORED
-        event = machine.outcome_event(role, step, token, outcome)
-        return runtime.apply(saga_id, event, handed_guard(role, outcome))
+        reply = StepReply.from_json(outcome)
+        guard = handed_guard(role, reply, outcome.get("key"))
+        return runtime.apply(saga_id, reply.event(role, step, token), guard)
 
     @app.task(name=ADVANCE_TASK, shared=False, **RETRY_ON_STORE)
     def advance(outcome: dict[str, Any], saga_id: str, step: int, token: int) -> str | None:
-        return record("action", outcome, saga_id, step, token)  # type: ignore[no-any-return]
+        return record(machine.Role.ACTION, outcome, saga_id, step, token)  # type: ignore[no-any-return]
 
     @app.task(name=COMPENSATED_TASK, shared=False, **RETRY_ON_STORE)
     def compensated(outcome: dict[str, Any], saga_id: str, step: int, token: int) -> str | None:
-        return record("compensation", outcome, saga_id, step, token)  # type: ignore[no-any-return]
+        return record(machine.Role.COMPENSATION, outcome, saga_id, step, token)  # type: ignore[no-any-return]
 
     @app.task(name=RELAY_TASK, shared=False, ignore_result=True, expires=30, **SAGA_TASK_OPTIONS)
     def relay_outbox() -> int:

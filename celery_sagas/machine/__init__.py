@@ -39,7 +39,6 @@ from celery_sagas.machine.events import (
     StepFailed,
     StepSucceeded,
     Tick,
-    outcome_event,
 )
 from celery_sagas.machine.operator import _cancel, _migrated, _operator_discard, _operator_retry
 from celery_sagas.machine.replies import (
@@ -57,6 +56,7 @@ from celery_sagas.machine.types import (
     SETTLED_STATES,
     TERMINAL_STATES,
     ErrorKind,
+    Role,
     SagaState,
     SagaView,
     StepStatus,
@@ -81,6 +81,7 @@ __all__ = [
     "Migrated",
     "OperatorDiscard",
     "OperatorRetry",
+    "Role",
     "RunCompensation",
     "RunStep",
     "SagaState",
@@ -97,7 +98,6 @@ __all__ = [
     "ignore",
     "needs_compensation",
     "next_to_compensate",
-    "outcome_event",
 ]
 
 

@@ -80,6 +80,9 @@ class Decision:
     token: int
     note: str = ""  # why an event was ignored
     reason: str | None = None  # failure reason to store, None = unchanged
+    # the current step ran out of time (its own, its wait for a worker, or the saga's
+    # deadline): timed out and compensated, or, never begun, skipped
+    timed_out: bool = False
     step_changes: tuple[StepChange, ...] = ()
     transitions: tuple[Transition, ...] = ()
     commands: tuple[Command, ...] = ()

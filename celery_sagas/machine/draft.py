@@ -40,6 +40,7 @@ class _Draft:
     token: int
     statuses: list[StepView]
     reason: str | None = None
+    timed_out: bool = False
     actor: str | None = None
     dead_letter: DeadLetterChange | None = None
     changes: list[StepChange] = field(default_factory=list)
@@ -117,6 +118,7 @@ class _Draft:
             current_step=self.current_step,
             token=self.token,
             reason=self.reason,
+            timed_out=self.timed_out,
             step_changes=tuple(self.changes),
             transitions=tuple(self.transitions),
             commands=tuple(self.commands),

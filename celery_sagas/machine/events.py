@@ -6,7 +6,6 @@ duplicate reply can be told from the one the saga waits for.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,21 +110,3 @@ Event = (
     | OperatorDiscard
     | Cancel
 )
-
-
-def outcome_event(role: str, step: int, token: int, outcome: Mapping[str, Any]) -> Event:
-    """The event a step task's outcome is, for ``role`` "action" or "compensation".
-
-    ``outcome``: ``{"outcome": "ok"|"business"|"error", "result", "error", "attempts",
-    "traceback", "timed_out"}`` (what a step task returns, or hands down the chain)."""
-    ok = outcome.get("outcome") == "ok"
-    attempts = outcome.get("attempts")
-    error = outcome.get("error") or "unknown error"
-    if role == "action":
-        if ok:
-            return StepSucceeded(step, token, outcome.get("result"), attempts)
-        business = outcome.get("outcome") == "business"
-        return StepFailed(step, token, error, business, attempts, bool(outcome.get("timed_out")))
-    if ok:
-        return CompensationSucceeded(step, token, outcome.get("result"), attempts)
-    return CompensationFailed(step, token, error, attempts, outcome.get("traceback"))

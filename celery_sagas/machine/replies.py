@@ -85,6 +85,7 @@ def _step_failed(saga: SagaView, event: StepFailed, now: datetime) -> Decision:
     draft.step(event.step, status, error=event.error, error_kind=kind, attempts=event.attempts)
     _skip_later_steps(draft, event.step)
     draft.reason = f"{saga.steps[event.step].name} failed: {event.error}"
+    draft.timed_out = event.timed_out
     _compensate_or_fail(draft, below=event.step + 1)
     return draft.done()
 

@@ -31,6 +31,7 @@ def _time_out(saga: SagaView, now: datetime, why: str) -> Decision:
         draft.step(index, StepStatus.SKIPPED, reason=why)
     _skip_later_steps(draft, index)
     draft.reason = f"{current.name} timed out: {why}"
+    draft.timed_out = True
     _compensate_or_fail(draft, below=index + 1)
     return draft.done()
 

@@ -1,5 +1,6 @@
-"""The saga machine's vocabulary of state: saga and step statuses, error kinds, the
-state sets the store and scanner query by, and the read-only views ``decide`` gets.
+"""The saga machine's vocabulary of state: saga and step statuses, step roles, error
+kinds, the state sets the store and scanner query by, and the read-only views ``decide``
+gets.
 """
 
 from __future__ import annotations
@@ -28,6 +29,14 @@ class StepStatus(StrEnum):
     COMPENSATED = "compensated"
     COMPENSATION_FAILED = "compensation_failed"
     SKIPPED = "skipped"
+
+
+class Role(StrEnum):
+    """What a step message runs: the step's action or its compensation. The value is
+    the last part of the guard key and the ``kind`` of a step message."""
+
+    ACTION = "action"
+    COMPENSATION = "compensation"
 
 
 class ErrorKind(StrEnum):

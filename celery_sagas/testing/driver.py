@@ -10,7 +10,7 @@ from celery_sagas import outbox
 from celery_sagas.coordinator import Coordinator
 from celery_sagas.definition import Step, StepFunction
 from celery_sagas.errors import SagaError, SagaNotFoundError
-from celery_sagas.machine import SETTLED_STATES, outcome_event
+from celery_sagas.machine import SETTLED_STATES, Role
 from celery_sagas.protocols import OutboxMessage, SagaRecord, SagaStore
 from celery_sagas.runner import (
     Ignored,
@@ -48,7 +48,7 @@ class RecordingDispatcher:
 
 
 # what a test may put around a participant: (step, index, role, function) -> function
-Wrap = Callable[[Step, int, str, StepFunction], StepFunction]
+Wrap = Callable[[Step, int, Role, StepFunction], StepFunction]
 
 
 def deliver_once(
@@ -64,11 +64,11 @@ def deliver_once(
     waiting), then record the outcome and apply it in one transaction, publish."""
     body = message.body
     saga = coordinator.definition(body["saga"])
-    index, role = int(body["step"]), str(body["kind"])
+    index, role = int(body["step"]), Role(body["kind"])
     step = saga.steps[index]
-    task = saga.step_task_name(index) if role == "action" else saga.compensation_task_name(index)
+    task = saga.step_task_name(index) if role == Role.ACTION else saga.compensation_task_name(index)
     function = (participants or {}).get(task) or (
-        step.action if role == "action" else step.compensation
+        step.action if role == Role.ACTION else step.compensation
     )
     if wrap is not None:
         function = wrap(step, index, role, function)
@@ -89,12 +89,12 @@ def deliver_once(
         run = runner.run(store, message_in, tries)
     if isinstance(run, Ignored | OtherDefinition):  # the latter: another process's saga
         return
-    event = outcome_event(role, index, body["token"], run.outcome)
+    event = run.reply.event(role, index, body["token"])
     handled = coordinator.handle(body["saga_id"], event, run.to_record, run.snapshot)
     outbox.publish(store, dispatcher, handled.messages, coordinator.clock)
 
 
-STEP_KINDS = ("action", "compensation")  # not a dead letter (the DLQ queue) nor a hook
+STEP_KINDS = tuple(Role)  # not a dead letter (the DLQ queue) nor a hook
 
 
 def _for_a_step(message: OutboxMessage, saga_id: str) -> bool:

@@ -27,7 +27,7 @@ from celery_sagas import dlq, outbox, scanner
 from celery_sagas.coordinator import Coordinator, Timing
 from celery_sagas.definition import Saga, Step, StepContext, StepFunction, registry
 from celery_sagas.errors import BusinessError, SagaError
-from celery_sagas.machine import SETTLED_STATES, SagaState
+from celery_sagas.machine import SETTLED_STATES, Role, SagaState
 from celery_sagas.protocols import OutboxMessage, SagaRecord
 from celery_sagas.testing.driver import STEP_KINDS, RecordingDispatcher, deliver_once
 from celery_sagas.testing.store import InMemorySagaStore
@@ -107,7 +107,7 @@ class Call:
     """One call of a participant, as the harness saw it."""
 
     step: str
-    role: str  # "action" | "compensation"
+    role: Role
     key: str
     attempt: int
     result: Any = None
@@ -223,12 +223,12 @@ class SagaHarness:
 
     def _deliver(self, message: OutboxMessage) -> None:
         body = message.body
-        index, role = int(body["step"]), str(body["kind"])
-        if role == "action" and self._fault(Hang, index):
+        index, role = int(body["step"]), Role(body["kind"])
+        if role == Role.ACTION and self._fault(Hang, index):
             key = str(body["key"])
             self.store.begin_guard(key, self.clock())  # a worker began it, and hangs
             return
-        times = 2 if role == "action" and self._fault(DeliverTwice, index) else 1
+        times = 2 if role == Role.ACTION and self._fault(DeliverTwice, index) else 1
         for _ in range(times):
             try:
                 deliver_once(self.coordinator, self.store, self.dispatcher, message, self._wrap)
@@ -240,9 +240,9 @@ class SagaHarness:
             (f for f in self.faults if isinstance(f, kind) and f.matches(self.saga, index)), None
         )
 
-    def _wrap(self, step: Step, index: int, role: str, function: StepFunction) -> StepFunction:
+    def _wrap(self, step: Step, index: int, role: Role, function: StepFunction) -> StepFunction:
         """The participant as the test scripted it, journaling every call."""
-        name = self.saga.step_task_name(index) if role == "action" else None
+        name = self.saga.step_task_name(index) if role == Role.ACTION else None
         name = name or self.saga.compensation_task_name(index)
         real = self.participants.get(name, function)
 
@@ -259,7 +259,7 @@ class SagaHarness:
                 journal(raised=type(exc).__name__)
                 raise
             journal(result)
-            crash = role == "action" and self._fault(CrashAfterEffect, index)
+            crash = role == Role.ACTION and self._fault(CrashAfterEffect, index)
             if crash and ctx.idempotency_key not in self._crashed:
                 self._crashed.add(ctx.idempotency_key)
                 raise _WorkerDied(ctx.idempotency_key)
@@ -267,8 +267,8 @@ class SagaHarness:
 
         return call
 
-    def _misbehave_before(self, index: int, role: str, ctx: StepContext) -> None:
-        if role == "action":
+    def _misbehave_before(self, index: int, role: Role, ctx: StepContext) -> None:
+        if role == Role.ACTION:
             if self._fault(Decline, index):
                 raise InjectedDecline(f"{ctx.step} declined (injected)")
             failing = self._fault(FailStep, index)
@@ -314,16 +314,16 @@ def _check_run(harness: SagaHarness, record: SagaRecord, index: int, kind: str) 
 
     if record.state != SagaState.FAILED:
         fail(f"the saga ended {record.state}, not FAILED")
-    acted = [c for c in harness.calls if c.role == "action" and c.raised is None]
+    acted = [c for c in harness.calls if c.role == Role.ACTION and c.raised is None]
     done = Counter(c.key for c in acted)
-    undone = Counter(c.key for c in harness.calls if c.role == "compensation" and not c.raised)
+    undone = Counter(c.key for c in harness.calls if c.role == Role.COMPENSATION and not c.raised)
     twice = [k for k, n in (done + undone).items() if n > 1]
     if twice:
         fail(f"participants succeeded more than once for {twice}")
     expected = [c.step for c in reversed(acted)]
     if kind == "error":  # the failed step may have acted: it is compensated first
         expected.insert(0, harness.saga.steps[index].name)
-    compensations = [c for c in harness.calls if c.role == "compensation" and not c.raised]
+    compensations = [c for c in harness.calls if c.role == Role.COMPENSATION and not c.raised]
     if [c.step for c in compensations] != expected:
         fail(f"compensations ran {[c.step for c in compensations]}, expected {expected}")
     results = {c.step: c.result for c in acted}

@@ -23,6 +23,7 @@ from celery_sagas.machine import (
     LIVE_STATES,
     TERMINAL_STATES,
     Decision,
+    Role,
     SagaState,
     StepChange,
     StepStatus,
@@ -176,7 +177,7 @@ class InMemorySagaStore:
         if entry is not None:
             self._dead_letters[entry.id] = entry
             if entry.status == "retrying":  # as the SQL store: forget the "started" marker
-                key = idempotency_key(saga.saga_id, entry.step_name, "compensation")
+                key = idempotency_key(saga.saga_id, entry.step_name, Role.COMPENSATION)
                 if key in self._guards and self._guards[key].outcome == STARTED:
                     del self._guards[key]
         # The saga moved on, so the messages that moved it were delivered: no relay needed.

@@ -163,8 +163,8 @@ def test_the_expected_message_runs_once_and_a_retry_is_planned_by_the_policy(
     store, _, saga_id = started
     message = StepMessage(saga_id, 0, 1, f"{saga_id}:reserve:action")
     run = runner(0, "action").run(store, message)
-    assert isinstance(run, Finished) and run.outcome["outcome"] == "ok"
-    assert run.outcome["result"] == "reserve" and [f"reserve:{saga_id}"] == CALLS
+    assert isinstance(run, Finished) and run.reply.outcome == "ok"
+    assert run.reply.result == "reserve" and [f"reserve:{saga_id}"] == CALLS
 
     def lost(ctx: StepContext) -> None:
         raise ConnectionError("database went away")
@@ -218,17 +218,32 @@ def test_a_result_json_cannot_carry_fails_the_step_at_once_naming_it(
     store, _, saga_id = started
     message = StepMessage(saga_id, 0, 1, f"{saga_id}:reserve:action")
     run = runner(0, "action", lambda ctx: {"tags": {"a", "b"}}).run(store, message)
-    assert isinstance(run, Finished) and run.outcome["outcome"] == "error"
-    assert "result of reserve is not JSON-serialisable" in run.outcome["error"]
+    assert isinstance(run, Finished) and run.reply.outcome == "error"
+    assert "result of reserve is not JSON-serialisable" in (run.reply.error or "")
     when = datetime(2026, 5, 1, tzinfo=UTC)
     fresh, _, fresh_id = _start_one()
     ok = runner(0, "action", lambda ctx: {"at": when}).run(
         fresh, StepMessage(fresh_id, 0, 1, f"{fresh_id}:reserve:action")
     )
-    assert isinstance(ok, Finished) and ok.outcome["result"] == {"at": when.isoformat()}
+    assert isinstance(ok, Finished) and ok.reply.result == {"at": when.isoformat()}
 
 
 def _start_one() -> tuple[InMemorySagaStore, Coordinator, str]:
     store = InMemorySagaStore()
     coordinator = Coordinator(store, registry([SAGA]), clock=lambda: NOW)
     return store, coordinator, coordinator.start("orders", {"id": "o-9"}).saga_id
+
+
+def test_a_step_task_returns_the_reply_it_returned_before_step_reply_key_for_key(
+    started: tuple[InMemorySagaStore, Coordinator, str],
+) -> None:
+    store, _, saga_id = started
+    message = StepMessage(saga_id, 0, 1, f"{saga_id}:reserve:action")
+    run = runner(0, "action").run(store, message)
+    assert isinstance(run, Finished) and run.to_record is not None
+    ran = {"outcome": "ok", "result": "reserve", "error": None, "attempts": 1}
+    assert run.reply.to_json() == ran
+    store.put_guard(run.to_record, NOW)  # what the coordinator writes with the outcome
+    again = runner(0, "action").run(store, message)  # a duplicate delivery: the guard's record
+    assert isinstance(again, Finished) and again.to_record is None
+    assert again.reply.to_json() == {"outcome": "ok", "result": "reserve", "error": None}

@@ -11,11 +11,13 @@ from celery_sagas.machine import (
     Admit,
     Begin,
     CompensationSucceeded,
+    Decision,
     ErrorKind,
     RunCompensation,
     RunStep,
     SagaState,
     SagaView,
+    StepFailed,
     StepStatus,
     StepSucceeded,
     StepView,
@@ -250,3 +252,78 @@ def test_settled_sagas_are_never_due() -> None:
     assert decision.state == SagaState.COMPLETED
     assert decision.due_at is None
     assert not decide(view, Tick(), at(1000)).accepted
+
+
+def _timed_out_by_deadline_before_admission() -> Decision:
+    view, _ = apply(new_saga(deadline=4), Begin(admit=False), at(0))
+    return decide(view, Tick(), at(4))  # step 0 is skipped, not timed out: it never ran
+
+
+def _timed_out_waiting_for_a_worker() -> Decision:
+    view, _ = apply(new_saga(queue_timeout=5), Begin(), at(0))
+    return decide(view, Tick(), at(5))
+
+
+def _timed_out_after_it_began() -> Decision:
+    view, _ = apply(new_saga(max_redispatches=0), Begin(), at(0))
+    return decide(begun(view, 0), Tick(), at(5))
+
+
+def _timed_out_by_the_saga_deadline() -> Decision:
+    view, _ = apply(new_saga(timeouts=(10, 10, 10, 10), deadline=4), Begin(), at(0))
+    return decide(view, Tick(), at(4))
+
+
+def _interrupted_at_its_time_limit() -> Decision:
+    view, _ = apply(new_saga(), Begin(), at(0))
+    return decide(view, StepFailed(0, 1, "soft limit", business=False, timed_out=True), at(1))
+
+
+def _resent() -> Decision:
+    view, _ = apply(new_saga(), Begin(), at(0))
+    return decide(view, Tick(), at(1))
+
+
+def _resent_after_its_worker_went_silent() -> Decision:
+    view, _ = apply(new_saga(max_redispatches=1), Begin(), at(0))
+    return decide(begun(view, 0), Tick(), at(5))
+
+
+def _failed() -> Decision:
+    view, _ = apply(new_saga(), Begin(), at(0))
+    return decide(view, StepFailed(0, 1, "declined", business=True), at(1))
+
+
+def _compensation_resent() -> Decision:
+    view = _compensating_step_1()
+    return decide(view, Tick(), view.steps[1].redispatch_at)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("make", "timed_out"),
+    [
+        (_timed_out_by_deadline_before_admission, True),
+        (_timed_out_waiting_for_a_worker, True),
+        (_timed_out_after_it_began, True),
+        (_timed_out_by_the_saga_deadline, True),
+        (_interrupted_at_its_time_limit, True),
+        (_resent, False),
+        (_resent_after_its_worker_went_silent, False),
+        (_failed, False),
+        (_compensation_resent, False),
+    ],
+)
+def test_a_decision_says_whether_it_timed_the_step_out(make: object, timed_out: bool) -> None:
+    decision = make()  # type: ignore[operator]
+    assert decision.accepted
+    assert decision.timed_out is timed_out
+
+
+def test_the_scan_counts_timeouts_by_the_flag_not_by_the_reason_text() -> None:
+    skipped = _timed_out_by_deadline_before_admission()
+    assert StepStatus.TIMED_OUT not in [c.new for c in skipped.step_changes]
+    assert classify(skipped).timed_out == 1
+    reworded = replace(skipped, reason="ran out of time")
+    assert classify(reworded).timed_out == 1
+    named_deadline = replace(_failed(), reason="deadline_check failed: declined")
+    assert classify(named_deadline).timed_out == 0
