@@ -13,6 +13,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from celery_sagas.machine import FORWARD_STATES, SagaState
 from celery_sagas.protocols import STARTED, GuardRecord, SagaRecord
+from celery_sagas.row_changes import guard_columns, recorded_guard
 from celery_sagas.store.records import JoinedLayout
 from celery_sagas.store.tables import UtcDateTime, guards, sagas, stored_utc
 
@@ -130,16 +131,6 @@ def begin_guard(conn: Connection, mark_started: Any, key: str, now: datetime) ->
     return None if row.outcome == STARTED else _guard_record(row)
 
 
-def guard_values(guard: GuardRecord, now: datetime) -> dict[str, Any]:
-    return {
-        "key": guard.key,
-        "outcome": guard.outcome,
-        "result": guard.result,
-        "error": guard.error,
-        "recorded_at": now,
-    }
-
-
 def keep_first_final(statement: Any) -> Any:
     """``statement`` (an INSERT into the guards) as an upsert where the first final outcome
     wins: it replaces a ``started`` marker, never another final outcome."""
@@ -153,14 +144,14 @@ def keep_first_final(statement: Any) -> Any:
 def record_guard(conn: Connection, insert: Any, guard: GuardRecord, now: datetime) -> bool:
     """Record a final outcome unless one is recorded already (one statement). True if this
     one was written."""
-    written = conn.execute(keep_first_final(insert.values(**guard_values(guard, now))))
+    written = conn.execute(keep_first_final(insert.values(**guard_columns(guard, now))))
     return bool(written.rowcount)
 
 
 def put_guard(conn: Connection, insert: Any, guard: GuardRecord, now: datetime) -> GuardRecord:
     """Record a final outcome once; returns whichever record won."""
     if record_guard(conn, insert, guard, now):
-        return GuardRecord(guard.key, guard.outcome, guard.result, guard.error, now)
+        return recorded_guard(guard, now)
     row = conn.execute(select(guards).where(guards.c.key == guard.key)).one()
     return _guard_record(row)
 

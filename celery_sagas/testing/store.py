@@ -15,18 +15,14 @@ from typing import TYPE_CHECKING
 
 from celery_sagas.definition import idempotency_key
 from celery_sagas.errors import (
-    ConcurrentUpdateError,
     PayloadConflictError,
     SagaError,
 )
 from celery_sagas.machine import (
     LIVE_STATES,
-    TERMINAL_STATES,
     Decision,
     Role,
     SagaState,
-    StepChange,
-    StepStatus,
 )
 from celery_sagas.protocols import (
     PRUNED_TABLES,
@@ -42,28 +38,47 @@ from celery_sagas.protocols import (
     Pruned,
     SagaRecord,
     SagaStore,
-    StepRecord,
     TransitionRecord,
     current_execution_key,
     expects,
-    step_values,
+)
+from celery_sagas.row_changes import (
+    changed_since,
+    consumes_unsent,
+    forgets_started_marker,
+    new_saga_record,
+    outbox_columns,
+    recorded_guard,
+    replaceable,
+    saga_columns,
+    saga_fields,
+    started_marker,
+    step_columns,
+    step_fields,
+    still_at,
+    transition_rows,
+    written_messages,
 )
 from celery_sagas.testing import dead_letters, retention
 from celery_sagas.testing.columns import as_json, as_utc
 
 
-def _apply(step: StepRecord, change: StepChange, now: datetime) -> StepRecord:
-    """One step status change, by the same rule as the SQL store (``step_values``)."""
-    values = step_values(change, now)
-    if "result" in values:
-        values["result"] = as_json(values["result"])
-    return replace(step, **values)
-
-
 def _copy(record: SagaRecord, with_steps: bool = True) -> SagaRecord:
-    """A detached copy, as a fresh load from a database would be."""
+    """A detached copy, as a fresh load from a database would be (and as the JSON columns
+    store it)."""
     steps = tuple(replace(s, result=as_json(s.result)) for s in record.steps) if with_steps else ()
     return replace(record, payload=as_json(record.payload), steps=steps)
+
+
+def _decided(saga: SagaRecord, decision: Decision, now: datetime) -> SagaRecord:
+    """``saga`` with the saga columns and step columns ``decision`` sets (``row_changes``)."""
+    steps = list(saga.steps)
+    for index, values in step_columns(decision.step_changes, now).items():
+        fields = step_fields(values)
+        if "result" in fields:
+            fields["result"] = as_json(fields["result"])
+        steps[index] = replace(steps[index], **fields)
+    return replace(saga, **saga_fields(saga_columns(saga, decision, now)), steps=tuple(steps))
 
 
 class MemoryClaim:
@@ -153,44 +168,39 @@ class InMemorySagaStore:
 
     # -- writes (under the lock; nothing changes until everything is built) ------------
 
-    def _apply_decision(
+    def _write_rows(
         self,
         saga: SagaRecord,
         decision: Decision,
         messages: Sequence[OutboxMessage],
         now: datetime,
-    ) -> tuple[SagaRecord, tuple[OutboxMessage, ...]]:
-        steps = list(saga.steps)
-        for change in decision.step_changes:
-            steps[change.index] = _apply(steps[change.index], change, now)
-        saga = replace(saga, steps=tuple(steps))
-        bodies = [as_json(dict(m.body)) for m in messages]
+        fresh: bool = False,
+    ) -> tuple[OutboxMessage, ...]:
+        """The rows of ``decision`` other than the saga's own (``row_changes``): the
+        transition log, the dead-letter change, the consumed and the new outbox rows."""
+        rows = [outbox_columns(saga.saga_id, m, now) for m in messages]
+        bodies = [as_json(row["body"]) for row in rows]
         entry = None
         if decision.dead_letter is not None:
             entry = dead_letters.changed(self._dead_letters, saga, decision.dead_letter, now)
         # everything is built: from here on, nothing can fail half-way
-        actor = decision.actor or "coordinator"
-        self._transitions.extend(
-            TransitionRecord(saga.saga_id, now, t.step, t.old, t.new, t.reason, actor)
-            for t in decision.transitions
-        )
+        self._transitions.extend(transition_rows(saga.saga_id, decision, now))
         if entry is not None:
             self._dead_letters[entry.id] = entry
-            if entry.status == "retrying":  # as the SQL store: forget the "started" marker
+            if forgets_started_marker(entry.status):
                 key = idempotency_key(saga.saga_id, entry.step_name, Role.COMPENSATION)
                 if key in self._guards and self._guards[key].outcome == STARTED:
                     del self._guards[key]
-        # The saga moved on, so the messages that moved it were delivered: no relay needed.
-        for message_id, row in self._outbox.items():
-            if row.saga_id == saga.saga_id and row.sent_at is None:
-                self._outbox[message_id] = replace(row, sent_at=now)
-        written = []
-        for message, body in zip(messages, bodies, strict=True):
-            new_id = next(self._outbox_ids)
-            self._outbox[new_id] = OutboxMessage(saga.saga_id, body, id=new_id, created_at=now)
-            self._outbox_keys[new_id] = body.get("key")  # None for a DLQ message
-            written.append(OutboxMessage(saga.saga_id, message.body, id=new_id, created_at=now))
-        return saga, tuple(written)
+        if consumes_unsent(fresh):
+            for message_id, message in self._outbox.items():
+                if message.saga_id == saga.saga_id and message.sent_at is None:
+                    self._outbox[message_id] = replace(message, sent_at=now)
+        ids = []
+        for row, body in zip(rows, bodies, strict=True):
+            ids.append(next(self._outbox_ids))
+            self._outbox[ids[-1]] = OutboxMessage(saga.saga_id, body, id=ids[-1], created_at=now)
+            self._outbox_keys[ids[-1]] = row["key"]
+        return written_messages(saga.saga_id, messages, ids, now)
 
     def _commit(
         self,
@@ -206,24 +216,10 @@ class InMemorySagaStore:
             if call is not None:
                 self.calls.append(call)
             current = self._sagas.get(saga.saga_id)
-            if current is None or current.version != saga.version:
-                raise ConcurrentUpdateError(
-                    f"saga {saga.saga_id} changed since version {saga.version}",
-                    saga_id=saga.saga_id,
-                )
-            updated = replace(
-                current,
-                state=decision.state,
-                current_step=decision.current_step,
-                token=decision.token,
-                version=current.version + 1,
-                updated_at=now,
-                due_at=decision.due_at,
-                reason=current.reason if decision.reason is None else decision.reason,
-                finished_at=now if decision.state in TERMINAL_STATES else current.finished_at,
-                admitted=current.admitted or decision.admitted,
-            )
-            updated, written = self._apply_decision(updated, decision, messages, now)
+            if current is None or not still_at(current, saga):
+                raise changed_since(saga)
+            updated = _decided(current, decision, now)
+            written = self._write_rows(updated, decision, messages, now)
             self._sagas[saga.saga_id] = updated
             return written
 
@@ -252,26 +248,10 @@ class InMemorySagaStore:
                 return CreateResult(_copy(self._sagas[existing_id]), created=False)
             if new.saga_id in self._sagas:
                 raise SagaError(f"saga id {new.saga_id} is already taken; nothing was written")
-            saga = SagaRecord(
-                saga_id=new.saga_id,
-                name=new.name,
-                business_key=new.business_key,
-                state=decision.state,
-                current_step=decision.current_step,
-                token=decision.token,
-                version=1,
-                payload=as_json(dict(new.payload)),
-                created_at=now,
-                updated_at=now,
-                deadline_at=None if new.deadline_at is None else as_utc(new.deadline_at),
-                due_at=decision.due_at,
-                admitted=decision.admitted,
-                definition=new.definition,
-                steps=tuple(
-                    StepRecord(i, name, StepStatus.PENDING) for i, name in enumerate(new.step_names)
-                ),
-            )
-            saga, written = self._apply_decision(saga, decision, messages, now)
+            saga = _copy(new_saga_record(new, decision, now))
+            if new.deadline_at is not None:
+                saga = replace(saga, deadline_at=as_utc(new.deadline_at))
+            written = self._write_rows(saga, decision, messages, now, fresh=True)
             self._sagas[saga.saga_id] = saga
             self._hashes[saga.saga_id] = new.payload_hash
             self._keys[(new.name, new.business_key)] = saga.saga_id
@@ -298,11 +278,8 @@ class InMemorySagaStore:
         with self._lock:
             self.calls.append("migrate")
             current = self._sagas.get(saga.saga_id)
-            if current is None or current.version != saga.version:
-                raise ConcurrentUpdateError(
-                    f"saga {saga.saga_id} changed since version {saga.version}",
-                    saga_id=saga.saga_id,
-                )
+            if current is None or not still_at(current, saga):
+                raise changed_since(saga)
             self._sagas[saga.saga_id] = replace(
                 current, definition=saga.definition, steps=_copy(saga).steps
             )
@@ -319,8 +296,7 @@ class InMemorySagaStore:
         """One call, one transaction (recorded as ``"write"`` only, no ``"commit"``)."""
         with self._lock:
             self.calls.append("write")
-            current = self._sagas.get(saga.saga_id)
-            if current is not None and current.version == saga.version and guard is not None:
+            if guard is not None and still_at(self._sagas.get(saga.saga_id), saga):
                 self._put_guard(guard, as_utc(now))
             return self._commit(None, saga, decision, messages, now)
 
@@ -353,9 +329,10 @@ class InMemorySagaStore:
 
     def _begin_guard(self, key: str, now: datetime) -> GuardRecord | None:
         guard = self._guards.get(key)
-        if guard is None or guard.outcome == STARTED:  # a new or refreshed start
-            self._guards[key] = GuardRecord(key, STARTED, recorded_at=now)
+        if replaceable(guard):  # a new or refreshed start
+            self._guards[key] = started_marker(key, now)
             return None
+        assert guard is not None
         return replace(guard, result=as_json(guard.result))
 
     def put_guard(self, guard: GuardRecord, now: datetime) -> GuardRecord:
@@ -364,12 +341,9 @@ class InMemorySagaStore:
             return self._put_guard(guard, as_utc(now))
 
     def _put_guard(self, guard: GuardRecord, now: datetime) -> GuardRecord:
-        recorded = self._guards.get(guard.key)
-        if recorded is None or recorded.outcome == STARTED:
-            result = as_json(guard.result)
-            self._guards[guard.key] = GuardRecord(
-                guard.key, guard.outcome, result, guard.error, now
-            )
+        if replaceable(self._guards.get(guard.key)):
+            recorded = recorded_guard(guard, now)
+            self._guards[guard.key] = replace(recorded, result=as_json(recorded.result))
         recorded = self._guards[guard.key]
         return replace(recorded, result=as_json(recorded.result))
 

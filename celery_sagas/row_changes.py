@@ -1,0 +1,261 @@
+"""What writing a decision does to a saga's rows, as pure values: the one rule that the SQL
+store turns into statements and the in-memory fake (``celery_sagas.testing``) applies to its
+records. No I/O, no SQLAlchemy: plain values in, plain values out.
+
+Column values are keyed by the SQL column names; ``saga_fields`` and ``step_fields`` name
+the same values as ``SagaRecord``/``StepRecord`` fields.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from celery_sagas.errors import ConcurrentUpdateError
+from celery_sagas.machine import (
+    TERMINAL_STATES,
+    DeadLetterChange,
+    Decision,
+    SagaState,
+    StepChange,
+    StepStatus,
+)
+from celery_sagas.machine.dead_letters import DeadLetterStatus
+from celery_sagas.records import (
+    STARTED,
+    GuardRecord,
+    NewSaga,
+    OutboxMessage,
+    SagaRecord,
+    StepRecord,
+    TransitionRecord,
+    step_values,
+)
+
+COORDINATOR = "coordinator"  # the transition log's actor when a decision names none
+
+
+def actor(decision: Decision) -> str:
+    """Who the transition log says made ``decision``."""
+    return decision.actor or COORDINATOR
+
+
+# -- the saga row ------------------------------------------------------------------------
+
+
+def new_saga_columns(new: NewSaga, decision: Decision, now: datetime) -> dict[str, Any]:
+    """The columns of a new saga row (version 1)."""
+    assert decision.state is not None
+    return {
+        "id": new.saga_id,
+        "name": new.name,
+        "business_key": new.business_key,
+        "payload": dict(new.payload),
+        "payload_hash": new.payload_hash,
+        "state": decision.state.value,
+        "current_step": decision.current_step,
+        "token": decision.token,
+        "version": 1,
+        "created_at": now,
+        "updated_at": now,
+        "deadline_at": new.deadline_at,
+        "due_at": decision.due_at,
+        "admitted": decision.admitted,
+        "definition": new.definition,
+    }
+
+
+def saga_columns(saga: SagaRecord, decision: Decision, now: datetime) -> dict[str, Any]:
+    """The columns ``decision`` sets on the saga row read as ``saga`` (its version one up);
+    the ones it leaves alone are absent: ``reason`` unless the decision gives one,
+    ``finished_at`` unless the saga finishes, ``admitted`` unless it is admitted now."""
+    assert decision.accepted and decision.state is not None
+    values: dict[str, Any] = {
+        "state": decision.state.value,
+        "current_step": decision.current_step,
+        "token": decision.token,
+        "version": saga.version + 1,
+        "updated_at": now,
+        "due_at": decision.due_at,
+    }
+    if decision.reason is not None:
+        values["reason"] = decision.reason
+    if decision.state in TERMINAL_STATES:
+        values["finished_at"] = now
+    if decision.admitted:
+        values["admitted"] = True
+    return values
+
+
+def still_at(current: SagaRecord | None, read: SagaRecord) -> bool:
+    """The compare-and-set on ``version``: the saga is still as ``read`` saw it."""
+    return current is not None and current.version == read.version
+
+
+def changed_since(read: SagaRecord) -> ConcurrentUpdateError:
+    """The error of a write whose saga changed since ``read`` (nothing was written)."""
+    return ConcurrentUpdateError(
+        f"saga {read.saga_id} changed since version {read.version}", saga_id=read.saga_id
+    )
+
+
+def saga_fields(columns: dict[str, Any]) -> dict[str, Any]:
+    """Saga columns as ``SagaRecord`` fields (``payload_hash`` is no field of it)."""
+    fields = {"saga_id" if c == "id" else c: v for c, v in columns.items() if c != "payload_hash"}
+    if "state" in fields:
+        fields["state"] = SagaState(fields["state"])
+    return fields
+
+
+# -- the step rows -----------------------------------------------------------------------
+
+
+def step_columns(changes: Sequence[StepChange], now: datetime) -> dict[int, dict[str, Any]]:
+    """The columns written per step row, by index. A decision may change one step twice
+    (``running→failed``, then ``failed→compensating``): its changes are merged in order
+    into one write per row, as applying them one after the other would leave it."""
+    merged: dict[int, dict[str, Any]] = {}
+    for change in changes:
+        merged.setdefault(change.index, {}).update(step_values(change, now))
+    return merged
+
+
+def new_step_columns(
+    new: NewSaga, decision: Decision, now: datetime
+) -> list[tuple[int, dict[str, Any]]]:
+    """(index, columns) of every step row of a new saga: pending, then ``decision``'s
+    changes."""
+    changed = step_columns(decision.step_changes, now)
+    return [
+        (i, {"idx": i, "name": name, "status": StepStatus.PENDING.value, **changed.get(i, {})})
+        for i, name in enumerate(new.step_names)
+    ]
+
+
+def step_fields(columns: dict[str, Any]) -> dict[str, Any]:
+    """Step columns as ``StepRecord`` fields."""
+    fields = {"index" if c == "idx" else c: v for c, v in columns.items()}
+    if "status" in fields:
+        fields["status"] = StepStatus(fields["status"])
+    return fields
+
+
+def new_saga_record(new: NewSaga, decision: Decision, now: datetime) -> SagaRecord:
+    """The saga record that ``new_saga_columns`` and ``new_step_columns`` insert."""
+    return SagaRecord(
+        **saga_fields(new_saga_columns(new, decision, now)),
+        steps=tuple(
+            StepRecord(**step_fields(columns))
+            for _, columns in new_step_columns(new, decision, now)
+        ),
+    )
+
+
+# -- the transition log and the outbox -----------------------------------------------------
+
+
+def transition_rows(saga_id: str, decision: Decision, now: datetime) -> list[TransitionRecord]:
+    """The transition log rows ``decision`` appends, in its order."""
+    who = actor(decision)
+    return [
+        TransitionRecord(saga_id, now, t.step, t.old, t.new, t.reason, who)
+        for t in decision.transitions
+    ]
+
+
+def outbox_columns(saga_id: str, message: OutboxMessage, now: datetime) -> dict[str, Any]:
+    """The columns of a new outbox row: its ``key`` is the body's (a step's guard key,
+    which tells the relay a worker took the message; None for other messages)."""
+    body = dict(message.body)
+    return {"saga_id": saga_id, "body": body, "created_at": now, "key": body.get("key")}
+
+
+def consumes_unsent(fresh: bool) -> bool:
+    """Whether the decision marks the saga's unsent outbox rows sent: the saga moved on,
+    so the messages that moved it were delivered (the relay must not republish them).
+    A new saga has none."""
+    return not fresh
+
+
+def written_messages(
+    saga_id: str, messages: Sequence[OutboxMessage], ids: Sequence[int], now: datetime
+) -> tuple[OutboxMessage, ...]:
+    """The messages as written, with their new outbox ids."""
+    return tuple(
+        OutboxMessage(saga_id, message.body, id=new_id, created_at=now)
+        for message, new_id in zip(messages, ids, strict=True)
+    )
+
+
+# -- step guards ---------------------------------------------------------------------------
+
+
+def replaceable(recorded: GuardRecord | None) -> bool:
+    """Whether a guard row may be (re)written: none yet, or only a ``started`` marker.
+    A final outcome, once recorded, stays (the first one wins)."""
+    return recorded is None or recorded.outcome == STARTED
+
+
+def started_marker(key: str, now: datetime) -> GuardRecord:
+    """The marker of a step a worker began (or began again: a redelivery)."""
+    return GuardRecord(key, STARTED, recorded_at=now)
+
+
+def guard_columns(guard: GuardRecord, now: datetime) -> dict[str, Any]:
+    """The guard row that recording ``guard`` writes: its outcome, stamped ``now``."""
+    return {
+        "key": guard.key,
+        "outcome": guard.outcome,
+        "result": guard.result,
+        "error": guard.error,
+        "recorded_at": now,
+    }
+
+
+def recorded_guard(guard: GuardRecord, now: datetime) -> GuardRecord:
+    """``guard_columns`` as a record."""
+    return GuardRecord(**guard_columns(guard, now))
+
+
+# -- the dead-letter entry (the moves other than ``dead``: ``machine.dead_letters``) -------
+
+
+def buried_columns(change: DeadLetterChange, now: datetime) -> dict[str, Any]:
+    """What a ``dead`` change sets on the step's entry, a new one or one dead again (a
+    retried compensation failed again; its ``deaths`` then go one up)."""
+    return {
+        "status": DeadLetterStatus.DEAD.value,
+        "attempts": change.attempts or 0,
+        "error": change.error,
+        "traceback": change.traceback,
+        "updated_at": now,
+        "resolved_at": None,
+        "next_auto_retry_at": change.next_auto_retry_at,
+    }
+
+
+def new_entry_columns(
+    saga_id: str, saga_name: str, step_name: str, change: DeadLetterChange, now: datetime
+) -> dict[str, Any]:
+    """The columns of the step's first entry (``dead``); the task name defaults to
+    ``saga.step``, the payload to ``{}``."""
+    return {
+        "saga_id": saga_id,
+        "saga_name": saga_name,
+        "step": change.step,
+        "step_name": step_name,
+        "task_name": change.task_name or f"{saga_name}.{step_name}",
+        "payload": change.payload if change.payload is not None else {},
+        "created_at": now,
+        "deaths": 1,
+        **buried_columns(change, now),
+    }
+
+
+def forgets_started_marker(status: str) -> bool:
+    """Whether a dead-letter move to ``status`` drops the dead compensation's ``started``
+    marker (failures are not recorded, so its guard still says started): a move to
+    ``retrying`` does, so the scanner and the relay treat the retry's message like a fresh
+    one. The marker's key: ``definition.idempotency_key(saga, step, "compensation")``."""
+    return status == DeadLetterStatus.RETRYING
