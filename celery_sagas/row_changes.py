@@ -8,10 +8,13 @@ the same values as ``SagaRecord``/``StepRecord`` fields.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
+from celery_sagas.definition import guard_keys
 from celery_sagas.errors import ConcurrentUpdateError
 from celery_sagas.machine import (
     TERMINAL_STATES,
@@ -202,6 +205,22 @@ def started_marker(key: str, now: datetime) -> GuardRecord:
     return GuardRecord(key, STARTED, recorded_at=now)
 
 
+def with_current_start(record: SagaRecord, began_at: datetime | None) -> SagaRecord:
+    """``record`` as a scan claims it: its current step flagged ``started`` when a worker
+    is executing it right now (its guard says ``started``, recorded at ``began_at``).
+    The scanner re-sends the others: a message that never reached a worker, or a reply
+    lost after the outcome was recorded (the guard answers it)."""
+    return replace(
+        record,
+        steps=tuple(
+            replace(s, started=began_at is not None, began_at=began_at)
+            if s.index == record.current_step
+            else s
+            for s in record.steps
+        ),
+    )
+
+
 def guard_columns(guard: GuardRecord, now: datetime) -> dict[str, Any]:
     """The guard row that recording ``guard`` writes: its outcome, stamped ``now``."""
     return {
@@ -259,3 +278,36 @@ def forgets_started_marker(status: str) -> bool:
     ``retrying`` does, so the scanner and the relay treat the retry's message like a fresh
     one. The marker's key: ``definition.idempotency_key(saga, step, "compensation")``."""
     return status == DeadLetterStatus.RETRYING
+
+
+# -- retention -----------------------------------------------------------------------------
+
+# how many of the oldest outbox rows one retention pass looks at, per row it may delete
+OUTBOX_WINDOW_FACTOR = 4
+
+
+def owned_guard_keys(saga_ids: Iterable[str], step_names: Iterable[tuple[str, str]]) -> set[str]:
+    """Every guard key the sagas ``saga_ids`` can have written (what retention deletes),
+    from ``(saga_id, step name)`` pairs: the names of their steps and of the steps their
+    transitions name (a definition change may have renamed some)."""
+    names: dict[str, list[str]] = {saga_id: [] for saga_id in saga_ids}
+    for saga_id, name in step_names:
+        names[saga_id].append(name)
+    return set().union(*(guard_keys(saga_id, of) for saga_id, of in names.items()))
+
+
+def sent_rows_deleted(
+    oldest_first: Iterable[tuple[int, datetime | None, datetime | None]],
+    sent_before: datetime,
+    limit: int,
+) -> list[int]:
+    """The ids of the outbox rows a retention pass deletes, from ``(id, created_at,
+    sent_at)`` oldest first: up to ``limit`` rows sent before ``sent_before``, among the
+    oldest ``limit * OUTBOX_WINDOW_FACTOR`` rows (a pass never reads the whole table);
+    none at all when the oldest row was created at or after ``sent_before``. Rows still
+    unsent (the relay's) and rows sent recently are stepped over."""
+    window = list(itertools.islice(oldest_first, limit * OUTBOX_WINDOW_FACTOR))
+    if not window or window[0][1] is None or window[0][1] >= sent_before:
+        return []
+    sent = [i for i, _, sent_at in window if sent_at is not None and sent_at < sent_before]
+    return sent[:limit]

@@ -57,6 +57,7 @@ from celery_sagas.row_changes import (
     step_fields,
     still_at,
     transition_rows,
+    with_current_start,
     written_messages,
 )
 from celery_sagas.testing import dead_letters, retention
@@ -570,19 +571,12 @@ class InMemorySagaStore:
     # -- what the scanner needs ----------------------------------------------------------
 
     def _claimed(self, sagas: Sequence[SagaRecord]) -> MemoryClaim:
-        """Copies with the current step's ``started`` flag and start time (its guard
-        says ``started``), as the SQL store."""
+        """Copies with the current step's ``started`` flag (``row_changes``)."""
         records = []
         for saga in sagas:
             guard = self._guards.get(current_execution_key(saga))
             began_at = guard.recorded_at if guard and guard.outcome == STARTED else None
-            steps = tuple(
-                replace(s, started=began_at is not None, began_at=began_at)
-                if s.index == saga.current_step
-                else s
-                for s in saga.steps
-            )
-            records.append(replace(_copy(saga), steps=steps))
+            records.append(with_current_start(_copy(saga), began_at))
         return MemoryClaim(self, tuple(records))
 
     @contextmanager

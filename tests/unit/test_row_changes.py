@@ -371,3 +371,61 @@ def test_a_first_entry_names_its_task_and_payload(
 )
 def test_only_a_retry_forgets_the_compensations_started_marker(status: str, forgets: bool) -> None:
     assert row_changes.forgets_started_marker(status) is forgets
+
+
+# -- what a scan sees ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("began_at", "started"), [(NOW, True), (None, False)])
+def test_a_claim_flags_only_the_current_step(began_at: datetime | None, started: bool) -> None:
+    saga = replace(_saga(), current_step=1)
+    claimed = row_changes.with_current_start(saga, began_at)
+    assert claimed.steps[0] == saga.steps[0]
+    assert (claimed.steps[1].started, claimed.steps[1].began_at) == (started, began_at)
+    assert replace(claimed, steps=saga.steps) == saga
+
+
+# -- retention ----------------------------------------------------------------------------------
+
+
+def test_a_sagas_guards_are_its_steps_and_renamed_steps_and_hooks() -> None:
+    pairs = [("a", "reserve"), ("a", "old_name"), ("b", "ship")]
+    assert row_changes.owned_guard_keys(["a", "b", "c"], pairs) == {
+        "a:reserve:action",
+        "a:reserve:compensation",
+        "a:old_name:action",
+        "a:old_name:compensation",
+        "a:on_completed:hook",
+        "a:on_failed:hook",
+        "b:ship:action",
+        "b:ship:compensation",
+        "b:on_completed:hook",
+        "b:on_failed:hook",
+        "c:on_completed:hook",  # no steps: its hooks' claims still
+        "c:on_failed:hook",
+    }
+    assert row_changes.owned_guard_keys([], []) == set()
+
+
+OLD, CUT = NOW - timedelta(hours=2), NOW - timedelta(hours=1)
+
+
+@pytest.mark.parametrize(
+    ("rows", "limit", "deleted"),
+    [
+        ([], 2, []),
+        # the oldest row is younger than the cutoff: nothing older, done
+        ([(1, CUT, CUT - timedelta(seconds=1))], 2, []),
+        ([(1, OLD, OLD), (2, OLD, None), (3, OLD, NOW), (4, OLD, OLD)], 5, [1, 4]),
+        # up to ``limit`` of them
+        ([(1, OLD, OLD), (2, OLD, OLD), (3, OLD, OLD)], 2, [1, 2]),
+        # only among the oldest limit * OUTBOX_WINDOW_FACTOR rows
+        ([(i, OLD, None) for i in range(1, 5)] + [(5, OLD, OLD)], 1, []),
+        ([(i, OLD, None) for i in range(1, 4)] + [(4, OLD, OLD)], 1, [4]),
+    ],
+)
+def test_the_sent_outbox_rows_a_pass_deletes(
+    rows: list[tuple[int, datetime, datetime | None]], limit: int, deleted: list[int]
+) -> None:
+    assert row_changes.OUTBOX_WINDOW_FACTOR == 4
+    assert row_changes.sent_rows_deleted(iter(rows), CUT, limit) == deleted
