@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from celery_sagas.definition import guard_keys
-from celery_sagas.errors import ConcurrentUpdateError
+from celery_sagas.errors import ConcurrentUpdateError, PayloadConflictError, SagaError
 from celery_sagas.machine import (
     TERMINAL_STATES,
     DeadLetterChange,
@@ -101,6 +101,28 @@ def changed_since(read: SagaRecord) -> ConcurrentUpdateError:
     return ConcurrentUpdateError(
         f"saga {read.saga_id} changed since version {read.version}", saga_id=read.saga_id
     )
+
+
+def refused_start(
+    new: NewSaga, existing_id: str | None, existing_hash: str | None
+) -> SagaError | None:
+    """Why a start whose saga id or business key is taken writes nothing, or None when it
+    is the same start again (same name, business key and payload: the existing saga
+    ``existing_id`` is its answer). ``existing_*``: the saga of ``new``'s business key
+    (None: the id alone is taken, by another saga)."""
+    if existing_id is None:
+        return SagaError(
+            f"saga id {new.saga_id} is already used by another saga; nothing was written",
+            saga_id=new.saga_id,
+        )
+    if existing_hash != new.payload_hash:
+        return PayloadConflictError(
+            f"{new.name} {new.business_key!r} was already started with a "
+            f"different payload (saga {existing_id}); nothing was written",
+            saga_id=existing_id,
+            business_key=new.business_key,
+        )
+    return None
 
 
 def saga_fields(columns: dict[str, Any]) -> dict[str, Any]:

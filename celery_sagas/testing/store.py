@@ -5,41 +5,26 @@ The same contract suite (``tests/integration/test_store_contract.py``) runs agai
 
 from __future__ import annotations
 
-import itertools
-import threading
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
 from typing import TYPE_CHECKING
 
 from celery_sagas.definition import idempotency_key
-from celery_sagas.errors import (
-    PayloadConflictError,
-    SagaError,
-)
-from celery_sagas.machine import (
-    LIVE_STATES,
-    Decision,
-    Role,
-    SagaState,
-)
+from celery_sagas.errors import SagaError
+from celery_sagas.machine import Decision, Role, SagaState
 from celery_sagas.protocols import (
-    PRUNED_TABLES,
     STARTED,
     AttemptRecord,
-    Compacted,
     CreateResult,
     DeadLetterRecord,
     Expectation,
     GuardRecord,
     NewSaga,
     OutboxMessage,
-    Pruned,
     SagaRecord,
     SagaStore,
     TransitionRecord,
-    current_execution_key,
     expects,
 )
 from celery_sagas.row_changes import (
@@ -49,6 +34,7 @@ from celery_sagas.row_changes import (
     new_saga_record,
     outbox_columns,
     recorded_guard,
+    refused_start,
     replaceable,
     saga_columns,
     saga_fields,
@@ -57,18 +43,13 @@ from celery_sagas.row_changes import (
     step_fields,
     still_at,
     transition_rows,
-    with_current_start,
     written_messages,
 )
-from celery_sagas.testing import dead_letters, retention
+from celery_sagas.testing import dead_letters
 from celery_sagas.testing.columns import as_json, as_utc
-
-
-def _copy(record: SagaRecord, with_steps: bool = True) -> SagaRecord:
-    """A detached copy, as a fresh load from a database would be (and as the JSON columns
-    store it)."""
-    steps = tuple(replace(s, result=as_json(s.result)) for s in record.steps) if with_steps else ()
-    return replace(record, payload=as_json(record.payload), steps=steps)
+from celery_sagas.testing.pruning import MemoryRetention
+from celery_sagas.testing.scans import MemoryScans
+from celery_sagas.testing.tables import detached
 
 
 def _decided(saga: SagaRecord, decision: Decision, now: datetime) -> SagaRecord:
@@ -82,25 +63,7 @@ def _decided(saga: SagaRecord, decision: Decision, now: datetime) -> SagaRecord:
     return replace(saga, **saga_fields(saga_columns(saga, decision, now)), steps=tuple(steps))
 
 
-class MemoryClaim:
-    """Sagas claimed by a scan; the store stays locked, and any error undoes the claim's
-    commits, as the rollback of the SQL claim's transaction would."""
-
-    def __init__(self, store: InMemorySagaStore, records: tuple[SagaRecord, ...]) -> None:
-        self._store = store
-        self.records = records
-
-    def commit(
-        self,
-        saga: SagaRecord,
-        decision: Decision,
-        messages: Sequence[OutboxMessage],
-        now: datetime,
-    ) -> tuple[OutboxMessage, ...]:
-        return self._store._commit("claim.commit", saga, decision, messages, now)
-
-
-class InMemorySagaStore:
+class InMemorySagaStore(MemoryRetention, MemoryScans):
     """The ``SagaStore`` contract in memory, thread-safe behind one (re-entrant) lock.
 
     ``calls`` lists the name of every store method called, in order, so a test can assert
@@ -109,63 +72,8 @@ class InMemorySagaStore:
     ``row_counts()`` gives the rows per table, named like the SQL tables.
     """
 
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-        self._lock = threading.RLock()
-        self._sagas: dict[str, SagaRecord] = {}
-        self._hashes: dict[str, str] = {}
-        self._keys: dict[tuple[str, str], str] = {}
-        self._stuck_reported: dict[str, datetime] = {}
-        self._transitions: list[TransitionRecord] = []
-        self._outbox: dict[int, OutboxMessage] = {}
-        self._outbox_keys: dict[int, str | None] = {}  # the ``key`` column: a step's guard key
-        self._guards: dict[str, GuardRecord] = {}
-        self._dead_letters: dict[int, DeadLetterRecord] = {}
-        self._attempts: list[AttemptRecord] = []  # in insertion (id) order
-        self._compacted: dict[str, datetime] = {}  # the ``compacted_at`` column
-        self._outbox_ids = itertools.count(1)  # a sequence: ids are never reused
-
     def __repr__(self) -> str:
         return f"InMemorySagaStore({len(self._sagas)} sagas)"
-
-    def row_counts(self) -> dict[str, int]:
-        with self._lock:
-            return {
-                "saga": len(self._sagas),
-                "saga_step": sum(len(s.steps) for s in self._sagas.values()),
-                "saga_transition": len(self._transitions),
-                "saga_outbox": len(self._outbox),
-                "saga_guard": len(self._guards),
-                "saga_dead_letter": len(self._dead_letters),
-                "saga_attempt": len(self._attempts),
-            }
-
-    @contextmanager
-    def _transaction(self, call: str) -> Iterator[None]:
-        """Hold the lock; on an error, put every table back as it was."""
-        with self._lock:
-            self.calls.append(call)
-            tables = (
-                "_sagas",
-                "_hashes",
-                "_keys",
-                "_stuck_reported",
-                "_outbox",
-                "_outbox_keys",
-                "_guards",
-                "_dead_letters",
-                "_compacted",
-            )
-            saved = {name: dict(getattr(self, name)) for name in tables}
-            transitions, attempts = len(self._transitions), len(self._attempts)
-            try:
-                yield
-            except BaseException:
-                for name, table in saved.items():
-                    setattr(self, name, table)
-                del self._transitions[transitions:]
-                del self._attempts[attempts:]
-                raise
 
     # -- writes (under the lock; nothing changes until everything is built) ------------
 
@@ -238,25 +146,21 @@ class InMemorySagaStore:
         with self._lock:
             self.calls.append("create")
             existing_id = self._keys.get((new.name, new.business_key))
-            if existing_id is not None:
-                if self._hashes[existing_id] != new.payload_hash:
-                    raise PayloadConflictError(
-                        f"{new.name} {new.business_key!r} was already started with a "
-                        f"different payload (saga {existing_id}); nothing was written",
-                        saga_id=existing_id,
-                        business_key=new.business_key,
-                    )
-                return CreateResult(_copy(self._sagas[existing_id]), created=False)
-            if new.saga_id in self._sagas:
-                raise SagaError(f"saga id {new.saga_id} is already taken; nothing was written")
-            saga = _copy(new_saga_record(new, decision, now))
+            if existing_id is not None or new.saga_id in self._sagas:
+                existing_hash = None if existing_id is None else self._hashes[existing_id]
+                refused = refused_start(new, existing_id, existing_hash)
+                if refused is not None:
+                    raise refused
+                assert existing_id is not None
+                return CreateResult(detached(self._sagas[existing_id]), created=False)
+            saga = detached(new_saga_record(new, decision, now))
             if new.deadline_at is not None:
                 saga = replace(saga, deadline_at=as_utc(new.deadline_at))
             written = self._write_rows(saga, decision, messages, now, fresh=True)
             self._sagas[saga.saga_id] = saga
             self._hashes[saga.saga_id] = new.payload_hash
             self._keys[(new.name, new.business_key)] = saga.saga_id
-            return CreateResult(_copy(saga), created=True, messages=written)
+            return CreateResult(detached(saga), created=True, messages=written)
 
     def commit(
         self,
@@ -282,7 +186,7 @@ class InMemorySagaStore:
             if current is None or not still_at(current, saga):
                 raise changed_since(saga)
             self._sagas[saga.saga_id] = replace(
-                current, definition=saga.definition, steps=_copy(saga).steps
+                current, definition=saga.definition, steps=detached(saga).steps
             )
             return self._commit(None, saga, decision, messages, now)
 
@@ -318,7 +222,7 @@ class InMemorySagaStore:
         with self._lock:
             self.calls.append("begin_step")
             saga = self._sagas.get(saga_id)
-            snapshot = _copy(saga) if saga else None
+            snapshot = detached(saga) if saga else None
             if not expects(snapshot, expectation):
                 return None, snapshot
             return self._begin_guard(key, as_utc(now)), snapshot
@@ -354,7 +258,7 @@ class InMemorySagaStore:
         with self._lock:
             self.calls.append("load")
             saga = self._sagas.get(saga_id)
-            return _copy(saga) if saga else None
+            return detached(saga) if saga else None
 
     def find(self, ref: str) -> SagaRecord | None:
         with self._lock:
@@ -363,7 +267,7 @@ class InMemorySagaStore:
             if saga is None:
                 same_key = [s for s in self._sagas.values() if s.business_key == ref]
                 saga = max(same_key, key=lambda s: s.created_at, default=None)
-            return _copy(saga) if saga else None
+            return detached(saga) if saga else None
 
     def unsent(self, created_before: datetime, limit: int) -> tuple[OutboxMessage, ...]:
         created_before = as_utc(created_before)
@@ -396,7 +300,7 @@ class InMemorySagaStore:
         with self._lock:
             self.calls.append("list_sagas")
             found = [
-                _copy(s, with_steps=False)  # like the SQL store: no steps in listings
+                detached(s, with_steps=False)  # like the SQL store: no steps in listings
                 for s in self._sagas.values()
                 if (state is None or s.state == state)
                 and (name is None or s.name == name)
@@ -417,95 +321,6 @@ class InMemorySagaStore:
         with self._lock:
             self.calls.append("transitions")
             return tuple(t for t in self._transitions if t.saga_id == saga_id)
-
-    # -- retention (the rules: ``testing.retention``) ----------------------------------
-
-    def prunable(self, finished_before: datetime, name: str | None = None) -> int:
-        finished_before = as_utc(finished_before)
-        with self._lock:
-            self.calls.append("prunable")
-            entries = self._dead_letters.values()
-            return sum(
-                retention.prunable(s, entries, finished_before, name) for s in self._sagas.values()
-            )
-
-    def prune(
-        self,
-        finished_before: datetime,
-        limit: int,
-        name: str | None = None,
-        after: tuple[datetime, str] | None = None,
-    ) -> Pruned:
-        finished_before = as_utc(finished_before)
-        with self._transaction("prune"):
-            entries = self._dead_letters.values()
-            taken = sorted(
-                (
-                    s
-                    for s in self._sagas.values()
-                    if retention.prunable(s, entries, finished_before, name)
-                    and retention.past(s, after)
-                ),
-                key=_oldest_first,
-            )[:limit]
-            rows = dict.fromkeys(PRUNED_TABLES, 0)
-            rows["saga_outbox"] = self._delete_outbox(
-                retention.sent_before(self._outbox, finished_before, limit)
-            )
-            for saga in taken:
-                self._delete_saga(saga, rows)
-            last = (taken[-1].created_at, taken[-1].saga_id) if taken else None
-            return Pruned(len(taken), rows, last)
-
-    def _delete_saga(self, saga: SagaRecord, rows: dict[str, int]) -> None:
-        saga_id = saga.saga_id
-        rows["saga_guard"] += self._delete_guards(saga)
-        kept = [a for a in self._attempts if a.saga_id != saga_id]
-        rows["saga_attempt"] += len(self._attempts) - len(kept)
-        self._attempts[:] = kept
-        unsent = [i for i, m in self._outbox.items() if m.saga_id == saga_id and not m.sent_at]
-        rows["saga_outbox"] += self._delete_outbox(unsent)
-        dead = [i for i, e in self._dead_letters.items() if e.saga_id == saga_id]
-        for entry_id in dead:
-            del self._dead_letters[entry_id]
-        rows["saga_dead_letter"] += len(dead)
-        kept_log = [t for t in self._transitions if t.saga_id != saga_id]
-        rows["saga_transition"] += len(self._transitions) - len(kept_log)
-        self._transitions[:] = kept_log
-        rows["saga_step"] += len(saga.steps)
-        rows["saga"] += 1
-        del self._sagas[saga_id], self._hashes[saga_id], self._keys[(saga.name, saga.business_key)]
-        self._stuck_reported.pop(saga_id, None)
-        self._compacted.pop(saga_id, None)
-
-    def _delete_guards(self, saga: SagaRecord) -> int:
-        keys = retention.guard_keys_of(saga, self._transitions) & self._guards.keys()
-        for key in keys:
-            del self._guards[key]
-        return len(keys)
-
-    def _delete_outbox(self, ids: Sequence[int]) -> int:
-        for message_id in ids:
-            del self._outbox[message_id]
-            self._outbox_keys.pop(message_id, None)
-        return len(ids)
-
-    def compact(self, finished_before: datetime, limit: int, now: datetime) -> Compacted:
-        finished_before = as_utc(finished_before)
-        with self._transaction("compact"):
-            unsent = {m.saga_id for m in self._outbox.values() if m.sent_at is None}
-            taken = sorted(
-                (
-                    s
-                    for s in self._sagas.values()
-                    if retention.compactable(s, self._compacted, unsent, finished_before)
-                ),
-                key=lambda s: s.finished_at or finished_before,
-            )[:limit]
-            sent = self._delete_outbox(retention.sent_before(self._outbox, finished_before, limit))
-            guards = sum(self._delete_guards(s) for s in taken)
-            self._compacted.update(dict.fromkeys((s.saga_id for s in taken), as_utc(now)))
-            return Compacted(len(taken), guards, sent)
 
     # -- failed attempts and the dead-letter queue ---------------------------------------
 
@@ -567,66 +382,6 @@ class InMemorySagaStore:
                 current, auto_retries=entry.auto_retries + 1, next_auto_retry_at=next_at
             )
             return True
-
-    # -- what the scanner needs ----------------------------------------------------------
-
-    def _claimed(self, sagas: Sequence[SagaRecord]) -> MemoryClaim:
-        """Copies with the current step's ``started`` flag (``row_changes``)."""
-        records = []
-        for saga in sagas:
-            guard = self._guards.get(current_execution_key(saga))
-            began_at = guard.recorded_at if guard and guard.outcome == STARTED else None
-            records.append(with_current_start(_copy(saga), began_at))
-        return MemoryClaim(self, tuple(records))
-
-    @contextmanager
-    def claim_due(self, now: datetime, limit: int) -> Iterator[MemoryClaim]:
-        now = as_utc(now)
-        with self._transaction("claim_due"):
-            due = [s for s in self._sagas.values() if s.due_at is not None and s.due_at <= now]
-            due.sort(key=lambda s: s.due_at or now)
-            yield self._claimed(due[:limit])
-
-    @contextmanager
-    def claim_waiting(self, name: str, max_concurrent: int) -> Iterator[MemoryClaim]:
-        with self._transaction("claim_waiting"):
-            mine = [s for s in self._sagas.values() if s.name == name]
-            running = sum(1 for s in mine if s.admitted and s.state in LIVE_STATES)
-            waiting = sorted((s for s in mine if _waiting(s)), key=_oldest_first)
-            yield self._claimed(waiting[: max(0, max_concurrent - running)])
-
-    def waiting_names(self) -> tuple[str, ...]:
-        with self._lock:
-            self.calls.append("waiting_names")
-            return tuple(sorted({s.name for s in self._sagas.values() if _waiting(s)}))
-
-    def report_stuck(
-        self, older_than: datetime, now: datetime, limit: int
-    ) -> tuple[SagaRecord, ...]:
-        older_than, now = as_utc(older_than), as_utc(now)
-        with self._transaction("report_stuck"):
-            stuck = sorted(
-                (
-                    s
-                    for s in self._sagas.values()
-                    if s.finished_at is None
-                    and s.created_at < older_than
-                    and s.saga_id not in self._stuck_reported
-                ),
-                key=_oldest_first,
-            )[:limit]
-            for saga in stuck:
-                self._stuck_reported[saga.saga_id] = now
-            return tuple(_copy(s, with_steps=False) for s in stuck)
-
-
-def _waiting(saga: SagaRecord) -> bool:
-    """Never admitted and still STARTED (a saga that failed while waiting is not waiting)."""
-    return not saga.admitted and saga.state == SagaState.STARTED
-
-
-def _oldest_first(saga: SagaRecord) -> tuple[datetime, str]:
-    return saga.created_at, saga.saga_id
 
 
 def _newest_first(sagas: list[SagaRecord]) -> list[SagaRecord]:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from celery_sagas import row_changes
-from celery_sagas.errors import ConcurrentUpdateError
+from celery_sagas.errors import ConcurrentUpdateError, PayloadConflictError, SagaError
 from celery_sagas.machine import (
     DeadLetterChange,
     Decision,
@@ -429,3 +429,28 @@ def test_the_sent_outbox_rows_a_pass_deletes(
 ) -> None:
     assert row_changes.OUTBOX_WINDOW_FACTOR == 4
     assert row_changes.sent_rows_deleted(iter(rows), CUT, limit) == deleted
+
+
+# -- a start whose saga exists ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("existing_id", "existing_hash", "refused", "details"),
+    [
+        ("s-0", "h", None, None),  # the same start again: the existing saga answers it
+        ("s-0", "other", PayloadConflictError, {"saga_id": "s-0", "business_key": "k-1"}),
+        (None, None, SagaError, {"saga_id": "s-1"}),  # the id alone is taken
+    ],
+)
+def test_a_start_of_an_existing_saga(
+    existing_id: str | None,
+    existing_hash: str | None,
+    refused: type[SagaError] | None,
+    details: dict[str, str] | None,
+) -> None:
+    error = row_changes.refused_start(NEW, existing_id, existing_hash)
+    if refused is None:
+        assert error is None
+        return
+    assert type(error) is refused and error.details == details
+    assert error.message.endswith("nothing was written")
