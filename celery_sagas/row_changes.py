@@ -27,6 +27,7 @@ from celery_sagas.machine import (
 from celery_sagas.machine.dead_letters import DeadLetterStatus
 from celery_sagas.records import (
     STARTED,
+    DeadLetterRecord,
     GuardRecord,
     NewSaga,
     OutboxMessage,
@@ -292,6 +293,23 @@ def new_entry_columns(
         "deaths": 1,
         **buried_columns(change, now),
     }
+
+
+def auto_retry_claimable(current: DeadLetterRecord | None, seen: DeadLetterRecord) -> bool:
+    """The compare-and-set of an automatic retry on ``auto_retries``: the entry is still
+    dead and retried as often as when ``seen`` was read (two recovery workers never both
+    retry it)."""
+    return (
+        current is not None
+        and current.status == DeadLetterStatus.DEAD
+        and current.auto_retries == seen.auto_retries
+    )
+
+
+def auto_retry_columns(seen: DeadLetterRecord, next_at: datetime) -> dict[str, Any]:
+    """What claiming an automatic retry of ``seen`` sets: one retry more, the next one due
+    at ``next_at``."""
+    return {"auto_retries": seen.auto_retries + 1, "next_auto_retry_at": next_at}
 
 
 def forgets_started_marker(status: str) -> bool:

@@ -10,9 +10,19 @@ from sqlalchemy import Connection, Row, delete, select, update
 
 from celery_sagas.definition import idempotency_key
 from celery_sagas.machine import DeadLetterChange, Role
-from celery_sagas.machine.dead_letters import ALLOWED_FROM, OPEN_DEAD_LETTER, moved_values
+from celery_sagas.machine.dead_letters import (
+    ALLOWED_FROM,
+    OPEN_DEAD_LETTER,
+    DeadLetterStatus,
+    moved_values,
+)
 from celery_sagas.protocols import STARTED, AttemptRecord, DeadLetterRecord
-from celery_sagas.row_changes import buried_columns, forgets_started_marker, new_entry_columns
+from celery_sagas.row_changes import (
+    auto_retry_columns,
+    buried_columns,
+    forgets_started_marker,
+    new_entry_columns,
+)
 from celery_sagas.store.tables import attempts, dead_letters, guards, sagas, steps
 
 
@@ -104,17 +114,16 @@ def by_step(saga_id: str, step: int) -> Any:
     )
 
 
-def claim_auto_retry(conn: Connection, entry_id: int, seen: int, next_at: datetime) -> bool:
-    """Count one automatic retry, compare-and-set on ``auto_retries`` (two recovery
-    workers never both retry)."""
+def claim_auto_retry(conn: Connection, entry: DeadLetterRecord, next_at: datetime) -> bool:
+    """Count one automatic retry (``row_changes.auto_retry_claimable``, in SQL)."""
     changed = conn.execute(
         update(dead_letters)
         .where(
-            dead_letters.c.id == entry_id,
-            dead_letters.c.auto_retries == seen,
-            dead_letters.c.status == "dead",
+            dead_letters.c.id == entry.id,
+            dead_letters.c.auto_retries == entry.auto_retries,
+            dead_letters.c.status == DeadLetterStatus.DEAD.value,
         )
-        .values(auto_retries=seen + 1, next_auto_retry_at=next_at)
+        .values(**auto_retry_columns(entry, next_at))
     ).rowcount
     return bool(changed == 1)
 

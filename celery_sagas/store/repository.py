@@ -319,4 +319,4 @@ class SqlSagaStore(SqlReads):
 
     def claim_auto_retry(self, entry: DeadLetterRecord, next_at: datetime) -> bool:
         with self._connect() as conn:
-            return dead_letter_rows.claim_auto_retry(conn, entry.id, entry.auto_retries, next_at)
+            return dead_letter_rows.claim_auto_retry(conn, entry, next_at)

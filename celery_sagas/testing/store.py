@@ -28,6 +28,8 @@ from celery_sagas.protocols import (
     expects,
 )
 from celery_sagas.row_changes import (
+    auto_retry_claimable,
+    auto_retry_columns,
     changed_since,
     consumes_unsent,
     forgets_started_marker,
@@ -372,15 +374,9 @@ class InMemorySagaStore(MemoryRetention, MemoryScans):
         with self._lock:
             self.calls.append("claim_auto_retry")
             current = self._dead_letters.get(entry.id)
-            if (
-                current is None
-                or current.auto_retries != entry.auto_retries
-                or current.status != "dead"
-            ):
+            if current is None or not auto_retry_claimable(current, entry):
                 return False
-            self._dead_letters[entry.id] = replace(
-                current, auto_retries=entry.auto_retries + 1, next_auto_retry_at=next_at
-            )
+            self._dead_letters[entry.id] = replace(current, **auto_retry_columns(entry, next_at))
             return True
 
 

@@ -21,6 +21,7 @@ from celery_sagas.machine import (
     Transition,
 )
 from celery_sagas.records import (
+    DeadLetterRecord,
     GuardOutcome,
     GuardRecord,
     NewSaga,
@@ -454,3 +455,43 @@ def test_a_start_of_an_existing_saga(
         return
     assert type(error) is refused and error.details == details
     assert error.message.endswith("nothing was written")
+
+
+def _entry(status: str = "dead", auto_retries: int = 1) -> DeadLetterRecord:
+    return DeadLetterRecord(
+        id=1,
+        saga_id="s-1",
+        saga_name="order",
+        step=1,
+        step_name="charge",
+        task_name="order.charge",
+        status=status,
+        attempts=3,
+        deaths=1,
+        error="e",
+        traceback=None,
+        payload={},
+        created_at=NOW,
+        updated_at=NOW,
+        auto_retries=auto_retries,
+    )
+
+
+@pytest.mark.parametrize(
+    ("current", "claimable"),
+    [
+        (_entry(), True),
+        (_entry(auto_retries=2), False),  # another worker retried it since
+        (_entry(status="retrying"), False),
+        (_entry(status="resolved"), False),
+        (None, False),  # pruned since
+    ],
+)
+def test_an_automatic_retry_is_claimed_once(
+    current: DeadLetterRecord | None, claimable: bool
+) -> None:
+    assert row_changes.auto_retry_claimable(current, _entry()) is claimable
+    assert row_changes.auto_retry_columns(_entry(), LATER) == {
+        "auto_retries": 2,
+        "next_auto_retry_at": LATER,
+    }
