@@ -156,6 +156,9 @@ class OutboxMessage:
     sent_at: datetime | None = None
 
 
+COORDINATOR = "coordinator"  # the transition log's actor when a decision names none
+
+
 @dataclass(frozen=True)
 class TransitionRecord:
     saga_id: str
@@ -164,7 +167,7 @@ class TransitionRecord:
     old: str
     new: str
     reason: str | None = None
-    actor: str = "coordinator"
+    actor: str = COORDINATOR
 
 
 class GuardOutcome(StrEnum):

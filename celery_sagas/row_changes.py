@@ -26,6 +26,7 @@ from celery_sagas.machine import (
 )
 from celery_sagas.machine.dead_letters import DeadLetterStatus
 from celery_sagas.records import (
+    COORDINATOR,
     STARTED,
     DeadLetterRecord,
     GuardRecord,
@@ -36,8 +37,6 @@ from celery_sagas.records import (
     TransitionRecord,
     step_values,
 )
-
-COORDINATOR = "coordinator"  # the transition log's actor when a decision names none
 
 
 def actor(decision: Decision) -> str:
