@@ -127,7 +127,10 @@ def refused_start(
 
 def saga_fields(columns: dict[str, Any]) -> dict[str, Any]:
     """Saga columns as ``SagaRecord`` fields (``payload_hash`` is no field of it)."""
-    fields = {"saga_id" if c == "id" else c: v for c, v in columns.items() if c != "payload_hash"}
+    fields = dict(columns)
+    if "id" in fields:
+        fields["saga_id"] = fields.pop("id")
+    fields.pop("payload_hash", None)
     if "state" in fields:
         fields["state"] = SagaState(fields["state"])
     return fields
@@ -160,7 +163,9 @@ def new_step_columns(
 
 def step_fields(columns: dict[str, Any]) -> dict[str, Any]:
     """Step columns as ``StepRecord`` fields."""
-    fields = {"index" if c == "idx" else c: v for c, v in columns.items()}
+    fields = dict(columns)
+    if "idx" in fields:
+        fields["index"] = fields.pop("idx")
     if "status" in fields:
         fields["status"] = StepStatus(fields["status"])
     return fields

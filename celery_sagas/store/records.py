@@ -162,15 +162,16 @@ def _saga_record(row: Any, step_rows: Sequence[Any] = ()) -> SagaRecord:
 def _fresh_record(new: NewSaga, decision: Decision, now: datetime) -> SagaRecord:
     """The record just inserted (``row_changes.new_saga_record``), without reading it
     back: as the columns hand it back (UTC datetimes, the payload through JSON)."""
-    record = new_saga_record(new, decision, now.astimezone(UTC))
+    stored = replace(
+        new, payload=json.loads(json.dumps(new.payload)), deadline_at=_utc(new.deadline_at)
+    )
+    record = new_saga_record(stored, decision, now.astimezone(UTC))
+    if all(_is_utc(s.deadline_at) and _is_utc(s.redispatch_at) for s in record.steps):
+        return record  # the machine's times come from ``now``: UTC already
     return replace(
         record,
-        payload=json.loads(json.dumps(new.payload)),
-        deadline_at=_utc(new.deadline_at),
         steps=tuple(
             replace(s, deadline_at=_utc(s.deadline_at), redispatch_at=_utc(s.redispatch_at))
-            if s.deadline_at or s.redispatch_at
-            else s
             for s in record.steps
         ),
     )
@@ -178,3 +179,7 @@ def _fresh_record(new: NewSaga, decision: Decision, now: datetime) -> SagaRecord
 
 def _utc(moment: datetime | None) -> datetime | None:
     return moment.astimezone(UTC) if moment else None
+
+
+def _is_utc(moment: datetime | None) -> bool:
+    return moment is None or moment.tzinfo is UTC
