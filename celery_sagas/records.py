@@ -156,6 +156,9 @@ class OutboxMessage:
     sent_at: datetime | None = None
 
 
+COORDINATOR = "coordinator"  # the transition log's actor when a decision names none
+
+
 @dataclass(frozen=True)
 class TransitionRecord:
     saga_id: str
@@ -164,7 +167,7 @@ class TransitionRecord:
     old: str
     new: str
     reason: str | None = None
-    actor: str = "coordinator"
+    actor: str = COORDINATOR
 
 
 class GuardOutcome(StrEnum):
@@ -186,6 +189,13 @@ def current_execution_key(record: SagaRecord) -> str:
     return idempotency_key(record.saga_id, record.steps[record.current_step].name, role)
 
 
+# the saga states in which a step message of each role is expected (``expects``)
+EXPECTED_STATES: dict[Role, frozenset[SagaState]] = {
+    Role.ACTION: FORWARD_STATES,
+    Role.COMPENSATION: frozenset({SagaState.COMPENSATING}),
+}
+
+
 @dataclass(frozen=True)
 class Expectation:
     """What a step message claims: that the saga waits for step ``step``'s ``role``
@@ -199,7 +209,7 @@ class Expectation:
 
     @property
     def states(self) -> frozenset[SagaState]:
-        return FORWARD_STATES if self.role == Role.ACTION else frozenset({SagaState.COMPENSATING})
+        return EXPECTED_STATES[self.role]
 
 
 def expects(record: SagaRecord | None, expectation: Expectation) -> bool:

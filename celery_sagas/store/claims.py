@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +14,7 @@ from sqlalchemy import Connection, false, func, select, true, update
 
 from celery_sagas.machine import LIVE_STATES, Decision, SagaState
 from celery_sagas.protocols import STARTED, OutboxMessage, SagaRecord, current_execution_key
+from celery_sagas.row_changes import with_current_start
 from celery_sagas.store.backends import Backend
 from celery_sagas.store.records import _saga_record
 from celery_sagas.store.tables import guards, sagas, steps
@@ -117,26 +117,14 @@ def _records(conn: Connection, rows: Sequence[Any]) -> tuple[SagaRecord, ...]:
 def _with_started_flags(
     conn: Connection, records: tuple[SagaRecord, ...]
 ) -> tuple[SagaRecord, ...]:
-    """Mark each current step a worker is executing right now (its guard says
-    ``started``). The scanner re-sends the others: a message that never reached a
-    worker, or a reply lost after the outcome was recorded (the guard answers it)."""
+    """Each record with its current step's ``started`` flag (``row_changes.with_current_start``),
+    from the ``started`` guards of their current executions."""
     keys = {r.saga_id: current_execution_key(r) for r in records}
     in_progress = select(guards.c.key, guards.c.recorded_at).where(
         guards.c.key.in_(list(keys.values())), guards.c.outcome == STARTED
     )
     began = {key: at for key, at in conn.execute(in_progress).all()}
-    return tuple(
-        replace(
-            r,
-            steps=tuple(
-                replace(s, started=keys[r.saga_id] in began, began_at=began.get(keys[r.saga_id]))
-                if s.index == r.current_step
-                else s
-                for s in r.steps
-            ),
-        )
-        for r in records
-    )
+    return tuple(with_current_start(r, began.get(keys[r.saga_id])) for r in records)
 
 
 class SqlClaim:

@@ -9,9 +9,20 @@ from typing import Any
 from sqlalchemy import Connection, Row, delete, select, update
 
 from celery_sagas.definition import idempotency_key
-from celery_sagas.machine import DeadLetterChange
-from celery_sagas.machine.dead_letters import ALLOWED_FROM, OPEN_DEAD_LETTER, moved_values
+from celery_sagas.machine import DeadLetterChange, Role
+from celery_sagas.machine.dead_letters import (
+    ALLOWED_FROM,
+    OPEN_DEAD_LETTER,
+    DeadLetterStatus,
+    moved_values,
+)
 from celery_sagas.protocols import STARTED, AttemptRecord, DeadLetterRecord
+from celery_sagas.row_changes import (
+    auto_retry_columns,
+    buried_columns,
+    forgets_started_marker,
+    new_entry_columns,
+)
 from celery_sagas.store.tables import attempts, dead_letters, guards, sagas, steps
 
 
@@ -31,22 +42,16 @@ def write_change(
         )
         .values(**values)
     ).rowcount
-    if changed and change.status == "retrying":
+    if changed and forgets_started_marker(change.status):
         _forget_started_marker(conn, saga_id, change.step)
 
 
 def _forget_started_marker(conn: Connection, saga_id: str, step: int) -> None:
-    """The dead compensation's guard still says "started" (failures are not recorded):
-    drop it, so the scanner and the relay treat the retry's message like a fresh one."""
     name = conn.execute(
         select(steps.c.name).where(steps.c.saga_id == saga_id, steps.c.idx == step)
     ).scalar_one()
-    conn.execute(
-        delete(guards).where(
-            guards.c.key == idempotency_key(saga_id, name, "compensation"),
-            guards.c.outcome == STARTED,
-        )
-    )
+    key = idempotency_key(saga_id, name, Role.COMPENSATION)
+    conn.execute(delete(guards).where(guards.c.key == key, guards.c.outcome == STARTED))
 
 
 def _bury(
@@ -58,30 +63,13 @@ def _bury(
         .join(steps, steps.c.saga_id == sagas.c.id)
         .where(sagas.c.id == saga_id, steps.c.idx == change.step)
     ).one()
-    values = {
-        "status": "dead",
-        "attempts": change.attempts or 0,
-        "error": change.error,
-        "traceback": change.traceback,
-        "updated_at": now,
-        "resolved_at": None,
-        "next_auto_retry_at": change.next_auto_retry_at,
-    }
     statement = insert.values(
-        saga_id=saga_id,
-        saga_name=names.name,
-        step=change.step,
-        step_name=names.step_name,
-        task_name=change.task_name or f"{names.name}.{names.step_name}",
-        payload=change.payload if change.payload is not None else {},
-        created_at=now,
-        deaths=1,
-        **values,
+        **new_entry_columns(saga_id, names.name, names.step_name, change, now)
     )
     conn.execute(
         statement.on_conflict_do_update(
             index_elements=["saga_id", "step"],
-            set_={**values, "deaths": dead_letters.c.deaths + 1},
+            set_={**buried_columns(change, now), "deaths": dead_letters.c.deaths + 1},
         )
     )
 
@@ -126,17 +114,16 @@ def by_step(saga_id: str, step: int) -> Any:
     )
 
 
-def claim_auto_retry(conn: Connection, entry_id: int, seen: int, next_at: datetime) -> bool:
-    """Count one automatic retry, compare-and-set on ``auto_retries`` (two recovery
-    workers never both retry)."""
+def claim_auto_retry(conn: Connection, entry: DeadLetterRecord, next_at: datetime) -> bool:
+    """Count one automatic retry (``row_changes.auto_retry_claimable``, in SQL)."""
     changed = conn.execute(
         update(dead_letters)
         .where(
-            dead_letters.c.id == entry_id,
-            dead_letters.c.auto_retries == seen,
-            dead_letters.c.status == "dead",
+            dead_letters.c.id == entry.id,
+            dead_letters.c.auto_retries == entry.auto_retries,
+            dead_letters.c.status == DeadLetterStatus.DEAD.value,
         )
-        .values(auto_retries=seen + 1, next_auto_retry_at=next_at)
+        .values(**auto_retry_columns(entry, next_at))
     ).rowcount
     return bool(changed == 1)
 

@@ -11,8 +11,9 @@ from typing import Any
 from sqlalchemy import Connection, Integer, String, and_, bindparam, func, literal, or_, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from celery_sagas.machine import FORWARD_STATES, SagaState
 from celery_sagas.protocols import STARTED, GuardRecord, SagaRecord
+from celery_sagas.records import EXPECTED_STATES
+from celery_sagas.row_changes import guard_columns, recorded_guard
 from celery_sagas.store.records import JoinedLayout
 from celery_sagas.store.tables import UtcDateTime, guards, sagas, stored_utc
 
@@ -44,9 +45,16 @@ def mark_started_statement(insert: Any) -> Any:
 
 def _expected(saga_id: Any) -> Any:
     """The saga waits for this message: live in the role's states, at step ``g_step``
-    under token ``g_token`` (as ``protocols.expects``)."""
+    under token ``g_token``, in a state ``records.EXPECTED_STATES`` gives its role (as
+    ``protocols.expects``)."""
     # equalities, not IN: an IN list expands at execution, which a prepared statement can't
-    forward = or_(*(sagas.c.state == s.value for s in sorted(FORWARD_STATES)))
+    role = bindparam("g_role", type_=String)
+    in_expected_state = or_(
+        *(
+            and_(role == r.value, or_(*(sagas.c.state == s.value for s in sorted(states))))
+            for r, states in EXPECTED_STATES.items()
+        )
+    )
     return (
         select(sagas.c.id)
         .where(
@@ -59,13 +67,7 @@ def _expected(saga_id: Any) -> Any:
                 sagas.c.definition
                 == func.coalesce(bindparam("g_definition", type_=String), sagas.c.definition),
             ),
-            or_(
-                and_(bindparam("g_role", type_=String) == "action", forward),
-                and_(
-                    bindparam("g_role", type_=String) == "compensation",
-                    sagas.c.state == SagaState.COMPENSATING.value,
-                ),
-            ),
+            in_expected_state,
         )
         .exists()
     )
@@ -130,16 +132,6 @@ def begin_guard(conn: Connection, mark_started: Any, key: str, now: datetime) ->
     return None if row.outcome == STARTED else _guard_record(row)
 
 
-def guard_values(guard: GuardRecord, now: datetime) -> dict[str, Any]:
-    return {
-        "key": guard.key,
-        "outcome": guard.outcome,
-        "result": guard.result,
-        "error": guard.error,
-        "recorded_at": now,
-    }
-
-
 def keep_first_final(statement: Any) -> Any:
     """``statement`` (an INSERT into the guards) as an upsert where the first final outcome
     wins: it replaces a ``started`` marker, never another final outcome."""
@@ -153,14 +145,14 @@ def keep_first_final(statement: Any) -> Any:
 def record_guard(conn: Connection, insert: Any, guard: GuardRecord, now: datetime) -> bool:
     """Record a final outcome unless one is recorded already (one statement). True if this
     one was written."""
-    written = conn.execute(keep_first_final(insert.values(**guard_values(guard, now))))
+    written = conn.execute(keep_first_final(insert.values(**guard_columns(guard, now))))
     return bool(written.rowcount)
 
 
 def put_guard(conn: Connection, insert: Any, guard: GuardRecord, now: datetime) -> GuardRecord:
     """Record a final outcome once; returns whichever record won."""
     if record_guard(conn, insert, guard, now):
-        return GuardRecord(guard.key, guard.outcome, guard.result, guard.error, now)
+        return recorded_guard(guard, now)
     row = conn.execute(select(guards).where(guards.c.key == guard.key)).one()
     return _guard_record(row)
 

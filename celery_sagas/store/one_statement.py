@@ -43,13 +43,22 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from celery_sagas.errors import ConcurrentUpdateError
 from celery_sagas.machine import Decision
-from celery_sagas.protocols import GuardRecord, NewSaga, OutboxMessage, SagaRecord, step_values
-from celery_sagas.store.guards import GUARD_FIELDS, guard_values, keep_first_final
+from celery_sagas.protocols import GuardRecord, NewSaga, OutboxMessage, SagaRecord
+from celery_sagas.row_changes import (
+    actor,
+    changed_since,
+    guard_columns,
+    new_saga_columns,
+    new_step_columns,
+    outbox_columns,
+    saga_columns,
+    step_columns,
+    written_messages,
+)
+from celery_sagas.store.guards import GUARD_FIELDS, keep_first_final
 from celery_sagas.store.prepared import Prepared
 from celery_sagas.store.tables import UtcDateTime, guards, outbox, sagas, steps, transitions
-from celery_sagas.store.writes import new_saga_values, saga_values
 
 TRANSITION_FIELDS = ("step", "old", "new", "reason")
 
@@ -169,25 +178,6 @@ def statement(shape: Shape) -> Select[Any]:
     return select(moved_count, *new_ids).add_cte(moved, *writes)
 
 
-def _step_rows(
-    decision: Decision, now: datetime, new: NewSaga | None
-) -> list[tuple[int, dict[str, Any]]]:
-    """(index, columns) of the step rows written: every step of a new saga, else the
-    changed ones. A decision may change one step twice (``running→failed``, then
-    ``failed→compensating``): the changes are merged in order into one write per row, as
-    the UPDATEs one after the other would leave it — two UPDATEs of one row in one
-    statement would keep only one of them."""
-    merged: dict[int, dict[str, Any]] = {}
-    for change in decision.step_changes:
-        merged.setdefault(change.index, {}).update(step_values(change, now))
-    if new is None:
-        return list(merged.items())
-    return [
-        (i, {"idx": i, "name": name, "status": "pending", **merged.get(i, {})})
-        for i, name in enumerate(new.step_names)
-    ]
-
-
 @lru_cache(maxsize=512)
 def prepared(shape: Shape, dialect: Dialect, enabled: bool) -> Prepared:
     return Prepared(statement(shape), dialect, enabled)
@@ -205,32 +195,37 @@ def shape_and_parameters(
     new = saga if isinstance(saga, NewSaga) else None
     if new is None:
         assert isinstance(saga, SagaRecord)
-        saga_columns = saga_values(saga, decision, now)
+        saga_row = saga_columns(saga, decision, now)
+        # one write per step row: two UPDATEs of one row in one statement would keep
+        # only one of them (``step_columns`` merges a step's changes)
+        step_rows = list(step_columns(decision.step_changes, now).items())
         params: dict[str, Any] = {"p_saga_id": saga.saga_id, "p_version": saga.version}
     else:
-        saga_columns = new_saga_values(new, decision, now)
+        saga_row = new_saga_columns(new, decision, now)
+        step_rows = new_step_columns(new, decision, now)
         params = {}
-    params.update(now=now, consumed_at=now, p_actor=decision.actor or "coordinator")
-    params.update({f"s_{c}": v for c, v in saga_columns.items()})
-    step_columns = []
-    for n, (index, values) in enumerate(_step_rows(decision, now, new)):
-        step_columns.append(tuple(values))
+    params.update(now=now, consumed_at=now, p_actor=actor(decision))
+    params.update({f"s_{c}": v for c, v in saga_row.items()})
+    step_shapes = []
+    for n, (index, values) in enumerate(step_rows):
+        step_shapes.append(tuple(values))
         params[f"c{n}_idx"] = index
         params.update({f"c{n}_{c}": v for c, v in values.items()})
     for n, t in enumerate(decision.transitions):
         params.update({f"t{n}_step": t.step, f"t{n}_old": t.old, f"t{n}_new": t.new})
         params[f"t{n}_reason"] = t.reason
     if guard is not None:
-        values = guard_values(guard, now)
+        values = guard_columns(guard, now)
         params.update({f"g_{name}": values[name] for name in ("key", "outcome", "result")})
         params["g_error"] = values["error"]
     for n, message in enumerate(messages):
-        params[f"m{n}_body"] = dict(message.body)
-        params[f"m{n}_key"] = message.body.get("key")
+        row = outbox_columns(saga.saga_id, message, now)
+        params[f"m{n}_body"] = row["body"]
+        params[f"m{n}_key"] = row["key"]
     shape = Shape(
         create=new is not None,
-        saga_columns=tuple(saga_columns),
-        step_columns=tuple(step_columns),
+        saga_columns=tuple(saga_row),
+        step_columns=tuple(step_shapes),
         transitions=len(decision.transitions),
         guard=guard is not None,
         messages=len(messages),
@@ -253,11 +248,7 @@ def _run(
     (row,) = prepared(shape, conn.dialect, prepare).rows(conn, params)
     if row.moved != 1:
         return None
-    new_ids: tuple[int, ...] = tuple(row[1:])
-    return tuple(
-        OutboxMessage(saga.saga_id, message.body, id=new_id, created_at=now)
-        for message, new_id in zip(messages, new_ids, strict=True)
-    )
+    return written_messages(saga.saga_id, messages, tuple(row[1:]), now)
 
 
 def write(
@@ -273,9 +264,7 @@ def write(
     (then nothing was written)."""
     written = _run(conn, saga, decision, messages, now, guard, prepare)
     if written is None:
-        raise ConcurrentUpdateError(
-            f"saga {saga.saga_id} changed since version {saga.version}", saga_id=saga.saga_id
-        )
+        raise changed_since(saga)
     return written
 
 

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
 from celery_sagas.machine import Decision, ErrorKind, SagaState, StepStatus
 from celery_sagas.protocols import NewSaga, SagaRecord, StepRecord
+from celery_sagas.row_changes import new_saga_record
 from celery_sagas.store.tables import steps, stored_utc
 
 
@@ -158,39 +160,26 @@ def _saga_record(row: Any, step_rows: Sequence[Any] = ()) -> SagaRecord:
 
 
 def _fresh_record(new: NewSaga, decision: Decision, now: datetime) -> SagaRecord:
-    """The record just inserted, without reading it back."""
-    changed = {c.index: c for c in decision.step_changes}
-    assert decision.state is not None
-    now = now.astimezone(UTC)
-    return SagaRecord(
-        saga_id=new.saga_id,
-        name=new.name,
-        business_key=new.business_key,
-        state=decision.state,
-        current_step=decision.current_step,
-        token=decision.token,
-        version=1,
-        payload=json.loads(json.dumps(new.payload)),
-        created_at=now,
-        updated_at=now,
-        deadline_at=_utc(new.deadline_at),
-        due_at=decision.due_at,
-        admitted=decision.admitted,
-        definition=new.definition,
+    """The record just inserted (``row_changes.new_saga_record``), without reading it
+    back: as the columns hand it back (UTC datetimes, the payload through JSON)."""
+    stored = replace(
+        new, payload=json.loads(json.dumps(new.payload)), deadline_at=_utc(new.deadline_at)
+    )
+    record = new_saga_record(stored, decision, now.astimezone(UTC))
+    if all(_is_utc(s.deadline_at) and _is_utc(s.redispatch_at) for s in record.steps):
+        return record  # the machine's times come from ``now``: UTC already
+    return replace(
+        record,
         steps=tuple(
-            StepRecord(
-                index=i,
-                name=name,
-                status=changed[i].new if i in changed else StepStatus.PENDING,
-                started_at=now if i in changed and changed[i].new == StepStatus.RUNNING else None,
-                deadline_at=_utc(changed[i].deadline_at) if i in changed else None,
-                redispatch_at=_utc(changed[i].redispatch_at) if i in changed else None,
-                dispatches=(changed[i].dispatches or 0) if i in changed else 0,
-            )
-            for i, name in enumerate(new.step_names)
+            replace(s, deadline_at=_utc(s.deadline_at), redispatch_at=_utc(s.redispatch_at))
+            for s in record.steps
         ),
     )
 
 
 def _utc(moment: datetime | None) -> datetime | None:
     return moment.astimezone(UTC) if moment else None
+
+
+def _is_utc(moment: datetime | None) -> bool:
+    return moment is None or moment.tzinfo is UTC

@@ -18,7 +18,7 @@ from sqlalchemy import Connection, Engine, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 
-from celery_sagas.errors import DatabaseUrlError, PayloadConflictError, SagaError
+from celery_sagas.errors import DatabaseUrlError, SagaError
 from celery_sagas.machine import Decision
 from celery_sagas.protocols import (
     Compacted,
@@ -31,6 +31,7 @@ from celery_sagas.protocols import (
     Pruned,
     SagaRecord,
 )
+from celery_sagas.row_changes import refused_start
 from celery_sagas.store import caller, once, retention, writes
 from celery_sagas.store import claims as claim_rows
 from celery_sagas.store import dead_letters as dead_letter_rows
@@ -176,19 +177,11 @@ class SqlSagaStore(SqlReads):
                 sagas.c.name == new.name, sagas.c.business_key == new.business_key
             )
         ).one_or_none()
-        if existing is None:
-            raise SagaError(
-                f"saga id {new.saga_id} is already used by another saga; nothing was written",
-                saga_id=new.saga_id,
-            )
-        if existing.payload_hash != new.payload_hash:
-            raise PayloadConflictError(
-                f"{new.name} {new.business_key!r} was already started with a "
-                f"different payload (saga {existing.id}); nothing was written",
-                saga_id=existing.id,
-                business_key=new.business_key,
-            )
-        record = _joined_record(conn.execute(WITH_STEPS, {"p_saga_id": existing.id}).all())
+        existing_id, existing_hash = (None, None) if existing is None else existing
+        refused = refused_start(new, existing_id, existing_hash)
+        if refused is not None:
+            raise refused
+        record = _joined_record(conn.execute(WITH_STEPS, {"p_saga_id": existing_id}).all())
         assert record is not None
         return CreateResult(record=record, created=False, messages=())
 
@@ -326,4 +319,4 @@ class SqlSagaStore(SqlReads):
 
     def claim_auto_retry(self, entry: DeadLetterRecord, next_at: datetime) -> bool:
         with self._connect() as conn:
-            return dead_letter_rows.claim_auto_retry(conn, entry.id, entry.auto_retries, next_at)
+            return dead_letter_rows.claim_auto_retry(conn, entry, next_at)

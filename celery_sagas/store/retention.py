@@ -32,10 +32,10 @@ from sqlalchemy import (
     update,
 )
 
-from celery_sagas.definition import guard_keys
 from celery_sagas.machine import TERMINAL_STATES
 from celery_sagas.machine.dead_letters import OPEN_DEAD_LETTER
 from celery_sagas.protocols import PRUNED_TABLES, SENT_ROWS_PER_SAGA, Compacted, Pruned
+from celery_sagas.row_changes import OUTBOX_WINDOW_FACTOR, owned_guard_keys
 from celery_sagas.store.backends import Backend
 from celery_sagas.store.tables import (
     attempts,
@@ -51,8 +51,6 @@ from celery_sagas.store.tables import (
 
 FINISHED = tuple(sorted(state.value for state in TERMINAL_STATES))
 KEYS_PER_STATEMENT = 5000  # bound parameters per DELETE (SQLite allows 32766)
-# how many of the oldest outbox rows one pass looks at, per row it may delete
-OUTBOX_WINDOW_FACTOR = 4
 
 
 def _prunable(finished_before: datetime, name: str | None) -> ColumnElement[bool]:
@@ -108,10 +106,8 @@ def _delete_guards(conn: Connection, ids: Sequence[str]) -> int:
     """Delete by the exact keys (``definition.guard_keys``), each an index probe; one
     statement joining a key list would let the planner hash-join a scan of the whole
     guard table instead."""
-    names: dict[str, list[str]] = {saga_id: [] for saga_id in ids}
-    for saga_id, name in conn.execute(step_names(ids)):
-        names[saga_id].append(name)
-    keys = sorted(set().union(*(guard_keys(i, steps_of) for i, steps_of in names.items())))
+    pairs = ((saga_id, name) for saga_id, name in conn.execute(step_names(ids)))
+    keys = sorted(owned_guard_keys(ids, pairs))
     deleted = 0
     for start in range(0, len(keys), KEYS_PER_STATEMENT):
         chunk = keys[start : start + KEYS_PER_STATEMENT]
@@ -120,10 +116,9 @@ def _delete_guards(conn: Connection, ids: Sequence[str]) -> int:
 
 
 def delete_sent_outbox(conn: Connection, sent_before: datetime, limit: int) -> int:
-    """Up to ``limit`` outbox rows sent before ``sent_before``, among the oldest ``limit`` *
-    ``OUTBOX_WINDOW_FACTOR`` rows (a walk of the primary key from its start, which stops
-    there): a pass never reads the whole table, however many recent rows it holds. Rows
-    still unsent (the relay's) and rows sent recently are stepped over, not deleted."""
+    """The rows ``row_changes.sent_rows_deleted`` picks, in SQL: a walk of the primary key
+    from its start, which stops after the oldest ``limit * OUTBOX_WINDOW_FACTOR`` rows,
+    so a pass never reads the whole table, however many recent rows it holds."""
     first = select(outbox.c.created_at).order_by(outbox.c.id).limit(1)
     created = conn.execute(first).scalar_one_or_none()
     if created is None or created >= sent_before:  # the oldest row is too young: done

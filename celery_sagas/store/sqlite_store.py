@@ -22,6 +22,7 @@ from celery_sagas.protocols import (
     SagaRecord,
     expects,
 )
+from celery_sagas.row_changes import new_saga_columns
 from celery_sagas.store import guards as guard_rows
 from celery_sagas.store import writes
 from celery_sagas.store.backends import SQLITE
@@ -50,7 +51,7 @@ class SqliteSagaStore(SqlSagaStore, backend=SQLITE):
     ) -> CreateResult:
         inserted = conn.execute(
             SQLITE.insert(sagas)
-            .values(**writes.new_saga_values(new, decision, now))
+            .values(**new_saga_columns(new, decision, now))
             # any conflict: the business key, or the same start delivered twice (its
             # task id is the saga id)
             .on_conflict_do_nothing()

@@ -39,7 +39,8 @@ from celery_sagas.testing.kit import (
     SagaHarness,
     assert_compensates_at_every_step,
 )
-from celery_sagas.testing.store import InMemorySagaStore, MemoryClaim
+from celery_sagas.testing.scans import MemoryClaim
+from celery_sagas.testing.store import InMemorySagaStore
 
 __all__ = [
     "Call",

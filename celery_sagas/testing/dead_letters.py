@@ -6,12 +6,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import replace
 from datetime import datetime
-from typing import Any
 
 from celery_sagas.errors import SagaError
 from celery_sagas.machine import DeadLetterChange
 from celery_sagas.machine.dead_letters import ALLOWED_FROM, OPEN_DEAD_LETTER, moved_values
 from celery_sagas.protocols import DeadLetterRecord, SagaRecord
+from celery_sagas.row_changes import buried_columns, new_entry_columns
 from celery_sagas.testing.columns import as_json, as_utc
 
 
@@ -56,31 +56,15 @@ def _buried(
             f"saga {saga.saga_id} has no step {change.step}; nothing was written",
             saga_id=saga.saga_id,
         )
-    retry_at = change.next_auto_retry_at
-    values: dict[str, Any] = {
-        "status": "dead",
-        "attempts": change.attempts or 0,
-        "error": change.error,
-        "traceback": change.traceback,
-        "updated_at": now,
-        "resolved_at": None,
-        "next_auto_retry_at": None if retry_at is None else as_utc(retry_at),
-    }
+    values = buried_columns(change, now)
+    if values["next_auto_retry_at"] is not None:
+        values["next_auto_retry_at"] = as_utc(values["next_auto_retry_at"])
     if existing is not None:
         return replace(existing, deaths=existing.deaths + 1, **values)
     step_name = saga.steps[change.step].name
-    return DeadLetterRecord(
-        id=max(entries, default=0) + 1,
-        saga_id=saga.saga_id,
-        saga_name=saga.name,
-        step=change.step,
-        step_name=step_name,
-        task_name=change.task_name or f"{saga.name}.{step_name}",
-        payload=as_json(change.payload if change.payload is not None else {}),
-        created_at=now,
-        deaths=1,
-        **values,
-    )
+    columns = new_entry_columns(saga.saga_id, saga.name, step_name, change, now)
+    columns.update(values, payload=as_json(columns["payload"]))
+    return DeadLetterRecord(id=max(entries, default=0) + 1, **columns)
 
 
 def matches(entry: DeadLetterRecord, saga_id: str | None, status: str | None) -> bool:

@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 
-from celery_sagas.definition import guard_keys
 from celery_sagas.machine import TERMINAL_STATES
 from celery_sagas.machine.dead_letters import OPEN_DEAD_LETTER
 from celery_sagas.protocols import (
@@ -16,6 +15,7 @@ from celery_sagas.protocols import (
     SagaRecord,
     TransitionRecord,
 )
+from celery_sagas.row_changes import owned_guard_keys, sent_rows_deleted
 
 
 def prunable(
@@ -56,13 +56,13 @@ def compactable(
 def guard_keys_of(saga: SagaRecord, transitions: Iterable[TransitionRecord]) -> set[str]:
     """Every guard key ``saga`` can have written, by the names of its steps and of the
     steps its transitions name (as the SQL store)."""
-    names = {s.name for s in saga.steps}
-    names |= {t.step for t in transitions if t.saga_id == saga.saga_id and t.step is not None}
-    return guard_keys(saga.saga_id, names)
+    pairs = [(saga.saga_id, s.name) for s in saga.steps]
+    pairs += [(t.saga_id, t.step) for t in transitions if t.saga_id == saga.saga_id and t.step]
+    return owned_guard_keys([saga.saga_id], pairs)
 
 
 def sent_before(outbox: Mapping[int, OutboxMessage], when: datetime, sagas: int) -> list[int]:
-    """The ids of the rows sent before ``when``, oldest first, as many as a pass over
-    ``sagas`` sagas deletes."""
-    old = (i for i, m in sorted(outbox.items()) if m.sent_at is not None and m.sent_at < when)
-    return [i for _, i in zip(range(sagas * SENT_ROWS_PER_SAGA), old, strict=False)]
+    """The ids of the sent rows a pass over ``sagas`` sagas deletes
+    (``row_changes.sent_rows_deleted``)."""
+    oldest_first = ((i, m.created_at, m.sent_at) for i, m in sorted(outbox.items()))
+    return sent_rows_deleted(oldest_first, when, sagas * SENT_ROWS_PER_SAGA)

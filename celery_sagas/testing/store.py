@@ -5,86 +5,67 @@ The same contract suite (``tests/integration/test_store_contract.py``) runs agai
 
 from __future__ import annotations
 
-import itertools
-import threading
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
 from typing import TYPE_CHECKING
 
 from celery_sagas.definition import idempotency_key
-from celery_sagas.errors import (
-    ConcurrentUpdateError,
-    PayloadConflictError,
-    SagaError,
-)
-from celery_sagas.machine import (
-    LIVE_STATES,
-    TERMINAL_STATES,
-    Decision,
-    Role,
-    SagaState,
-    StepChange,
-    StepStatus,
-)
+from celery_sagas.errors import SagaError
+from celery_sagas.machine import Decision, Role, SagaState
 from celery_sagas.protocols import (
-    PRUNED_TABLES,
     STARTED,
     AttemptRecord,
-    Compacted,
     CreateResult,
     DeadLetterRecord,
     Expectation,
     GuardRecord,
     NewSaga,
     OutboxMessage,
-    Pruned,
     SagaRecord,
     SagaStore,
-    StepRecord,
     TransitionRecord,
-    current_execution_key,
     expects,
-    step_values,
 )
-from celery_sagas.testing import dead_letters, retention
+from celery_sagas.row_changes import (
+    auto_retry_claimable,
+    auto_retry_columns,
+    changed_since,
+    consumes_unsent,
+    forgets_started_marker,
+    new_saga_record,
+    outbox_columns,
+    recorded_guard,
+    refused_start,
+    replaceable,
+    saga_columns,
+    saga_fields,
+    started_marker,
+    step_columns,
+    step_fields,
+    still_at,
+    transition_rows,
+    written_messages,
+)
+from celery_sagas.testing import dead_letters
 from celery_sagas.testing.columns import as_json, as_utc
+from celery_sagas.testing.pruning import MemoryRetention
+from celery_sagas.testing.scans import MemoryScans
+from celery_sagas.testing.tables import detached
 
 
-def _apply(step: StepRecord, change: StepChange, now: datetime) -> StepRecord:
-    """One step status change, by the same rule as the SQL store (``step_values``)."""
-    values = step_values(change, now)
-    if "result" in values:
-        values["result"] = as_json(values["result"])
-    return replace(step, **values)
+def _decided(saga: SagaRecord, decision: Decision, now: datetime) -> SagaRecord:
+    """``saga`` with the saga columns and step columns ``decision`` sets (``row_changes``)."""
+    steps = list(saga.steps)
+    for index, values in step_columns(decision.step_changes, now).items():
+        fields = step_fields(values)
+        if "result" in fields:
+            fields["result"] = as_json(fields["result"])
+        steps[index] = replace(steps[index], **fields)
+    return replace(saga, **saga_fields(saga_columns(saga, decision, now)), steps=tuple(steps))
 
 
-def _copy(record: SagaRecord, with_steps: bool = True) -> SagaRecord:
-    """A detached copy, as a fresh load from a database would be."""
-    steps = tuple(replace(s, result=as_json(s.result)) for s in record.steps) if with_steps else ()
-    return replace(record, payload=as_json(record.payload), steps=steps)
-
-
-class MemoryClaim:
-    """Sagas claimed by a scan; the store stays locked, and any error undoes the claim's
-    commits, as the rollback of the SQL claim's transaction would."""
-
-    def __init__(self, store: InMemorySagaStore, records: tuple[SagaRecord, ...]) -> None:
-        self._store = store
-        self.records = records
-
-    def commit(
-        self,
-        saga: SagaRecord,
-        decision: Decision,
-        messages: Sequence[OutboxMessage],
-        now: datetime,
-    ) -> tuple[OutboxMessage, ...]:
-        return self._store._commit("claim.commit", saga, decision, messages, now)
-
-
-class InMemorySagaStore:
+class InMemorySagaStore(MemoryRetention, MemoryScans):
     """The ``SagaStore`` contract in memory, thread-safe behind one (re-entrant) lock.
 
     ``calls`` lists the name of every store method called, in order, so a test can assert
@@ -93,104 +74,44 @@ class InMemorySagaStore:
     ``row_counts()`` gives the rows per table, named like the SQL tables.
     """
 
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-        self._lock = threading.RLock()
-        self._sagas: dict[str, SagaRecord] = {}
-        self._hashes: dict[str, str] = {}
-        self._keys: dict[tuple[str, str], str] = {}
-        self._stuck_reported: dict[str, datetime] = {}
-        self._transitions: list[TransitionRecord] = []
-        self._outbox: dict[int, OutboxMessage] = {}
-        self._outbox_keys: dict[int, str | None] = {}  # the ``key`` column: a step's guard key
-        self._guards: dict[str, GuardRecord] = {}
-        self._dead_letters: dict[int, DeadLetterRecord] = {}
-        self._attempts: list[AttemptRecord] = []  # in insertion (id) order
-        self._compacted: dict[str, datetime] = {}  # the ``compacted_at`` column
-        self._outbox_ids = itertools.count(1)  # a sequence: ids are never reused
-
     def __repr__(self) -> str:
         return f"InMemorySagaStore({len(self._sagas)} sagas)"
 
-    def row_counts(self) -> dict[str, int]:
-        with self._lock:
-            return {
-                "saga": len(self._sagas),
-                "saga_step": sum(len(s.steps) for s in self._sagas.values()),
-                "saga_transition": len(self._transitions),
-                "saga_outbox": len(self._outbox),
-                "saga_guard": len(self._guards),
-                "saga_dead_letter": len(self._dead_letters),
-                "saga_attempt": len(self._attempts),
-            }
-
-    @contextmanager
-    def _transaction(self, call: str) -> Iterator[None]:
-        """Hold the lock; on an error, put every table back as it was."""
-        with self._lock:
-            self.calls.append(call)
-            tables = (
-                "_sagas",
-                "_hashes",
-                "_keys",
-                "_stuck_reported",
-                "_outbox",
-                "_outbox_keys",
-                "_guards",
-                "_dead_letters",
-                "_compacted",
-            )
-            saved = {name: dict(getattr(self, name)) for name in tables}
-            transitions, attempts = len(self._transitions), len(self._attempts)
-            try:
-                yield
-            except BaseException:
-                for name, table in saved.items():
-                    setattr(self, name, table)
-                del self._transitions[transitions:]
-                del self._attempts[attempts:]
-                raise
-
     # -- writes (under the lock; nothing changes until everything is built) ------------
 
-    def _apply_decision(
+    def _write_rows(
         self,
         saga: SagaRecord,
         decision: Decision,
         messages: Sequence[OutboxMessage],
         now: datetime,
-    ) -> tuple[SagaRecord, tuple[OutboxMessage, ...]]:
-        steps = list(saga.steps)
-        for change in decision.step_changes:
-            steps[change.index] = _apply(steps[change.index], change, now)
-        saga = replace(saga, steps=tuple(steps))
-        bodies = [as_json(dict(m.body)) for m in messages]
+        fresh: bool = False,
+    ) -> tuple[OutboxMessage, ...]:
+        """The rows of ``decision`` other than the saga's own (``row_changes``): the
+        transition log, the dead-letter change, the consumed and the new outbox rows."""
+        rows = [outbox_columns(saga.saga_id, m, now) for m in messages]
+        bodies = [as_json(row["body"]) for row in rows]
         entry = None
         if decision.dead_letter is not None:
             entry = dead_letters.changed(self._dead_letters, saga, decision.dead_letter, now)
         # everything is built: from here on, nothing can fail half-way
-        actor = decision.actor or "coordinator"
-        self._transitions.extend(
-            TransitionRecord(saga.saga_id, now, t.step, t.old, t.new, t.reason, actor)
-            for t in decision.transitions
-        )
+        self._transitions.extend(transition_rows(saga.saga_id, decision, now))
         if entry is not None:
             self._dead_letters[entry.id] = entry
-            if entry.status == "retrying":  # as the SQL store: forget the "started" marker
+            if forgets_started_marker(entry.status):
                 key = idempotency_key(saga.saga_id, entry.step_name, Role.COMPENSATION)
                 if key in self._guards and self._guards[key].outcome == STARTED:
                     del self._guards[key]
-        # The saga moved on, so the messages that moved it were delivered: no relay needed.
-        for message_id, row in self._outbox.items():
-            if row.saga_id == saga.saga_id and row.sent_at is None:
-                self._outbox[message_id] = replace(row, sent_at=now)
-        written = []
-        for message, body in zip(messages, bodies, strict=True):
-            new_id = next(self._outbox_ids)
-            self._outbox[new_id] = OutboxMessage(saga.saga_id, body, id=new_id, created_at=now)
-            self._outbox_keys[new_id] = body.get("key")  # None for a DLQ message
-            written.append(OutboxMessage(saga.saga_id, message.body, id=new_id, created_at=now))
-        return saga, tuple(written)
+        if consumes_unsent(fresh):
+            for message_id, message in self._outbox.items():
+                if message.saga_id == saga.saga_id and message.sent_at is None:
+                    self._outbox[message_id] = replace(message, sent_at=now)
+        ids = []
+        for row, body in zip(rows, bodies, strict=True):
+            ids.append(next(self._outbox_ids))
+            self._outbox[ids[-1]] = OutboxMessage(saga.saga_id, body, id=ids[-1], created_at=now)
+            self._outbox_keys[ids[-1]] = row["key"]
+        return written_messages(saga.saga_id, messages, ids, now)
 
     def _commit(
         self,
@@ -206,24 +127,10 @@ class InMemorySagaStore:
             if call is not None:
                 self.calls.append(call)
             current = self._sagas.get(saga.saga_id)
-            if current is None or current.version != saga.version:
-                raise ConcurrentUpdateError(
-                    f"saga {saga.saga_id} changed since version {saga.version}",
-                    saga_id=saga.saga_id,
-                )
-            updated = replace(
-                current,
-                state=decision.state,
-                current_step=decision.current_step,
-                token=decision.token,
-                version=current.version + 1,
-                updated_at=now,
-                due_at=decision.due_at,
-                reason=current.reason if decision.reason is None else decision.reason,
-                finished_at=now if decision.state in TERMINAL_STATES else current.finished_at,
-                admitted=current.admitted or decision.admitted,
-            )
-            updated, written = self._apply_decision(updated, decision, messages, now)
+            if current is None or not still_at(current, saga):
+                raise changed_since(saga)
+            updated = _decided(current, decision, now)
+            written = self._write_rows(updated, decision, messages, now)
             self._sagas[saga.saga_id] = updated
             return written
 
@@ -241,41 +148,21 @@ class InMemorySagaStore:
         with self._lock:
             self.calls.append("create")
             existing_id = self._keys.get((new.name, new.business_key))
-            if existing_id is not None:
-                if self._hashes[existing_id] != new.payload_hash:
-                    raise PayloadConflictError(
-                        f"{new.name} {new.business_key!r} was already started with a "
-                        f"different payload (saga {existing_id}); nothing was written",
-                        saga_id=existing_id,
-                        business_key=new.business_key,
-                    )
-                return CreateResult(_copy(self._sagas[existing_id]), created=False)
-            if new.saga_id in self._sagas:
-                raise SagaError(f"saga id {new.saga_id} is already taken; nothing was written")
-            saga = SagaRecord(
-                saga_id=new.saga_id,
-                name=new.name,
-                business_key=new.business_key,
-                state=decision.state,
-                current_step=decision.current_step,
-                token=decision.token,
-                version=1,
-                payload=as_json(dict(new.payload)),
-                created_at=now,
-                updated_at=now,
-                deadline_at=None if new.deadline_at is None else as_utc(new.deadline_at),
-                due_at=decision.due_at,
-                admitted=decision.admitted,
-                definition=new.definition,
-                steps=tuple(
-                    StepRecord(i, name, StepStatus.PENDING) for i, name in enumerate(new.step_names)
-                ),
-            )
-            saga, written = self._apply_decision(saga, decision, messages, now)
+            if existing_id is not None or new.saga_id in self._sagas:
+                existing_hash = None if existing_id is None else self._hashes[existing_id]
+                refused = refused_start(new, existing_id, existing_hash)
+                if refused is not None:
+                    raise refused
+                assert existing_id is not None
+                return CreateResult(detached(self._sagas[existing_id]), created=False)
+            saga = detached(new_saga_record(new, decision, now))
+            if new.deadline_at is not None:
+                saga = replace(saga, deadline_at=as_utc(new.deadline_at))
+            written = self._write_rows(saga, decision, messages, now, fresh=True)
             self._sagas[saga.saga_id] = saga
             self._hashes[saga.saga_id] = new.payload_hash
             self._keys[(new.name, new.business_key)] = saga.saga_id
-            return CreateResult(_copy(saga), created=True, messages=written)
+            return CreateResult(detached(saga), created=True, messages=written)
 
     def commit(
         self,
@@ -298,13 +185,10 @@ class InMemorySagaStore:
         with self._lock:
             self.calls.append("migrate")
             current = self._sagas.get(saga.saga_id)
-            if current is None or current.version != saga.version:
-                raise ConcurrentUpdateError(
-                    f"saga {saga.saga_id} changed since version {saga.version}",
-                    saga_id=saga.saga_id,
-                )
+            if current is None or not still_at(current, saga):
+                raise changed_since(saga)
             self._sagas[saga.saga_id] = replace(
-                current, definition=saga.definition, steps=_copy(saga).steps
+                current, definition=saga.definition, steps=detached(saga).steps
             )
             return self._commit(None, saga, decision, messages, now)
 
@@ -319,8 +203,7 @@ class InMemorySagaStore:
         """One call, one transaction (recorded as ``"write"`` only, no ``"commit"``)."""
         with self._lock:
             self.calls.append("write")
-            current = self._sagas.get(saga.saga_id)
-            if current is not None and current.version == saga.version and guard is not None:
+            if guard is not None and still_at(self._sagas.get(saga.saga_id), saga):
                 self._put_guard(guard, as_utc(now))
             return self._commit(None, saga, decision, messages, now)
 
@@ -341,7 +224,7 @@ class InMemorySagaStore:
         with self._lock:
             self.calls.append("begin_step")
             saga = self._sagas.get(saga_id)
-            snapshot = _copy(saga) if saga else None
+            snapshot = detached(saga) if saga else None
             if not expects(snapshot, expectation):
                 return None, snapshot
             return self._begin_guard(key, as_utc(now)), snapshot
@@ -353,9 +236,10 @@ class InMemorySagaStore:
 
     def _begin_guard(self, key: str, now: datetime) -> GuardRecord | None:
         guard = self._guards.get(key)
-        if guard is None or guard.outcome == STARTED:  # a new or refreshed start
-            self._guards[key] = GuardRecord(key, STARTED, recorded_at=now)
+        if replaceable(guard):  # a new or refreshed start
+            self._guards[key] = started_marker(key, now)
             return None
+        assert guard is not None
         return replace(guard, result=as_json(guard.result))
 
     def put_guard(self, guard: GuardRecord, now: datetime) -> GuardRecord:
@@ -364,12 +248,9 @@ class InMemorySagaStore:
             return self._put_guard(guard, as_utc(now))
 
     def _put_guard(self, guard: GuardRecord, now: datetime) -> GuardRecord:
-        recorded = self._guards.get(guard.key)
-        if recorded is None or recorded.outcome == STARTED:
-            result = as_json(guard.result)
-            self._guards[guard.key] = GuardRecord(
-                guard.key, guard.outcome, result, guard.error, now
-            )
+        if replaceable(self._guards.get(guard.key)):
+            recorded = recorded_guard(guard, now)
+            self._guards[guard.key] = replace(recorded, result=as_json(recorded.result))
         recorded = self._guards[guard.key]
         return replace(recorded, result=as_json(recorded.result))
 
@@ -379,7 +260,7 @@ class InMemorySagaStore:
         with self._lock:
             self.calls.append("load")
             saga = self._sagas.get(saga_id)
-            return _copy(saga) if saga else None
+            return detached(saga) if saga else None
 
     def find(self, ref: str) -> SagaRecord | None:
         with self._lock:
@@ -388,7 +269,7 @@ class InMemorySagaStore:
             if saga is None:
                 same_key = [s for s in self._sagas.values() if s.business_key == ref]
                 saga = max(same_key, key=lambda s: s.created_at, default=None)
-            return _copy(saga) if saga else None
+            return detached(saga) if saga else None
 
     def unsent(self, created_before: datetime, limit: int) -> tuple[OutboxMessage, ...]:
         created_before = as_utc(created_before)
@@ -421,7 +302,7 @@ class InMemorySagaStore:
         with self._lock:
             self.calls.append("list_sagas")
             found = [
-                _copy(s, with_steps=False)  # like the SQL store: no steps in listings
+                detached(s, with_steps=False)  # like the SQL store: no steps in listings
                 for s in self._sagas.values()
                 if (state is None or s.state == state)
                 and (name is None or s.name == name)
@@ -442,95 +323,6 @@ class InMemorySagaStore:
         with self._lock:
             self.calls.append("transitions")
             return tuple(t for t in self._transitions if t.saga_id == saga_id)
-
-    # -- retention (the rules: ``testing.retention``) ----------------------------------
-
-    def prunable(self, finished_before: datetime, name: str | None = None) -> int:
-        finished_before = as_utc(finished_before)
-        with self._lock:
-            self.calls.append("prunable")
-            entries = self._dead_letters.values()
-            return sum(
-                retention.prunable(s, entries, finished_before, name) for s in self._sagas.values()
-            )
-
-    def prune(
-        self,
-        finished_before: datetime,
-        limit: int,
-        name: str | None = None,
-        after: tuple[datetime, str] | None = None,
-    ) -> Pruned:
-        finished_before = as_utc(finished_before)
-        with self._transaction("prune"):
-            entries = self._dead_letters.values()
-            taken = sorted(
-                (
-                    s
-                    for s in self._sagas.values()
-                    if retention.prunable(s, entries, finished_before, name)
-                    and retention.past(s, after)
-                ),
-                key=_oldest_first,
-            )[:limit]
-            rows = dict.fromkeys(PRUNED_TABLES, 0)
-            rows["saga_outbox"] = self._delete_outbox(
-                retention.sent_before(self._outbox, finished_before, limit)
-            )
-            for saga in taken:
-                self._delete_saga(saga, rows)
-            last = (taken[-1].created_at, taken[-1].saga_id) if taken else None
-            return Pruned(len(taken), rows, last)
-
-    def _delete_saga(self, saga: SagaRecord, rows: dict[str, int]) -> None:
-        saga_id = saga.saga_id
-        rows["saga_guard"] += self._delete_guards(saga)
-        kept = [a for a in self._attempts if a.saga_id != saga_id]
-        rows["saga_attempt"] += len(self._attempts) - len(kept)
-        self._attempts[:] = kept
-        unsent = [i for i, m in self._outbox.items() if m.saga_id == saga_id and not m.sent_at]
-        rows["saga_outbox"] += self._delete_outbox(unsent)
-        dead = [i for i, e in self._dead_letters.items() if e.saga_id == saga_id]
-        for entry_id in dead:
-            del self._dead_letters[entry_id]
-        rows["saga_dead_letter"] += len(dead)
-        kept_log = [t for t in self._transitions if t.saga_id != saga_id]
-        rows["saga_transition"] += len(self._transitions) - len(kept_log)
-        self._transitions[:] = kept_log
-        rows["saga_step"] += len(saga.steps)
-        rows["saga"] += 1
-        del self._sagas[saga_id], self._hashes[saga_id], self._keys[(saga.name, saga.business_key)]
-        self._stuck_reported.pop(saga_id, None)
-        self._compacted.pop(saga_id, None)
-
-    def _delete_guards(self, saga: SagaRecord) -> int:
-        keys = retention.guard_keys_of(saga, self._transitions) & self._guards.keys()
-        for key in keys:
-            del self._guards[key]
-        return len(keys)
-
-    def _delete_outbox(self, ids: Sequence[int]) -> int:
-        for message_id in ids:
-            del self._outbox[message_id]
-            self._outbox_keys.pop(message_id, None)
-        return len(ids)
-
-    def compact(self, finished_before: datetime, limit: int, now: datetime) -> Compacted:
-        finished_before = as_utc(finished_before)
-        with self._transaction("compact"):
-            unsent = {m.saga_id for m in self._outbox.values() if m.sent_at is None}
-            taken = sorted(
-                (
-                    s
-                    for s in self._sagas.values()
-                    if retention.compactable(s, self._compacted, unsent, finished_before)
-                ),
-                key=lambda s: s.finished_at or finished_before,
-            )[:limit]
-            sent = self._delete_outbox(retention.sent_before(self._outbox, finished_before, limit))
-            guards = sum(self._delete_guards(s) for s in taken)
-            self._compacted.update(dict.fromkeys((s.saga_id for s in taken), as_utc(now)))
-            return Compacted(len(taken), guards, sent)
 
     # -- failed attempts and the dead-letter queue ---------------------------------------
 
@@ -582,83 +374,10 @@ class InMemorySagaStore:
         with self._lock:
             self.calls.append("claim_auto_retry")
             current = self._dead_letters.get(entry.id)
-            if (
-                current is None
-                or current.auto_retries != entry.auto_retries
-                or current.status != "dead"
-            ):
+            if current is None or not auto_retry_claimable(current, entry):
                 return False
-            self._dead_letters[entry.id] = replace(
-                current, auto_retries=entry.auto_retries + 1, next_auto_retry_at=next_at
-            )
+            self._dead_letters[entry.id] = replace(current, **auto_retry_columns(entry, next_at))
             return True
-
-    # -- what the scanner needs ----------------------------------------------------------
-
-    def _claimed(self, sagas: Sequence[SagaRecord]) -> MemoryClaim:
-        """Copies with the current step's ``started`` flag and start time (its guard
-        says ``started``), as the SQL store."""
-        records = []
-        for saga in sagas:
-            guard = self._guards.get(current_execution_key(saga))
-            began_at = guard.recorded_at if guard and guard.outcome == STARTED else None
-            steps = tuple(
-                replace(s, started=began_at is not None, began_at=began_at)
-                if s.index == saga.current_step
-                else s
-                for s in saga.steps
-            )
-            records.append(replace(_copy(saga), steps=steps))
-        return MemoryClaim(self, tuple(records))
-
-    @contextmanager
-    def claim_due(self, now: datetime, limit: int) -> Iterator[MemoryClaim]:
-        now = as_utc(now)
-        with self._transaction("claim_due"):
-            due = [s for s in self._sagas.values() if s.due_at is not None and s.due_at <= now]
-            due.sort(key=lambda s: s.due_at or now)
-            yield self._claimed(due[:limit])
-
-    @contextmanager
-    def claim_waiting(self, name: str, max_concurrent: int) -> Iterator[MemoryClaim]:
-        with self._transaction("claim_waiting"):
-            mine = [s for s in self._sagas.values() if s.name == name]
-            running = sum(1 for s in mine if s.admitted and s.state in LIVE_STATES)
-            waiting = sorted((s for s in mine if _waiting(s)), key=_oldest_first)
-            yield self._claimed(waiting[: max(0, max_concurrent - running)])
-
-    def waiting_names(self) -> tuple[str, ...]:
-        with self._lock:
-            self.calls.append("waiting_names")
-            return tuple(sorted({s.name for s in self._sagas.values() if _waiting(s)}))
-
-    def report_stuck(
-        self, older_than: datetime, now: datetime, limit: int
-    ) -> tuple[SagaRecord, ...]:
-        older_than, now = as_utc(older_than), as_utc(now)
-        with self._transaction("report_stuck"):
-            stuck = sorted(
-                (
-                    s
-                    for s in self._sagas.values()
-                    if s.finished_at is None
-                    and s.created_at < older_than
-                    and s.saga_id not in self._stuck_reported
-                ),
-                key=_oldest_first,
-            )[:limit]
-            for saga in stuck:
-                self._stuck_reported[saga.saga_id] = now
-            return tuple(_copy(s, with_steps=False) for s in stuck)
-
-
-def _waiting(saga: SagaRecord) -> bool:
-    """Never admitted and still STARTED (a saga that failed while waiting is not waiting)."""
-    return not saga.admitted and saga.state == SagaState.STARTED
-
-
-def _oldest_first(saga: SagaRecord) -> tuple[datetime, str]:
-    return saga.created_at, saga.saga_id
 
 
 def _newest_first(sagas: list[SagaRecord]) -> list[SagaRecord]:

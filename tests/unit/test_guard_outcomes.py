@@ -8,6 +8,7 @@ import json
 import pytest
 
 from celery_sagas import protocols, records
+from celery_sagas.machine import Role, SagaState
 from celery_sagas.records import STARTED, GuardOutcome, GuardRecord
 
 
@@ -31,3 +32,15 @@ def test_a_record_from_a_column_string_holds_the_enum(text: str) -> None:
 def test_an_unknown_outcome_is_refused() -> None:
     with pytest.raises(ValueError, match="'maybe'"):
         GuardRecord("s:step:action", "maybe")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("role", "states"),
+    [
+        (Role.ACTION, {SagaState.STARTED, SagaState.PENDING}),
+        (Role.COMPENSATION, {SagaState.COMPENSATING}),
+    ],
+)
+def test_the_states_that_expect_each_role(role: Role, states: set[SagaState]) -> None:
+    assert records.EXPECTED_STATES[role] == states
+    assert records.Expectation(0, 1, role).states == states
