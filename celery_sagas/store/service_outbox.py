@@ -30,6 +30,7 @@ from celery_sagas.choreography import OutgoingEvent, Reaction
 from celery_sagas.store.backends import backend_named
 from celery_sagas.store.engine import engine_of
 from celery_sagas.store.tables import Id, UtcDateTime
+from celery_sagas.store.timeline_rows import event_columns
 
 service_metadata = MetaData()
 
@@ -174,16 +175,7 @@ class ServiceOutbox:
     def _write(conn: Connection, event: OutgoingEvent, now: datetime) -> OutgoingEvent:
         row_id = conn.execute(
             service_outbox.insert()
-            .values(
-                event_id=event.event_id,
-                saga_id=event.saga_id,
-                name=event.name,
-                service=event.service,
-                handler=event.handler,
-                caused_by=event.caused_by,
-                payload=dict(event.data),
-                created_at=now,
-            )
+            .values(**event_columns(event), created_at=now)
             .returning(service_outbox.c.id)
         ).scalar_one()
         return replace(event, id=row_id)

@@ -26,6 +26,19 @@ class Consumed:
     outcome: str
 
 
+def event_columns(event: OutgoingEvent) -> dict[str, Any]:
+    """An event's columns in ``saga_event`` and in a service's ``service_outbox``."""
+    return {
+        "event_id": event.event_id,
+        "saga_id": event.saga_id,
+        "name": event.name,
+        "service": event.service,
+        "handler": event.handler,
+        "caused_by": event.caused_by,
+        "payload": dict(event.data),
+    }
+
+
 def published(row: Any) -> PublishedEvent:
     return PublishedEvent(
         event_id=row.event_id,
@@ -45,17 +58,7 @@ def add_event(
     return bool(
         conn.execute(
             backend.insert(events)
-            .values(
-                event_id=event.event_id,
-                saga_id=event.saga_id,
-                name=event.name,
-                service=event.service,
-                handler=event.handler,
-                caused_by=event.caused_by,
-                payload=dict(event.data),
-                published_at=now,
-                sent_at=now if sent else None,
-            )
+            .values(**event_columns(event), published_at=now, sent_at=now if sent else None)
             .on_conflict_do_nothing()
         ).rowcount
     )
