@@ -34,11 +34,30 @@ from tests.support.databases import (  # noqa: E402
     release_redis_db,
     service_available,
 )
-from tests.support.processes import CeleryProcess  # noqa: E402
+from tests.support.processes import CeleryProcess, logs_since, starts_so_far  # noqa: E402
 
 INTEGRATION_DIRS = ("integration", "chaos")
 # the user project's own tests run from the built wheel's virtualenv (test_user_project)
 collect_ignore = ["user_project"]
+
+
+LOG_MARK = pytest.StashKey[int]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    item.stash[LOG_MARK] = starts_so_far()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed test's report carries the log tails of the Celery processes it started
+    (stopped or not) and of those still running."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and call.when == "call":
+        for name, tail in logs_since(item.stash.get(LOG_MARK, starts_so_far())):
+            report.sections.append((f"log of {name} (last 40 lines)", tail))
 
 
 def in_ci() -> bool:

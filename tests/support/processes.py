@@ -104,6 +104,7 @@ def live_children(ppid: int) -> list[int]:
 # --------------------------------------------------------------------------- CeleryProcess
 
 _running: weakref.WeakSet[CeleryProcess] = weakref.WeakSet()
+_started: list[CeleryProcess] = []  # every start, in order (``logs_since``)
 
 
 @atexit.register
@@ -225,6 +226,7 @@ class CeleryProcess:
             start_new_session=True,
         )
         _running.add(self)
+        _started.append(self)
         return self
 
     def wait_ready(self, timeout: float = 30.0) -> CeleryProcess:
@@ -361,3 +363,15 @@ class CeleryProcess:
         state = "running" if self.is_alive() else f"exited {self.returncode}"
         pid = self.popen.pid if self.popen is not None else None
         return f"<CeleryProcess {self.name} {self.kind} -A {self.app} pid={pid} {state}>"
+
+
+def starts_so_far() -> int:
+    """A mark for :func:`logs_since`: how many times a Celery process has been started."""
+    return len(_started)
+
+
+def logs_since(mark: int, lines: int = 40) -> list[tuple[str, str]]:
+    """(name, log tail) of every Celery process started since ``mark`` or still running:
+    what a failed test's report shows, so a stalled saga leaves its workers' last words."""
+    chosen = {id(proc): proc for proc in [*_started[mark:], *_running]}
+    return [(proc.name, proc.log_tail(lines)) for proc in chosen.values()]
