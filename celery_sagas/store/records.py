@@ -15,25 +15,76 @@ from celery_sagas.protocols import NewSaga, SagaRecord, StepRecord
 from celery_sagas.row_changes import new_saga_record
 from celery_sagas.store.tables import steps, stored_utc
 
+SAGA_FIELDS = (
+    "id", "name", "business_key", "state", "current_step", "token", "version", "payload",
+    "created_at", "updated_at", "reason", "finished_at", "deadline_at", "due_at", "admitted",
+    "definition",
+)  # fmt: skip
+OPTIONAL_SAGA_FIELDS = frozenset({"definition"})
+STEP_FIELDS = (
+    "idx", "name", "status", "attempts", "compensation_attempts", "result", "error",
+    "error_kind", "started_at", "finished_at", "compensation_started_at",
+    "compensation_finished_at", "deadline_at", "redispatch_at", "dispatches",
+)  # fmt: skip
+
+
+def saga_from_values(values: Sequence[Any], step_records: tuple[StepRecord, ...]) -> SagaRecord:
+    """The saga record from its column values in ``SAGA_FIELDS`` order (datetimes made UTC:
+    the driver's raw values, or SQLAlchemy's already processed ones)."""
+    (
+        saga_id, name, business_key, state, current_step, token, version, payload,
+        created_at, updated_at, reason, finished_at, deadline_at, due_at, admitted,
+        definition,
+    ) = values  # fmt: skip
+    return SagaRecord(
+        saga_id=saga_id,
+        name=name,
+        business_key=business_key,
+        state=SagaState(state),
+        current_step=current_step,
+        token=token,
+        version=version,
+        payload=payload,
+        created_at=stored_utc(created_at),
+        updated_at=stored_utc(updated_at),
+        reason=reason,
+        finished_at=stored_utc(finished_at),
+        deadline_at=stored_utc(deadline_at),
+        due_at=stored_utc(due_at),
+        admitted=admitted,
+        definition=definition,
+        steps=step_records,
+    )
+
+
+def step_from_values(values: Sequence[Any]) -> StepRecord:
+    """The step record from its column values in ``STEP_FIELDS`` order."""
+    (
+        idx, name, status, attempts, compensation_attempts, result, error, error_kind,
+        started_at, finished_at, compensation_started_at, compensation_finished_at,
+        deadline_at, redispatch_at, dispatches,
+    ) = values  # fmt: skip
+    return StepRecord(
+        index=idx,
+        name=name,
+        status=StepStatus(status),
+        attempts=attempts,
+        compensation_attempts=compensation_attempts,
+        result=result,
+        error=error,
+        error_kind=ErrorKind(error_kind) if error_kind else None,
+        started_at=stored_utc(started_at),
+        finished_at=stored_utc(finished_at),
+        compensation_started_at=stored_utc(compensation_started_at),
+        compensation_finished_at=stored_utc(compensation_finished_at),
+        deadline_at=stored_utc(deadline_at),
+        redispatch_at=stored_utc(redispatch_at),
+        dispatches=dispatches,
+    )
+
 
 def _step_record(row: Any) -> StepRecord:
-    return StepRecord(
-        index=row.idx,
-        name=row.name,
-        status=StepStatus(row.status),
-        attempts=row.attempts,
-        compensation_attempts=row.compensation_attempts,
-        result=row.result,
-        error=row.error,
-        error_kind=ErrorKind(row.error_kind) if row.error_kind else None,
-        started_at=row.started_at,
-        finished_at=row.finished_at,
-        compensation_started_at=row.compensation_started_at,
-        compensation_finished_at=row.compensation_finished_at,
-        deadline_at=row.deadline_at,
-        redispatch_at=row.redispatch_at,
-        dispatches=row.dispatches,
-    )
+    return step_from_values([getattr(row, name) for name in STEP_FIELDS])
 
 
 STEP_PREFIX = "step_"
@@ -60,18 +111,6 @@ def _joined_record(rows: Sequence[Any]) -> SagaRecord | None:
     return _saga_record(rows[0], [_StepColumns(r) for r in rows])
 
 
-SAGA_FIELDS = (
-    "id", "name", "business_key", "state", "current_step", "token", "version", "payload",
-    "created_at", "updated_at", "reason", "finished_at", "deadline_at", "due_at", "admitted",
-    "definition",
-)  # fmt: skip
-STEP_FIELDS = (
-    "idx", "name", "status", "attempts", "compensation_attempts", "result", "error",
-    "error_kind", "started_at", "finished_at", "compensation_started_at",
-    "compensation_finished_at", "deadline_at", "redispatch_at", "dispatches",
-)  # fmt: skip
-
-
 class JoinedLayout:
     """Where the saga's and the steps' columns sit in the raw rows of a saga-and-steps
     join (by label), to build the record straight from the driver's tuples: the hot
@@ -87,76 +126,15 @@ class JoinedLayout:
         """The saga from its rows, steps in ``idx`` order (None: no rows, no saga)."""
         if not rows:
             return None
-        (
-            saga_id, name, business_key, state, current_step, token, version, payload,
-            created_at, updated_at, reason, finished_at, deadline_at, due_at, admitted,
-            definition,
-        ) = (rows[0][i] for i in self.saga)  # fmt: skip
-        return SagaRecord(
-            saga_id=saga_id,
-            name=name,
-            business_key=business_key,
-            state=SagaState(state),
-            current_step=current_step,
-            token=token,
-            version=version,
-            payload=payload,
-            created_at=stored_utc(created_at),
-            updated_at=stored_utc(updated_at),
-            reason=reason,
-            finished_at=stored_utc(finished_at),
-            deadline_at=stored_utc(deadline_at),
-            due_at=stored_utc(due_at),
-            admitted=admitted,
-            definition=definition,
-            steps=tuple(self._step(row) for row in rows),
-        )
-
-    def _step(self, row: Sequence[Any]) -> StepRecord:
-        (
-            idx, name, status, attempts, compensation_attempts, result, error, error_kind,
-            started_at, finished_at, compensation_started_at, compensation_finished_at,
-            deadline_at, redispatch_at, dispatches,
-        ) = (row[i] for i in self.step)  # fmt: skip
-        return StepRecord(
-            index=idx,
-            name=name,
-            status=StepStatus(status),
-            attempts=attempts,
-            compensation_attempts=compensation_attempts,
-            result=result,
-            error=error,
-            error_kind=ErrorKind(error_kind) if error_kind else None,
-            started_at=stored_utc(started_at),
-            finished_at=stored_utc(finished_at),
-            compensation_started_at=stored_utc(compensation_started_at),
-            compensation_finished_at=stored_utc(compensation_finished_at),
-            deadline_at=stored_utc(deadline_at),
-            redispatch_at=stored_utc(redispatch_at),
-            dispatches=dispatches,
-        )
+        step_records = tuple(step_from_values([row[i] for i in self.step]) for row in rows)
+        return saga_from_values([rows[0][i] for i in self.saga], step_records)
 
 
 def _saga_record(row: Any, step_rows: Sequence[Any] = ()) -> SagaRecord:
-    return SagaRecord(
-        saga_id=row.id,
-        name=row.name,
-        business_key=row.business_key,
-        state=SagaState(row.state),
-        current_step=row.current_step,
-        token=row.token,
-        version=row.version,
-        payload=row.payload,
-        created_at=row.created_at,
-        updated_at=row.updated_at,
-        reason=row.reason,
-        finished_at=row.finished_at,
-        deadline_at=row.deadline_at,
-        due_at=row.due_at,
-        admitted=row.admitted,
-        definition=getattr(row, "definition", None),
-        steps=tuple(_step_record(r) for r in step_rows),
-    )
+    """From a SQLAlchemy row (``definition`` may be left out of the select: None)."""
+    values = [getattr(row, name, None) if name in OPTIONAL_SAGA_FIELDS else getattr(row, name)
+              for name in SAGA_FIELDS]  # fmt: skip
+    return saga_from_values(values, tuple(_step_record(r) for r in step_rows))
 
 
 def _fresh_record(new: NewSaga, decision: Decision, now: datetime) -> SagaRecord:
