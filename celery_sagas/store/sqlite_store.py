@@ -28,7 +28,7 @@ from celery_sagas.store import writes
 from celery_sagas.store.backends import SQLITE
 from celery_sagas.store.records import _fresh_record
 from celery_sagas.store.repository import SqlSagaStore
-from celery_sagas.store.tables import sagas, steps
+from celery_sagas.store.tables import sagas
 
 
 class SqliteSagaStore(SqlSagaStore, backend=SQLITE):
@@ -58,14 +58,8 @@ class SqliteSagaStore(SqlSagaStore, backend=SQLITE):
         )
         if inserted.rowcount == 0:
             return self._existing(conn, new)
-        conn.execute(
-            steps.insert(),
-            [
-                {"saga_id": new.saga_id, "idx": i, "name": name, "status": "pending"}
-                for i, name in enumerate(new.step_names)
-            ],
-        )
-        written = writes.write_decision(
+        writes.insert_steps(conn, new, decision, now)
+        written = writes.write_rows(
             conn, SQLITE.insert, new.saga_id, decision, messages, now, fresh=True
         )
         return CreateResult(_fresh_record(new, decision, now), True, written)

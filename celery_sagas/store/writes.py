@@ -12,10 +12,11 @@ from typing import Any
 from sqlalchemy import Connection, Table, delete, update
 
 from celery_sagas.machine import Decision
-from celery_sagas.protocols import OutboxMessage, SagaRecord
+from celery_sagas.protocols import NewSaga, OutboxMessage, SagaRecord
 from celery_sagas.row_changes import (
     changed_since,
     consumes_unsent,
+    new_step_columns,
     outbox_columns,
     saga_columns,
     step_columns,
@@ -71,7 +72,33 @@ def replace_steps(conn: Connection, saga: SagaRecord) -> None:
     )
 
 
+def insert_steps(conn: Connection, new: NewSaga, decision: Decision, now: datetime) -> None:
+    """The step rows of a new saga (``row_changes.new_step_columns``): one INSERT per set
+    of columns written (the steps still pending share one)."""
+    rows: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for _, columns in new_step_columns(new, decision, now):
+        rows.setdefault(tuple(columns), []).append({"saga_id": new.saga_id, **columns})
+    for same_columns in rows.values():
+        conn.execute(steps.insert(), same_columns)
+
+
 def write_decision(
+    conn: Connection,
+    insert: Callable[[Table], Any],
+    saga_id: str,
+    decision: Decision,
+    messages: Sequence[OutboxMessage],
+    now: datetime,
+) -> tuple[OutboxMessage, ...]:
+    """``decision``'s step changes on a saga that exists, then ``write_rows``."""
+    for index, values in step_columns(decision.step_changes, now).items():
+        conn.execute(
+            update(steps).where(steps.c.saga_id == saga_id, steps.c.idx == index).values(**values)
+        )
+    return write_rows(conn, insert, saga_id, decision, messages, now)
+
+
+def write_rows(
     conn: Connection,
     insert: Callable[[Table], Any],
     saga_id: str,
@@ -80,10 +107,9 @@ def write_decision(
     now: datetime,
     fresh: bool = False,
 ) -> tuple[OutboxMessage, ...]:
-    for index, values in step_columns(decision.step_changes, now).items():
-        conn.execute(
-            update(steps).where(steps.c.saga_id == saga_id, steps.c.idx == index).values(**values)
-        )
+    """The rows of ``decision`` other than the saga's and its steps': the transition log,
+    the dead-letter change, the consumed (none for a ``fresh`` saga) and the new outbox
+    rows."""
     logged = transition_rows(saga_id, decision, now)
     if logged:
         conn.execute(transitions.insert(), [vars(row) for row in logged])
