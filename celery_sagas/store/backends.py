@@ -1,5 +1,6 @@
 """The few things PostgreSQL and SQLite do differently around the same statements: the
-upsert, row locks, serialising admissions and a commit that need not wait for the disk.
+upsert, row locks, serialising admissions, a commit that need not wait for the disk, and
+the stats reader's snapshot, durations and id lists.
 
 A store holds its database's ``Backend`` and asks it, instead of testing which database
 it is on: each class below is its database's way, read straight through.
@@ -7,9 +8,10 @@ it is on: each class below is its database's way, read straight through.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any, Protocol
 
-from sqlalchemy import Connection, Table, func, select
+from sqlalchemy import ColumnElement, Connection, String, Table, any_, bindparam, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from celery_sagas.errors import DatabaseUrlError
@@ -34,10 +36,20 @@ class Backend(Protocol):
         """Let this transaction's commit skip waiting for the disk (a write whose loss
         is harmless, such as a message marked sent)."""
 
+    def read_snapshot(self, conn: Connection, statement_timeout: float) -> None:
+        """Make this transaction's reads one consistent, read-only snapshot whose statements
+        give up after ``statement_timeout`` seconds (as far as the database can)."""
+
+    def seconds(self, start: Any, end: Any) -> ColumnElement[Any]:
+        """The seconds from ``start`` to ``end``, a floating-point number."""
+
+    def one_of(self, column: Any, values: Collection[str], name: str) -> ColumnElement[bool]:
+        """``column`` equal to one of ``values`` (not empty), bound as ``name``."""
+
 
 class PostgresBackend:
     """PostgreSQL: ``FOR UPDATE [SKIP LOCKED]`` row locks, transaction-scoped advisory
-    locks, and ``synchronous_commit`` off per transaction."""
+    locks, ``synchronous_commit`` off per transaction, and a repeatable-read snapshot."""
 
     name = "postgresql"
 
@@ -55,6 +67,18 @@ class PostgresBackend:
 
     def relax_commit(self, conn: Connection) -> None:
         conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
+
+    def read_snapshot(self, conn: Connection, statement_timeout: float) -> None:
+        conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        conn.exec_driver_sql(f"SET LOCAL statement_timeout = {int(statement_timeout * 1000)}")
+
+    def seconds(self, start: Any, end: Any) -> ColumnElement[Any]:
+        return func.date_part("epoch", end - start)  # double precision (EXTRACT is numeric)
+
+    def one_of(self, column: Any, values: Collection[str], name: str) -> ColumnElement[bool]:
+        # one array parameter, however many values
+        array = bindparam(name, list(values), type_=postgresql.ARRAY(String))
+        return column == any_(array)  # type: ignore[no-any-return]
 
 
 class SqliteBackend:
@@ -78,6 +102,15 @@ class SqliteBackend:
 
     def relax_commit(self, conn: Connection) -> None:
         return None
+
+    def read_snapshot(self, conn: Connection, statement_timeout: float) -> None:
+        return None  # a read transaction already sees one snapshot; no statement timeout
+
+    def seconds(self, start: Any, end: Any) -> ColumnElement[Any]:
+        return (func.julianday(end) - func.julianday(start)) * 86400.0
+
+    def one_of(self, column: Any, values: Collection[str], name: str) -> ColumnElement[bool]:
+        return column.in_(list(values))  # type: ignore[no-any-return]
 
 
 POSTGRES = PostgresBackend()

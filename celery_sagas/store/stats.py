@@ -32,10 +32,7 @@ from sqlalchemy import (
     Connection,
     Engine,
     Float,
-    String,
     and_,
-    any_,
-    bindparam,
     case,
     cast,
     create_engine,
@@ -44,7 +41,6 @@ from sqlalchemy import (
     select,
     union,
 )
-from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import DBAPIError
 
 from celery_sagas.errors import StoreUnavailableError
@@ -61,6 +57,7 @@ from celery_sagas.stats import (
     add_states,
     add_steps,
 )
+from celery_sagas.store.backends import backend_named
 from celery_sagas.store.engine import build_engine
 from celery_sagas.store.tables import dead_letters, sagas, steps
 
@@ -90,12 +87,6 @@ class _Part:
         )
 
 
-def _seconds(conn: Connection, start: Any, end: Any) -> ColumnElement[Any]:
-    if conn.dialect.name == "postgresql":
-        return func.date_part("epoch", end - start)  # double precision (EXTRACT is numeric)
-    return (func.julianday(end) - func.julianday(start)) * 86400.0
-
-
 def _retries(column: Any) -> ColumnElement[Any]:
     return func.sum(case((column > 1, column - 1), else_=0))
 
@@ -112,15 +103,6 @@ def _histogram_columns(duration: ColumnElement[Any], bounds: tuple[float, ...]) 
 def _histogram(values: Any, bounds: tuple[float, ...]) -> Histogram:
     count, total, *cumulative = values
     return Histogram(bounds, tuple(int(c or 0) for c in cumulative), int(count), float(total))
-
-
-def _ids_in(conn: Connection, ids: Collection[str]) -> ColumnElement[bool]:
-    if not ids:
-        return sagas.c.id.in_([])
-    if conn.dialect.name == "postgresql":  # one array parameter, however many ids
-        array = bindparam("pending_ids", list(ids), type_=postgresql.ARRAY(String))
-        return sagas.c.id == any_(array)
-    return sagas.c.id.in_(list(ids))
 
 
 class StatsReader:
@@ -153,6 +135,7 @@ class StatsReader:
         self.engine = (
             _reader_engine(url_or_engine) if isinstance(url_or_engine, str) else url_or_engine
         )
+        self.backend = backend_named(self.engine.dialect.name)
         self.buckets = tuple(buckets)
         self.settle_after = settle_after
         self.fold_batch = fold_batch
@@ -169,7 +152,8 @@ class StatsReader:
             now = self.clock()
             try:
                 with self.engine.connect() as conn, conn.begin():
-                    self._configure(conn)
+                    # one consistent snapshot for all the queries of this call, bounded
+                    self.backend.read_snapshot(conn, self.statement_timeout)
                     return self._read(conn, now)
             except DBAPIError as exc:
                 raise StoreUnavailableError(
@@ -177,18 +161,16 @@ class StatsReader:
                     f"{type(exc.orig).__name__}: {str(exc.orig).strip()}"
                 ) from exc
 
-    def _configure(self, conn: Connection) -> None:
-        if conn.dialect.name == "postgresql":
-            # one consistent snapshot for all the queries of this call, read-only, bounded
-            conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            conn.exec_driver_sql(
-                f"SET LOCAL statement_timeout = {int(self.statement_timeout * 1000)}"
-            )
+    def _ids_in(self, ids: Collection[str]) -> ColumnElement[bool]:
+        """The sagas ``ids`` (pending at the last fold)."""
+        if not ids:
+            return sagas.c.id.in_([])
+        return self.backend.one_of(sagas.c.id, ids, "pending_ids")
 
     def _read(self, conn: Connection, now: datetime) -> SagaStats:
         watermark = self._fold(conn, now)
         recent = (
-            or_(sagas.c.created_at >= watermark, _ids_in(conn, self._pending))
+            or_(sagas.c.created_at >= watermark, self._ids_in(self._pending))
             if watermark is not None
             else sagas.c.id.is_not(None)
         )
@@ -229,7 +211,7 @@ class StatsReader:
         window = sagas.c.created_at < end
         if self._watermark is not None:
             window = and_(sagas.c.created_at >= self._watermark, window)
-        scope = or_(window, _ids_in(conn, self._pending))
+        scope = or_(window, self._ids_in(self._pending))
         final = and_(sagas.c.finished_at.is_not(None), sagas.c.state.in_(FINAL_STATES))
         pending = frozenset(conn.execute(select(sagas.c.id).where(scope, ~final)).scalars())
         settled = self._part(conn, and_(scope, final))
@@ -255,7 +237,7 @@ class StatsReader:
             select(
                 sagas.c.name,
                 sagas.c.state,
-                _seconds(conn, sagas.c.created_at, sagas.c.finished_at).label("took"),
+                self.backend.seconds(sagas.c.created_at, sagas.c.finished_at).label("took"),
             )
             .where(where, sagas.c.finished_at.is_not(None), sagas.c.state.in_(FINAL_STATES))
             .offset(0)  # each duration computed once, not once per bucket (see _step_stats)
@@ -278,9 +260,9 @@ class StatsReader:
                 steps.c.attempts,
                 steps.c.compensation_attempts,
                 steps.c.error_kind,
-                _seconds(conn, steps.c.started_at, steps.c.finished_at).label("forward"),
-                _seconds(
-                    conn, steps.c.compensation_started_at, steps.c.compensation_finished_at
+                self.backend.seconds(steps.c.started_at, steps.c.finished_at).label("forward"),
+                self.backend.seconds(
+                    steps.c.compensation_started_at, steps.c.compensation_finished_at
                 ).label("undo"),
             )
             .select_from(steps.join(sagas, sagas.c.id == steps.c.saga_id))

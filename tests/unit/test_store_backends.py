@@ -112,3 +112,21 @@ def test_each_backend_locks_rows_its_own_way(
 def test_each_backend_has_an_upsert(backend: Backend) -> None:
     statement = backend.insert(guards).values(key="k").on_conflict_do_nothing()
     assert "ON CONFLICT DO NOTHING" in _sql(statement, backend)
+
+
+@pytest.mark.parametrize(
+    ("backend", "seconds", "one_of"),
+    [
+        (POSTGRES, "date_part(", "saga.id = ANY ("),
+        (SQLITE, "julianday(", "saga.id IN ("),
+    ],
+)
+def test_each_backend_writes_the_stats_readers_shapes(
+    backend: Backend, seconds: str, one_of: str
+) -> None:
+    query = select(backend.seconds(sagas.c.created_at, sagas.c.finished_at)).where(
+        backend.one_of(sagas.c.id, ["a", "b"], "ids")
+    )
+    sql = _sql(query, backend)
+    assert seconds in sql
+    assert one_of in sql
