@@ -10,12 +10,14 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, false, func, select, true, update
+from sqlalchemy import Connection, func, select, update
 
-from celery_sagas.machine import LIVE_STATES, Decision, SagaState
+from celery_sagas import row_filters
+from celery_sagas.machine import Decision
 from celery_sagas.protocols import STARTED, OutboxMessage, SagaRecord, current_execution_key
 from celery_sagas.row_changes import with_current_start
 from celery_sagas.store.backends import Backend
+from celery_sagas.store.filters import where
 from celery_sagas.store.records import _saga_record
 from celery_sagas.store.tables import guards, sagas, steps
 
@@ -29,7 +31,7 @@ def claim_due(
     rows = conn.execute(
         backend.skip_locked(
             select(sagas)
-            .where(sagas.c.due_at.is_not(None), sagas.c.due_at <= now)
+            .where(*where(sagas, row_filters.due(now)))
             .order_by(sagas.c.due_at)
             .limit(limit)
         )
@@ -42,23 +44,13 @@ def claim_waiting(
 ) -> tuple[SagaRecord, ...]:
     backend.one_at_a_time(conn, _lock_key(name))  # one admitter per saga type at a time
     running = conn.execute(
-        select(func.count())
-        .select_from(sagas)
-        .where(
-            sagas.c.name == name,
-            sagas.c.admitted.is_(true()),
-            sagas.c.state.in_([s.value for s in LIVE_STATES]),
-        )
+        select(func.count()).select_from(sagas).where(*where(sagas, row_filters.running(name)))
     ).scalar_one()
     free = max(0, max_concurrent - running)
     rows = (
         conn.execute(
             select(sagas)
-            .where(
-                sagas.c.name == name,
-                sagas.c.admitted.is_(false()),
-                sagas.c.state == SagaState.STARTED.value,
-            )
+            .where(*where(sagas, row_filters.waiting(name)))
             .order_by(sagas.c.created_at, sagas.c.id)
             .limit(free)
         ).all()
@@ -70,9 +62,7 @@ def claim_waiting(
 
 def waiting_names(conn: Connection) -> tuple[str, ...]:
     names = conn.execute(
-        select(sagas.c.name)
-        .where(sagas.c.admitted.is_(false()), sagas.c.state == SagaState.STARTED.value)
-        .distinct()
+        select(sagas.c.name).where(*where(sagas, row_filters.waiting())).distinct()
     ).scalars()
     return tuple(names)
 
@@ -83,11 +73,7 @@ def report_stuck(
     rows = conn.execute(
         backend.skip_locked(
             select(sagas)
-            .where(
-                sagas.c.finished_at.is_(None),
-                sagas.c.created_at < older_than,
-                sagas.c.stuck_reported_at.is_(None),
-            )
+            .where(*where(sagas, row_filters.stuck(older_than)))
             .order_by(sagas.c.created_at)
             .limit(limit)
         )

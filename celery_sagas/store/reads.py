@@ -10,6 +10,7 @@ from datetime import datetime
 from sqlalchemy import Connection, Engine, bindparam, func, select
 from sqlalchemy.exc import InterfaceError, OperationalError
 
+from celery_sagas import row_filters
 from celery_sagas.errors import StoreUnavailableError
 from celery_sagas.machine import SagaState
 from celery_sagas.protocols import (
@@ -26,6 +27,7 @@ from celery_sagas.store import dead_letters as dead_letter_rows
 from celery_sagas.store import guards as guard_rows
 from celery_sagas.store import retention
 from celery_sagas.store.browse import with_business_key
+from celery_sagas.store.filters import where
 from celery_sagas.store.records import STEP_COLUMNS, _joined_record, _saga_record
 from celery_sagas.store.tables import dead_letters, guards, outbox, sagas, steps, transitions
 
@@ -152,11 +154,7 @@ class SqlReads:
         with self._read() as conn:
             rows = conn.execute(
                 select(outbox)
-                .where(
-                    outbox.c.sent_at.is_(None),
-                    outbox.c.created_at < created_before,
-                    ~taken,
-                )
+                .where(*where(outbox, row_filters.unsent(created_before)), ~taken)
                 .order_by(outbox.c.id)
                 .limit(limit)
             ).all()

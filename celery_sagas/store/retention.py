@@ -32,11 +32,12 @@ from sqlalchemy import (
     update,
 )
 
-from celery_sagas.machine import TERMINAL_STATES
+from celery_sagas import row_filters
 from celery_sagas.machine.dead_letters import OPEN_DEAD_LETTER
 from celery_sagas.protocols import PRUNED_TABLES, SENT_ROWS_PER_SAGA, Compacted, Pruned
 from celery_sagas.row_changes import OUTBOX_WINDOW_FACTOR, owned_guard_keys
 from celery_sagas.store.backends import Backend
+from celery_sagas.store.filters import where
 from celery_sagas.store.tables import (
     attempts,
     dead_letters,
@@ -49,11 +50,11 @@ from celery_sagas.store.tables import (
     transitions,
 )
 
-FINISHED = tuple(sorted(state.value for state in TERMINAL_STATES))
 KEYS_PER_STATEMENT = 5000  # bound parameters per DELETE (SQLite allows 32766)
 
 
 def _prunable(finished_before: datetime, name: str | None) -> ColumnElement[bool]:
+    """``row_filters.prunable``, and no open dead letter."""
     open_dead_letter = (
         select(dead_letters.c.id)
         .where(
@@ -62,16 +63,7 @@ def _prunable(finished_before: datetime, name: str | None) -> ColumnElement[bool
         )
         .exists()
     )
-    conditions = [
-        # finished before the cutoff, so created before it: bounds the created_at walk
-        sagas.c.created_at < finished_before,
-        sagas.c.state.in_(FINISHED),
-        sagas.c.finished_at < finished_before,
-        ~open_dead_letter,
-    ]
-    if name is not None:
-        conditions.append(sagas.c.name == name)
-    return and_(*conditions)
+    return and_(*where(sagas, row_filters.prunable(finished_before, name)), ~open_dead_letter)
 
 
 def count_prunable(conn: Connection, finished_before: datetime, name: str | None) -> int:
@@ -182,12 +174,7 @@ def compact(
     unsent = select(outbox.c.id).where(outbox.c.saga_id == sagas.c.id, outbox.c.sent_at.is_(None))
     query = (
         select(sagas.c.id)
-        .where(
-            sagas.c.finished_at.is_not(None),
-            sagas.c.compacted_at.is_(None),
-            sagas.c.finished_at < finished_before,
-            ~unsent.exists(),
-        )
+        .where(*where(sagas, row_filters.compactable(finished_before)), ~unsent.exists())
         .order_by(sagas.c.finished_at)
         .limit(limit)
     )

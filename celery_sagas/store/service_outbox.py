@@ -26,9 +26,11 @@ from sqlalchemy import (
     update,
 )
 
+from celery_sagas import row_filters
 from celery_sagas.choreography import OutgoingEvent, Reaction
 from celery_sagas.store.backends import backend_named
 from celery_sagas.store.engine import engine_of
+from celery_sagas.store.filters import where
 from celery_sagas.store.tables import Id, UtcDateTime
 from celery_sagas.store.timeline_rows import event_columns
 
@@ -198,10 +200,7 @@ class ServiceOutbox:
         with self.engine.connect() as conn:
             rows = conn.execute(
                 select(service_outbox)
-                .where(
-                    service_outbox.c.sent_at.is_(None),
-                    service_outbox.c.created_at < created_before,
-                )
+                .where(*where(service_outbox, row_filters.unsent(created_before)))
                 .order_by(service_outbox.c.id)
                 .limit(limit)
             ).all()

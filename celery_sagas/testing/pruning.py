@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
+from celery_sagas import row_filters
 from celery_sagas.protocols import PRUNED_TABLES, Compacted, Pruned, SagaRecord
 from celery_sagas.testing import retention
 from celery_sagas.testing.columns import as_utc
@@ -19,10 +20,13 @@ class MemoryRetention(MemoryTables):
         finished_before = as_utc(finished_before)
         with self._lock:
             self.calls.append("prunable")
-            entries = self._dead_letters.values()
-            return sum(
-                retention.prunable(s, entries, finished_before, name) for s in self._sagas.values()
-            )
+            return len(self._prunable(finished_before, name))
+
+    def _prunable(self, finished_before: datetime, name: str | None) -> list[SagaRecord]:
+        """``row_filters.prunable``, and no open dead letter (as ``store.retention``)."""
+        entries = self._dead_letters.values()
+        taken = self._sagas_where(row_filters.prunable(finished_before, name))
+        return [s for s in taken if not retention.held(s, entries)]
 
     def prune(
         self,
@@ -33,14 +37,8 @@ class MemoryRetention(MemoryTables):
     ) -> Pruned:
         finished_before = as_utc(finished_before)
         with self._transaction("prune"):
-            entries = self._dead_letters.values()
             taken = sorted(
-                (
-                    s
-                    for s in self._sagas.values()
-                    if retention.prunable(s, entries, finished_before, name)
-                    and retention.past(s, after)
-                ),
+                (s for s in self._prunable(finished_before, name) if retention.past(s, after)),
                 key=oldest_first,
             )[:limit]
             rows = dict.fromkeys(PRUNED_TABLES, 0)
@@ -92,8 +90,8 @@ class MemoryRetention(MemoryTables):
             taken = sorted(
                 (
                     s
-                    for s in self._sagas.values()
-                    if retention.compactable(s, self._compacted, unsent, finished_before)
+                    for s in self._sagas_where(row_filters.compactable(finished_before))
+                    if s.saga_id not in unsent
                 ),
                 key=lambda s: s.finished_at or finished_before,
             )[:limit]

@@ -1,12 +1,12 @@
-"""Retention in ``InMemorySagaStore``: which sagas ``prune`` and ``compact`` take, and the
-guard keys a saga can have written, by the rules of ``celery_sagas.store.retention``."""
+"""Retention in ``InMemorySagaStore``: what ``prune`` and ``compact`` take beyond their
+``row_filters``, and the guard keys a saga can have written, by the rules of
+``celery_sagas.store.retention``."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 
-from celery_sagas.machine import TERMINAL_STATES
 from celery_sagas.machine.dead_letters import OPEN_DEAD_LETTER
 from celery_sagas.protocols import (
     SENT_ROWS_PER_SAGA,
@@ -18,39 +18,14 @@ from celery_sagas.protocols import (
 from celery_sagas.row_changes import owned_guard_keys, sent_rows_deleted
 
 
-def prunable(
-    saga: SagaRecord,
-    dead_letters: Iterable[DeadLetterRecord],
-    finished_before: datetime,
-    name: str | None,
-) -> bool:
-    """COMPLETED or FAILED before ``finished_before``, of type ``name``, no open dead letter."""
-    return (
-        saga.state in TERMINAL_STATES
-        and saga.finished_at is not None
-        and saga.finished_at < finished_before
-        and (name is None or saga.name == name)
-        and not any(
-            e.saga_id == saga.saga_id and e.status in OPEN_DEAD_LETTER for e in dead_letters
-        )
-    )
+def held(saga: SagaRecord, dead_letters: Iterable[DeadLetterRecord]) -> bool:
+    """Whether ``saga`` has an open dead letter (an operator's to resolve): not pruned."""
+    return any(e.saga_id == saga.saga_id and e.status in OPEN_DEAD_LETTER for e in dead_letters)
 
 
 def past(saga: SagaRecord, after: tuple[datetime, str] | None) -> bool:
     """After the keyset ``after`` in ``(created_at, saga_id)`` order."""
     return after is None or (saga.created_at, saga.saga_id) > after
-
-
-def compactable(
-    saga: SagaRecord, compacted: Iterable[str], unsent_sagas: set[str], finished_before: datetime
-) -> bool:
-    """Finished before ``finished_before``, not compacted, no outbox row left unsent."""
-    return (
-        saga.finished_at is not None
-        and saga.finished_at < finished_before
-        and saga.saga_id not in compacted
-        and saga.saga_id not in unsent_sagas
-    )
 
 
 def guard_keys_of(saga: SagaRecord, transitions: Iterable[TransitionRecord]) -> set[str]:

@@ -7,7 +7,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 
-from celery_sagas.machine import LIVE_STATES, Decision, SagaState
+from celery_sagas import row_filters
+from celery_sagas.machine import Decision
 from celery_sagas.protocols import STARTED, OutboxMessage, SagaRecord, current_execution_key
 from celery_sagas.row_changes import with_current_start
 from celery_sagas.testing.columns import as_utc
@@ -48,43 +49,28 @@ class MemoryScans(MemoryTables):
     def claim_due(self, now: datetime, limit: int) -> Iterator[MemoryClaim]:
         now = as_utc(now)
         with self._transaction("claim_due"):
-            due = [s for s in self._sagas.values() if s.due_at is not None and s.due_at <= now]
-            due.sort(key=lambda s: s.due_at or now)
+            due = sorted(self._sagas_where(row_filters.due(now)), key=lambda s: s.due_at or now)
             yield self._claimed(due[:limit])
 
     @contextmanager
     def claim_waiting(self, name: str, max_concurrent: int) -> Iterator[MemoryClaim]:
         with self._transaction("claim_waiting"):
-            mine = [s for s in self._sagas.values() if s.name == name]
-            running = sum(1 for s in mine if s.admitted and s.state in LIVE_STATES)
-            waiting = sorted((s for s in mine if _waiting(s)), key=oldest_first)
+            running = len(self._sagas_where(row_filters.running(name)))
+            waiting = sorted(self._sagas_where(row_filters.waiting(name)), key=oldest_first)
             yield self._claimed(waiting[: max(0, max_concurrent - running)])
 
     def waiting_names(self) -> tuple[str, ...]:
         with self._lock:
             self.calls.append("waiting_names")
-            return tuple(sorted({s.name for s in self._sagas.values() if _waiting(s)}))
+            return tuple(sorted({s.name for s in self._sagas_where(row_filters.waiting())}))
 
     def report_stuck(
         self, older_than: datetime, now: datetime, limit: int
     ) -> tuple[SagaRecord, ...]:
         older_than, now = as_utc(older_than), as_utc(now)
         with self._transaction("report_stuck"):
-            stuck = sorted(
-                (
-                    s
-                    for s in self._sagas.values()
-                    if s.finished_at is None
-                    and s.created_at < older_than
-                    and s.saga_id not in self._stuck_reported
-                ),
-                key=oldest_first,
-            )[:limit]
+            stuck = sorted(self._sagas_where(row_filters.stuck(older_than)), key=oldest_first)
+            stuck = stuck[:limit]
             for saga in stuck:
                 self._stuck_reported[saga.saga_id] = now
             return tuple(detached(s, with_steps=False) for s in stuck)
-
-
-def _waiting(saga: SagaRecord) -> bool:
-    """Never admitted and still STARTED (a saga that failed while waiting is not waiting)."""
-    return not saga.admitted and saga.state == SagaState.STARTED

@@ -10,6 +10,7 @@ from dataclasses import replace
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+from celery_sagas import row_filters
 from celery_sagas.definition import idempotency_key
 from celery_sagas.errors import SagaError
 from celery_sagas.machine import Decision, Role, SagaState
@@ -47,6 +48,7 @@ from celery_sagas.row_changes import (
     transition_rows,
     written_messages,
 )
+from celery_sagas.row_filters import holds
 from celery_sagas.testing import dead_letters
 from celery_sagas.testing.columns import as_json, as_utc
 from celery_sagas.testing.pruning import MemoryRetention
@@ -275,12 +277,11 @@ class InMemorySagaStore(MemoryRetention, MemoryScans):
         created_before = as_utc(created_before)
         with self._lock:
             self.calls.append("unsent")
+            unsent = row_filters.unsent(created_before)
             pending = [
                 replace(m, body=as_json(m.body))
                 for i, m in sorted(self._outbox.items())
-                if m.sent_at is None
-                and m.created_at is not None
-                and m.created_at < created_before
+                if holds(unsent, vars(m))
                 and self._outbox_keys.get(i) not in self._guards  # no worker took it yet
             ]
             return tuple(pending[:limit])

@@ -9,6 +9,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime
+from typing import Any
 
 from celery_sagas.machine import Decision
 from celery_sagas.protocols import (
@@ -19,6 +20,7 @@ from celery_sagas.protocols import (
     SagaRecord,
     TransitionRecord,
 )
+from celery_sagas.row_filters import Filter, holds
 from celery_sagas.testing.columns import as_json
 
 
@@ -64,6 +66,19 @@ class MemoryTables:
                 "saga_dead_letter": len(self._dead_letters),
                 "saga_attempt": len(self._attempts),
             }
+
+    def _columns(self, saga: SagaRecord) -> dict[str, Any]:
+        """``saga``'s row by column name, as ``row_filters`` reads it: its fields, and the
+        two columns the fake keeps beside the records."""
+        return {
+            **vars(saga),
+            "stuck_reported_at": self._stuck_reported.get(saga.saga_id),
+            "compacted_at": self._compacted.get(saga.saga_id),
+        }
+
+    def _sagas_where(self, conditions: Filter) -> list[SagaRecord]:
+        """The sagas whose row passes ``conditions``, as the SQL store's WHERE takes them."""
+        return [s for s in self._sagas.values() if holds(conditions, self._columns(s))]
 
     @contextmanager
     def _transaction(self, call: str) -> Iterator[None]:
