@@ -21,7 +21,7 @@ STAMP := $(VENV)/.installed
 
 PYTEST_ARGS ?=
 LOWEST := .venv-lowest
-LOWEST_EXTRAS := redis postgres prometheus flower rabbitmq
+LOWEST_EXTRAS := redis postgres psycopg prometheus flower rabbitmq
 LOWEST_TESTS ?= tests/unit tests/integration/test_end_to_end.py tests/integration/test_store_contract.py tests/integration/test_migrations.py tests/integration/test_sagas_page.py tests/integration/test_dead_letters.py
 DEMO_ARGS ?=
 BENCH_ARGS ?= --rounds 3
@@ -77,7 +77,7 @@ test-lowest: services
 	$(LOWEST)/bin/python -m pip install --disable-pip-version-check -q \
 		-c $(LOWEST)/constraints.txt -e ".[dev,$(shell echo $(LOWEST_EXTRAS) | tr ' ' ',')]"
 	@echo "lowest versions:"; $(LOWEST)/bin/python -m pip freeze | grep -i -E \
-		'^(celery|kombu|sqlalchemy|alembic|click|amqp|redis|psycopg2-binary|flower|prometheus.client)=='
+		'^(celery|kombu|sqlalchemy|alembic|click|amqp|redis|psycopg2-binary|psycopg|psycopg-binary|flower|prometheus.client)=='
 	$(LOWEST)/bin/python -m pytest $(LOWEST_TESTS)
 
 demo: $(STAMP)

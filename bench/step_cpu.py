@@ -8,6 +8,7 @@ handling and the broker are left out, so changes to the library's own per-step w
 show with less noise than in ``bench.py``'s throughput run on a busy machine.
 
     .venv/bin/python bench/step_cpu.py --n 300
+    .venv/bin/python bench/step_cpu.py --n 300 --driver psycopg   # psycopg 3
 """
 
 from __future__ import annotations
@@ -25,25 +26,35 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=300, help="sagas measured (after 30 warm-up)")
+    parser.add_argument(
+        "--driver",
+        choices=("psycopg2", "psycopg"),
+        default="psycopg2",
+        help="PostgreSQL driver: psycopg2 (statements PREPAREd by hand) or psycopg (3: "
+        "prepares them itself)",
+    )
     options = parser.parse_args()
     if options.n < 1:
         parser.error("--n must be >= 1")
     sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "tests")]
+    from sqlalchemy.engine import make_url
     from support.databases import create_pg_database, drop_pg_database
 
-    url = create_pg_database("sagas_step_cpu")
+    created = create_pg_database("sagas_step_cpu")
+    driven = make_url(created).set(drivername=f"postgresql+{options.driver}")
+    url = driven.render_as_string(hide_password=False)
     os.environ["SAGAS_DATABASE_URL"] = url
     os.environ["CELERY_BROKER_URL"] = "memory://"
     try:
-        measure(url, options.n)
+        measure(url, options.n, options.driver)
     finally:
         from celery_sagas.store.engine import dispose_all_after_fork
 
         dispose_all_after_fork()
-        drop_pg_database(url)
+        drop_pg_database(created)
 
 
-def measure(url: str, n: int) -> None:
+def measure(url: str, n: int, driver: str) -> None:
     from celery_sagas.definition import idempotency_key
     from celery_sagas.store.migrate import upgrade
 
@@ -73,7 +84,7 @@ def measure(url: str, n: int) -> None:
             print(f"\r{count}/{n + warmup} sagas", end="", file=sys.stderr, flush=True)
     print("\r", end="", file=sys.stderr)
     print(
-        f"step-path CPU per saga ({len(tasks)} steps, in process, n={n}): "
+        f"step-path CPU per saga ({len(tasks)} steps, in process, {driver}, n={n}): "
         f"mean {statistics.mean(per_saga):.2f} ms, median {statistics.median(per_saga):.2f} ms"
     )
 

@@ -61,7 +61,8 @@ class SagaSettings:
             "postgres://"
         ):
             raise SagaConfigurationError(
-                f"use a postgresql+psycopg2:// URL (SQLAlchemy 2.1 reads a bare "
+                f"name the driver: postgresql+psycopg2:// (psycopg2, the default) or "
+                f"postgresql+psycopg:// (psycopg 3; SQLAlchemy 2.1 reads a bare "
                 f"postgresql:// as psycopg 3): {redact_url(self.database_url)}"
             )
         for name in (

@@ -69,7 +69,8 @@ def _configure_logging(verbose: bool) -> None:
 @click.option(
     "--database-url",
     envvar="SAGAS_DATABASE_URL",
-    help="Saga database (postgresql+psycopg2://… or sqlite:///…). Env: SAGAS_DATABASE_URL.",
+    help="Saga database (postgresql+psycopg2://…, postgresql+psycopg://… for psycopg 3, or "
+    "sqlite:///…). Env: SAGAS_DATABASE_URL.",
 )
 @click.option(
     "--app",

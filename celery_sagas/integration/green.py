@@ -1,4 +1,5 @@
-"""psycopg2 under gevent: the green wait callback, installed only when gevent patched.
+"""psycopg2 under gevent: the green wait callback, installed only when gevent patched
+(and a check that psycopg 3 waits greenly by itself).
 
 psycopg2 talks to PostgreSQL through libpq, in C: gevent's monkey-patching cannot reach its
 sockets, so every query blocks the whole worker process (every greenlet) until PostgreSQL
@@ -6,6 +7,10 @@ answers. With a *wait callback* psycopg2 runs each query in libpq's non-blocking
 calls back to wait for the socket; waiting through ``gevent.socket`` lets the other
 greenlets run meanwhile. That is what psycogreen's ``patch_psycopg()`` does; this module
 does the same without the dependency.
+
+psycopg 3 needs none of this: when it is imported after gevent patched (as under
+``celery worker -P gevent``) it waits through the patched ``select`` by itself (3.1.14+);
+imported before, it keeps its blocking C wait, which :func:`psycopg3_blocks` detects.
 
 ``celery worker -P gevent`` monkey-patches before it imports the app, so ``install()``
 (and again the ``worker_init`` signal) can tell whether gevent is in charge. Under prefork,
@@ -59,3 +64,13 @@ def make_psycopg2_green() -> bool:
         extensions.set_wait_callback(gevent_wait)
         logger.info("celery-sagas: gevent is active: psycopg2 waits greenly")
     return True
+
+
+def psycopg3_blocks() -> bool:
+    """Whether psycopg 3 waits for PostgreSQL blocking the whole process although gevent
+    patched it: psycopg chose its C wait at import, before gevent patched ``select``
+    (False when gevent is not patching or psycopg 3 is not imported)."""
+    waiting = sys.modules.get("psycopg.waiting")
+    if not gevent_patched() or waiting is None:
+        return False
+    return getattr(waiting, "wait_c", None) is not None and waiting.wait is waiting.wait_c

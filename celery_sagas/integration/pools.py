@@ -1,7 +1,8 @@
 """What the worker's pool means for sagas, set up and said once as a worker starts.
 
 - ``-P gevent``: psycopg2 must wait greenly (``green.make_psycopg2_green``), or every
-  query blocks every greenlet of the process.
+  query blocks every greenlet of the process; psycopg 3 does by itself if it was imported
+  after gevent patched (``green.psycopg3_blocks`` warns otherwise).
 - Time limits: prefork enforces both of a step task's limits (the soft one interrupts the
   participant at its timeout, the hard one replaces the child ``time_limit_grace`` later);
   gevent only the hard one (a ``gevent.Timeout`` in the greenlet, recorded by the task's
@@ -26,7 +27,7 @@ from typing import Any
 
 from celery import Celery, signals
 
-from celery_sagas.integration.green import make_psycopg2_green
+from celery_sagas.integration.green import make_psycopg2_green, psycopg3_blocks
 from celery_sagas.log import logger
 
 SOFT_LIMIT_POOLS = frozenset({"prefork"})
@@ -135,6 +136,12 @@ def watch_pools(
             return
         pool = pool_name(controller.pool_cls)
         green = make_psycopg2_green()
+        if pool == "gevent" and psycopg3_blocks():
+            logger.warning(
+                "celery-sagas: -P gevent: psycopg 3 was imported before gevent patched: "
+                "its queries block every greenlet (import it after monkey-patching, or "
+                "set PSYCOPG_WAIT_FUNC=wait_poll)"
+            )
         for note in pool_notes(pool, timed_steps, max_redispatches, green, sized):
             log = logger.warning if note.level == "warning" else logger.info
             log("celery-sagas: %s", note.text)

@@ -15,6 +15,7 @@ from sqlalchemy import ColumnElement, Connection, String, Table, any_, bindparam
 from sqlalchemy.dialects import postgresql, sqlite
 
 from celery_sagas.errors import DatabaseUrlError
+from celery_sagas.store.drivers import URLS
 
 
 class Backend(Protocol):
@@ -125,5 +126,5 @@ def backend_named(name: str) -> Backend:
     except KeyError:
         raise DatabaseUrlError(
             f"unsupported database {name!r}: celery-sagas stores sagas in PostgreSQL "
-            "(postgresql+psycopg2://) or SQLite"
+            f"({URLS}) or SQLite"
         ) from None

@@ -29,6 +29,7 @@ from celery_sagas.errors import (
 from celery_sagas.machine import SagaState
 from celery_sagas.protocols import SagaRecord
 from celery_sagas.settings import redact_url
+from celery_sagas.store.drivers import PSYCOPG, PSYCOPG2, URLS, sqlstate
 from celery_sagas.store.records import _saga_record
 from celery_sagas.store.tables import sagas
 
@@ -38,18 +39,28 @@ UNDEFINED_TABLE, INVALID_CATALOG = "42P01", "3D000"  # PostgreSQL SQLSTATEs
 
 
 def check_database_url(url: str) -> None:
-    """Refuse a URL SQLAlchemy cannot parse or whose database is not PostgreSQL/SQLite."""
+    """Refuse a URL SQLAlchemy cannot parse, whose database is not PostgreSQL/SQLite, or
+    whose PostgreSQL driver is neither psycopg2 nor psycopg 3."""
     try:
         parsed = make_url(url)
     except ArgumentError:
         raise DatabaseUrlError(
             f"not a database URL: {redact_url(url)!r}; expected "
-            "postgresql+psycopg2://user:password@host/db or sqlite:///path"
+            "postgresql+psycopg2://user:password@host/db (or postgresql+psycopg:// for "
+            "psycopg 3) or sqlite:///path"
         ) from None
     if parsed.get_backend_name() not in SUPPORTED_DIALECTS:
         raise DatabaseUrlError(
             f"unsupported database {parsed.get_backend_name()!r} in {redact_url(url)}: "
-            "celery-sagas stores sagas in PostgreSQL (postgresql+psycopg2://) or SQLite"
+            f"celery-sagas stores sagas in PostgreSQL ({URLS}) or SQLite"
+        )
+    if parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() not in (
+        PSYCOPG2,
+        PSYCOPG,
+    ):
+        raise DatabaseUrlError(
+            f"unsupported PostgreSQL driver {parsed.get_driver_name()!r} in "
+            f"{redact_url(url)}: use {URLS}"
         )
 
 
@@ -68,7 +79,7 @@ def explain(exc: BaseException, url: str | None = None) -> SagaError | None:
     if found is None:
         return None
     where = f" ({redact_url(url)})" if url else ""
-    code = getattr(found.orig, "pgcode", None)
+    code = sqlstate(found.orig)
     text = str(found.orig).strip().splitlines()[0] if str(found.orig).strip() else ""
     if code == UNDEFINED_TABLE or "no such table" in text:
         return SchemaMissingError(f"the database has no saga tables{where}; {MIGRATE_HINT}")

@@ -34,6 +34,7 @@ from celery_sagas.machine import SagaState
 from celery_sagas.settings import redact_url
 from celery_sagas.store import timeline_rows as timeline
 from celery_sagas.store.backends import backend_named
+from celery_sagas.store.drivers import counted
 from celery_sagas.store.engine import engine_of
 from celery_sagas.store.tables import events, reactions, sagas
 from celery_sagas.store.timeline_rows import Consumed
@@ -80,23 +81,25 @@ class ChoreographyStore:
         state = track(choreography, None, event.name)
         with self._begin() as conn:
             inserted = conn.execute(
-                self.backend.insert(sagas)
-                .values(
-                    id=new.saga_id,
-                    name=new.name,
-                    business_key=new.business_key,
-                    payload=new.payload,
-                    payload_hash=new.payload_hash,
-                    state=state.value,
-                    current_step=0,
-                    token=0,
-                    version=1,
-                    created_at=now,
-                    updated_at=now,
-                    deadline_at=new.deadline_at,
-                    admitted=True,
+                counted(
+                    self.backend.insert(sagas)
+                    .values(
+                        id=new.saga_id,
+                        name=new.name,
+                        business_key=new.business_key,
+                        payload=new.payload,
+                        payload_hash=new.payload_hash,
+                        state=state.value,
+                        current_step=0,
+                        token=0,
+                        version=1,
+                        created_at=now,
+                        updated_at=now,
+                        deadline_at=new.deadline_at,
+                        admitted=True,
+                    )
+                    .on_conflict_do_nothing()
                 )
-                .on_conflict_do_nothing()
             ).rowcount
             if not inserted:
                 existing = conn.execute(

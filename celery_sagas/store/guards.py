@@ -14,6 +14,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from celery_sagas.protocols import STARTED, GuardRecord, SagaRecord
 from celery_sagas.records import EXPECTED_STATES
 from celery_sagas.row_changes import guard_columns, recorded_guard
+from celery_sagas.store.drivers import counted
 from celery_sagas.store.records import JoinedLayout
 from celery_sagas.store.tables import UtcDateTime, guards, sagas, stored_utc
 
@@ -40,7 +41,7 @@ def mark_started_statement(insert: Any) -> Any:
     once per store (its parameters ``g_key`` and ``g_now``), since building costs more
     than running it."""
     values = {"key": bindparam("g_key"), "outcome": STARTED, "recorded_at": bindparam("g_now")}
-    return refresh_started(insert.values(**values))
+    return counted(refresh_started(insert.values(**values)))
 
 
 def _expected(saga_id: Any) -> Any:
@@ -145,7 +146,7 @@ def keep_first_final(statement: Any) -> Any:
 def record_guard(conn: Connection, insert: Any, guard: GuardRecord, now: datetime) -> bool:
     """Record a final outcome unless one is recorded already (one statement). True if this
     one was written."""
-    written = conn.execute(keep_first_final(insert.values(**guard_columns(guard, now))))
+    written = conn.execute(counted(keep_first_final(insert.values(**guard_columns(guard, now)))))
     return bool(written.rowcount)
 
 

@@ -4,7 +4,8 @@ A start and a step's transition are each ONE statement (``one_statement``: data-
 CTEs gated on the saga row's compare-and-set), and marking a step started is one
 statement that also reads the saga and its steps (``begin_step``); each runs in
 autocommit (no BEGIN and COMMIT round trips) as a server-side prepared statement
-(``prepared``), unless ``prepare=False`` (behind a pooler in transaction mode). Scans lock
+(``prepared`` with psycopg2; psycopg 3 prepares them itself: ``drivers``), unless
+``prepare=False`` (behind a pooler in transaction mode). Scans lock
 their rows ``FOR UPDATE SKIP LOCKED`` (``backends.PostgresBackend``).
 """
 
@@ -26,8 +27,8 @@ from celery_sagas.protocols import (
     OutboxMessage,
     SagaRecord,
 )
+from celery_sagas.store import drivers, one_statement
 from celery_sagas.store import guards as guard_rows
-from celery_sagas.store import one_statement
 from celery_sagas.store.backends import POSTGRES
 from celery_sagas.store.engine import autocommit_engine
 from celery_sagas.store.prepared import Prepared
@@ -50,13 +51,15 @@ BEGIN_STEP = guard_rows.begin_step_statement(
 
 
 class PostgresSagaStore(SqlSagaStore, backend=POSTGRES):
-    """The saga store on PostgreSQL (``postgresql+psycopg2://``)."""
+    """The saga store on PostgreSQL: ``postgresql+psycopg2://`` (statements PREPAREd by
+    hand) or ``postgresql+psycopg://`` (psycopg 3, which prepares them itself)."""
 
     def __init__(
         self, url_or_engine: str | Engine, prepare: bool = True, **engine_options: Any
     ) -> None:
         super().__init__(url_or_engine, prepare, **engine_options)
         if isinstance(url_or_engine, str):
+            engine_options = drivers.engine_options(url_or_engine, prepare, engine_options)
             self._autocommit = autocommit_engine(url_or_engine, **engine_options)
         else:  # an engine of the caller's: its own pool, set per checkout
             self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")

@@ -2,6 +2,8 @@
 
 psycopg2 sends every statement as text, so PostgreSQL parses and plans it every time; for
 the transition statement (``one_statement``) planning costs about as much as running it.
+(psycopg 3 prepares repeated statements itself and cannot send a textual ``EXECUTE`` with
+values: there ``Prepared`` runs the plain statement; see ``drivers``.)
 ``Prepared`` compiles a SQLAlchemy statement once, ``PREPARE``s it once per database
 connection (remembered in the pool's per-connection ``info``) and then sends only
 ``EXECUTE name(values)``. Values go through the same bind processors SQLAlchemy applies
@@ -20,6 +22,8 @@ from typing import Any
 from sqlalchemy import Connection, Dialect
 from sqlalchemy.exc import DBAPIError
 
+from celery_sagas.store.drivers import prepares_by_hand, sqlstate
+
 UNKNOWN_NAME = "26000"  # the session lost the PREPAREd name (a pooler discarded it)
 PLAN_CHANGED = "0A000"  # a schema change invalidated the prepared plan's result type
 _PLACEHOLDER = re.compile(r"%\((\w+)\)s")
@@ -28,11 +32,12 @@ _PLACEHOLDER = re.compile(r"%\((\w+)\)s")
 class Prepared:
     """A statement prepared once per connection and executed by name (``enabled=False``:
     executed as an ordinary statement, e.g. behind a pooler in transaction mode, where a
-    PREPAREd name does not follow the client from one server connection to the next)."""
+    PREPAREd name does not follow the client from one server connection to the next; so
+    too on a driver other than psycopg2: ``drivers.prepares_by_hand``)."""
 
     def __init__(self, statement: Any, dialect: Dialect, enabled: bool = True) -> None:
         self.statement = statement
-        self.enabled = enabled
+        self.enabled = prepares_by_hand(dialect, enabled)
         compiled = statement.compile(dialect=dialect)
         self.results = {
             column.key: processor
@@ -116,7 +121,7 @@ class Prepared:
         try:
             return self._on_cursor(conn, self.execute_sql, self.values(params))
         except DBAPIError as exc:
-            code = getattr(exc.orig, "pgcode", None)
+            code = sqlstate(exc.orig)
             if code not in (UNKNOWN_NAME, PLAN_CHANGED):
                 raise
             if code == PLAN_CHANGED:

@@ -32,7 +32,7 @@ from celery_sagas.protocols import (
     SagaRecord,
 )
 from celery_sagas.row_changes import refused_start
-from celery_sagas.store import caller, once, retention, writes
+from celery_sagas.store import caller, drivers, once, retention, writes
 from celery_sagas.store import claims as claim_rows
 from celery_sagas.store import dead_letters as dead_letter_rows
 from celery_sagas.store import guards as guard_rows
@@ -53,7 +53,8 @@ def _dialect_of(url_or_engine: str | Engine) -> str:
 
 
 class SqlSagaStore(SqlReads):
-    """The saga store on PostgreSQL (``postgresql+psycopg2://``) or SQLite: calling it
+    """The saga store on PostgreSQL (``postgresql+psycopg2://``, or ``postgresql+psycopg://``
+    for psycopg 3) or SQLite: calling it
     makes the subclass of the URL's (or engine's) database."""
 
     backend: ClassVar[Backend]
@@ -81,8 +82,10 @@ class SqlSagaStore(SqlReads):
         self, url_or_engine: str | Engine, prepare: bool = True, **engine_options: Any
     ) -> None:
         """``prepare=False``: no server-side prepared statements on PostgreSQL (behind a
-        pooler in transaction mode)."""
+        pooler in transaction mode; with psycopg 3 the store's engines get
+        ``prepare_threshold=None``, which an engine of the caller's must have already)."""
         if isinstance(url_or_engine, str):
+            engine_options = drivers.engine_options(url_or_engine, prepare, engine_options)
             self.engine = shared_engine(url_or_engine, **engine_options)
         else:
             self.engine = url_or_engine

@@ -29,6 +29,7 @@ from sqlalchemy import (
 from celery_sagas import row_filters
 from celery_sagas.choreography import OutgoingEvent, Reaction
 from celery_sagas.store.backends import backend_named
+from celery_sagas.store.drivers import counted
 from celery_sagas.store.engine import engine_of
 from celery_sagas.store.filters import where
 from celery_sagas.store.tables import Id, UtcDateTime
@@ -118,15 +119,17 @@ class ServiceOutbox:
         and commits the guard with ``on_business``'s events; anything else rolls back all."""
         with self.engine.begin() as conn:
             claimed = conn.execute(
-                self.backend.insert(service_guards)
-                .values(
-                    event_id=event_id,
-                    handler=handler,
-                    saga_id=saga_id,
-                    outcome="running",
-                    recorded_at=now,
+                counted(
+                    self.backend.insert(service_guards)
+                    .values(
+                        event_id=event_id,
+                        handler=handler,
+                        saga_id=saga_id,
+                        outcome="running",
+                        recorded_at=now,
+                    )
+                    .on_conflict_do_nothing()
                 )
-                .on_conflict_do_nothing()
             ).rowcount
             if not claimed:
                 recorded = conn.execute(

@@ -13,6 +13,7 @@ from sqlalchemy import Connection, update
 from celery_sagas.choreography import OutgoingEvent, PublishedEvent
 from celery_sagas.machine import TERMINAL_STATES, SagaState
 from celery_sagas.store.backends import Backend
+from celery_sagas.store.drivers import counted
 from celery_sagas.store.tables import events, reactions, sagas, transitions
 
 
@@ -57,9 +58,11 @@ def add_event(
 ) -> bool:
     return bool(
         conn.execute(
-            backend.insert(events)
-            .values(**event_columns(event), published_at=now, sent_at=now if sent else None)
-            .on_conflict_do_nothing()
+            counted(
+                backend.insert(events)
+                .values(**event_columns(event), published_at=now, sent_at=now if sent else None)
+                .on_conflict_do_nothing()
+            )
         ).rowcount
     )
 
@@ -69,15 +72,17 @@ def add_reaction(
 ) -> bool:
     return bool(
         conn.execute(
-            backend.insert(reactions)
-            .values(
-                event_id=consumed.event_id,
-                handler=consumed.handler,
-                saga_id=saga_id,
-                outcome=consumed.outcome,
-                at=now,
+            counted(
+                backend.insert(reactions)
+                .values(
+                    event_id=consumed.event_id,
+                    handler=consumed.handler,
+                    saga_id=saga_id,
+                    outcome=consumed.outcome,
+                    at=now,
+                )
+                .on_conflict_do_nothing()
             )
-            .on_conflict_do_nothing()
         ).rowcount
     )
 

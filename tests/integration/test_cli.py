@@ -98,6 +98,11 @@ USAGE, FAILURE = 2, 1
         (["migrate"], "missing", "database_missing", FAILURE, "createdb"),
         (["list"], "missing", "database_missing", FAILURE, "createdb"),
         (["list"], "postgresql+psycopg2://u@127.0.0.1:1/x", "store_unavailable", FAILURE, ":1"),
+        # the same errors through psycopg 3
+        (["list"], "empty on psycopg", "schema_missing", FAILURE, "celery-sagas migrate"),
+        (["list"], "missing on psycopg", "database_missing", FAILURE, "createdb"),
+        (["list"], "postgresql+psycopg://u@127.0.0.1:1/x", "store_unavailable", FAILURE, ":1"),
+        (["list"], "postgresql+asyncpg://u@db/x", "bad_database_url", USAGE, "psycopg"),
         (["show", "no-such-saga"], "migrated", "not_found", FAILURE, "celery-sagas list"),
         (["dlq", "show", "424242"], "migrated", "not_found", FAILURE, "dlq list"),
         (["list", "--limit", "0"], "migrated", "usage", USAGE, "list --help"),
@@ -126,6 +131,8 @@ def test_bad_input_is_one_error_line(
         "missing": databases.missing,
         "sqlite": f"sqlite:///{tmp_path / 'empty.db'}",
     }
+    for name in ("empty", "missing"):
+        named[f"{name} on psycopg"] = named[name].replace("+psycopg2://", "+psycopg://")
     env = {} if where is None else {"SAGAS_DATABASE_URL": named.get(where, where)}
     line = one_error_line(run(*args, env=env), code, exit_code)
     assert hint in line

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.engine import make_url
 
 from celery_sagas import dlq, machine, outbox
 from celery_sagas.coordinator import Coordinator, payload_hash
@@ -107,10 +108,26 @@ def contract_pg_url() -> Iterator[str]:
     drop_pg_database(url)
 
 
-@pytest.fixture(params=["memory", "sqlite", "postgresql", "postgresql-unprepared"])
+def on_psycopg3(url: str, **query: str) -> str:
+    """``url`` (psycopg2's) with the psycopg 3 driver (and ``query``: an engine of its own)."""
+    parsed = make_url(url).set(drivername="postgresql+psycopg").update_query_dict(query)
+    return parsed.render_as_string(hide_password=False)
+
+
+@pytest.fixture(
+    params=[
+        "memory",
+        "sqlite",
+        "postgresql",
+        "postgresql-unprepared",
+        "psycopg3",
+        "psycopg3-unprepared",
+    ]
+)
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     """Every store: in memory, SQLite, PostgreSQL (hot statements prepared per connection)
-    and PostgreSQL without prepared statements (``prepared_statements=False``)."""
+    and PostgreSQL without prepared statements (``prepared_statements=False``), each on
+    psycopg2 and on psycopg 3 (which prepares statements itself)."""
     if request.param == "memory":
         memory = InMemorySagaStore()
         yield Backend("memory", memory, memory.row_counts)
@@ -122,7 +139,10 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
         url = request.getfixturevalue("contract_pg_url")
         with shared_engine(url).begin() as conn:
             conn.execute(sa.text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
-    store = SqlSagaStore(url, prepare=request.param != "postgresql-unprepared")
+        if request.param.startswith("psycopg3"):
+            # engines are per URL: the unprepared store's (prepare_threshold=None) apart
+            url = on_psycopg3(url, application_name=request.param)
+    store = SqlSagaStore(url, prepare=not request.param.endswith("-unprepared"))
     yield Backend(request.param, store, _sql_rows(store))
     if request.param == "sqlite":
         store.engine.dispose()
@@ -1549,3 +1569,23 @@ def test_engine_options_reach_the_autocommit_connections_too(contract_pg_url: st
         ).scalars()
         # create and begin_step ran on the autocommit pool only: its connection has it
         assert name in set(names)
+
+
+@pytest.mark.parametrize("prepare", [True, False], ids=["prepared", "unprepared"])
+def test_psycopg3_prepares_the_hot_path_itself_unless_told_not_to(
+    contract_pg_url: str, prepare: bool
+) -> None:
+    """psycopg 3: no hand-made PREPARE (``cs_…``); the driver prepares a statement run
+    ``prepare_threshold`` times (5) itself, and nothing at all with ``prepare=False``
+    (a pooler in transaction mode)."""
+    with shared_engine(contract_pg_url).begin() as conn:
+        conn.execute(sa.text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
+    url = on_psycopg3(contract_pg_url, application_name=f"auto-prepare-{prepare}")
+    store = SqlSagaStore(url, prepare=prepare)
+    for n in range(8):
+        record = create(store, f"order-{n}", saga_id=f"a{n}").record
+        assert store.begin_step(f"a{n}:0", f"a{n}", at(1), EXPECTED) == (None, record)
+    with store._autocommit.connect() as conn:  # the pool's one idle connection
+        names = set(conn.execute(sa.text("SELECT name FROM pg_prepared_statements")).scalars())
+    assert not {name for name in names if name.startswith("cs_")}
+    assert bool(names) is prepare

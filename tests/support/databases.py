@@ -3,7 +3,8 @@
 Everything is overridable by environment variables so a developer can point the suite at
 other servers:
 
-- ``SAGAS_TEST_PG_ADMIN_URL``  (default ``postgresql+psycopg2://postgres@127.0.0.1:5432/postgres``)
+- ``SAGAS_TEST_PG_ADMIN_URL``  (default ``postgresql+psycopg2://postgres@127.0.0.1:5432/postgres``;
+  a ``postgresql+psycopg://`` URL runs the tests' databases on psycopg 3)
 - ``SAGAS_TEST_REDIS_URL``     (default ``redis://127.0.0.1:6379``; the DB number is chosen here)
 - ``SAGAS_TEST_AMQP_URL``      (default ``amqp://guest:guest@127.0.0.1:5672//``)
 
@@ -60,7 +61,8 @@ def _safe_identifier(name: str) -> str:
 
 
 def create_pg_database(prefix: str = "sagas_test") -> str:
-    """Create a new, uniquely named database and return its SQLAlchemy URL (psycopg2)."""
+    """Create a new, uniquely named database and return its SQLAlchemy URL (the admin
+    URL's driver: psycopg2 unless ``SAGAS_TEST_PG_ADMIN_URL`` names another)."""
     cleaned = re.sub(r"[^a-z0-9_]", "_", prefix.lower())[:40] or "sagas_test"
     if not re.match(r"[a-z_]", cleaned):
         cleaned = f"t_{cleaned}"

@@ -22,7 +22,7 @@ def requirement_names(requirements: list[str]) -> set[str]:
 def test_no_broker_client_or_database_driver_is_a_hard_dependency() -> None:
     names = requirement_names(PROJECT["dependencies"])
 
-    assert not names & {"redis", "psycopg2", "psycopg2-binary", "celery[redis]"}
+    assert not names & {"redis", "psycopg2", "psycopg2-binary", "psycopg", "celery[redis]"}
     assert {"celery", "kombu", "sqlalchemy", "alembic", "click"} <= names
 
 
@@ -32,6 +32,7 @@ def test_extras_name_the_brokers_and_drivers() -> None:
     assert requirement_names(extras["redis"]) == {"celery[redis]"}
     assert requirement_names(extras["postgres"]) == {"psycopg2-binary"}
     assert requirement_names(extras["postgres-source"]) == {"psycopg2"}
+    assert requirement_names(extras["psycopg"]) == {"psycopg[binary]"}
     assert {"rabbitmq", "flower", "prometheus"} <= set(extras)
 
 

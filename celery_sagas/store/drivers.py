@@ -1,0 +1,48 @@
+"""The two PostgreSQL drivers the store supports, and the little they do differently.
+
+- psycopg2 (``postgresql+psycopg2://``, the default): interpolates values into the SQL text
+  on the client, so PostgreSQL parses and plans every statement again; the hot path's
+  statements are therefore PREPAREd by hand (``prepared.Prepared``).
+- psycopg 3 (``postgresql+psycopg://``): binds values on the server, which a textual
+  ``EXECUTE name($1, …)`` cannot take; it prepares a statement itself once it has run
+  ``prepare_threshold`` times (5) on a connection, so ``Prepared`` runs the plain statement.
+  Behind a pooler in transaction mode (the store's ``prepare=False``) a prepared name does
+  not follow the client to the next server connection: ``prepare_threshold=None`` then.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Dialect
+from sqlalchemy.engine import make_url
+
+PSYCOPG2, PSYCOPG = "psycopg2", "psycopg"
+URLS = "postgresql+psycopg2:// (psycopg2, the default) or postgresql+psycopg:// (psycopg 3)"
+
+
+def prepares_by_hand(dialect: Dialect, prepare: bool) -> bool:
+    """Whether the hot path's statements are PREPAREd by hand on ``dialect``'s driver."""
+    return prepare and dialect.name == "postgresql" and dialect.driver == PSYCOPG2
+
+
+def engine_options(url: str, prepare: bool, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` for an engine of ``url``, with what the driver needs when nothing may
+    be prepared (psycopg 3: ``prepare_threshold=None``, unless the caller set one)."""
+    parsed = make_url(url)
+    if prepare or parsed.get_backend_name() != "postgresql" or parsed.get_driver_name() != PSYCOPG:
+        return options
+    connect_args = {"prepare_threshold": None, **options.get("connect_args", {})}
+    return {**options, "connect_args": connect_args}
+
+
+def sqlstate(error: Any) -> str | None:
+    """The SQLSTATE of a driver error (psycopg2's ``pgcode``, psycopg 3's ``sqlstate``)."""
+    return getattr(error, "pgcode", None) or getattr(error, "sqlstate", None)
+
+
+def counted(statement: Any) -> Any:
+    """``statement`` (an INSERT whose ``rowcount`` is read) with its row count kept:
+    SQLAlchemy keeps it for UPDATE and DELETE only, and psycopg 3 forgets it (-1) when
+    SQLAlchemy closes the cursor (psycopg2 keeps it)."""
+    return statement.execution_options(preserve_rowcount=True)
