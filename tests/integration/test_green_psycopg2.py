@@ -3,19 +3,12 @@ queries of several greenlets overlap; without it each blocks the whole process."
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import textwrap
 
 import pytest
-from sqlalchemy.engine import make_url
 
 from tests.conftest import require_service
-from tests.support.databases import pg_admin_url
-from tests.support.processes import REPO_ROOT
-
-GREENLETS = 5
-SLEEP = 0.4
+from tests.support.green_script import GREENLETS, SLEEP, run_green_script
 
 SCRIPT = textwrap.dedent(
     """
@@ -43,18 +36,7 @@ SCRIPT = textwrap.dedent(
 
 
 def run(patch: bool) -> tuple[str, str, float]:
-    url = make_url(pg_admin_url())
-    dsn = f"host={url.host} port={url.port or 5432} user={url.username} dbname={url.database}"
-    mode = "patch" if patch else "plain"
-    done = subprocess.run(
-        [sys.executable, "-c", SCRIPT, dsn, mode, str(SLEEP), str(GREENLETS)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO_ROOT,
-        check=True,
-    )
-    green, callback, seconds = done.stdout.split()
+    green, callback, seconds = run_green_script(SCRIPT, "patch" if patch else "plain")
     return green, callback, float(seconds)
 
 

@@ -4,19 +4,12 @@ overlap; imported before, it blocks the process, which ``green.psycopg3_blocks``
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import textwrap
 
 import pytest
-from sqlalchemy.engine import make_url
 
 from tests.conftest import require_service
-from tests.support.databases import pg_admin_url
-from tests.support.processes import REPO_ROOT
-
-GREENLETS = 5
-SLEEP = 0.4
+from tests.support.green_script import GREENLETS, SLEEP, run_green_script
 
 SCRIPT = textwrap.dedent(
     """
@@ -40,18 +33,7 @@ SCRIPT = textwrap.dedent(
 
 
 def run(imported_first: bool) -> tuple[str, float]:
-    url = make_url(pg_admin_url())
-    dsn = f"host={url.host} port={url.port or 5432} user={url.username} dbname={url.database}"
-    order = "late" if imported_first else "patched"
-    done = subprocess.run(
-        [sys.executable, "-c", SCRIPT, dsn, order, str(SLEEP), str(GREENLETS)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO_ROOT,
-        check=True,
-    )
-    blocks, seconds = done.stdout.split()
+    blocks, seconds = run_green_script(SCRIPT, "late" if imported_first else "patched")
     return blocks, float(seconds)
 
 
