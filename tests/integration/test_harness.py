@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from celery import Celery
 from sqlalchemy.pool import NullPool
 
+from tests.integration.conftest import Deployment, wait_settled
 from tests.support.databases import (
     create_pg_database,
     drop_pg_database,
@@ -286,3 +287,16 @@ def test_worker_on_rabbitmq_runs_task(
             client.connection(rabbitmq_url) as conn,
         ):
             conn.default_channel.queue_delete(queue)
+
+
+def test_a_wait_settled_timeout_reports_the_sagas_and_who_leases_the_broker_db(
+    deployment: Deployment,
+) -> None:
+    """Two stalls seen under load left only "did not settle" to read: the assertion now
+    carries the rows of each saga that did not settle and the broker DB's lease holder."""
+    with pytest.raises(AssertionError) as failure:
+        wait_settled(["T-never-started"], timeout=0.2)
+    report = str(failure.value)
+    assert "saga T-never-started: no row" in report
+    db = int(deployment.broker_url.rsplit("/", 1)[1])
+    assert f"lease holder {lease_holder(db)!r}, held by this process: True" in report
