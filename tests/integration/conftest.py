@@ -112,7 +112,10 @@ def saga_by_key(key: str) -> Any:
 
 
 def wait_settled(keys: list[str], timeout: float = 60) -> dict[str, Any]:
-    """Poll the saga table until every saga of ``keys`` is settled; returns records."""
+    """Poll the saga table until every saga of ``keys`` is settled; returns records.
+
+    On a timeout the assertion carries the ground truth of the sagas that did not settle
+    (their rows, steps, outbox and guards) and the state of the broker's Redis DB."""
 
     def settled() -> dict[str, Any] | None:
         records = {key: saga_by_key(key) for key in keys}
@@ -120,7 +123,91 @@ def wait_settled(keys: list[str], timeout: float = 60) -> dict[str, Any]:
             return records
         return None
 
-    return wait_until(settled, timeout=timeout, interval=0.1, message=f"sagas {keys} settled")
+    try:
+        return wait_until(settled, timeout=timeout, interval=0.1, message=f"sagas {keys} settled")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{stuck_sagas_report(keys)}") from None
+
+
+def stuck_sagas_report(keys: list[str]) -> str:
+    """The rows of every saga of ``keys`` not settled, and the broker DB's queues."""
+    lines: list[str] = []
+    try:
+        lines += _saga_rows_report(keys)
+    except Exception as exc:  # a diagnosis must not hide the failure it explains
+        lines.append(f"(saga rows unreadable: {exc!r})")
+    try:
+        lines += broker_report(os.environ["CELERY_BROKER_URL"])
+    except Exception as exc:
+        lines.append(f"(broker unreadable: {exc!r})")
+    return "\n".join(lines)
+
+
+def _saga_rows_report(keys: list[str]) -> list[str]:
+    from celery_sagas.store.tables import guards, outbox, sagas, steps
+    from workers import db
+
+    lines = []
+    with db.get_engine().connect() as conn:
+        for key in keys:
+            saga = conn.execute(select(sagas).where(sagas.c.business_key == key)).first()
+            if saga is None:
+                lines.append(f"saga {key}: no row")
+                continue
+            if saga.state in SETTLED:
+                continue
+            lines.append(
+                f"saga {key} id={saga.id} state={saga.state} current_step={saga.current_step} "
+                f"token={saga.token} version={saga.version} updated_at={saga.updated_at} "
+                f"due_at={saga.due_at} reason={saga.reason!r}"
+            )
+            for step in conn.execute(
+                select(steps).where(steps.c.saga_id == saga.id).order_by(steps.c.idx)
+            ):
+                lines.append(
+                    f"  step {step.idx} {step.name}: {step.status} attempts={step.attempts} "
+                    f"dispatches={step.dispatches} started_at={step.started_at} "
+                    f"deadline_at={step.deadline_at} redispatch_at={step.redispatch_at}"
+                )
+            for row in conn.execute(
+                select(outbox).where(outbox.c.saga_id == saga.id).order_by(outbox.c.id)
+            ):
+                kind = row.body.get("kind") if isinstance(row.body, dict) else None
+                lines.append(
+                    f"  outbox {row.id} {kind} key={row.key} "
+                    f"created_at={row.created_at} sent_at={row.sent_at}"
+                )
+            for guard in conn.execute(
+                select(guards).where(guards.c.key.like(f"{saga.id}:%")).order_by(guards.c.key)
+            ):
+                lines.append(f"  guard {guard.key}: {guard.outcome} at {guard.recorded_at}")
+    return lines
+
+
+def broker_report(broker_url: str) -> list[str]:
+    """Who leases the broker's Redis DB (another test run?), its queues and unacked count."""
+    import redis
+
+    from tests.support.databases import held_redis_dbs, lease_holder
+
+    db = int(broker_url.rsplit("/", 1)[1])
+    client = redis.Redis.from_url(broker_url, decode_responses=True, socket_timeout=5)
+    try:
+        lines = [
+            f"broker {broker_url}: lease holder {lease_holder(db)!r}, "
+            f"held by this process: {db in held_redis_dbs()}"
+        ]
+        for name in sorted(client.scan_iter(count=1000)):
+            kind = client.type(name)
+            if kind == "list":
+                lines.append(f"  list {name}: {client.llen(name)}")
+            elif kind == "hash":
+                lines.append(f"  hash {name}: {client.hlen(name)}")
+            elif kind == "set":
+                lines.append(f"  set {name}: {sorted(client.smembers(name))}")
+        return lines
+    finally:
+        client.close()
 
 
 def rows_for(table: Any, order_id: str) -> list[Any]:

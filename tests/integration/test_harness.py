@@ -15,7 +15,13 @@ import sqlalchemy as sa
 from celery import Celery
 from sqlalchemy.pool import NullPool
 
-from tests.support.databases import create_pg_database, drop_pg_database, pg_admin_url
+from tests.integration.conftest import Deployment, wait_settled
+from tests.support.databases import (
+    create_pg_database,
+    drop_pg_database,
+    lease_holder,
+    pg_admin_url,
+)
 from tests.support.processes import CeleryProcess, pid_alive, wait_until
 
 TINY_APP = "tests.support.tiny_app"
@@ -109,6 +115,74 @@ def test_redis_urls_are_distinct_and_empty(redis_url: str, second_redis_url: str
                 client.close()
     finally:
         release_redis_db(second_redis_url)
+
+
+def _db_number(url: str) -> int:
+    return int(url.rsplit("/", 1)[1])
+
+
+def test_a_db_this_process_still_holds_is_never_handed_out_again(redis_url: str) -> None:
+    """The session deployment keeps its DB while per-test DBs come and go: a full run leases
+    more than 15 of them. The cycle came back to the deployment's number, flushed it under
+    its workers, and the release deleted its lease, so a second pytest run took it over."""
+    from tests.support.databases import REDIS_TEST_DBS, redis_test_url, release_redis_db
+
+    held = redis.Redis.from_url(redis_url)
+    held.set("in-use", "yes")
+    me = lease_holder(_db_number(redis_url))
+    assert me is not None
+    try:
+        for _ in range(2 * len(REDIS_TEST_DBS)):  # twice around the cycle
+            url = redis_test_url()
+            release_redis_db(url)
+            assert url != redis_url
+        assert held.get("in-use") == b"yes"
+        assert lease_holder(_db_number(redis_url)) == me
+    finally:
+        held.close()
+
+
+def test_releasing_a_db_twice_or_one_held_by_another_owner_flushes_nothing(
+    redis_url: str,
+) -> None:
+    from tests.support.databases import (
+        _LEASE_KEY,
+        _redis_client,
+        redis_test_url,
+        release_redis_db,
+    )
+
+    url = redis_test_url()
+    db = _db_number(url)
+    client = redis.Redis.from_url(url)
+    control = _redis_client(0)
+    try:
+        release_redis_db(url)
+        client.set("theirs", "1")  # another run leased it meanwhile
+        control.set(_LEASE_KEY.format(db=db), "elsewhere:1", ex=30)
+        release_redis_db(url)  # a second release of ours must not touch theirs
+        assert client.get("theirs") == b"1"
+        assert lease_holder(db) == "elsewhere:1"
+    finally:
+        if control.get(_LEASE_KEY.format(db=db)) == "elsewhere:1":
+            control.delete(_LEASE_KEY.format(db=db))
+        client.flushdb()
+        client.close()
+        control.close()
+
+
+def test_held_leases_are_renewed(redis_url: str) -> None:
+    """A run longer than the lease keeps its DBs (the session deployment's above all)."""
+    from tests.support.databases import _LEASE_KEY, _redis_client, renew_redis_leases
+
+    db = _db_number(redis_url)
+    control = _redis_client(0)
+    try:
+        control.expire(_LEASE_KEY.format(db=db), 5)
+        assert db in renew_redis_leases()
+        assert control.ttl(_LEASE_KEY.format(db=db)) > 60
+    finally:
+        control.close()
 
 
 def test_wait_until_returns_value_and_reports_last_value() -> None:
@@ -213,3 +287,16 @@ def test_worker_on_rabbitmq_runs_task(
             client.connection(rabbitmq_url) as conn,
         ):
             conn.default_channel.queue_delete(queue)
+
+
+def test_a_wait_settled_timeout_reports_the_sagas_and_who_leases_the_broker_db(
+    deployment: Deployment,
+) -> None:
+    """Two stalls seen under load left only "did not settle" to read: the assertion now
+    carries the rows of each saga that did not settle and the broker DB's lease holder."""
+    with pytest.raises(AssertionError) as failure:
+        wait_settled(["T-never-started"], timeout=0.2)
+    report = str(failure.value)
+    assert "saga T-never-started: no row" in report
+    db = int(deployment.broker_url.rsplit("/", 1)[1])
+    assert f"lease holder {lease_holder(db)!r}, held by this process: True" in report

@@ -12,10 +12,15 @@ Redis DB numbers 1..15 are handed out in turn. Several pytest processes may shar
 (people run parts of the suite side by side), so each DB number handed out is leased with a key
 in DB 0 naming the owner process; other processes skip leased numbers until the lease is
 released (:func:`release_redis_db`), its owner process is gone, or it expires.
+
+A process never hands out a number it still holds (the session deployment keeps its DB for
+the whole run while per-test DBs come and go around it), and a daemon thread renews the
+process's leases while it holds them, so a run longer than the lease keeps its DBs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import re
@@ -105,8 +110,12 @@ def drop_pg_database(url: str) -> None:
 REDIS_TEST_DBS = range(1, 16)
 _LEASE_KEY = "celery_sagas:test:redis-db-lease:{db}"
 _LEASE_SECONDS = 3600
+_RENEW_EVERY = 60.0
 _redis_lock = threading.Lock()
 _redis_cycle = itertools.cycle(REDIS_TEST_DBS)
+# DB numbers this process holds, by owner (a forked child holds none of its parent's)
+_held: dict[str, set[int]] = {}
+_renewer: threading.Thread | None = None
 
 
 def redis_base_url() -> str:
@@ -142,7 +151,17 @@ def _owner_is_gone(owner: str) -> bool:
     return False
 
 
+def held_redis_dbs() -> set[int]:
+    """The DB numbers this process holds right now (handed out, not yet released)."""
+    return _held.setdefault(_owner(), set())
+
+
 def _try_lease(control: redis.Redis, db: int) -> bool:
+    if db in held_redis_dbs():
+        # Still in use by this process (the session deployment's DB, say): handing it out
+        # again would flush it under its user, and releasing it would drop the lease that
+        # keeps other test runs out of it.
+        return False
     key = _LEASE_KEY.format(db=db)
     me = _owner()
     if control.set(key, me, nx=True, ex=_LEASE_SECONDS):
@@ -154,11 +173,56 @@ def _try_lease(control: redis.Redis, db: int) -> bool:
     return False
 
 
+def lease_holder(db: int) -> str | None:
+    """The owner (``host:pid``) named by the lease of Redis DB ``db``, or None."""
+    control = _redis_client(0)
+    try:
+        holder = control.get(_LEASE_KEY.format(db=db))
+        return None if holder is None else str(holder)
+    finally:
+        control.close()
+
+
+def renew_redis_leases() -> list[int]:
+    """Extend the lease of every DB this process holds; returns the numbers renewed.
+
+    A lease that names another owner (taken over after it expired) is left alone."""
+    renewed: list[int] = []
+    with _redis_lock:
+        held = sorted(held_redis_dbs())
+        if not held:
+            return renewed
+        control = _redis_client(0)
+        try:
+            for db in held:
+                key = _LEASE_KEY.format(db=db)
+                if control.get(key) == _owner() and control.expire(key, _LEASE_SECONDS):
+                    renewed.append(db)
+        finally:
+            control.close()
+    return renewed
+
+
+def _renew_forever() -> None:
+    while True:
+        time.sleep(_RENEW_EVERY)
+        with contextlib.suppress(redis.RedisError):  # Redis restarting: the next round
+            renew_redis_leases()
+
+
+def _start_renewer() -> None:
+    global _renewer
+    if _renewer is None or not _renewer.is_alive():
+        _renewer = threading.Thread(target=_renew_forever, name="redis-test-db-leases", daemon=True)
+        _renewer.start()
+
+
 def redis_test_url(wait: float = 60.0) -> str:
     """Return the URL of a Redis DB (1..15) that was just flushed and is leased to this process.
 
-    Successive calls cycle through the numbers, so two calls give two different DBs.
-    Waits up to ``wait`` seconds when other processes hold every number.
+    Successive calls cycle through the numbers and skip those this process still holds, so
+    a DB is never handed out twice before it is released (:func:`release_redis_db`).
+    Waits up to ``wait`` seconds when every number is held.
     """
     deadline = time.monotonic() + wait
     with _redis_lock:
@@ -173,6 +237,8 @@ def redis_test_url(wait: float = 60.0) -> str:
                             client.flushdb()
                         finally:
                             client.close()
+                        held_redis_dbs().add(db)
+                        _start_renewer()
                         return f"{redis_base_url()}/{db}"
                 if time.monotonic() >= deadline:
                     raise RuntimeError(
@@ -184,22 +250,26 @@ def redis_test_url(wait: float = 60.0) -> str:
 
 
 def release_redis_db(url: str) -> None:
-    """Give back a DB number handed out by :func:`redis_test_url` (flushes it)."""
+    """Give back a DB number handed out by :func:`redis_test_url`: flushed and unleased if
+    this process still holds it, untouched otherwise (another run may be using it)."""
     path = urlsplit(url).path.strip("/")
     if not path.isdigit():
         return
     db = int(path)
-    client = _redis_client(db)
-    control = _redis_client(0)
-    try:
-        client.flushdb()
-        key = _LEASE_KEY.format(db=db)
-        holder = control.get(key)
-        if holder == _owner():
-            control.delete(key)
-    finally:
-        client.close()
-        control.close()
+    with _redis_lock:
+        if db not in held_redis_dbs():
+            return  # not ours (or released already): another run may be using it
+        held_redis_dbs().discard(db)
+        client = _redis_client(db)
+        control = _redis_client(0)
+        try:
+            key = _LEASE_KEY.format(db=db)
+            if control.get(key) == _owner():
+                client.flushdb()
+                control.delete(key)
+        finally:
+            client.close()
+            control.close()
 
 
 # --------------------------------------------------------------------------- RabbitMQ
