@@ -87,7 +87,9 @@ class ChoreographySubscriber:
     @property
     def saga_store(self) -> SqlSagaStore:
         if self._saga_store is None:
-            self._saga_store = SqlSagaStore(self.settings.database_url)
+            self._saga_store = SqlSagaStore(
+                self.settings.database_url, prepare=self.settings.prepared_statements
+            )
         return self._saga_store
 
     def service_url(self, service: str) -> str:

@@ -46,12 +46,23 @@ def build_engine(url: str, **options: Any) -> Engine:
     return create_engine(url, **options)
 
 
+def _key(url: str, options: dict[str, Any]) -> str:
+    """The cache key of ``url``'s engine: the URL, and psycopg 3's ``prepare_threshold``
+    when set (``prepare=False``: None), so that a store that must not prepare never gets
+    the engine another store (or component) made first with the driver's default."""
+    connect_args = options.get("connect_args") or {}
+    if "prepare_threshold" not in connect_args:
+        return url
+    return f"{url} prepare_threshold={connect_args['prepare_threshold']}"
+
+
 def shared_engine(url: str, **options: Any) -> Engine:
     """The process-wide engine for ``url`` (created on first use)."""
+    key = _key(url, options)
     with _lock:
-        engine = _engines.get(url)
+        engine = _engines.get(key)
         if engine is None:
-            engine = _engines[url] = build_engine(url, **options)
+            engine = _engines[key] = build_engine(url, **options)
         return engine
 
 
@@ -59,7 +70,7 @@ def autocommit_engine(url: str, **options: Any) -> Engine:
     """The process-wide autocommit engine for ``url`` and the same ``options`` as the
     shared one (connect_args, pool sizes…), for single-statement writes: its own pool, so
     no isolation level is set and reset on every checkout."""
-    key = f"autocommit {url}"
+    key = f"autocommit {_key(url, options)}"
     with _lock:
         found = _engines.get(key)
         if found is None:

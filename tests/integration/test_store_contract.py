@@ -1589,3 +1589,23 @@ def test_psycopg3_prepares_the_hot_path_itself_unless_told_not_to(
         names = set(conn.execute(sa.text("SELECT name FROM pg_prepared_statements")).scalars())
     assert not {name for name in names if name.startswith("cs_")}
     assert bool(names) is prepare
+
+
+def test_psycopg3_unprepared_store_prepares_nothing_after_a_prepared_one(
+    contract_pg_url: str,
+) -> None:
+    """``prepare=False`` holds whichever component made the URL's engines first (a
+    prepared store of the same process, e.g. the choreography's): its engines are its own."""
+    with shared_engine(contract_pg_url).begin() as conn:
+        conn.execute(sa.text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
+    url = on_psycopg3(contract_pg_url, application_name="prepared-first")
+    SqlSagaStore(url)  # prepare=True: the driver's default prepare_threshold
+    store = SqlSagaStore(url, prepare=False)
+    for n in range(8):
+        record = create(store, f"order-{n}", saga_id=f"p{n}").record
+        assert store.begin_step(f"p{n}:0", f"p{n}", at(1), EXPECTED) == (None, record)
+    for engine in (store._autocommit, store.engine):
+        with engine.connect() as conn:
+            assert conn.connection.driver_connection.prepare_threshold is None
+            prepared = conn.execute(sa.text("SELECT name FROM pg_prepared_statements")).all()
+            assert prepared == []
