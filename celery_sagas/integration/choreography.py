@@ -81,7 +81,9 @@ class ChoreographySubscriber:
     @property
     def store(self) -> ChoreographyStore:
         if self._store is None:
-            self._store = ChoreographyStore(self.settings.database_url)
+            self._store = ChoreographyStore(
+                self.settings.database_url, prepare=self.settings.prepared_statements
+            )
         return self._store
 
     @property
@@ -98,7 +100,7 @@ class ChoreographySubscriber:
     def service_outbox(self, service: str) -> ServiceOutbox:
         url = self.service_url(service)
         if url not in self._outboxes:
-            self._outboxes[url] = ServiceOutbox(url)
+            self._outboxes[url] = ServiceOutbox(url, prepare=self.settings.prepared_statements)
         return self._outboxes[url]
 
     # -- declaring handlers -----------------------------------------------------------

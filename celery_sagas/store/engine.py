@@ -7,6 +7,8 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 
+from celery_sagas.store import drivers
+
 _engines: dict[str, Engine] = {}
 _lock = threading.Lock()
 
@@ -86,6 +88,9 @@ def dispose_all_after_fork() -> None:
             engine.dispose(close=False)
 
 
-def engine_of(url_or_engine: str | Engine) -> Engine:
-    """The process's shared engine for a URL, or the engine given."""
-    return shared_engine(url_or_engine) if isinstance(url_or_engine, str) else url_or_engine
+def engine_of(url_or_engine: str | Engine, prepare: bool = True) -> Engine:
+    """The process's shared engine for a URL, or the engine given (``prepare=False``: one
+    whose driver prepares nothing on the server, for a pooler in transaction mode)."""
+    if not isinstance(url_or_engine, str):
+        return url_or_engine
+    return shared_engine(url_or_engine, **drivers.engine_options(url_or_engine, prepare, {}))

@@ -98,8 +98,10 @@ def _event(row: Any) -> OutgoingEvent:
 class ServiceOutbox:
     """One service database: runs handlers behind their guard, keeps their outbox."""
 
-    def __init__(self, url_or_engine: str | Engine) -> None:
-        self.engine = engine_of(url_or_engine)
+    def __init__(self, url_or_engine: str | Engine, prepare: bool = True) -> None:
+        """``prepare=False``: no server-side prepared statements (psycopg 3 behind a
+        pooler in transaction mode; psycopg2 prepares nothing here anyway)."""
+        self.engine = engine_of(url_or_engine, prepare)
         self.backend = backend_named(self.engine.dialect.name)
 
     def react(

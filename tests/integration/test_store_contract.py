@@ -55,6 +55,8 @@ from celery_sagas.protocols import (
     SagaStore,
 )
 from celery_sagas.store import SqlSagaStore, shared_engine, upgrade
+from celery_sagas.store.choreography import ChoreographyStore
+from celery_sagas.store.service_outbox import ServiceOutbox
 from celery_sagas.testing import InMemorySagaStore, RecordingDispatcher, run_until_settled
 from tests.conftest import require_service
 from tests.support.databases import create_pg_database, drop_pg_database
@@ -1609,3 +1611,18 @@ def test_psycopg3_unprepared_store_prepares_nothing_after_a_prepared_one(
             assert conn.connection.driver_connection.prepare_threshold is None
             prepared = conn.execute(sa.text("SELECT name FROM pg_prepared_statements")).all()
             assert prepared == []
+
+
+@pytest.mark.parametrize("prepare", [True, False])
+def test_psycopg3_choreography_and_service_outbox_honour_prepare(
+    contract_pg_url: str, prepare: bool
+) -> None:
+    """The choreography's store and a service outbox follow ``prepared_statements`` too:
+    with ``prepare=False`` their psycopg 3 connections prepare nothing, whatever engine of
+    the URL the process made first."""
+    url = on_psycopg3(contract_pg_url, application_name=f"choreo-prepare-{prepare}")
+    SqlSagaStore(url)  # the URL's default engine exists first
+    for component in (ChoreographyStore(url, prepare=prepare), ServiceOutbox(url, prepare)):
+        with component.engine.connect() as conn:
+            threshold = conn.connection.driver_connection.prepare_threshold
+            assert (threshold is None) is not prepare
