@@ -166,17 +166,25 @@ class GuardStore(Protocol):
     def get_guard(self, key: str) -> GuardRecord | None: ...
 
     def begin_step(
-        self, key: str, saga_id: str, now: datetime, expectation: Expectation
+        self,
+        key: str,
+        saga_id: str,
+        now: datetime,
+        expectation: Expectation,
+        delivery: str | None = None,
     ) -> tuple[GuardRecord | None, SagaRecord | None]:
         """A snapshot of the saga (``load``) and, only if it ``expects`` this message,
         ``begin_guard`` on the same snapshot, in one round trip where the store can.
         A message the saga does not expect (or an unknown saga) writes nothing."""
         ...
 
-    def begin_guard(self, key: str, now: datetime) -> GuardRecord | None:
+    def begin_guard(
+        self, key: str, now: datetime, delivery: str | None = None
+    ) -> GuardRecord | None:
         """Before running: mark the execution started (now: a marker already there gets
-        this start time). Returns the recorded final outcome if there is one (a duplicate
-        delivery), else None (go ahead and run)."""
+        this start time and ``delivery``, the Celery task id of the message running it,
+        kept as the marker's ``result``). Returns the recorded final outcome if there is
+        one (a duplicate delivery), else None (go ahead and run)."""
         ...
 
     def put_guard(self, guard: GuardRecord, now: datetime) -> GuardRecord:

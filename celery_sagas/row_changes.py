@@ -227,9 +227,10 @@ def replaceable(recorded: GuardRecord | None) -> bool:
     return recorded is None or recorded.outcome == STARTED
 
 
-def started_marker(key: str, now: datetime) -> GuardRecord:
-    """The marker of a step a worker began (or began again: a redelivery)."""
-    return GuardRecord(key, STARTED, recorded_at=now)
+def started_marker(key: str, now: datetime, delivery: str | None = None) -> GuardRecord:
+    """The marker of a step a worker began (or began again: a redelivery), naming the
+    delivery (Celery task id) that began it when one is known."""
+    return GuardRecord(key, STARTED, delivery, recorded_at=now)
 
 
 def with_current_start(record: SagaRecord, began_at: datetime | None) -> SagaRecord:

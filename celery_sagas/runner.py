@@ -27,7 +27,7 @@ from celery_sagas.definition import RetryPolicy, Saga, Step, StepContext, idempo
 from celery_sagas.encoding import encode_result
 from celery_sagas.errors import StoreUnavailableError
 from celery_sagas.log import logger
-from celery_sagas.machine import ErrorKind, Role, StepStatus
+from celery_sagas.machine import FORWARD_STATES, LIVE_STATES, ErrorKind, Role, StepStatus
 from celery_sagas.policy import RetryAt, decide_retry
 from celery_sagas.protocols import (
     Expectation,
@@ -131,6 +131,17 @@ class OtherDefinition:
 
 
 @dataclass(frozen=True)
+class Resend:
+    """A stale message whose own delivery began the saga's current step (run inline, in
+    this delivery's task: ``inline_steps``) and died with no outcome: its process was
+    killed, and the broker gave the message back. Nothing ran; the step is sent again."""
+
+    step: int
+    token: int
+    detail: str
+
+
+@dataclass(frozen=True)
 class RetryLater:
     """The participant failed and its policy retries it at ``when``."""
 
@@ -139,7 +150,7 @@ class RetryLater:
     attempt: int
 
 
-StepRun = Ignored | Finished | RetryLater | OtherDefinition
+StepRun = Ignored | Finished | RetryLater | OtherDefinition | Resend
 
 
 def mismatch(saga: Saga, index: int, role: Role, message: StepMessage) -> Ignored | None:
@@ -170,6 +181,29 @@ def unexpected(record: SagaRecord | None, index: int, role: Role, token: int) ->
             f"not step {index} token {token}",
         )
     return None
+
+
+def abandoned_by(
+    saga: Saga,
+    record: SagaRecord,
+    guard_of: Callable[[str], GuardRecord | None],
+    delivery: str,
+) -> Resend | None:
+    """The saga's current step, if ``delivery`` began it and it has no outcome (its
+    ``started`` marker names the delivery): what a redelivered message finds when its
+    process died running a later step inline. ``guard_of``: a key's guard row."""
+    if record.state not in LIVE_STATES:
+        return None
+    index = record.current_step
+    role = Role.ACTION if record.state in FORWARD_STATES else Role.COMPENSATION
+    guard = guard_of(idempotency_key(record.saga_id, saga.steps[index].name, role))
+    if guard is None or guard.outcome != GuardOutcome.STARTED or guard.result != delivery:
+        return None
+    detail = (
+        f"step {index} {role} was begun by delivery {delivery}, which died before it "
+        "finished (run inline): sending it again"
+    )
+    return Resend(index, record.token, detail)
 
 
 def classify(step: Step, role: Role, exc: BaseException, interrupted: tuple[type, ...]) -> str:
@@ -229,15 +263,21 @@ class StepRunner:
         default = self.step.action if role == Role.ACTION else self.step.compensation
         self.function = function or default
 
-    def run(self, store: SagaStore, message: StepMessage, tries: int = 1) -> StepRun:
-        """``tries``: this delivery's try of the participant (1 unless a retry)."""
+    def run(
+        self, store: SagaStore, message: StepMessage, tries: int = 1, delivery: str | None = None
+    ) -> StepRun:
+        """``tries``: this delivery's try of the participant (1 unless a retry);
+        ``delivery``: the Celery task id of the message being worked on (the step's
+        ``started`` marker names it)."""
         refused = mismatch(self.saga, self.index, self.role, message)
         if refused is not None:
             return self._ignored(message, refused)
         fingerprint = self.saga.fingerprint
         expectation = Expectation(self.index, message.token, self.role, fingerprint)
         now = self.clock()
-        recorded, snapshot = store.begin_step(message.key, message.saga_id, now, expectation)
+        recorded, snapshot = store.begin_step(
+            message.key, message.saga_id, now, expectation, delivery
+        )
         if snapshot is not None and not same_definition(snapshot, fingerprint):
             logger.info(
                 "saga %s: started with definition %s, not %s: left to a worker that has it",
@@ -248,6 +288,17 @@ class StepRunner:
             )
             return OtherDefinition(snapshot.definition)
         refused = unexpected(snapshot, self.index, self.role, message.token)
+        if refused is not None and refused.reason == STALE and delivery is not None:
+            assert snapshot is not None
+            resend = abandoned_by(self.saga, snapshot, store.get_guard, delivery)
+            if resend is not None:
+                logger.warning(
+                    "saga %s: %s",
+                    message.saga_id,
+                    resend.detail,
+                    extra=self._extra(message.saga_id),
+                )
+                return resend
         if refused is not None:
             return self._ignored(message, refused)
         if recorded is not None:

@@ -81,6 +81,13 @@ class CeleryDispatcher:
         versions = getattr(self.sagas, "versions", {})
         return versions.get(fingerprint) or self.sagas[body["saga"]]
 
+    def step_task_name(self, body: Mapping[str, Any]) -> str:
+        """The task a step or compensation message goes to."""
+        saga, index = self._definition(body), body["step"]
+        if body["kind"] == Role.ACTION:
+            return saga.step_task_name(index)
+        return saga.compensation_task_name(index)
+
     def send(self, message: OutboxMessage) -> None:
         body = message.body
         if body["kind"] == HOOK_KIND:
@@ -94,10 +101,8 @@ class CeleryDispatcher:
             return
         saga = self._definition(body)
         index = body["step"]
-        if body["kind"] == Role.ACTION:
-            task_name, reply_name = saga.step_task_name(index), ADVANCE_TASK
-        else:
-            task_name, reply_name = saga.compensation_task_name(index), COMPENSATED_TASK
+        task_name = self.step_task_name(body)
+        reply_name = ADVANCE_TASK if body["kind"] == Role.ACTION else COMPENSATED_TASK
         kwargs = step_kwargs(body)
         shown = kwargs_repr(kwargs, self.redact_fields)
         # every task of a saga hangs under one root (the start task, whose id is the saga id)

@@ -7,7 +7,7 @@ schedule and the reliability settings. The store is created lazily, once per pro
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -27,8 +27,10 @@ from celery_sagas.integration.dispatcher import (
     COMPENSATED_TASK,
     DEAD_LETTER_TASK,
     CeleryDispatcher,
+    step_kwargs,
 )
 from celery_sagas.integration.hook_task import HOOK_LEASE, register_hook_task
+from celery_sagas.integration.inline import InlineSteps
 from celery_sagas.integration.pools import watch_pools
 from celery_sagas.integration.quiet import quiet_periodic_tasks
 from celery_sagas.integration.steps import StepTask
@@ -86,6 +88,12 @@ class SagaRuntime:
             max_redispatches=settings.max_redispatches,
             time_limit_grace=settings.time_limit_grace,
             queue_timeout=settings.queue_timeout,
+        )
+        # runs the next step in the task of the one before (``inline_steps``); None: off
+        self.inline = (
+            InlineSteps(app, self.dispatcher.step_task_name, step_kwargs)
+            if settings.inline_steps
+            else None
         )
         self.start_tasks: dict[str, Task] = {}
         self._store: SqlSagaStore | None = None
@@ -227,14 +235,31 @@ class SagaRuntime:
         guard: GuardRecord | None = None,
         known: SagaRecord | None = None,
     ) -> str | None:
+        state, _ = self.apply_keeping(saga_id, event, guard, known)
+        return state
+
+    def apply_keeping(
+        self,
+        saga_id: str,
+        event: machine.Event,
+        guard: GuardRecord | None = None,
+        known: SagaRecord | None = None,
+        keep: Callable[[OutboxMessage], bool] | None = None,
+    ) -> tuple[str | None, OutboxMessage | None]:
+        """Apply ``event`` (one transaction) and publish what it sends, except the first
+        message ``keep`` wants, returned for the caller to run (``inline_steps``): its
+        outbox row stays unsent, so the relay publishes it if the caller never begins it."""
         outcome = self.coordinator.handle(saga_id, event, guard, known)
         if outcome.messages:
             crash_point("after_commit")
-        outbox.publish(self.store, self.dispatcher, outcome.messages, utcnow)
+        kept = next((m for m in outcome.messages if keep(m)), None) if keep else None
+        others = [message for message in outcome.messages if message is not kept]
+        outbox.publish(self.store, self.dispatcher, others, utcnow)
         decision = outcome.decision
         if decision is None:
-            return None
-        return decision.state.value if decision.accepted and decision.state else "ignored"
+            return None, kept
+        state = decision.state.value if decision.accepted and decision.state else "ignored"
+        return state, kept
 
     def scan(self) -> dict[str, int]:
         report = scanner.scan(
@@ -328,6 +353,8 @@ def _register_step_tasks(app: Celery, runtime: SagaRuntime, saga: Saga) -> None:
                 redact_fields=runtime.settings.redact_fields,
                 signing_key=runtime.settings.signing_key,
                 apply_outcome=None if runtime.settings.coordinator_hop else runtime.apply,
+                apply_keeping=runtime.apply_keeping,
+                inline=runtime.inline,
                 **SAGA_TASK_OPTIONS,  # late acks, redelivery on a lost child, json
                 shared=False,  # bound to this app's runtime: another app must not inherit it
                 ignore_result=True,  # the saga database holds outcomes; chains pass them on

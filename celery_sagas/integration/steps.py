@@ -19,7 +19,8 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import Task
-from celery.exceptions import TimeLimitExceeded
+from celery.exceptions import Retry, TimeLimitExceeded
+from kombu.utils.uuid import uuid
 
 from celery_sagas import machine
 from celery_sagas.coordinator import utcnow
@@ -30,12 +31,14 @@ from celery_sagas.errors import (
     UnknownDefinitionError,
 )
 from celery_sagas.integration.dispatcher import kwargs_repr
+from celery_sagas.integration.inline import FollowUp, InlineRun, InlineSteps
 from celery_sagas.log import logger
-from celery_sagas.protocols import GuardOutcome, GuardRecord, SagaRecord
+from celery_sagas.protocols import GuardOutcome, GuardRecord, OutboxMessage
 from celery_sagas.runner import (
     Finished,
     Ignored,
     OtherDefinition,
+    Resend,
     RetryLater,
     StepMessage,
     StepRun,
@@ -94,9 +97,11 @@ class StepTask(Task):
     signing_key: str | None = None  # coordinator_hop: the secret commands are signed with
     # applies an outcome (and records its guard) in one transaction and publishes what
     # follows; None when the chain's coordinator task (``coordinator_hop``) does it
-    apply_outcome: (
-        Callable[[str, machine.Event, GuardRecord | None, SagaRecord | None], str | None] | None
-    ) = None
+    apply_outcome: Callable[..., str | None] | None = None
+    # ``apply_outcome`` that keeps back the next step's message for this delivery to run
+    # (``inline_steps``); ``inline``: which deliveries and steps run inline (None: off)
+    apply_keeping: Callable[..., tuple[str | None, OutboxMessage | None]] | None = None
+    inline: InlineSteps | None = None
 
     def perform(self, **kwargs: Any) -> dict[str, Any]:
         """The task body: run the step through the runner; then either record the outcome
@@ -107,24 +112,76 @@ class StepTask(Task):
         against the step's retry policy: before the participant ran, the task runs later
         (``store_retries`` counts those retries out of the attempt numbers); after, the
         retry carries the outcome (``applying``) and only records and applies it, without
-        running the participant again."""
+        running the participant again.
+
+        With ``inline_steps``, the saga's next steps may then run here, one after the
+        other, in this delivery (``integration.inline``); the reply is this step's."""
+        run = self.inline.begin(self, self.request) if self.inline is not None else None
+        reply, follow_up = self._perform(kwargs, run)
+        while follow_up is not None:
+            task, step_kwargs = follow_up
+            follow_up = task.run_inline(step_kwargs, self.request, run)
+        return reply
+
+    def run_inline(
+        self, kwargs: dict[str, Any], outer: Any, run: InlineRun | None
+    ) -> FollowUp | None:
+        """This step, run in the delivery ``outer`` (the request of the task that began
+        it) under a request of its own, as a first try: a retry is published (Celery's
+        ``retry`` on that request), which ends the inline run. Returns what runs next."""
+        self.push_request(
+            id=uuid(),
+            args=[],
+            kwargs=kwargs,
+            retries=0,
+            called_directly=False,
+            delivery_info=outer.delivery_info,
+            root_id=outer.root_id,
+            parent_id=outer.id,
+            hostname=outer.hostname,
+            ignore_result=True,
+        )
+        try:
+            logger.debug(
+                "saga %s %s %s: runs inline in task %s",
+                kwargs.get("saga_id"),
+                self.step_def.name,
+                self.role,
+                outer.id,
+                extra={"saga_id": kwargs.get("saga_id"), "saga": self.saga.name},
+            )
+            return self._perform(kwargs, run)[1]
+        except Retry:  # published: the step runs again as a message of its own
+            return None
+        finally:
+            self.pop_request()
+
+    def _perform(
+        self, kwargs: dict[str, Any], inline: InlineRun | None
+    ) -> tuple[dict[str, Any], FollowUp | None]:
+        """One step's run (``perform``): its reply and the step to run next in this
+        delivery, if any."""
         carried_run = kwargs.pop(CARRIED, None)
         waited = int(kwargs.get(STORE_RETRIES, 0))
         message = None if carried_run else StepMessage.parse(kwargs)
         if not carried_run and message is None:
-            return {"outcome": "ignored", "reason": "malformed"}
+            return {"outcome": "ignored", "reason": "malformed"}, None
+        # the delivery the step's started marker names: the one running it, inline or not
+        delivery = inline.delivery if inline is not None else self.request.id
         try:
             if message is None:
                 run: StepRun = from_carried(carried_run)
             elif self.apply_outcome is None:  # coordinator_hop: a signed command
                 run = self._run_command(kwargs, message)
             else:
-                run = self.runner.run(self.store_factory(), message, self._tries(waited))
+                run = self.runner.run(self.store_factory(), message, self._tries(waited), delivery)
         except StoreUnavailableError as exc:  # the saga could not be read: nothing ran
             again = {**kwargs, STORE_RETRIES: waited + 1}
             raise self._retry_for_store(exc, "begin", waited, again) from exc
         if isinstance(run, Ignored):
-            return {"outcome": "ignored", "reason": run.reason}  # tasks.IGNORED
+            return {"outcome": "ignored", "reason": run.reason}, None  # tasks.IGNORED
+        if isinstance(run, Resend):
+            return self._resend(kwargs["saga_id"], run), None
         if isinstance(run, OtherDefinition):  # back to the queue, for a worker that has it
             again = {**kwargs, STORE_RETRIES: waited + 1}
             unknown = UnknownDefinitionError(f"definition {run.definition} is not installed here")
@@ -135,11 +192,18 @@ class StepTask(Task):
             shown = kwargs_repr(self.request.kwargs or {}, self.redact_fields)
             raise self.retry(exc=run.error, countdown=countdown, kwargsrepr=shown)
         try:
-            return self._finish(run, kwargs)
+            return self._finish(run, kwargs, inline)
         except (StoreUnavailableError, ConcurrentUpdateError) as exc:
             tries = int((carried_run or {}).get("tries", 0))
             again = {**kwargs, CARRIED: carried(run, tries + 1)}
             raise self._retry_for_store(exc, "record the outcome of", tries, again) from exc
+
+    def _resend(self, saga_id: str, run: Resend) -> dict[str, Any]:
+        """This delivery began the saga's current step inline and died: send it again
+        (``machine.Abandoned``; nothing runs here)."""
+        if self.apply_outcome is not None:
+            self.apply_outcome(saga_id, machine.Abandoned(run.step, run.token, run.detail))
+        return {"outcome": "ignored", "reason": "stale", "resent": run.step}
 
     def on_failure(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         """Celery calls this in the worker's main process when the hard time limit killed
@@ -173,12 +237,19 @@ class StepTask(Task):
             return self.runner.refuse(message, refused, "signed command refused")
         return self.runner.run_command(message, self._tries(0))
 
-    def _finish(self, run: Finished, kwargs: dict[str, Any]) -> dict[str, Any]:
+    def _finish(
+        self, run: Finished, kwargs: dict[str, Any], inline: InlineRun | None
+    ) -> tuple[dict[str, Any], FollowUp | None]:
         if self.apply_outcome is None:  # the chain's coordinator task records and applies it
-            return handed_down(run)
+            return handed_down(run), None
         event = run.reply.event(self.role, kwargs["step"], kwargs["token"])
-        self.apply_outcome(kwargs["saga_id"], event, run.to_record, run.snapshot)
-        return run.reply.to_json()
+        if inline is None or self.apply_keeping is None:
+            self.apply_outcome(kwargs["saga_id"], event, run.to_record, run.snapshot)
+            return run.reply.to_json(), None
+        _, kept = self.apply_keeping(
+            kwargs["saga_id"], event, run.to_record, run.snapshot, inline.pick
+        )
+        return run.reply.to_json(), inline.follow_up(kept)
 
     def _retry_for_store(
         self, exc: Exception, doing: str, failures: int, kwargs: dict[str, Any]

@@ -27,6 +27,7 @@ from celery_sagas.machine.decisions import (
 )
 from celery_sagas.machine.draft import needs_compensation, next_to_compensate
 from celery_sagas.machine.events import (
+    Abandoned,
     Admit,
     Begin,
     Cancel,
@@ -49,7 +50,7 @@ from celery_sagas.machine.replies import (
     _step_failed,
     _step_succeeded,
 )
-from celery_sagas.machine.scan import _tick
+from celery_sagas.machine.scan import _abandoned, _tick
 from celery_sagas.machine.types import (
     FORWARD_STATES,
     LIVE_STATES,
@@ -68,6 +69,7 @@ __all__ = [
     "LIVE_STATES",
     "SETTLED_STATES",
     "TERMINAL_STATES",
+    "Abandoned",
     "Admit",
     "Begin",
     "Cancel",
@@ -110,6 +112,8 @@ def decide(saga: SagaView, event: Event, now: datetime) -> Decision:
             return _admit(saga, now)
         case Tick():
             return _tick(saga, now)
+        case Abandoned():
+            return _abandoned(saga, event, now)
         case StepSucceeded():
             return _step_succeeded(saga, event, now)
         case StepFailed():

@@ -63,6 +63,17 @@ class CompensationFailed:
 
 
 @dataclass(frozen=True)
+class Abandoned:
+    """The delivery that began the current step died with no outcome, and no message of
+    the step is left to redeliver: it ran inline, in an earlier step's task
+    (``inline_steps``), whose message came back. Send the step again (same token)."""
+
+    step: int
+    token: int
+    reason: str
+
+
+@dataclass(frozen=True)
 class OperatorRetry:
     """An operator (or the DLQ recovery worker) re-runs a dead compensation."""
 
@@ -99,6 +110,7 @@ class Migrated:
 
 Event = (
     Migrated
+    | Abandoned
     | Begin
     | Admit
     | Tick

@@ -1,6 +1,7 @@
 """The scanner's ``Tick``: time out a saga past its deadline, or a step past its own
 time (counted from when a worker began it) or its wait for a worker (``queue_timeout``);
 re-send a message no worker began (lost with the broker, or waiting in a busy queue).
+Also ``Abandoned``: re-send a step whose delivery died mid-run with no message left.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from datetime import datetime
 
 from celery_sagas.machine.decisions import Decision, RunCompensation, RunStep, ignore
 from celery_sagas.machine.draft import _compensate_or_fail, _Draft, _skip_later_steps
+from celery_sagas.machine.events import Abandoned
 from celery_sagas.machine.types import (
     FORWARD_STATES,
     ErrorKind,
@@ -48,6 +50,19 @@ def _resend(saga: SagaView, now: datetime, why: str | None = None) -> Decision:
     draft.step(index, current.status, reason=reason, **timing)
     draft.commands.append((RunStep if forward else RunCompensation)(index, saga.token))
     return draft.done()
+
+
+def _abandoned(saga: SagaView, event: Abandoned, now: datetime) -> Decision:
+    """The current step's delivery died mid-run (``Abandoned``): sent again, if the saga
+    still waits for that step and token with it running (or compensating)."""
+    if saga.state not in FORWARD_STATES | {SagaState.COMPENSATING}:
+        return ignore(saga, f"saga is {saga.state}")
+    if (saga.current_step, saga.token) != (event.step, event.token):
+        return ignore(saga, f"saga waits for step {saga.current_step} token {saga.token}")
+    running = StepStatus.RUNNING if saga.state in FORWARD_STATES else StepStatus.COMPENSATING
+    if saga.steps[event.step].status != running:
+        return ignore(saga, f"step {event.step} is {saga.steps[event.step].status}")
+    return _resend(saga, now, event.reason)
 
 
 def _due(moment: datetime | None, now: datetime) -> bool:

@@ -1,5 +1,6 @@
 """Step guards, checked before a step runs and written after (keyed
-``saga_id:step:action|compensation``); a ``started`` guard marks a step a worker is running.
+``saga_id:step:action|compensation``); a ``started`` guard marks a step a worker is running,
+and its ``result`` names the delivery (Celery task id) that began it, when one is known.
 """
 
 from __future__ import annotations
@@ -8,7 +9,19 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Integer, String, and_, bindparam, func, literal, or_, select
+from sqlalchemy import (
+    JSON,
+    Connection,
+    Integer,
+    String,
+    and_,
+    bindparam,
+    cast,
+    func,
+    literal,
+    or_,
+    select,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from celery_sagas.protocols import STARTED, GuardRecord, SagaRecord
@@ -28,19 +41,25 @@ def get_guard(conn: Connection, key: str) -> GuardRecord | None:
 
 def refresh_started(statement: Any) -> Any:
     """``statement`` (an INSERT of a ``started`` marker) as an upsert: a marker already
-    there takes the new start time (a redelivery began it again); a final outcome stays."""
+    there takes the new start time and delivery (a redelivery began it again); a final
+    outcome stays."""
     return statement.on_conflict_do_update(
         index_elements=["key"],
-        set_={"recorded_at": statement.excluded.recorded_at},
+        set_={"recorded_at": statement.excluded.recorded_at, "result": statement.excluded.result},
         where=guards.c.outcome == STARTED,
     )
 
 
 def mark_started_statement(insert: Any) -> Any:
     """INSERT (or refresh) a ``started`` marker unless the key has a final outcome; built
-    once per store (its parameters ``g_key`` and ``g_now``), since building costs more
-    than running it."""
-    values = {"key": bindparam("g_key"), "outcome": STARTED, "recorded_at": bindparam("g_now")}
+    once per store (its parameters ``g_key``, ``g_now`` and ``g_delivery``: the delivery
+    that began it, or None), since building costs more than running it."""
+    values = {
+        "key": bindparam("g_key"),
+        "outcome": STARTED,
+        "recorded_at": bindparam("g_now"),
+        "result": bindparam("g_delivery", type_=JSON(none_as_null=True)),
+    }
     return counted(refresh_started(insert.values(**values)))
 
 
@@ -83,9 +102,12 @@ def begin_step_statement(with_steps: Any) -> Any:
         bindparam("g_key", type_=String),
         literal(STARTED, type_=String),
         bindparam("g_now", type_=UtcDateTime()),
+        # the delivery that began it, as a JSON string (NULL: not known)
+        func.to_json(cast(bindparam("g_delivery", type_=String), String)),
     ).where(_expected(bindparam("p_saga_id")))
+    columns = ["key", "outcome", "recorded_at", "result"]
     marked = (
-        refresh_started(pg_insert(guards).from_select(["key", "outcome", "recorded_at"], marker))
+        refresh_started(pg_insert(guards).from_select(columns, marker))
         .returning(guards.c.key)
         .cte("marked")
     )
@@ -123,10 +145,13 @@ class Begun:
         return recorded, self.saga.record(rows)
 
 
-def begin_guard(conn: Connection, mark_started: Any, key: str, now: datetime) -> GuardRecord | None:
-    """Mark ``key`` started (one statement; the caller runs it in autocommit). Returns the
-    recorded final outcome of an earlier delivery, if there is one."""
-    marked = conn.execute(mark_started, {"g_key": key, "g_now": now}).rowcount
+def begin_guard(
+    conn: Connection, mark_started: Any, key: str, now: datetime, delivery: str | None = None
+) -> GuardRecord | None:
+    """Mark ``key`` started by ``delivery`` (one statement; the caller runs it in
+    autocommit). Returns the recorded final outcome of an earlier delivery, if there is one."""
+    params = {"g_key": key, "g_now": now, "g_delivery": delivery}
+    marked = conn.execute(mark_started, params).rowcount
     if marked:
         return None
     row = conn.execute(select(guards).where(guards.c.key == key)).one()

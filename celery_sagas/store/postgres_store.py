@@ -109,11 +109,17 @@ class PostgresSagaStore(SqlSagaStore, backend=POSTGRES):
             return one_statement.write(conn, saga, decision, messages, now, guard, self.prepare)
 
     def begin_step(
-        self, key: str, saga_id: str, now: datetime, expectation: Expectation
+        self,
+        key: str,
+        saga_id: str,
+        now: datetime,
+        expectation: Expectation,
+        delivery: str | None = None,
     ) -> tuple[GuardRecord | None, SagaRecord | None]:
         params = {
             "g_key": key,
             "g_now": now,
+            "g_delivery": delivery,
             "p_saga_id": saga_id,
             "g_step": expectation.step,
             "g_token": expectation.token,
@@ -126,6 +132,8 @@ class PostgresSagaStore(SqlSagaStore, backend=POSTGRES):
             return None, None
         return self._begun.answer(rows)
 
-    def begin_guard(self, key: str, now: datetime) -> GuardRecord | None:
+    def begin_guard(
+        self, key: str, now: datetime, delivery: str | None = None
+    ) -> GuardRecord | None:
         with self._one_statement() as conn:
-            return guard_rows.begin_guard(conn, self._mark_started, key, now)
+            return guard_rows.begin_guard(conn, self._mark_started, key, now, delivery)

@@ -119,13 +119,20 @@ class SqlSagaStore(SqlReads):
         raise NotImplementedError
 
     def begin_step(
-        self, key: str, saga_id: str, now: datetime, expectation: Expectation
+        self,
+        key: str,
+        saga_id: str,
+        now: datetime,
+        expectation: Expectation,
+        delivery: str | None = None,
     ) -> tuple[GuardRecord | None, SagaRecord | None]:
-        """The saga, and ``key`` marked started if the saga expects the step (else the
-        outcome an earlier delivery recorded, if any)."""
+        """The saga, and ``key`` marked started by ``delivery`` if the saga expects the
+        step (else the outcome an earlier delivery recorded, if any)."""
         raise NotImplementedError
 
-    def begin_guard(self, key: str, now: datetime) -> GuardRecord | None:
+    def begin_guard(
+        self, key: str, now: datetime, delivery: str | None = None
+    ) -> GuardRecord | None:
         """Mark ``key`` started; the recorded final outcome of an earlier delivery, if any."""
         raise NotImplementedError
 

@@ -65,14 +65,21 @@ class SqliteSagaStore(SqlSagaStore, backend=SQLITE):
         return CreateResult(_fresh_record(new, decision, now), True, written)
 
     def begin_step(
-        self, key: str, saga_id: str, now: datetime, expectation: Expectation
+        self,
+        key: str,
+        saga_id: str,
+        now: datetime,
+        expectation: Expectation,
+        delivery: str | None = None,
     ) -> tuple[GuardRecord | None, SagaRecord | None]:
         """The saga read, then ``key`` marked if the saga expects the step."""
         record = self.load(saga_id)
         if not expects(record, expectation):
             return None, record
-        return self.begin_guard(key, now), record
+        return self.begin_guard(key, now, delivery), record
 
-    def begin_guard(self, key: str, now: datetime) -> GuardRecord | None:
+    def begin_guard(
+        self, key: str, now: datetime, delivery: str | None = None
+    ) -> GuardRecord | None:
         with self._connect() as conn:
-            return guard_rows.begin_guard(conn, self._mark_started, key, now)
+            return guard_rows.begin_guard(conn, self._mark_started, key, now, delivery)

@@ -15,6 +15,7 @@ from celery_sagas.protocols import OutboxMessage, SagaRecord, SagaStore
 from celery_sagas.runner import (
     Ignored,
     OtherDefinition,
+    Resend,
     RetryLater,
     StepMessage,
     StepRunner,
@@ -87,7 +88,8 @@ def deliver_once(
     while isinstance(run, RetryLater):
         tries += 1
         run = runner.run(store, message_in, tries)
-    if isinstance(run, Ignored | OtherDefinition):  # the latter: another process's saga
+    # OtherDefinition: another process's saga; Resend needs a delivery (none given here)
+    if isinstance(run, Ignored | OtherDefinition | Resend):
         return
     event = run.reply.event(role, index, body["token"])
     handled = coordinator.handle(body["saga_id"], event, run.to_record, run.snapshot)

@@ -219,7 +219,12 @@ class InMemorySagaStore(MemoryRetention, MemoryScans):
                     self._outbox[message_id] = replace(message, sent_at=now)
 
     def begin_step(
-        self, key: str, saga_id: str, now: datetime, expectation: Expectation
+        self,
+        key: str,
+        saga_id: str,
+        now: datetime,
+        expectation: Expectation,
+        delivery: str | None = None,
     ) -> tuple[GuardRecord | None, SagaRecord | None]:
         """One call, as the SQL store's one round trip (recorded as ``"begin_step"``):
         the marker is written only if the saga expects the message."""
@@ -229,17 +234,19 @@ class InMemorySagaStore(MemoryRetention, MemoryScans):
             snapshot = detached(saga) if saga else None
             if not expects(snapshot, expectation):
                 return None, snapshot
-            return self._begin_guard(key, as_utc(now)), snapshot
+            return self._begin_guard(key, as_utc(now), delivery), snapshot
 
-    def begin_guard(self, key: str, now: datetime) -> GuardRecord | None:
+    def begin_guard(
+        self, key: str, now: datetime, delivery: str | None = None
+    ) -> GuardRecord | None:
         with self._lock:
             self.calls.append("begin_guard")
-            return self._begin_guard(key, as_utc(now))
+            return self._begin_guard(key, as_utc(now), delivery)
 
-    def _begin_guard(self, key: str, now: datetime) -> GuardRecord | None:
+    def _begin_guard(self, key: str, now: datetime, delivery: str | None) -> GuardRecord | None:
         guard = self._guards.get(key)
         if replaceable(guard):  # a new or refreshed start
-            self._guards[key] = started_marker(key, now)
+            self._guards[key] = started_marker(key, now, delivery)
             return None
         assert guard is not None
         return replace(guard, result=as_json(guard.result))

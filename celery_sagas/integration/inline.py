@@ -1,0 +1,117 @@
+"""Inline steps (``inline_steps``, off by default): the next step runs in the task of the
+step before it, in the same delivery, instead of being published.
+
+A saga of four steps is then one Celery delivery instead of four: no publish, no queue
+wait, no second message to decode, which roughly halves a saga's worker CPU and its
+latency. Every step still goes through the one step path (``runner``): its check, its
+``started`` marker, its participant and its outcome's transaction, in order.
+
+What runs inline: the next action or compensation of the same saga, when neither the
+delivery running now nor the next step's task has a time limit (Celery's limits are per
+delivery: an inline step would run under the limits of the step that began the delivery),
+and the next step's task is routed to the queue this delivery came from. Anything else is
+published as before, and so is everything else a transition sends (hooks, dead letters).
+
+What a crash does: the delivery's message is acknowledged only when the whole run ends
+(late acks), so a killed worker gives it back to the broker. The ``started`` marker of an
+inline step names that delivery (the Celery task id of its message). The message, now
+stale (its own step is done), finds the saga's current step begun by its own delivery and
+without an outcome, and has it sent again (``runner.abandoned_by``, ``machine.Abandoned``).
+A step that was committed but not yet begun when the worker died has no marker: the relay
+publishes its outbox row as it does after any lost publish.
+
+A participant that fails with a retry left is retried as a published message (Celery's
+``retry`` on the inline run's own request), which ends the inline run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from celery import Celery, Task
+
+from celery_sagas.hooks import HOOK_KIND
+from celery_sagas.protocols import OutboxMessage
+
+# a follow-up for the delivery: the step task to run inline, with its kwargs
+FollowUp = tuple[Task, dict[str, Any]]
+
+
+def time_limited(*limits: float | None) -> bool:
+    """Pure: whether any of Celery's limits (task, message or app-wide) is set."""
+    return any(limit for limit in limits)
+
+
+def is_step_message(body: Mapping[str, Any]) -> bool:
+    """A step or compensation message (the others: hooks, dead letters)."""
+    return body.get("kind") not in (HOOK_KIND, "dead_letter") and bool(body.get("key"))
+
+
+@dataclass(frozen=True)
+class InlineRun:
+    """One delivery that may run the saga's next steps in it: the queue its message came
+    from and its task id (which the inline steps' markers name)."""
+
+    steps: InlineSteps
+    queue: str | None
+    delivery: str
+
+    def pick(self, message: OutboxMessage) -> bool:
+        """Whether ``message`` may run inline in this delivery."""
+        return self.steps.follow_up(message, self.queue) is not None
+
+    def follow_up(self, message: OutboxMessage | None) -> FollowUp | None:
+        return None if message is None else self.steps.follow_up(message, self.queue)
+
+
+class InlineSteps:
+    """Decides, for one app, which deliveries and which next steps run inline."""
+
+    def __init__(
+        self,
+        app: Celery,
+        task_name: Callable[[Mapping[str, Any]], str],
+        kwargs_of: Callable[[Mapping[str, Any]], dict[str, Any]],
+    ) -> None:
+        """``task_name`` and ``kwargs_of``: a step message's task and kwargs, as the
+        dispatcher would publish them."""
+        self.app = app
+        self.task_name = task_name
+        self.kwargs_of = kwargs_of
+        self._routing_keys: dict[str, str | None] = {}
+
+    def begin(self, task: Task, request: Any) -> InlineRun | None:
+        """An inline run for the delivery ``request`` of ``task``, or None when it must
+        not run steps inline (called directly or eagerly, or under a time limit)."""
+        conf = self.app.conf
+        if request.called_directly or request.is_eager or conf.task_always_eager:
+            return None
+        hard, soft = request.timelimit or (None, None)
+        limits = (task.time_limit, task.soft_time_limit, hard, soft)
+        if time_limited(*limits, conf.task_time_limit, conf.task_soft_time_limit):
+            return None
+        queue = (request.delivery_info or {}).get("routing_key") or self.routing_key(task.name)
+        return InlineRun(self, queue, request.id)
+
+    def follow_up(self, message: OutboxMessage, queue: str | None) -> FollowUp | None:
+        """The step task that may run ``message`` inline in a delivery from ``queue``
+        (no time limit, routed to that queue), with its kwargs; None: publish it."""
+        body = message.body
+        if not is_step_message(body):
+            return None
+        name = self.task_name(body)
+        task = self.app.tasks.get(name)
+        if task is None or time_limited(task.time_limit, task.soft_time_limit):
+            return None
+        if not hasattr(task, "run_inline") or self.routing_key(name) != queue:
+            return None
+        return task, self.kwargs_of(body)
+
+    def routing_key(self, task_name: str) -> str | None:
+        """Where the app's router sends ``task_name`` (cached: routes are set at install)."""
+        if task_name not in self._routing_keys:
+            queue = self.app.amqp.router.route({}, task_name)["queue"]
+            self._routing_keys[task_name] = queue.routing_key or queue.name
+        return self._routing_keys[task_name]
