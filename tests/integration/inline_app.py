@@ -48,9 +48,7 @@ inline_orders = Saga(
         Step("send_confirmation", send_confirmation, send_cancellation_notice, timeout=None),
     ],
 )
-sagas = install(
-    app, [inline_orders], database_url=config.saga_database_url(), inline_steps=True
-)
+sagas = install(app, [inline_orders], database_url=config.saga_database_url(), inline_steps=True)
 start_inline = sagas.start_task("inline_orders")
 
 if os.environ.get("INLINE_APP_DUPLICATES") == "1":
