@@ -61,6 +61,7 @@ DEFAULT_PG_ADMIN_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379"
 HOPS_PER_SAGA = 4  # 4 steps, each applying its own outcome (the caller starts the saga)
 HOPS_PER_SAGA_WITH_COORDINATOR_HOP = 8  # 4 x (step + advance)
+HOPS_PER_SAGA_INLINE = 1  # inline_steps: the first step's delivery runs the other three
 HOPS_PER_CHAIN = 4
 THROUGHPUT_POLL = 0.2
 LATENCY_POLL = 0.005
@@ -103,6 +104,7 @@ class Options:
     plot: Path | None = None
     peers: bool = True
     chain_acks_late: bool = False
+    inline_steps: bool = False
 
 
 def parse_options(argv: list[str] | None = None) -> Options:
@@ -177,6 +179,12 @@ def parse_options(argv: list[str] | None = None) -> Options:
         help="the chain tasks take the sagas' delivery settings (acks_late, "
         "reject_on_worker_lost): a baseline that survives a killed worker too",
     )
+    parser.add_argument(
+        "--inline-steps",
+        action="store_true",
+        help="sagas with sagas_inline_steps (their steps declared timeout=None): each "
+        "saga's later steps run in its first step's delivery",
+    )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args(argv)
     if args.n < 1 or args.concurrency < 1 or args.latency_n < 1 or args.warmup < 0:
@@ -206,6 +214,7 @@ def parse_options(argv: list[str] | None = None) -> Options:
         plot=args.plot,
         peers=not args.no_peers,
         chain_acks_late=args.chain_acks_late,
+        inline_steps=args.inline_steps,
     )
 
 
@@ -806,9 +815,10 @@ class Bench:
     def summary(self) -> dict[str, Any]:
         chains_per_s = self.results["chains"]["per_second"]
         sagas_per_s = self.results["sagas"]["per_second"]
-        hops = HOPS_PER_SAGA_WITH_COORDINATOR_HOP if self.options.coordinator_hop else HOPS_PER_SAGA
+        hops = hops_per_saga(self.options)
         return {
             "coordinator_hop": self.options.coordinator_hop,
+            "inline_steps": self.options.inline_steps,
             "chain_acks_late": self.options.chain_acks_late,
             "n": self.options.n,
             "pool": self.options.pool,
@@ -829,6 +839,13 @@ class Bench:
 # --------------------------------------------------------------------------- report
 
 
+def hops_per_saga(options: Options) -> int:
+    """Task deliveries per saga in the mode ``options`` names (the caller starts it)."""
+    if options.coordinator_hop:
+        return HOPS_PER_SAGA_WITH_COORDINATOR_HOP
+    return HOPS_PER_SAGA_INLINE if options.inline_steps else HOPS_PER_SAGA
+
+
 def format_table(summary: dict[str, Any]) -> str:
     chains, sagas = summary["chains"], summary["sagas"]
     hops = summary["hops_per_saga"]
@@ -844,9 +861,7 @@ def format_table(summary: dict[str, Any]) -> str:
         ),
         (
             "sagas",
-            "each outcome through celery_sagas.advance (coordinator_hop)"
-            if summary["coordinator_hop"]
-            else "each step task applies its own outcome (default)",
+            saga_mode(summary),
         ),
         (
             "chains",
@@ -894,6 +909,14 @@ def format_table(summary: dict[str, Any]) -> str:
     ]
     width = max(len(label) for label, _ in rows)
     return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
+
+
+def saga_mode(summary: dict[str, Any]) -> str:
+    if summary["coordinator_hop"]:
+        return "each outcome through celery_sagas.advance (coordinator_hop)"
+    if summary.get("inline_steps"):
+        return "inline_steps: steps 2-4 run in step 1's delivery (steps without time limits)"
+    return "each step task applies its own outcome (default)"
 
 
 def message_only_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
@@ -1033,6 +1056,7 @@ def session(options: Options) -> Iterator[Session]:
             "BENCH_REDIS_URL": broker_url,
             "SAGAS_COORDINATOR_HOP": "true" if options.coordinator_hop else "false",
             "BENCH_CHAIN_ACKS_LATE": "true" if options.chain_acks_late else "false",
+            "SAGAS_INLINE_STEPS": "true" if options.inline_steps else "false",
             "SAGAS_SIGNING_KEY": "bench-signing-key",
             "PYTHONPATH": os.pathsep.join(
                 p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p

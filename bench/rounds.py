@@ -110,6 +110,7 @@ def rounds_summary(bench: Bench, done: Sequence[Round]) -> dict[str, Any]:
         "step_ms": options.step_ms,
         "n": options.n,
         "chain_acks_late": options.chain_acks_late,
+        "inline_steps": options.inline_steps,
         "rounds": [one.__dict__ for one in done],
         "median": medians(done),
         "saga_latency_ms": bench.results.get("saga_latency_ms"),
@@ -123,6 +124,7 @@ def run_in_rounds(
     """``--rounds K`` on one worker; then the one-at-a-time latencies."""
     with current.bench(options) as bench:
         acks = ", chains acks_late" if options.chain_acks_late else ""
+        acks += ", sagas inline_steps" if options.inline_steps else ""
         say(
             f"{options.pool} -c {options.concurrency}, step {options.step_ms:g} ms, "
             f"N={options.n}{acks}"

@@ -6,7 +6,8 @@ wait, no second message to decode, which roughly halves a saga's worker CPU and 
 latency. Every step still goes through the one step path (``runner``): its check, its
 ``started`` marker, its participant and its outcome's transaction, in order.
 
-What runs inline: the next action or compensation of the same saga, when neither the
+What runs inline: the next action or compensation of the same saga (never another saga's
+step, such as one a finished saga's free slot admits), when neither the
 delivery running now nor the next step's task has a time limit (Celery's limits are per
 delivery: an inline step would run under the limits of the step that began the delivery),
 and the next step's task is routed to the queue this delivery came from. Anything else is
@@ -58,9 +59,17 @@ class InlineRun:
     queue: str | None
     delivery: str
 
-    def pick(self, message: OutboxMessage) -> bool:
-        """Whether ``message`` may run inline in this delivery."""
-        return self.steps.follow_up(message, self.queue) is not None
+    def keeps(self, saga_id: str) -> Callable[[OutboxMessage], bool]:
+        """Which of a transition's messages this delivery keeps to run inline: a step of
+        the same saga only (a redelivery can find only its own saga's step abandoned),
+        and only one this delivery may run."""
+
+        def keep(message: OutboxMessage) -> bool:
+            if message.saga_id != saga_id:  # another saga's first step, admitted
+                return False
+            return self.steps.follow_up(message, self.queue) is not None
+
+        return keep
 
     def follow_up(self, message: OutboxMessage | None) -> FollowUp | None:
         return None if message is None else self.steps.follow_up(message, self.queue)

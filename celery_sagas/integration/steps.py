@@ -246,9 +246,9 @@ class StepTask(Task):
         if inline is None or self.apply_keeping is None:
             self.apply_outcome(kwargs["saga_id"], event, run.to_record, run.snapshot)
             return run.reply.to_json(), None
-        _, kept = self.apply_keeping(
-            kwargs["saga_id"], event, run.to_record, run.snapshot, inline.pick
-        )
+        saga_id = kwargs["saga_id"]
+        keep = inline.keeps(saga_id)
+        _, kept = self.apply_keeping(saga_id, event, run.to_record, run.snapshot, keep)
         return run.reply.to_json(), inline.follow_up(kept)
 
     def _retry_for_store(

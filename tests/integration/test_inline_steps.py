@@ -199,3 +199,35 @@ def test_every_message_delivered_twice_acts_once_inline(
     assert completions(store, failed.saga_id, "compensated") == list(STEPS[:3][::-1])
     assert [p.status for p in rows_for(db.payments, failing["order_id"])] == ["refunded"]
     assert db.stock(sku) == 10 - len(good)
+
+
+def test_a_retry_in_an_inline_run_is_published_and_the_saga_goes_on(
+    deployment: Deployment, start_inline: Any, fresh_sku: Callable[[int], str]
+) -> None:
+    """A participant that fails with retries left, inline: its retry is a message of its
+    own (Celery's retry), which ends the inline run; the retried step then carries the
+    saga on in its delivery. Forward and compensating."""
+    sku = fresh_sku(10)
+    flaky = make_order(sku, qty=1, simulate={"process_payment": "transient:1"})
+    undo = make_order(
+        sku, qty=1, simulate={"create_shipment": "fail", "refund_payment": "transient:1"}
+    )
+    store = SqlSagaStore(db.database_url())
+    with inline_worker(deployment, name="inline-retry") as worker:
+        start_inline.delay(flaky)
+        start_inline.delay(undo)
+        records = wait_settled([flaky["order_id"], undo["order_id"]], timeout=60)
+        log = worker.log_text()
+
+    record = records[flaky["order_id"]]
+    assert_completed_once(store, flaky, record)
+    assert record.steps[1].attempts == 2  # the transient failure, then the retry
+    failed = records[undo["order_id"]]
+    assert failed.state.value == "FAILED", failed
+    assert completions(store, failed.saga_id, "compensated") == list(STEPS[:2][::-1])
+    assert failed.steps[1].compensation_attempts == 2
+    assert [p.status for p in rows_for(db.payments, undo["order_id"])] == ["refunded"]
+    # only the retries were published: one message each for the payment and the refund
+    assert received(log, "process_payment") == 1
+    assert received(log, "refund_payment") == 1
+    assert received(log, "create_shipment") == 0

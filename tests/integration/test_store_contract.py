@@ -841,6 +841,30 @@ def test_begin_step_is_begin_guard_plus_a_snapshot_of_the_saga(backend: Backend)
     assert backend.rows()["saga_guard"] == 1
 
 
+def test_the_started_marker_names_the_delivery_that_began_the_step(backend: Backend) -> None:
+    """``inline_steps`` tells a dead delivery's step by its marker: the marker names the
+    delivery (a redelivery under another task id takes it over), a final outcome
+    replaces it, and a marker written without a delivery names none."""
+    store = backend.store
+    create(store, saga_id="s")
+    key = "s:reserve:action"
+    store.begin_step(key, "s", at(1), EXPECTED, "task-1")
+    first = store.get_guard(key)
+    assert first is not None and (first.outcome, first.result) == (STARTED, "task-1")
+    store.begin_step(key, "s", at(2), EXPECTED, "task-2")
+    again = store.get_guard(key)
+    assert again is not None and (again.result, again.recorded_at) == ("task-2", at(2))
+    store.put_guard(GuardRecord(key, "ok", {"r": 1}), at(3))
+    final = store.get_guard(key)
+    assert final is not None and (final.outcome, final.result) == ("ok", {"r": 1})
+    store.begin_guard("s:other:action", at(4))
+    unnamed = store.get_guard("s:other:action")
+    assert unnamed is not None and (unnamed.outcome, unnamed.result) == (STARTED, None)
+    store.begin_guard("s:third:action", at(5), "task-3")
+    named = store.get_guard("s:third:action")
+    assert named is not None and named.result == "task-3"
+
+
 def test_begin_step_marks_only_under_the_definition_the_saga_started_with(
     backend: Backend,
 ) -> None:
