@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from celery_sagas.cli.context import context_of
-from celery_sagas.errors import SagaError
+from celery_sagas.errors import SagaConfigurationError, SagaError
 from celery_sagas.settings import SagaSettings
 
 
@@ -32,6 +32,22 @@ def _stuck_after(runtime: Any, url: str) -> float:
     return SagaSettings.stuck_after
 
 
+def _prepare(runtime: Any, url: str) -> bool:
+    """The app's ``prepared_statements``, else ``SAGAS_PREPARED_STATEMENTS``, else True."""
+    if runtime is not None:
+        value = runtime.settings.prepared_statements
+    elif os.environ.get("SAGAS_PREPARED_STATEMENTS"):
+        value = SagaSettings.from_config({}, database_url=url).prepared_statements
+    else:
+        return SagaSettings.prepared_statements
+    if isinstance(value, str):  # not JSON: "False" or "no" would read as true
+        raise SagaConfigurationError(
+            f"prepared_statements must be true or false, got {value!r} "
+            "(SAGAS_PREPARED_STATEMENTS=false, or --no-prepared-statements)"
+        )
+    return bool(value)
+
+
 @click.command(
     "metrics",
     help="Serve /metrics for Prometheus (computed from the saga database "
@@ -52,8 +68,22 @@ def _stuck_after(runtime: Any, url: str) -> float:
     help="Seconds after which a saga still moving counts as stuck (celery_sagas_stuck). "
     "Default: the app's stuck_after, else SAGAS_STUCK_AFTER, else 600.",
 )
+@click.option(
+    "--prepared-statements/--no-prepared-statements",
+    "prepared_statements",
+    default=None,
+    help="Let the driver prepare statements on the server; --no-prepared-statements behind "
+    "a pooler in transaction mode (pgbouncer) with psycopg 3. Default: the app's "
+    "prepared_statements, else SAGAS_PREPARED_STATEMENTS, else on.",
+)
 @click.pass_context
-def metrics_command(ctx: click.Context, host: str, port: int, stuck_after: float | None) -> None:
+def metrics_command(
+    ctx: click.Context,
+    host: str,
+    port: int,
+    stuck_after: float | None,
+    prepared_statements: bool | None,
+) -> None:
     from celery_sagas.metrics import serve  # prometheus_client is imported when serving
     from celery_sagas.stats import bucket_bounds
     from celery_sagas.store.stats import StatsReader
@@ -68,6 +98,7 @@ def metrics_command(ctx: click.Context, host: str, port: int, stuck_after: float
         buckets=bucket_bounds(budgets.values()),
         stuck_after=stuck_after or _stuck_after(runtime, url),
         installed=frozenset(runtime.sagas.versions) if runtime is not None else None,
+        prepare=_prepare(runtime, url) if prepared_statements is None else prepared_statements,
     )
     click.echo("reading the saga history once…", err=True)
     try:
