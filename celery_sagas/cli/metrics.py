@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from celery_sagas.cli.context import context_of
-from celery_sagas.errors import SagaConfigurationError, SagaError
+from celery_sagas.errors import SagaError
 from celery_sagas.settings import SagaSettings
 
 
@@ -30,22 +30,6 @@ def _stuck_after(runtime: Any, url: str) -> float:
     if os.environ.get("SAGAS_STUCK_AFTER"):
         return float(SagaSettings.from_config({}, database_url=url).stuck_after)
     return SagaSettings.stuck_after
-
-
-def _prepare(runtime: Any, url: str) -> bool:
-    """The app's ``prepared_statements``, else ``SAGAS_PREPARED_STATEMENTS``, else True."""
-    if runtime is not None:
-        value = runtime.settings.prepared_statements
-    elif os.environ.get("SAGAS_PREPARED_STATEMENTS"):
-        value = SagaSettings.from_config({}, database_url=url).prepared_statements
-    else:
-        return SagaSettings.prepared_statements
-    if isinstance(value, str):  # not JSON: "False" or "no" would read as true
-        raise SagaConfigurationError(
-            f"prepared_statements must be true or false, got {value!r} "
-            "(SAGAS_PREPARED_STATEMENTS=false, or --no-prepared-statements)"
-        )
-    return bool(value)
 
 
 @click.command(
@@ -98,7 +82,12 @@ def metrics_command(
         buckets=bucket_bounds(budgets.values()),
         stuck_after=stuck_after or _stuck_after(runtime, url),
         installed=frozenset(runtime.sagas.versions) if runtime is not None else None,
-        prepare=_prepare(runtime, url) if prepared_statements is None else prepared_statements,
+        # as the command's store: the app's prepared_statements, else the environment's
+        prepare=(
+            getattr(context.store, "prepare", True)
+            if prepared_statements is None
+            else prepared_statements
+        ),
     )
     click.echo("reading the saga history once…", err=True)
     try:
