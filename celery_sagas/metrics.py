@@ -11,6 +11,9 @@ families. The only module that imports ``prometheus_client``, lazily, behind the
 
     server = metrics.serve(StatsReader(url), "0.0.0.0", 9808)
     server.wait()
+
+(``StatsReader(url, prepare=False)`` behind a pooler in transaction mode with psycopg 3,
+like the store's ``prepared_statements=False``.)
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from celery_sagas.cli.failures import CommandError
-from celery_sagas.errors import SagaError
+from celery_sagas.errors import SagaConfigurationError, SagaError
 from celery_sagas.protocols import SagaRecord
 from celery_sagas.settings import SagaSettings
 
@@ -33,6 +33,21 @@ def load_app(name: str) -> Any:
         raise CommandError(
             "bad_app", f"--app {name!r} is not a Celery app ({exc}); {APP_HINT}"
         ) from exc
+
+
+def prepared_statements(url: str) -> bool:
+    """``SAGAS_PREPARED_STATEMENTS`` as the workers read it (unset: on), for a command run
+    without the app; a value that is not JSON ("False", "no") is refused, as the settings
+    would read the text itself as true."""
+    if not os.environ.get("SAGAS_PREPARED_STATEMENTS"):
+        return SagaSettings.prepared_statements
+    value = SagaSettings.from_config({}, database_url=url).prepared_statements
+    if isinstance(value, str):
+        raise SagaConfigurationError(
+            f"prepared_statements must be true or false, got {value!r} "
+            "(SAGAS_PREPARED_STATEMENTS=false)"
+        )
+    return bool(value)
 
 
 class CliContext:
@@ -124,7 +139,8 @@ class CliContext:
                 )
             SagaSettings(database_url=url)
             check_database_url(url)
-            self._store = SqlSagaStore(url)
+            # behind a pooler in transaction mode: no server-side prepared statements
+            self._store = SqlSagaStore(url, prepare=prepared_statements(url))
         return self._store
 
     @property

@@ -52,8 +52,22 @@ def _stuck_after(runtime: Any, url: str) -> float:
     help="Seconds after which a saga still moving counts as stuck (celery_sagas_stuck). "
     "Default: the app's stuck_after, else SAGAS_STUCK_AFTER, else 600.",
 )
+@click.option(
+    "--prepared-statements/--no-prepared-statements",
+    "prepared_statements",
+    default=None,
+    help="Let the driver prepare statements on the server; --no-prepared-statements behind "
+    "a pooler in transaction mode (pgbouncer) with psycopg 3. Default: the app's "
+    "prepared_statements, else SAGAS_PREPARED_STATEMENTS, else on.",
+)
 @click.pass_context
-def metrics_command(ctx: click.Context, host: str, port: int, stuck_after: float | None) -> None:
+def metrics_command(
+    ctx: click.Context,
+    host: str,
+    port: int,
+    stuck_after: float | None,
+    prepared_statements: bool | None,
+) -> None:
     from celery_sagas.metrics import serve  # prometheus_client is imported when serving
     from celery_sagas.stats import bucket_bounds
     from celery_sagas.store.stats import StatsReader
@@ -68,6 +82,12 @@ def metrics_command(ctx: click.Context, host: str, port: int, stuck_after: float
         buckets=bucket_bounds(budgets.values()),
         stuck_after=stuck_after or _stuck_after(runtime, url),
         installed=frozenset(runtime.sagas.versions) if runtime is not None else None,
+        # as the command's store: the app's prepared_statements, else the environment's
+        prepare=(
+            getattr(context.store, "prepare", True)
+            if prepared_statements is None
+            else prepared_statements
+        ),
     )
     click.echo("reading the saga history once…", err=True)
     try:

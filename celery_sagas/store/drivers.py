@@ -8,6 +8,13 @@
   ``prepare_threshold`` times (5) on a connection, so ``Prepared`` runs the plain statement.
   Behind a pooler in transaction mode (the store's ``prepare=False``) a prepared name does
   not follow the client to the next server connection: ``prepare_threshold=None`` then.
+
+A migration that changes the type of a column a prepared statement returns makes its next
+run fail with SQLSTATE 0A000 ("cached plan must not change result type"), on every run
+until the session forgets the statement. psycopg2's hand-prepared statements re-PREPARE
+(``prepared``); psycopg 3 forgets its own on a ROLLBACK (a transaction's failure heals by
+itself) but not in autocommit, where the hot path runs: ``forget_prepared`` then, and
+``Prepared`` runs the statement again (``retries_changed_plan``).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from sqlalchemy import Dialect
 from sqlalchemy.engine import make_url
 
 PSYCOPG2, PSYCOPG = "psycopg2", "psycopg"
+PLAN_CHANGED = "0A000"  # a schema change invalidated a prepared plan's result type
 URLS = "postgresql+psycopg2:// (psycopg2, the default) or postgresql+psycopg:// (psycopg 3)"
 
 
@@ -46,3 +54,35 @@ def counted(statement: Any) -> Any:
     SQLAlchemy keeps it for UPDATE and DELETE only, and psycopg 3 forgets it (-1) when
     SQLAlchemy closes the cursor (psycopg2 keeps it)."""
     return statement.execution_options(preserve_rowcount=True)
+
+
+def forget_prepared(driver_connection: Any) -> bool:
+    """psycopg 3: forget every statement ``driver_connection`` prepared; psycopg sends
+    ``DEALLOCATE ALL`` before its next statement and prepares them again as they repeat.
+    False if this psycopg keeps no such cache (then nothing was done).
+
+    psycopg has no public call for it: running ``DEALLOCATE ALL`` ourselves is not one, as
+    psycopg notices it only the first time it sees the statement since it last cleared
+    its cache, and would otherwise go on executing names the server has dropped (26000).
+    """
+    clear = getattr(getattr(driver_connection, "_prepared", None), "clear", None)
+    if clear is None:
+        return False
+    clear()
+    return True
+
+
+def retries_changed_plan(conn: Any, error: Any) -> bool:
+    """Whether the statement that failed with ``error`` on ``conn`` (a SQLAlchemy
+    ``Connection``) may run once more: psycopg 3's prepared plan had the old result type
+    (0A000) and ``conn`` is in autocommit, outside a transaction block (the failed statement
+    did nothing; in a transaction, the caller's ROLLBACK makes psycopg forget it). The
+    connection's prepared statements are forgotten first."""
+    if conn.dialect.driver != PSYCOPG or sqlstate(error) != PLAN_CHANGED or conn.invalidated:
+        return False
+    from psycopg.pq import TransactionStatus  # the driver in use: installed
+
+    driver_connection = conn.connection.driver_connection
+    if driver_connection.info.transaction_status != TransactionStatus.IDLE:
+        return False
+    return forget_prepared(driver_connection)

@@ -1,4 +1,5 @@
-"""Engine creation: one engine per URL per process, SQLite made safe for threads."""
+"""Engine creation: one engine per URL per process, SQLite made safe for threads, psycopg 3
+over a migration that changed a prepared statement's result type."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import threading
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
 
 from celery_sagas.store import drivers
 
@@ -32,6 +34,22 @@ def _make_sqlite_serialised(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+def _forget_outdated_plans(engine: Engine) -> None:
+    """psycopg 3: a statement whose prepared plan a migration outdated (0A000) fails on
+    every run in autocommit until its connection forgets its prepared statements; forget
+    them at the first failure, so that any statement's next run prepares afresh
+    (``Prepared`` runs its statement again at once: ``drivers.retries_changed_plan``)."""
+
+    @event.listens_for(engine, "handle_error")
+    def _on_error(context: Any) -> None:
+        if context.connection is None:
+            return
+        if drivers.sqlstate(context.original_exception) != drivers.PLAN_CHANGED:
+            return
+        if not drivers.forget_prepared(context.connection.connection.driver_connection):
+            context.is_disconnect = True  # a psycopg without the cache: a new connection
+
+
 def build_engine(url: str, **options: Any) -> Engine:
     # statement parameters (payloads: card numbers, addresses) never reach an error text
     options.setdefault("hide_parameters", True)
@@ -45,7 +63,10 @@ def build_engine(url: str, **options: Any) -> Engine:
     options.setdefault("pool_pre_ping", False)
     options.setdefault("pool_size", 5)
     options.setdefault("max_overflow", 10)
-    return create_engine(url, **options)
+    engine = create_engine(url, **options)
+    if make_url(url).get_driver_name() == drivers.PSYCOPG:
+        _forget_outdated_plans(engine)
+    return engine
 
 
 def _key(url: str, options: dict[str, Any]) -> str:

@@ -3,7 +3,8 @@
 psycopg2 sends every statement as text, so PostgreSQL parses and plans it every time; for
 the transition statement (``one_statement``) planning costs about as much as running it.
 (psycopg 3 prepares repeated statements itself and cannot send a textual ``EXECUTE`` with
-values: there ``Prepared`` runs the plain statement; see ``drivers``.)
+values: there ``Prepared`` runs the plain statement, once more if a migration changed its
+result type under psycopg's plan; see ``drivers``.)
 ``Prepared`` compiles a SQLAlchemy statement once, ``PREPARE``s it once per database
 connection (remembered in the pool's per-connection ``info``) and then sends only
 ``EXECUTE name(values)``. Values go through the same bind processors SQLAlchemy applies
@@ -22,10 +23,14 @@ from typing import Any
 from sqlalchemy import Connection, Dialect
 from sqlalchemy.exc import DBAPIError
 
-from celery_sagas.store.drivers import prepares_by_hand, sqlstate
+from celery_sagas.store.drivers import (
+    PLAN_CHANGED,
+    prepares_by_hand,
+    retries_changed_plan,
+    sqlstate,
+)
 
 UNKNOWN_NAME = "26000"  # the session lost the PREPAREd name (a pooler discarded it)
-PLAN_CHANGED = "0A000"  # a schema change invalidated the prepared plan's result type
 _PLACEHOLDER = re.compile(r"%\((\w+)\)s")
 
 
@@ -79,14 +84,14 @@ class Prepared:
         result-processed (datetimes in the session's time zone; JSON decoded) — for a
         caller that reads them by position (SQLAlchemy's rows when not prepared)."""
         if not self.enabled:
-            return conn.execute(self.statement, params).all()
+            return self._execute_plain(conn, params)
         return self._execute_prepared(conn, params)[1]
 
     def rows(self, conn: Connection, params: dict[str, Any]) -> list[Any]:
         """The result rows (attribute access by column label, and by position),
         result-processed."""
         if not self.enabled:
-            return list(conn.execute(self.statement, params).all())
+            return list(self._execute_plain(conn, params))
         names, raw = self._execute_prepared(conn, params)
         row_type: Any = self._row_types.get(names)
         if row_type is None:
@@ -101,6 +106,17 @@ class Prepared:
             )
             for row in raw
         ]
+
+    def _execute_plain(self, conn: Connection, params: dict[str, Any]) -> Sequence[Any]:
+        """The statement as it is (the driver may prepare it: psycopg 3), run once more
+        when psycopg 3's plan of it predates a migration that changed its result type and
+        ``conn`` is in autocommit (``drivers.retries_changed_plan``)."""
+        try:
+            return conn.execute(self.statement, params).all()
+        except DBAPIError as exc:
+            if not retries_changed_plan(conn, exc.orig):
+                raise
+        return conn.execute(self.statement, params).all()
 
     def _execute_prepared(
         self, conn: Connection, params: dict[str, Any]

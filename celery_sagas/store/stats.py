@@ -57,6 +57,7 @@ from celery_sagas.stats import (
     add_states,
     add_steps,
 )
+from celery_sagas.store import drivers
 from celery_sagas.store.backends import backend_named
 from celery_sagas.store.engine import build_engine
 from celery_sagas.store.tables import dead_letters, sagas, steps
@@ -115,6 +116,9 @@ class StatsReader:
     The first call folds the history ``fold_batch`` sagas per statement, so no statement
     runs into ``statement_timeout`` however long the history; later calls only read sagas
     created within ``settle_after`` and those still unfinished.
+    ``prepare=False`` (the ``prepared_statements`` setting): no server-side prepared
+    statements (psycopg 3 behind a pooler in transaction mode, where the driver's own
+    would not follow the reader to the next server connection).
     """
 
     def __init__(
@@ -128,12 +132,15 @@ class StatsReader:
         stuck_after: float = 600.0,
         clock: Callable[[], datetime] = _utcnow,
         installed: frozenset[str] | None = None,
+        prepare: bool = True,
     ) -> None:
         """``installed``: the fingerprints of the app's saga definitions (counts sagas
         started with any other; None: not counted)."""
         self.installed = installed
         self.engine = (
-            _reader_engine(url_or_engine) if isinstance(url_or_engine, str) else url_or_engine
+            _reader_engine(url_or_engine, prepare)
+            if isinstance(url_or_engine, str)
+            else url_or_engine
         )
         self.backend = backend_named(self.engine.dialect.name)
         self.buckets = tuple(buckets)
@@ -346,8 +353,11 @@ class StatsReader:
         return {name: max(0.0, (now - oldest).total_seconds()) for name, oldest in rows}
 
 
-def _reader_engine(url: str) -> Engine:
-    """A small pool with short connect timeouts: a scrape must fail fast, not hang."""
+def _reader_engine(url: str, prepare: bool) -> Engine:
+    """A small pool with short connect timeouts: a scrape must fail fast, not hang. Its own
+    engine, not the process's shared one (``engine_of``), but with the same driver options
+    (``prepare=False``: psycopg 3's ``prepare_threshold=None``)."""
     if url.startswith("sqlite"):
         return create_engine(url, connect_args={"timeout": 5}, hide_parameters=True)
-    return build_engine(url, pool_size=1, max_overflow=1, connect_args={"connect_timeout": 5})
+    options = {"pool_size": 1, "max_overflow": 1, "connect_args": {"connect_timeout": 5}}
+    return build_engine(url, **drivers.engine_options(url, prepare, options))

@@ -5,6 +5,7 @@ be prepared (no database needed: engines connect lazily)."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from types import SimpleNamespace
 
 import pytest
 from sqlalchemy.dialects import postgresql, sqlite
@@ -14,7 +15,12 @@ from celery_sagas.errors import DatabaseUrlError
 from celery_sagas.machine import Begin, SagaView, StepStatus, StepView
 from celery_sagas.protocols import NewSaga
 from celery_sagas.store import PostgresSagaStore, SqlSagaStore, one_statement
-from celery_sagas.store.drivers import engine_options, prepares_by_hand, sqlstate
+from celery_sagas.store.drivers import (
+    engine_options,
+    forget_prepared,
+    prepares_by_hand,
+    sqlstate,
+)
 from celery_sagas.store.prepared import Prepared
 from celery_sagas.store.tables import sagas
 
@@ -79,3 +85,13 @@ def test_an_error_code_is_read_from_either_driver() -> None:
 def test_another_postgresql_driver_is_refused_naming_both(url: str) -> None:
     with pytest.raises(DatabaseUrlError, match=r"postgresql\+psycopg2://.*postgresql\+psycopg://"):
         SqlSagaStore(url)
+
+
+def test_forget_prepared_needs_psycopgs_cache() -> None:
+    """A connection without psycopg 3's prepared-statement cache: nothing to forget (the
+    engine then discards the connection instead; tests/integration/test_psycopg3_prepared.py
+    runs the real one)."""
+    assert forget_prepared(object()) is False
+    cleared: list[bool] = []
+    connection = SimpleNamespace(_prepared=SimpleNamespace(clear=lambda: cleared.append(True)))
+    assert forget_prepared(connection) is True and cleared == [True]
