@@ -59,6 +59,7 @@ class SagaSettings:
     max_key_length: int = MAX_KEY_COLUMN
 
     def __post_init__(self) -> None:
+        self._coerce_flags()
         self._check_database_and_key()
         if self.database_url.startswith("postgresql://") or self.database_url.startswith(
             "postgres://"
@@ -101,6 +102,13 @@ class SagaSettings:
                         f"{name}[{key!r}] must be a positive number of seconds, got {seconds!r}"
                     )
         object.__setattr__(self, "redact_fields", tuple(self.redact_fields))
+
+    def _coerce_flags(self) -> None:
+        """The on/off settings as booleans: ``SAGAS_INLINE_STEPS=False`` (not JSON) or a
+        config value ``"false"`` must not read as a true (non-empty) string."""
+        for f in fields(self):
+            if isinstance(f.default, bool):
+                object.__setattr__(self, f.name, _flag(f.name, getattr(self, f.name)))
 
     def _check_database_and_key(self) -> None:
         if self.coordinator_hop and self.inline_steps:
@@ -155,6 +163,20 @@ def _check_payload_limits(settings: SagaSettings) -> None:
         raise SagaConfigurationError(
             f"max_key_length must be <= {MAX_KEY_COLUMN} (the business_key column)"
         )
+
+
+TRUE_WORDS = frozenset({"true", "yes", "on", "1"})
+FALSE_WORDS = frozenset({"false", "no", "off", "0", ""})
+
+
+def _flag(name: str, value: Any) -> bool:
+    """``value`` of the on/off setting ``name`` as a bool; anything else is refused."""
+    if isinstance(value, bool):
+        return value
+    word = str(value).strip().lower()
+    if word in TRUE_WORDS or word in FALSE_WORDS:
+        return word in TRUE_WORDS
+    raise SagaConfigurationError(f"{name} must be true or false, got {value!r}")
 
 
 def _from_env(name: str) -> Any:

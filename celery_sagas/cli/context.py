@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from celery_sagas.cli.failures import CommandError
-from celery_sagas.errors import SagaConfigurationError, SagaError
+from celery_sagas.errors import SagaError
 from celery_sagas.protocols import SagaRecord
 from celery_sagas.settings import SagaSettings
 
@@ -37,17 +37,8 @@ def load_app(name: str) -> Any:
 
 def prepared_statements(url: str) -> bool:
     """``SAGAS_PREPARED_STATEMENTS`` as the workers read it (unset: on), for a command run
-    without the app; a value that is not JSON ("False", "no") is refused, as the settings
-    would read the text itself as true."""
-    if not os.environ.get("SAGAS_PREPARED_STATEMENTS"):
-        return SagaSettings.prepared_statements
-    value = SagaSettings.from_config({}, database_url=url).prepared_statements
-    if isinstance(value, str):
-        raise SagaConfigurationError(
-            f"prepared_statements must be true or false, got {value!r} "
-            "(SAGAS_PREPARED_STATEMENTS=false)"
-        )
-    return bool(value)
+    without the app; a value that is neither true nor false is refused."""
+    return SagaSettings.from_config({}, database_url=url).prepared_statements
 
 
 class CliContext:

@@ -136,17 +136,17 @@ def test_metrics_command_honours_prepared_statements(
         served.reader.engine.dispose()
 
 
-def test_metrics_command_refuses_a_prepared_statements_it_would_misread(
+def test_metrics_command_refuses_a_prepared_statements_it_cannot_read(
     migrated: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``SAGAS_PREPARED_STATEMENTS=False`` is not JSON: the settings would read the text
-    (true); the exporter says so instead of preparing behind the operator's back."""
+    """``SAGAS_PREPARED_STATEMENTS=maybe`` is neither true nor false: the exporter says so
+    instead of guessing behind the operator's back."""
     monkeypatch.setattr("celery_sagas.metrics.serve", Served())
     command = ["--database-url", on_psycopg3(migrated), "metrics", "--port", "0"]
-    env = {"SAGAS_CELERY_APP": None, "SAGAS_PREPARED_STATEMENTS": "False"}
+    env = {"SAGAS_CELERY_APP": None, "SAGAS_PREPARED_STATEMENTS": "maybe"}
     result = CliRunner().invoke(cli, command, env=env)
     assert result.exit_code == 2  # a usage error: fix the configuration
-    assert "prepared_statements must be true or false, got 'False'" in result.output
+    assert "prepared_statements must be true or false, got 'maybe'" in result.output
 
 
 # --------------------------------------------------------------------------- 0A000

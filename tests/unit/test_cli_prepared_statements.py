@@ -16,8 +16,15 @@ URL = "postgresql+psycopg2://sagas@127.0.0.1:1/never_connected"
 
 @pytest.mark.parametrize(
     ("env", "expected"),
-    [(None, True), ("false", False), ("true", True), ("0", False)],
-    ids=["unset", "false", "true", "zero"],
+    [
+        (None, True),
+        ("false", False),
+        ("true", True),
+        ("0", False),
+        ("False", False),
+        ("off", False),
+    ],
+    ids=["unset", "false", "true", "zero", "False", "off"],
 )
 def test_a_command_prepares_as_the_workers_do(
     monkeypatch: pytest.MonkeyPatch, env: str | None, expected: bool
@@ -30,11 +37,11 @@ def test_a_command_prepares_as_the_workers_do(
     assert CliContext(URL).store.prepare is expected
 
 
-@pytest.mark.parametrize("text", ["False", "no", "off"])
-def test_a_setting_that_would_read_as_true_is_refused(
+@pytest.mark.parametrize("text", ["maybe", "2"])
+def test_a_setting_that_is_neither_true_nor_false_is_refused(
     monkeypatch: pytest.MonkeyPatch, text: str
 ) -> None:
-    """Not JSON, so the text itself: true, whatever it says."""
+    """Not an on/off word: refused rather than guessed."""
     monkeypatch.setenv("SAGAS_PREPARED_STATEMENTS", text)
     with pytest.raises(SagaConfigurationError, match="must be true or false"):
         _ = CliContext(URL).store

@@ -177,3 +177,24 @@ def test_settings_are_frozen() -> None:
 )
 def test_redact_url(url: str, redacted: str) -> None:
     assert redact_url(url) == redacted
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [("true", True), ("False", False), ("no", False), ("ON", True), ("0", False), ("1", True)],
+)
+def test_on_off_settings_from_the_environment_are_booleans(
+    monkeypatch: pytest.MonkeyPatch, raw: str, expected: bool
+) -> None:
+    """``SAGAS_PREPARED_STATEMENTS=False`` is not JSON: read as the text "False", it was
+    a true value and the workers kept preparing behind a pooler."""
+    monkeypatch.setenv("SAGAS_PREPARED_STATEMENTS", raw)
+    monkeypatch.setenv("SAGAS_INLINE_STEPS", raw)
+    settings = SagaSettings.from_config({}, database_url="sqlite://")
+    assert settings.prepared_statements is expected
+    assert settings.inline_steps is expected
+
+
+def test_an_on_off_setting_that_is_neither_is_refused() -> None:
+    with pytest.raises(SagaConfigurationError, match="inline_steps must be true or false"):
+        SagaSettings.from_config({"sagas_inline_steps": "maybe"}, database_url="sqlite://")
