@@ -58,11 +58,17 @@ def assert_completed_once(store: SqlSagaStore, order: dict[str, Any], record: An
     assert len(rows_for(db.notifications, order["order_id"])) == 1
 
 
+@pytest.mark.parametrize(("pool", "concurrency"), [("prefork", 2), ("threads", 8), ("gevent", 50)])
 def test_sagas_complete_and_compensate_in_one_delivery_each(
-    deployment: Deployment, start_inline: Any, fresh_sku: Callable[[int], str]
+    pool: str,
+    concurrency: int,
+    deployment: Deployment,
+    start_inline: Any,
+    fresh_sku: Callable[[int], str],
 ) -> None:
     """Good orders complete and an order declined at each later step index is compensated
-    in reverse; all of it runs inside the first step's delivery (one message per saga)."""
+    in reverse; all of it runs inside the first step's delivery (one message per saga),
+    under each pool (an inline run's request is its thread's or greenlet's own)."""
     sku = fresh_sku(20)
     good = [make_order(sku, qty=1) for _ in range(3)]
     declined = {
@@ -70,7 +76,8 @@ def test_sagas_complete_and_compensate_in_one_delivery_each(
     }
     orders = [*good, *declined.values()]
     store = SqlSagaStore(db.database_url())
-    with inline_worker(deployment, name="inline-worker") as worker:
+    name = f"inline-{pool}"
+    with inline_worker(deployment, name=name, pool=pool, concurrency=concurrency) as worker:
         for order in orders:
             start_inline.delay(order)
         records = wait_settled([o["order_id"] for o in orders])
