@@ -27,7 +27,7 @@ A participant that fails with a retry left is retried as a published message (Ce
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +43,15 @@ FollowUp = tuple[Task, dict[str, Any]]
 def time_limited(*limits: float | None) -> bool:
     """Pure: whether any of Celery's limits (task, message or app-wide) is set."""
     return any(limit for limit in limits)
+
+
+def unlimited_steps(timeouts: Mapping[str, Sequence[float | None]]) -> dict[str, list[int]]:
+    """Pure: per saga (name → its steps' timeouts), the indexes of the steps that may run
+    inline (no timeout, so no Celery time limit)."""
+    return {
+        name: [index for index, timeout in enumerate(steps) if timeout is None]
+        for name, steps in timeouts.items()
+    }
 
 
 def is_step_message(body: Mapping[str, Any]) -> bool:

@@ -30,7 +30,7 @@ from celery_sagas.integration.dispatcher import (
     step_kwargs,
 )
 from celery_sagas.integration.hook_task import HOOK_LEASE, register_hook_task
-from celery_sagas.integration.inline import InlineSteps
+from celery_sagas.integration.inline import InlineSteps, unlimited_steps
 from celery_sagas.integration.pools import watch_pools
 from celery_sagas.integration.quiet import quiet_periodic_tasks
 from celery_sagas.integration.steps import StepTask
@@ -423,6 +423,8 @@ def install(app: Celery, sagas: Sequence[Saga], **settings: Any) -> SagaRuntime:
         _register_step_tasks(app, runtime, saga)
         runtime.start_tasks[saga.name] = register_start_task(app, runtime, saga.name)
     _route_coordinator(app, runtime.settings, sagas)
+    if runtime.settings.inline_steps:
+        _say_what_runs_inline({saga.name: timing.timeouts(saga) for saga in sagas})
     app.conf.task_routes = {
         **(app.conf.task_routes or {}),
         DEAD_LETTER_TASK: {"queue": runtime.settings.dlq_queue},
@@ -438,6 +440,25 @@ def install(app: Celery, sagas: Sequence[Saga], **settings: Any) -> SagaRuntime:
     quiet_periodic_tasks((RELAY_TASK, SCAN_TASK))  # no INFO lines when they did nothing
     app._celery_sagas_runtime = runtime  # read by `celery -A app sagas …`
     return runtime
+
+
+def _say_what_runs_inline(timeouts: Mapping[str, Sequence[float | None]]) -> None:
+    """``inline_steps`` is on: one warning if no step can run inline (every step has a
+    timeout, hence a Celery time limit), else which steps of which saga can."""
+    eligible = unlimited_steps(timeouts)
+    if not any(eligible.values()):
+        logger.warning(
+            "celery-sagas: inline_steps is on, but every step has a timeout (300 s unless "
+            "declared), hence a Celery time limit, so every step is published as before: "
+            "declare timeout=None on the steps that may run inline"
+        )
+        return
+    for name, indexes in eligible.items():
+        logger.info(
+            "celery-sagas: inline_steps: saga %s steps %s may run inline (no time limit)",
+            name,
+            indexes or "none",
+        )
 
 
 def _dispose_engines(**_: Any) -> None:

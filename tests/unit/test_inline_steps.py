@@ -257,3 +257,27 @@ def test_abandoned_by_needs_a_started_marker_naming_the_delivery() -> None:
     store.put_guard(GuardRecord(f"{saga_id}:s1:action", "ok", 1), NOW)  # it finished
     assert abandoned_by(SAGA, record, store.get_guard, "outer") is None
     assert abandoned_by(SAGA, record, lambda key: None, "outer") is None  # never begun
+
+
+def test_which_steps_may_run_inline_is_the_steps_without_a_timeout() -> None:
+    from celery_sagas.integration.inline import unlimited_steps
+
+    assert unlimited_steps({"a": (None, 30.0, None), "b": (300.0,)}) == {"a": [0, 2], "b": []}
+
+
+def test_inline_steps_with_every_step_time_limited_warns_at_install(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Nothing would run inline: the operator is told why, once, at install."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="celery_sagas"):
+        app_with(saga_of(300.0, 300.0))
+    said = [r.getMessage() for r in caplog.records if r.name == "celery_sagas"]
+    assert any("every step has a timeout" in line for line in said), said
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="celery_sagas"):
+        app_with(saga_of(None, 300.0))
+    said = [r.getMessage() for r in caplog.records if r.name == "celery_sagas"]
+    assert not any("every step has a timeout" in line for line in said), said
+    assert any("saga orders steps [0] may run inline" in line for line in said), said
