@@ -191,6 +191,13 @@ class GuardStore(Protocol):
         """Record a final outcome once; returns whichever record won."""
         ...
 
+    def hand_over_started(self, key: str, delivery: str, to: str | None = None) -> bool:
+        """The ``started`` marker of ``key`` that names ``delivery`` names ``to`` instead;
+        with ``to=None`` it is deleted (the step is then sent but not begun: the relay
+        and the scanner treat it as such). False if no such marker (a final outcome, or
+        another delivery's marker, stays)."""
+        ...
+
 
 class SagaBrowsing(Protocol):
     """What the CLI, the Sagas page and the metrics read."""

@@ -138,6 +138,7 @@ class Resend:
 
     step: int
     token: int
+    key: str  # the step's guard key, whose started marker names the dead delivery
     detail: str
 
 
@@ -196,14 +197,15 @@ def abandoned_by(
         return None
     index = record.current_step
     role = Role.ACTION if record.state in FORWARD_STATES else Role.COMPENSATION
-    guard = guard_of(idempotency_key(record.saga_id, saga.steps[index].name, role))
+    key = idempotency_key(record.saga_id, saga.steps[index].name, role)
+    guard = guard_of(key)
     if guard is None or guard.outcome != GuardOutcome.STARTED or guard.result != delivery:
         return None
     detail = (
         f"step {index} {role} was begun by delivery {delivery}, which died before it "
         "finished (run inline): sending it again"
     )
-    return Resend(index, record.token, detail)
+    return Resend(index, record.token, key, detail)
 
 
 def classify(step: Step, role: Role, exc: BaseException, interrupted: tuple[type, ...]) -> str:

@@ -26,7 +26,7 @@ from celery_sagas.choreography import (
 )
 from celery_sagas.coordinator import payload_hash, utcnow
 from celery_sagas.errors import BusinessError, InvalidPayloadError, SagaError
-from celery_sagas.integration.config import SAGA_TASK_OPTIONS, check_app
+from celery_sagas.integration.config import SAGA_TASK_OPTIONS, add_routes, check_app
 from celery_sagas.integration.quiet import quiet_periodic_tasks
 from celery_sagas.integration.reactions import (
     Delivery,
@@ -165,10 +165,7 @@ class ChoreographySubscriber:
             max_retries=None,  # the choreography's retry policy decides
             **SAGA_TASK_OPTIONS,  # late acks, redelivery on a lost child, json
         )(run)
-        self.app.conf.task_routes = {
-            **(self.app.conf.task_routes or {}),
-            subscription.task_name: {"queue": subscription.queue},
-        }
+        add_routes(self.app, {subscription.task_name: {"queue": subscription.queue}})
         # a worker without -Q (one node) serves every service; a service's own workers
         # consume its queue: -Q payment
         consume_by_default(self.app, subscription.queue)
@@ -368,11 +365,7 @@ def choreography_subscriber(
     }
     control = subscriber.settings.control_queue
     if control and control in {q.name for q in (app.conf.task_queues or ())}:
-        app.conf.task_routes = {
-            **(app.conf.task_routes or {}),
-            relay_name: {"queue": control},
-            scan_name: {"queue": control},
-        }
+        add_routes(app, {relay_name: {"queue": control}, scan_name: {"queue": control}})
     quiet_periodic_tasks((relay_name, scan_name))
     signals.worker_process_init.connect(_dispose_engines, weak=False)
     registry: dict[str, ChoreographySubscriber] = getattr(app, REGISTRY_ATTR, {})

@@ -97,3 +97,21 @@ def check_app(app: Celery, step_timeouts: Iterable[float]) -> None:
     refuse_unsafe_content(conf)
     check_visibility_timeout(conf, step_timeouts)
     warn_without_publish_confirms(conf)
+
+
+def add_routes(app: Celery, routes: Mapping[str, Any]) -> None:
+    """Route the saga tasks ``routes`` names, next to the app's own ``task_routes``: merged
+    into a dict, or, when the app lists routers (functions, dotted names, dicts; Celery
+    asks them in order), as one dict of ours ahead of them."""
+    current = app.conf.task_routes
+    if current is None or isinstance(current, Mapping):
+        app.conf.task_routes = {**(current or {}), **routes}
+        return
+    routers = list(current) if isinstance(current, list | tuple) else [current]
+    ours: dict[str, Any] | None = getattr(app, "_celery_sagas_routes", None)
+    if ours is None or not routers or routers[0] is not ours:
+        ours = {}
+        app._celery_sagas_routes = ours
+        routers.insert(0, ours)
+    ours.update(routes)
+    app.conf.task_routes = tuple(routers)

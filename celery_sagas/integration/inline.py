@@ -27,6 +27,7 @@ A participant that fails with a retry left is retried as a published message (Ce
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,8 @@ from celery import Celery, Task
 from celery_sagas.hooks import HOOK_KIND
 from celery_sagas.protocols import OutboxMessage
 
+# set in a worker's environment when the worker applies time limits to every task
+WORKER_LIMITED = "CELERY_SAGAS_WORKER_TIME_LIMITED"
 # a follow-up for the delivery: the step task to run inline, with its kwargs
 FollowUp = tuple[Task, dict[str, Any]]
 
@@ -98,7 +101,6 @@ class InlineSteps:
         self.app = app
         self.task_name = task_name
         self.kwargs_of = kwargs_of
-        self._routing_keys: dict[str, str | None] = {}
 
     def begin(self, task: Task, request: Any) -> InlineRun | None:
         """An inline run for the delivery ``request`` of ``task``, or None when it must
@@ -110,8 +112,10 @@ class InlineSteps:
         limits = (task.time_limit, task.soft_time_limit, hard, soft)
         if time_limited(*limits, conf.task_time_limit, conf.task_soft_time_limit):
             return None
-        queue = (request.delivery_info or {}).get("routing_key") or self.routing_key(task.name)
-        return InlineRun(self, queue, request.id)
+        if os.environ.get(WORKER_LIMITED):  # celery worker --time-limit/--soft-time-limit
+            return None
+        queue = (request.delivery_info or {}).get("routing_key")
+        return InlineRun(self, queue or self.routing_key(task.name, {}), request.id)
 
     def follow_up(self, message: OutboxMessage, queue: str | None) -> FollowUp | None:
         """The step task that may run ``message`` inline in a delivery from ``queue``
@@ -123,13 +127,25 @@ class InlineSteps:
         task = self.app.tasks.get(name)
         if task is None or time_limited(task.time_limit, task.soft_time_limit):
             return None
-        if not hasattr(task, "run_inline") or self.routing_key(name) != queue:
+        if not hasattr(task, "run_inline"):
             return None
-        return task, self.kwargs_of(body)
+        kwargs = self.kwargs_of(body)
+        if self.routing_key(name, kwargs) != queue:
+            return None
+        return task, kwargs
 
-    def routing_key(self, task_name: str) -> str | None:
-        """Where the app's router sends ``task_name`` (cached: routes are set at install)."""
-        if task_name not in self._routing_keys:
-            queue = self.app.amqp.router.route({}, task_name)["queue"]
-            self._routing_keys[task_name] = queue.routing_key or queue.name
-        return self._routing_keys[task_name]
+    def routing_key(self, task_name: str, kwargs: Mapping[str, Any]) -> str | None:
+        """Where the app's router would send ``task_name`` with ``kwargs`` (a router may
+        route by them, so nothing is cached)."""
+        route = self.app.amqp.router.route({}, task_name, (), dict(kwargs))
+        queue = route["queue"]
+        key: str | None = route.get("routing_key") or queue.routing_key or queue.name
+        return key
+
+
+def note_worker_limits(sender: Any = None, **_: Any) -> None:
+    """``worker_init``: a worker started with ``--time-limit`` or ``--soft-time-limit``
+    applies them to every delivery, which the app's config does not show. Noted in the
+    environment, which pool children inherit (forked or spawned)."""
+    if time_limited(getattr(sender, "time_limit", None), getattr(sender, "soft_time_limit", None)):
+        os.environ[WORKER_LIMITED] = "1"

@@ -20,7 +20,7 @@ from celery_sagas.coordinator import Coordinator, PayloadLimits, Timing, utcnow
 from celery_sagas.definition import Saga, registry
 from celery_sagas.errors import SagaConfigurationError, SagaError
 from celery_sagas.handle import SagaHandle, find
-from celery_sagas.integration.config import SAGA_TASK_OPTIONS, check_app
+from celery_sagas.integration.config import SAGA_TASK_OPTIONS, add_routes, check_app
 from celery_sagas.integration.crash import crash_point
 from celery_sagas.integration.dispatcher import (
     ADVANCE_TASK,
@@ -30,7 +30,7 @@ from celery_sagas.integration.dispatcher import (
     step_kwargs,
 )
 from celery_sagas.integration.hook_task import HOOK_LEASE, register_hook_task
-from celery_sagas.integration.inline import InlineSteps, unlimited_steps
+from celery_sagas.integration.inline import InlineSteps, note_worker_limits, unlimited_steps
 from celery_sagas.integration.pools import watch_pools
 from celery_sagas.integration.quiet import quiet_periodic_tasks
 from celery_sagas.integration.steps import StepTask
@@ -362,7 +362,7 @@ def _register_step_tasks(app: Celery, runtime: SagaRuntime, saga: Saga) -> None:
             )(run)
             queue = step.queue or version_queue(app, saga)
             if queue:
-                app.conf.task_routes = {**(app.conf.task_routes or {}), name: {"queue": queue}}
+                add_routes(app, {name: {"queue": queue}})
     if saga.version is not None and not all(step.queue for step in saga.steps):
         _consume_by_default(app, version_queue(app, saga) or "")
 
@@ -387,7 +387,7 @@ def _route_coordinator(app: Celery, settings: SagaSettings, sagas: Sequence[Saga
     if settings.control_queue:
         routes.update({n: {"queue": settings.control_queue} for n in (RELAY_TASK, SCAN_TASK)})
         _consume_by_default(app, settings.control_queue)
-    app.conf.task_routes = {**(app.conf.task_routes or {}), **routes}
+    add_routes(app, routes)
 
 
 def _consume_by_default(app: Celery, queue: str) -> None:
@@ -425,10 +425,8 @@ def install(app: Celery, sagas: Sequence[Saga], **settings: Any) -> SagaRuntime:
     _route_coordinator(app, runtime.settings, sagas)
     if runtime.settings.inline_steps:
         _say_what_runs_inline({saga.name: timing.timeouts(saga) for saga in sagas})
-    app.conf.task_routes = {
-        **(app.conf.task_routes or {}),
-        DEAD_LETTER_TASK: {"queue": runtime.settings.dlq_queue},
-    }
+        signals.worker_init.connect(note_worker_limits, weak=False)
+    add_routes(app, {DEAD_LETTER_TASK: {"queue": runtime.settings.dlq_queue}})
     app.conf.beat_schedule = {
         **(app.conf.beat_schedule or {}),
         RELAY_TASK: {"task": RELAY_TASK, "schedule": runtime.settings.relay_interval},
@@ -455,7 +453,8 @@ def _say_what_runs_inline(timeouts: Mapping[str, Sequence[float | None]]) -> Non
         return
     for name, indexes in eligible.items():
         logger.info(
-            "celery-sagas: inline_steps: saga %s steps %s may run inline (no time limit)",
+            "celery-sagas: inline_steps: saga %s steps without a time limit: %s (each runs "
+            "inline after a step without one, on the same queue)",
             name,
             indexes or "none",
         )

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import Task
-from celery.exceptions import Retry, TimeLimitExceeded
+from celery.exceptions import Reject, Retry, TimeLimitExceeded
 from kombu.utils.uuid import uuid
 
 from celery_sagas import machine
@@ -120,7 +120,18 @@ class StepTask(Task):
         reply, follow_up = self._perform(kwargs, run)
         while follow_up is not None:
             task, step_kwargs = follow_up
-            follow_up = task.run_inline(step_kwargs, self.request, run)
+            try:
+                follow_up = task.run_inline(step_kwargs, self.request, run)
+            except Exception as exc:
+                # back to the broker, not acked: the message comes back stale and has the
+                # step its delivery began re-sent (``Resend``), or the relay publishes it
+                logger.exception(
+                    "saga %s %s: its inline run failed; the message goes back to the queue",
+                    step_kwargs.get("saga_id"),
+                    task.name,
+                    extra={"saga_id": step_kwargs.get("saga_id"), "saga": self.saga.name},
+                )
+                raise Reject(exc, requeue=True) from exc
         return reply
 
     def run_inline(
@@ -129,8 +140,9 @@ class StepTask(Task):
         """This step, run in the delivery ``outer`` (the request of the task that began
         it) under a request of its own, as a first try: a retry is published (Celery's
         ``retry`` on that request), which ends the inline run. Returns what runs next."""
+        own_id = uuid()  # a retry from this run is published under it
         self.push_request(
-            id=uuid(),
+            id=own_id,
             args=[],
             kwargs=kwargs,
             retries=0,
@@ -152,9 +164,20 @@ class StepTask(Task):
             )
             return self._perform(kwargs, run)[1]
         except Retry:  # published: the step runs again as a message of its own
+            if run is not None:  # its marker names the retry, not this delivery
+                self._hand_over(str(kwargs.get("key")), run.delivery, own_id)
             return None
         finally:
             self.pop_request()
+
+    def _hand_over(self, key: str, delivery: str, to: str | None) -> bool:
+        """Best effort: ``key``'s started marker naming ``delivery`` names ``to`` (None:
+        dropped). A store outage leaves it as it was (logged)."""
+        try:
+            return bool(self.store_factory().hand_over_started(key, delivery, to))
+        except StoreUnavailableError as exc:
+            logger.warning("step %s: started marker left naming %s (%s)", key, delivery, exc)
+            return False
 
     def _perform(
         self, kwargs: dict[str, Any], inline: InlineRun | None
@@ -181,7 +204,11 @@ class StepTask(Task):
         if isinstance(run, Ignored):
             return {"outcome": "ignored", "reason": run.reason}, None  # tasks.IGNORED
         if isinstance(run, Resend):
-            return self._resend(kwargs["saga_id"], run), None
+            try:
+                return self._resend(kwargs["saga_id"], run, str(delivery)), None
+            except StoreUnavailableError as exc:  # the marker stays: a retry finds it again
+                again = {**kwargs, STORE_RETRIES: waited + 1}
+                raise self._retry_for_store(exc, "re-send", waited, again) from exc
         if isinstance(run, OtherDefinition):  # back to the queue, for a worker that has it
             again = {**kwargs, STORE_RETRIES: waited + 1}
             unknown = UnknownDefinitionError(f"definition {run.definition} is not installed here")
@@ -198,11 +225,24 @@ class StepTask(Task):
             again = {**kwargs, CARRIED: carried(run, tries + 1)}
             raise self._retry_for_store(exc, "record the outcome of", tries, again) from exc
 
-    def _resend(self, saga_id: str, run: Resend) -> dict[str, Any]:
+    def _resend(self, saga_id: str, run: Resend, delivery: str) -> dict[str, Any]:
         """This delivery began the saga's current step inline and died: send it again
-        (``machine.Abandoned``; nothing runs here)."""
+        (nothing runs here). First its started marker goes, so the step is sent but not
+        begun: from then on the relay publishes its outbox row if nothing else does.
+        Then ``machine.Abandoned`` re-sends it at once, and logs why."""
+        self.store_factory().hand_over_started(run.key, delivery, None)
         if self.apply_outcome is not None:
-            self.apply_outcome(saga_id, machine.Abandoned(run.step, run.token, run.detail))
+            try:
+                event = machine.Abandoned(run.step, run.token, run.detail)
+                self.apply_outcome(saga_id, event)
+            except (StoreUnavailableError, ConcurrentUpdateError) as exc:
+                logger.warning(
+                    "saga %s: re-send of step %s not committed (%s); the relay publishes it",
+                    saga_id,
+                    run.step,
+                    exc,
+                    extra={"saga_id": saga_id, "saga": self.saga.name},
+                )
         return {"outcome": "ignored", "reason": "stale", "resent": run.step}
 
     def on_failure(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:

@@ -5,6 +5,7 @@ and its ``result`` names the delivery (Celery task id) that began it, when one i
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -14,13 +15,16 @@ from sqlalchemy import (
     Connection,
     Integer,
     String,
+    Text,
     and_,
     bindparam,
     cast,
+    delete,
     func,
     literal,
     or_,
     select,
+    update,
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
@@ -156,6 +160,21 @@ def begin_guard(
         return None
     row = conn.execute(select(guards).where(guards.c.key == key)).one()
     return None if row.outcome == STARTED else _guard_record(row)
+
+
+def hand_over_started(conn: Connection, key: str, delivery: str, to: str | None) -> bool:
+    """The ``started`` marker of ``key`` that names ``delivery`` now names ``to`` (None:
+    it is deleted, so the step counts as sent but not begun). True if there was one."""
+    mine = and_(
+        guards.c.key == key,
+        guards.c.outcome == STARTED,
+        cast(guards.c.result, Text) == json.dumps(delivery),
+    )
+    if to is None:
+        changed = conn.execute(delete(guards).where(mine))
+    else:
+        changed = conn.execute(update(guards).where(mine).values(result=to))
+    return bool(changed.rowcount)
 
 
 def keep_first_final(statement: Any) -> Any:

@@ -296,6 +296,10 @@ class SqlSagaStore(SqlReads):
         with self._connect() as conn:
             return guard_rows.put_guard(conn, self.backend.insert(guards), guard, now)
 
+    def hand_over_started(self, key: str, delivery: str, to: str | None = None) -> bool:
+        with self._connect() as conn:
+            return guard_rows.hand_over_started(conn, key, delivery, to)
+
     # -- retention ----------------------------------------------------------------------
 
     def prune(

@@ -256,6 +256,18 @@ class InMemorySagaStore(MemoryRetention, MemoryScans):
             self.calls.append("put_guard")
             return self._put_guard(guard, as_utc(now))
 
+    def hand_over_started(self, key: str, delivery: str, to: str | None = None) -> bool:
+        with self._lock:
+            self.calls.append("hand_over_started")
+            guard = self._guards.get(key)
+            if guard is None or guard.outcome != STARTED or guard.result != delivery:
+                return False
+            if to is None:
+                del self._guards[key]
+            else:
+                self._guards[key] = replace(guard, result=to)
+            return True
+
     def _put_guard(self, guard: GuardRecord, now: datetime) -> GuardRecord:
         if replaceable(self._guards.get(guard.key)):
             recorded = recorded_guard(guard, now)

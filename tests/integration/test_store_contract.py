@@ -562,6 +562,29 @@ def test_unsent_and_mark_sent(backend: Backend) -> None:
     assert backend.rows()["saga_outbox"] == 5
 
 
+def test_a_started_marker_handed_over_names_the_new_delivery_and_dropped_frees_the_relay(
+    backend: Backend,
+) -> None:
+    """``inline_steps``: a retry from an inline run takes its step's marker over; a step
+    whose delivery died loses it, so the relay publishes its row again. Only the marker
+    that names the given delivery moves; a final outcome never does."""
+    store = backend.store
+    create(store, saga_id="b", messages=keyed_message)  # its step row: key "b:0"
+    store.begin_guard("b:0", at(1), "outer")
+    assert store.unsent(at(9), 10) == ()  # taken: the relay leaves it alone
+    assert not store.hand_over_started("b:0", "someone-else", "retry")
+    assert store.hand_over_started("b:0", "outer", "retry")
+    moved = store.get_guard("b:0")
+    assert moved is not None and (moved.outcome, moved.result) == (STARTED, "retry")
+    assert not store.hand_over_started("b:0", "outer", None)  # it names "retry" now
+    assert store.hand_over_started("b:0", "retry", None)
+    assert store.get_guard("b:0") is None
+    assert [m.body["key"] for m in store.unsent(at(9), 10)] == ["b:0"]  # the relay's again
+    store.put_guard(GuardRecord("b:0", "ok", {"done": True}), at(2))
+    assert not store.hand_over_started("b:0", "retry", None)
+    assert store.get_guard("b:0") is not None
+
+
 def test_a_commit_marks_a_dead_letter_row_of_its_saga_sent_too(backend: Backend) -> None:
     store = backend.store
     record = create(store, saga_id="a", messages=with_dead_letter).record  # outbox 1, 2

@@ -243,7 +243,8 @@ def test_a_redelivery_of_the_delivery_that_began_the_current_step_resends_it() -
     first = StepRunner(SAGA, 0, "action", RetryPolicy(), lambda: NOW)
     message = StepMessage(saga_id, 0, 1, f"{saga_id}:s0:action")
     run = first.run(store, message, delivery="outer")
-    assert run == Resend(1, record.token, run.detail) and "outer" in run.detail
+    assert run == Resend(1, record.token, f"{saga_id}:s1:action", run.detail)
+    assert "outer" in run.detail
     # another delivery (a replay, a forgery) of the same stale message runs nothing
     assert isinstance(first.run(store, message, delivery="someone-else"), Ignored)
     assert isinstance(first.run(store, message), Ignored)  # no delivery known
@@ -280,4 +281,36 @@ def test_inline_steps_with_every_step_time_limited_warns_at_install(
         app_with(saga_of(None, 300.0))
     said = [r.getMessage() for r in caplog.records if r.name == "celery_sagas"]
     assert not any("every step has a timeout" in line for line in said), said
-    assert any("saga orders steps [0] may run inline" in line for line in said), said
+    assert any("saga orders steps without a time limit: [0]" in line for line in said), said
+
+
+def test_a_worker_started_with_a_time_limit_runs_nothing_inline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``celery worker --time-limit`` applies to every delivery without showing in the
+    app's config: ``worker_init`` notes it for the pool's children."""
+    from celery_sagas.integration.inline import WORKER_LIMITED, note_worker_limits
+
+    app = app_with(saga_of(None, None))
+    inline = app._celery_sagas_runtime.inline
+    monkeypatch.delenv(WORKER_LIMITED, raising=False)
+    note_worker_limits(sender=SimpleNamespace(time_limit=None, soft_time_limit=None))
+    assert inline.begin(app.tasks["orders.s0"], request()) is not None
+    note_worker_limits(sender=SimpleNamespace(time_limit=None, soft_time_limit=60.0))
+    assert inline.begin(app.tasks["orders.s0"], request()) is None
+
+
+def test_a_router_that_routes_by_kwargs_is_asked_with_the_messages_kwargs() -> None:
+    """A step another saga's kwargs would send elsewhere is published, not run here."""
+    saga = saga_of(None, None)
+
+    def by_saga(name: str, args: Any, kwargs: Any, options: Any, **_: Any) -> Any:
+        if name == "orders.s1" and (kwargs or {}).get("saga_id") == "vip":
+            return {"queue": "vip"}
+        return None
+
+    app = app_with(saga, task_routes=(by_saga,))
+    inline = app._celery_sagas_runtime.inline
+    assert inline.follow_up(step_message(saga, 1), "celery") is not None
+    assert inline.follow_up(step_message(saga, 1, saga_id="vip"), "celery") is None
+    assert inline.follow_up(step_message(saga, 1, saga_id="vip"), "vip") is not None

@@ -193,3 +193,28 @@ def test_rabbitmq_with_publish_confirms_gets_no_warning(
         install(app, [shipping_saga()], database_url=database(tmp_path))
 
     assert [r for r in caplog.records if r.name == "celery_sagas"] == []
+
+
+def test_an_app_that_lists_routers_keeps_them_and_gets_the_saga_routes_first() -> None:
+    """``task_routes`` may be a list of routers (functions, dicts): install used to merge
+    into it as a dict and raised ``TypeError: 'tuple' object is not a mapping``."""
+    from celery import Celery
+
+    from celery_sagas import Saga, Step, install
+
+    def own(name: str, args: Any, kwargs: Any, options: Any, **_: Any) -> Any:
+        return {"queue": "mine"} if name == "app.own_task" else None
+
+    app = Celery("listed-routes", broker="memory://")
+    app.conf.task_routes = (own,)
+    saga = Saga(
+        "listed",
+        [Step("s0", lambda c: None, lambda c: None, compensation_name="u0", queue="steps")],
+    )
+    install(app, [saga], database_url="sqlite://")
+    router = app.amqp.router
+    assert router.route({}, "listed.s0")["queue"].name == "steps"
+    assert router.route({}, "celery_sagas.dead_letter")["queue"].name == "sagas.dlq"
+    assert router.route({}, "app.own_task")["queue"].name == "mine"
+    routers = app.conf.task_routes
+    assert isinstance(routers, tuple) and routers[-1] is own and len(routers) == 2
