@@ -11,7 +11,7 @@ import redis
 
 from celery_sagas.store import SqlSagaStore, dispose_all_after_fork
 from tests.integration.conftest import Deployment, make_order, rows_for, wait_settled
-from tests.support.processes import wait_until
+from tests.support.processes import active_task_pid, wait_until
 from workers import db
 
 
@@ -74,15 +74,6 @@ def test_every_message_delivered_twice_causes_no_double_side_effect(
     assert db.stock(sku) == 20 - 2 * len(good)
 
 
-def _active_pid(app: Any, hostname: str, task_name: str) -> int | None:
-    replies = app.control.inspect(destination=[hostname], timeout=0.5).active() or {}
-    for tasks in replies.values():
-        for task in tasks:
-            if task["name"] == task_name:
-                return int(task["worker_pid"])
-    return None
-
-
 def test_pool_child_sigkilled_mid_step_saga_still_completes_exactly_once(
     deployment: Deployment, start_saga: Any, fresh_sku: Callable[[int], str]
 ) -> None:
@@ -94,7 +85,7 @@ def test_pool_child_sigkilled_mid_step_saga_still_completes_exactly_once(
     with deployment.worker(name="kill-worker", hostname=hostname, concurrency=1) as worker:
         start_saga.delay(order)
         pid = wait_until(
-            lambda: _active_pid(app, hostname, "order_fulfillment.process_payment"),
+            lambda: active_task_pid(app, hostname, "order_fulfillment.process_payment"),
             timeout=30,
             message="process_payment running in a pool child",
         )

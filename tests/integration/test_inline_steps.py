@@ -20,7 +20,7 @@ import pytest
 
 from celery_sagas.store import SqlSagaStore
 from tests.integration.conftest import Deployment, make_order, rows_for, wait_settled
-from tests.support.processes import CeleryProcess, wait_until
+from tests.support.processes import CeleryProcess, active_task_pid, wait_until
 from workers import db
 
 STEPS = ("reserve_inventory", "process_payment", "create_shipment", "send_confirmation")
@@ -98,15 +98,6 @@ def test_sagas_complete_and_compensate_in_one_delivery_each(
     assert received(log, "release_inventory") == 0
 
 
-def _active_pid(app: Any, hostname: str, task_name: str) -> int | None:
-    replies = app.control.inspect(destination=[hostname], timeout=0.5).active() or {}
-    for tasks in replies.values():
-        for task in tasks:
-            if task["name"] == task_name:
-                return int(task["worker_pid"])
-    return None
-
-
 def _kill_while_running(
     worker: CeleryProcess, hostname: str, store: SqlSagaStore, order: dict[str, Any], key: str
 ) -> None:
@@ -117,7 +108,7 @@ def _kill_while_running(
     guard_key = f"{saga.saga_id}:{key}"
     wait_until(lambda: store.get_guard(guard_key), timeout=30, message=f"{key} began")
     pid = wait_until(
-        lambda: _active_pid(app, hostname, FIRST), timeout=30, message="the delivery's child"
+        lambda: active_task_pid(app, hostname, FIRST), timeout=30, message="the delivery's child"
     )
     os.kill(pid, signal.SIGKILL)
 

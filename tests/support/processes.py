@@ -375,3 +375,14 @@ def logs_since(mark: int, lines: int = 40) -> list[tuple[str, str]]:
     what a failed test's report shows, so a stalled saga leaves its workers' last words."""
     chosen = {id(proc): proc for proc in [*_started[mark:], *_running]}
     return [(proc.name, proc.log_tail(lines)) for proc in chosen.values()]
+
+
+def active_task_pid(app: Any, hostname: str, task_name: str) -> int | None:
+    """The pid of the pool child of worker ``hostname`` running a ``task_name`` task now
+    (``inspect().active()``), or None."""
+    replies = app.control.inspect(destination=[hostname], timeout=0.5).active() or {}
+    for tasks in replies.values():
+        for task in tasks:
+            if task["name"] == task_name:
+                return int(task["worker_pid"])
+    return None
