@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from chaos.faults import CASES, describe
+from chaos.inline import plan
 from chaos.servers import Postgres
 from chaos.table import broken, render
 
@@ -57,6 +58,13 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         help="task: start_saga.delay(order) as the README shows (default); runtime: "
         "sagas.start(...), which writes the saga in the caller before publishing",
     )
+    parser.add_argument(
+        "--inline-steps",
+        action="store_true",
+        help="run the order saga in inline mode (SAGAS_INLINE_STEPS=true, steps declared "
+        "timeout=None): a case whose faults are create_shipment's time limit keeps it, and "
+        "one whose recovery needs a step timeout is skipped, each with its reason (chaos.inline)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     parser.add_argument("--keep", action="store_true", help="keep the PostgreSQL cluster")
     args = parser.parse_args(argv)
@@ -84,6 +92,13 @@ def say(line: str) -> None:
     sys.stdout.flush()
 
 
+def inline_notes(cases: Sequence[str], brokers: Sequence[str]) -> list[str]:
+    """What ``--inline-steps`` changes, one line per case and broker it changes (a case
+    with every step untimed is not listed)."""
+    plans = [plan(case, broker) for broker in brokers for case in cases]
+    return [p.note() for p in plans if p.skip is not None or p.timeouts]
+
+
 def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one case in its own interpreter; its stderr streams through."""
     result = subprocess.run(
@@ -107,10 +122,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     pg = Postgres().start()
     sys.stderr.write(f"chaos: PostgreSQL on {pg.port} in {pg.root}; logs in {out}\n")
     rows: list[dict[str, Any]] = []
+    table: list[dict[str, Any]] = []  # rows and, in matrix order, the cases skipped
+    notes = inline_notes(args.cases, args.brokers) if args.inline_steps else []
+    for line in notes:
+        sys.stderr.write(f"chaos: {line}\n")
     started = time.monotonic()
     try:
         for broker in args.brokers:
             for name in args.cases:
+                if args.inline_steps and (why := plan(name, broker).skip) is not None:
+                    table.append({"case": name, "broker": broker, "skipped": why})
+                    sys.stderr.write(render(table[-1:]) + "\n")
+                    continue
                 spec = {
                     "case": name,
                     "broker": broker,
@@ -123,20 +146,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "settle_timeout": args.settle_timeout,
                     "quick": args.quick,
                     "start_via": args.start_via,
+                    "inline_steps": args.inline_steps,
                 }
                 rows.append(run_one(spec))
+                table.append(rows[-1])
                 sys.stderr.write(render(rows[-1:]) + "\n")
     finally:
         if args.keep:
             sys.stderr.write(f"chaos: PostgreSQL kept running in {pg.root} (port {pg.port})\n")
         else:
             pg.cleanup()
-    (out / "rows.json").write_text(json.dumps(rows, indent=2, default=str))
+    (out / "rows.json").write_text(json.dumps(table, indent=2, default=str))
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2, default=str))
+        args.json.write_text(json.dumps(table, indent=2, default=str))
     elapsed = time.monotonic() - started
-    say(render(rows))
-    say(f"\n{len(rows)} case(s) in {elapsed:.0f} s; details in {out}/rows.json")
+    say(render(table))
+    mode = " in inline mode" if args.inline_steps else ""
+    say(f"\n{len(rows)} case(s){mode} in {elapsed:.0f} s; details in {out}/rows.json")
+    for line in notes:
+        say(f"INLINE: {line}")
     bad = broken(rows)
     for line in bad:
         say(f"BROKEN: {line}")

@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import sys
 import threading
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from chaos.faults import CASES, Case
+from chaos.inline import InlinePlan, environment, plan
 from chaos.orders import STOCK, is_hung, make_orders, step_timeouts
 from chaos.servers import REDIS_PORT, Postgres, RabbitVhost, RedisServer
 from chaos.supervisor import Supervisor
@@ -48,6 +50,8 @@ class Spec:
     start_via: str = (
         "task"  # "task": start_saga.delay(order) (durable); "runtime": sagas.start(...)
     )
+    # the order saga in inline mode (``chaos.inline``): untimed steps, SAGAS_INLINE_STEPS
+    inline_steps: bool = False
 
 
 @dataclass
@@ -165,11 +169,19 @@ def _broker_leftovers(broker: RedisServer | RabbitVhost) -> dict[str, Any]:
         client.close()
 
 
+STEP_DELIVERY = re.compile(r"Task order_fulfillment\.\w+\[[0-9a-f-]+\] received")
+
+
 def _log_counts(processes: list[Any]) -> dict[str, int]:
     text = "".join(p.log_text() for p in processes)
     return {
         "ignored": text.count("message ignored ("),
         "resent": text.count("re-sent"),
+        # step and compensation messages the worker received: 4+ per saga by default,
+        # about one per saga when the steps run inline
+        "step_deliveries": len(STEP_DELIVERY.findall(text)),
+        # re-sent because the delivery that began the step inline died (machine.Abandoned)
+        "abandoned": text.count("died before it finished"),
         "hostname_attribute_error": text.count("has no attribute 'hostname'"),
         "decode_errors": text.count("Can't decode message body") + text.count("ContentDisallowed"),
     }
@@ -193,9 +205,14 @@ def run_case(spec: Spec) -> dict[str, Any]:
     database_url = pg.create_database(database)
     broker = _start_broker(spec, out)
     env = {"SAGAS_DATABASE_URL": database_url, "CELERY_BROKER_URL": broker.url, **SETTINGS}
+    inline = plan(spec.case, spec.broker) if spec.inline_steps else None
+    if inline is not None:
+        assert inline.skip is None, inline.note()  # __main__ does not run a skipped case
+        env.update(environment(inline))
+        log(inline.note())
     os.environ.update(env)
     try:
-        return _run(spec, case, pg, broker, env, out, database)
+        return _run(spec, case, pg, broker, env, out, database, inline)
     finally:
         broker.stop()
 
@@ -208,20 +225,26 @@ def _run(
     env: dict[str, str],
     out: Path,
     database: str,
+    inline: InlinePlan | None = None,
 ) -> dict[str, Any]:
     from celery_sagas.store import upgrade
     from chaos.truth import collect
     from tests.support.processes import CeleryProcess
     from workers import db
-    from workers.app import app, sagas
-    from workers.orders import start_saga
-    from workers.sagas import order_fulfillment
+
+    if inline is not None:  # before workers.app: it declares the order saga untimed
+        from chaos.app import app, order_fulfillment, sagas, start_saga
+    else:
+        from workers.app import app, sagas
+        from workers.orders import start_saga
+        from workers.sagas import order_fulfillment
+    app_module = "workers.app" if inline is None else "chaos.app"
 
     upgrade(env["SAGAS_DATABASE_URL"])
     db.create_tables()
     db.seed_inventory(STOCK)
     worker = CeleryProcess(
-        "workers.app",
+        app_module,
         log_dir=out,
         env=env,
         pool="prefork",
@@ -230,7 +253,7 @@ def _run(
         hostname=f"chaos-{spec.case}@%h",
     )
     beats = [
-        CeleryProcess("workers.app", kind="beat", log_dir=out, env=env, name=f"beat{n}")
+        CeleryProcess(app_module, kind="beat", log_dir=out, env=env, name=f"beat{n}")
         for n in range(case.beats)
     ]
     supervisor = Supervisor([worker, *beats]).start()
@@ -272,10 +295,12 @@ def _run(
     leftovers = _broker_leftovers(broker)
     findings.lost = [_explain_lost(item, run.saga_ids, worker) for item in findings.lost]
     self_exits = [asdict(e) for e in supervisor.exits]
+    mode = {} if inline is None else {"inline": inline.table_note(), "timeouts": inline.timeouts}
     return {
         "case": spec.case,
         "broker": spec.broker,
         "seed": spec.seed,
+        **mode,
         "faults": faults,
         "refused": run.refused,
         "settle_s": None if settled_at is None else round(max(0.0, settled_at - last_fault), 1),

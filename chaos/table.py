@@ -24,6 +24,12 @@ COUNTED = ("lost", "double_forward", "double_compensation", "illegal", "wrong_en
 
 def _notes(row: dict[str, Any]) -> str:
     notes = []
+    if row.get("inline"):  # --inline-steps: the mode, and how many step messages it took
+        logs = row.get("logs") or {}
+        notes.append(row["inline"])
+        notes.append(f"{logs.get('step_deliveries', '?')} step msgs")
+        if logs.get("abandoned"):
+            notes.append(f"{logs['abandoned']} abandoned re-sent")
     if row.get("wrong_end_state"):
         notes.append(f"wrong end state {len(row['wrong_end_state'])}")
     if row.get("self_exits"):
@@ -61,6 +67,9 @@ def render(rows: Sequence[dict[str, Any]]) -> str:
     for row in rows:
         if "error" in row:
             lines.append(f"| {row['case']} | {row['broker']} | harness error {row['error']} |")
+            continue
+        if "skipped" in row:  # --inline-steps: a case that needs a step timeout; not run
+            lines.append(f"| {row['case']} | {row['broker']} | skipped in inline mode |")
             continue
         lines.append("| " + " | ".join(_cell(row, key) for key, _ in COLUMNS) + " |")
     return "\n".join(lines)
