@@ -30,7 +30,12 @@ from celery_sagas.integration.dispatcher import (
     step_kwargs,
 )
 from celery_sagas.integration.hook_task import HOOK_LEASE, register_hook_task
-from celery_sagas.integration.inline import InlineSteps, note_worker_limits, unlimited_steps
+from celery_sagas.integration.inline import (
+    InlineSteps,
+    note_worker_limits,
+    unlimited_steps,
+    without_a_backstop,
+)
 from celery_sagas.integration.pools import watch_pools
 from celery_sagas.integration.quiet import quiet_periodic_tasks
 from celery_sagas.integration.steps import StepTask
@@ -425,6 +430,7 @@ def install(app: Celery, sagas: Sequence[Saga], **settings: Any) -> SagaRuntime:
     _route_coordinator(app, runtime.settings, sagas)
     if runtime.settings.inline_steps:
         _say_what_runs_inline({saga.name: timing.timeouts(saga) for saga in sagas})
+        _warn_without_backstop(app, runtime.timing, sagas)
         signals.worker_init.connect(note_worker_limits, weak=False)
     add_routes(app, {DEAD_LETTER_TASK: {"queue": runtime.settings.dlq_queue}})
     app.conf.beat_schedule = {
@@ -457,6 +463,21 @@ def _say_what_runs_inline(timeouts: Mapping[str, Sequence[float | None]]) -> Non
             "inline after a step without one, on the same queue)",
             name,
             indexes or "none",
+        )
+
+
+def _warn_without_backstop(app: Celery, timing: Timing, sagas: Sequence[Saga]) -> None:
+    """One warning naming the sagas whose untimed steps nothing re-sends on Redis."""
+    untimed = unlimited_steps({saga.name: timing.timeouts(saga) for saga in sagas})
+    deadlines = {saga.name: timing.deadline(saga) for saga in sagas}
+    exposed = without_a_backstop(str(app.conf.broker_url or ""), untimed, deadlines)
+    if exposed:
+        logger.warning(
+            "celery-sagas: inline_steps on Redis: %s have steps without a timeout and no "
+            "deadline; a step message Redis loses (restarted empty) or holds for a killed "
+            "worker (until its visibility timeout) is re-sent by nothing: give them a "
+            "deadline (Saga(deadline=...), sagas_saga_deadlines) or use RabbitMQ",
+            ", ".join(exposed),
         )
 
 
