@@ -217,7 +217,9 @@ def test_cancel_compensates_a_running_saga_and_refuses_a_finished_one(
     deployment: Deployment, start_saga: Any, fresh_sku: Callable[[int], str]
 ) -> None:
     sku = fresh_sku(10)
-    running_order = make_order(sku, simulate={"create_shipment": "hang"}, hang_seconds=3)
+    # the shipment hangs long enough for two CLI processes to start on a loaded machine
+    # (with 3 s, a slow `cancel` came after it and found the saga a step further)
+    running_order = make_order(sku, simulate={"create_shipment": "hang"}, hang_seconds=10)
     finished_order = make_order(sku)
     with dlq_worker(deployment):
         start_saga.delay(running_order)
