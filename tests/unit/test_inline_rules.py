@@ -326,16 +326,20 @@ def test_sagas_with_untimed_steps_and_no_deadline_on_redis_have_no_backstop() ->
 
 
 def test_inline_steps_on_redis_warns_about_sagas_without_a_backstop(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The broker the worker will use: ``CELERY_BROKER_URL`` wins over the app's config in
+    Celery, so the test names it there."""
     import logging
 
+    monkeypatch.setenv("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0")
     with caplog.at_level(logging.WARNING, logger="celery_sagas"):
-        app_with(saga_of(None, None), broker_url="redis://127.0.0.1:6379/0")
+        app_with(saga_of(None, None))
     said = [r.getMessage() for r in caplog.records if r.name == "celery_sagas"]
     assert any("re-sent by nothing" in line and "orders" in line for line in said), said
     caplog.clear()
+    monkeypatch.setenv("CELERY_BROKER_URL", "amqp://guest@127.0.0.1//")
     with caplog.at_level(logging.WARNING, logger="celery_sagas"):
-        app_with(saga_of(None, None))  # memory:// in these tests: not Redis
+        app_with(saga_of(None, None))
     said = [r.getMessage() for r in caplog.records if r.name == "celery_sagas"]
     assert not any("re-sent by nothing" in line for line in said), said
