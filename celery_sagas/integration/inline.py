@@ -34,12 +34,13 @@ from typing import Any
 
 from celery import Celery, Task
 
-from celery_sagas.hooks import HOOK_KIND
 from celery_sagas.integration.config import REDIS_SCHEMES
+from celery_sagas.machine import Role
 from celery_sagas.protocols import OutboxMessage
 
 # set in a worker's environment when the worker applies time limits to every task
 WORKER_LIMITED = "CELERY_SAGAS_WORKER_TIME_LIMITED"
+STEP_KINDS = frozenset(Role)  # the body kinds of step and compensation messages
 # a follow-up for the delivery: the step task to run inline, with its kwargs
 FollowUp = tuple[Task, dict[str, Any]]
 
@@ -73,7 +74,7 @@ def without_a_backstop(
 
 def is_step_message(body: Mapping[str, Any]) -> bool:
     """A step or compensation message (the others: hooks, dead letters)."""
-    return body.get("kind") not in (HOOK_KIND, "dead_letter") and bool(body.get("key"))
+    return body.get("kind") in STEP_KINDS
 
 
 @dataclass(frozen=True)
@@ -85,20 +86,17 @@ class InlineRun:
     queue: str | None
     delivery: str
 
-    def keeps(self, saga_id: str) -> Callable[[OutboxMessage], bool]:
-        """Which of a transition's messages this delivery keeps to run inline: a step of
-        the same saga only (a redelivery can find only its own saga's step abandoned),
-        and only one this delivery may run."""
+    def picks(self, saga_id: str) -> Callable[[OutboxMessage], FollowUp | None]:
+        """What this delivery runs inline of a transition's messages: a step of the same
+        saga only (a redelivery can find only its own saga's step abandoned), and only one
+        this delivery may run; None: publish it."""
 
-        def keep(message: OutboxMessage) -> bool:
+        def pick(message: OutboxMessage) -> FollowUp | None:
             if message.saga_id != saga_id:  # another saga's first step, admitted
-                return False
-            return self.steps.follow_up(message, self.queue) is not None
+                return None
+            return self.steps.follow_up(message, self.queue)
 
-        return keep
-
-    def follow_up(self, message: OutboxMessage | None) -> FollowUp | None:
-        return None if message is None else self.steps.follow_up(message, self.queue)
+        return pick
 
 
 class InlineSteps:

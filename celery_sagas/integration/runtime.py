@@ -249,22 +249,27 @@ class SagaRuntime:
         event: machine.Event,
         guard: GuardRecord | None = None,
         known: SagaRecord | None = None,
-        keep: Callable[[OutboxMessage], bool] | None = None,
-    ) -> tuple[str | None, OutboxMessage | None]:
+        pick: Callable[[OutboxMessage], Any] | None = None,
+    ) -> tuple[str | None, Any]:
         """Apply ``event`` (one transaction) and publish what it sends, except the first
-        message ``keep`` wants, returned for the caller to run (``inline_steps``): its
-        outbox row stays unsent, so the relay publishes it if the caller never begins it."""
+        message ``pick`` answers for (not None): its answer is returned for the caller to
+        run (``inline_steps``), and its outbox row stays unsent, so the relay publishes it
+        if the caller never begins it."""
         outcome = self.coordinator.handle(saga_id, event, guard, known)
         if outcome.messages:
             crash_point("after_commit")
-        kept = next((m for m in outcome.messages if keep(m)), None) if keep else None
+        kept, picked = None, None
+        if pick is not None:
+            kept, picked = next(
+                ((m, p) for m in outcome.messages if (p := pick(m)) is not None), (None, None)
+            )
         others = [message for message in outcome.messages if message is not kept]
         outbox.publish(self.store, self.dispatcher, others, utcnow)
         decision = outcome.decision
         if decision is None:
-            return None, kept
+            return None, picked
         state = decision.state.value if decision.accepted and decision.state else "ignored"
-        return state, kept
+        return state, picked
 
     def scan(self) -> dict[str, int]:
         report = scanner.scan(
@@ -429,8 +434,10 @@ def install(app: Celery, sagas: Sequence[Saga], **settings: Any) -> SagaRuntime:
         runtime.start_tasks[saga.name] = register_start_task(app, runtime, saga.name)
     _route_coordinator(app, runtime.settings, sagas)
     if runtime.settings.inline_steps:
-        _say_what_runs_inline({saga.name: timing.timeouts(saga) for saga in sagas})
-        _warn_without_backstop(app, runtime.timing, sagas)
+        untimed = unlimited_steps({saga.name: timing.timeouts(saga) for saga in sagas})
+        _say_what_runs_inline(untimed)
+        deadlines = {saga.name: timing.deadline(saga) for saga in sagas}
+        _warn_without_backstop(str(app.conf.broker_url or ""), untimed, deadlines)
         signals.worker_init.connect(note_worker_limits, weak=False)
     add_routes(app, {DEAD_LETTER_TASK: {"queue": runtime.settings.dlq_queue}})
     app.conf.beat_schedule = {
@@ -446,10 +453,9 @@ def install(app: Celery, sagas: Sequence[Saga], **settings: Any) -> SagaRuntime:
     return runtime
 
 
-def _say_what_runs_inline(timeouts: Mapping[str, Sequence[float | None]]) -> None:
+def _say_what_runs_inline(eligible: Mapping[str, Sequence[int]]) -> None:
     """``inline_steps`` is on: one warning if no step can run inline (every step has a
-    timeout, hence a Celery time limit), else which steps of which saga can."""
-    eligible = unlimited_steps(timeouts)
+    timeout, hence a Celery time limit), else which steps (``eligible``) of which saga can."""
     if not any(eligible.values()):
         logger.warning(
             "celery-sagas: inline_steps is on, but every step has a timeout (300 s unless "
@@ -466,11 +472,11 @@ def _say_what_runs_inline(timeouts: Mapping[str, Sequence[float | None]]) -> Non
         )
 
 
-def _warn_without_backstop(app: Celery, timing: Timing, sagas: Sequence[Saga]) -> None:
+def _warn_without_backstop(
+    broker_url: str, untimed: Mapping[str, Sequence[int]], deadlines: Mapping[str, float | None]
+) -> None:
     """One warning naming the sagas whose untimed steps nothing re-sends on Redis."""
-    untimed = unlimited_steps({saga.name: timing.timeouts(saga) for saga in sagas})
-    deadlines = {saga.name: timing.deadline(saga) for saga in sagas}
-    exposed = without_a_backstop(str(app.conf.broker_url or ""), untimed, deadlines)
+    exposed = without_a_backstop(broker_url, untimed, deadlines)
     if exposed:
         logger.warning(
             "celery-sagas: inline_steps on Redis: %s have steps without a timeout and no "

@@ -33,7 +33,7 @@ from celery_sagas.errors import (
 from celery_sagas.integration.dispatcher import kwargs_repr
 from celery_sagas.integration.inline import FollowUp, InlineRun, InlineSteps
 from celery_sagas.log import logger
-from celery_sagas.protocols import GuardOutcome, GuardRecord, OutboxMessage
+from celery_sagas.protocols import GuardOutcome, GuardRecord
 from celery_sagas.runner import (
     Finished,
     Ignored,
@@ -100,7 +100,7 @@ class StepTask(Task):
     apply_outcome: Callable[..., str | None] | None = None
     # ``apply_outcome`` that keeps back the next step's message for this delivery to run
     # (``inline_steps``); ``inline``: which deliveries and steps run inline (None: off)
-    apply_keeping: Callable[..., tuple[str | None, OutboxMessage | None]] | None = None
+    apply_keeping: Callable[..., tuple[str | None, Any]] | None = None
     inline: InlineSteps | None = None
 
     def perform(self, **kwargs: Any) -> dict[str, Any]:
@@ -170,14 +170,13 @@ class StepTask(Task):
         finally:
             self.pop_request()
 
-    def _hand_over(self, key: str, delivery: str, to: str | None) -> bool:
-        """Best effort: ``key``'s started marker naming ``delivery`` names ``to`` (None:
-        dropped). A store outage leaves it as it was (logged)."""
+    def _hand_over(self, key: str, delivery: str, to: str) -> None:
+        """Best effort: ``key``'s started marker naming ``delivery`` names ``to``. A store
+        outage leaves it as it was (logged)."""
         try:
-            return bool(self.store_factory().hand_over_started(key, delivery, to))
+            self.store_factory().hand_over_started(key, delivery, to)
         except StoreUnavailableError as exc:
             logger.warning("step %s: started marker left naming %s (%s)", key, delivery, exc)
-            return False
 
     def _perform(
         self, kwargs: dict[str, Any], inline: InlineRun | None
@@ -287,9 +286,9 @@ class StepTask(Task):
             self.apply_outcome(kwargs["saga_id"], event, run.to_record, run.snapshot)
             return run.reply.to_json(), None
         saga_id = kwargs["saga_id"]
-        keep = inline.keeps(saga_id)
-        _, kept = self.apply_keeping(saga_id, event, run.to_record, run.snapshot, keep)
-        return run.reply.to_json(), inline.follow_up(kept)
+        pick = inline.picks(saga_id)
+        _, follow_up = self.apply_keeping(saga_id, event, run.to_record, run.snapshot, pick)
+        return run.reply.to_json(), follow_up
 
     def _retry_for_store(
         self, exc: Exception, doing: str, failures: int, kwargs: dict[str, Any]

@@ -86,6 +86,7 @@ def test_time_limited_is_any_limit_set() -> None:
 
 def test_hooks_and_dead_letters_are_not_step_messages() -> None:
     assert is_step_message({"kind": "action", "key": "k"})
+    assert is_step_message({"kind": "compensation", "key": "k"})
     assert not is_step_message({"kind": "hook", "key": "k"})
     assert not is_step_message({"kind": "dead_letter"})
 
@@ -144,11 +145,12 @@ def test_a_delivery_keeps_only_a_step_of_its_own_saga() -> None:
     saga = saga_of(None, None)
     app = app_with(saga)
     run = app._celery_sagas_runtime.inline.begin(app.tasks["orders.s0"], request())
-    keep = run.keeps("s-1")
-    assert keep(step_message(saga, 1))
-    assert not keep(step_message(saga, 0, saga_id="s-2"))  # admitted by a freed slot
+    pick = run.picks("s-1")
+    picked = pick(step_message(saga, 1))
+    assert picked is not None and picked[0] is app.tasks["orders.s1"]
+    assert pick(step_message(saga, 0, saga_id="s-2")) is None  # admitted by a freed slot
     hook = OutboxMessage("s-1", {"kind": "hook", "saga_id": "s-1", "key": "k"}, id=2)
-    assert not keep(hook)
+    assert pick(hook) is None
 
 
 def test_inline_steps_needs_the_default_mode() -> None:
