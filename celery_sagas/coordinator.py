@@ -147,6 +147,18 @@ class Timing:
     max_redispatches: int = 2
     time_limit_grace: float = 0.0  # a started step's hard limit: its timeout + this
     queue_timeout: float | None = None  # how long a step may wait for a worker (None: ever)
+    untimed_resend: float | None = None  # an untimed step's unbegun message: re-sent after
+    heartbeat_lease: float | None = None  # an untimed begun step: silent after no beat for
+
+    def watch(self) -> dict[str, Any]:
+        """The saga-wide fields of a ``SagaView`` that tell the scanner when to act."""
+        return {
+            "max_redispatches": self.max_redispatches,
+            "time_limit_grace": self.time_limit_grace,
+            "queue_timeout": self.queue_timeout,
+            "untimed_resend": self.untimed_resend,
+            "heartbeat_lease": self.heartbeat_lease,
+        }
 
     def timeouts(self, saga: Saga) -> tuple[float | None, ...]:
         return tuple(
@@ -213,11 +225,7 @@ class Coordinator:
 
     def view(self, record: SagaRecord) -> SagaView:
         saga = self.definition_for(record)
-        return replace(
-            record.view(self.timing.timeouts(saga), self.timing.max_redispatches),
-            time_limit_grace=self.timing.time_limit_grace,
-            queue_timeout=self.timing.queue_timeout,
-        )
+        return replace(record.view(self.timing.timeouts(saga)), **self.timing.watch())
 
     def complete(self, record: SagaRecord, decision: Decision) -> Decision:
         """Fill in what the pure machine cannot know: the dead letter's task name and
@@ -273,9 +281,7 @@ class Coordinator:
                 for i, s in enumerate(saga.steps)
             ),
             deadline_at=deadline_at,
-            max_redispatches=self.timing.max_redispatches,
-            time_limit_grace=self.timing.time_limit_grace,
-            queue_timeout=self.timing.queue_timeout,
+            **self.timing.watch(),
         )
         limited = self.timing.limit(saga) is not None
         decision = machine.decide(view, machine.Begin(admit=not limited), now)

@@ -122,11 +122,7 @@ def _move(
         return move, ()
     moved = replace(record, definition=target.fingerprint, steps=rows, current_step=index)
     reason = f"moved to {target.task_prefix} ({target.fingerprint}) by {actor}"
-    view = replace(
-        moved.view(coordinator.timing.timeouts(target), coordinator.timing.max_redispatches),
-        time_limit_grace=coordinator.timing.time_limit_grace,
-        queue_timeout=coordinator.timing.queue_timeout,
-    )
+    view = replace(moved.view(coordinator.timing.timeouts(target)), **coordinator.timing.watch())
     decision = machine.decide(view, machine.Migrated(actor, reason), coordinator.clock())
     messages = coordinator.messages_for(moved, decision)
     try:

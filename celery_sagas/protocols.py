@@ -198,6 +198,13 @@ class GuardStore(Protocol):
         another delivery's marker, stays)."""
         ...
 
+    def beat_started(self, markers: Mapping[str, str | None], at: datetime) -> int:
+        """A heartbeat: the ``started`` markers of ``markers`` (key → the delivery that
+        holds it; None: whichever) take ``at`` as the time their worker was last heard
+        from. A marker another delivery took over, or a final outcome, is left as it is.
+        Returns how many markers were refreshed."""
+        ...
+
 
 class SagaBrowsing(Protocol):
     """What the CLI, the Sagas page and the metrics read."""

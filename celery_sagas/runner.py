@@ -26,6 +26,7 @@ from typing import Any
 from celery_sagas.definition import RetryPolicy, Saga, Step, StepContext, idempotency_key
 from celery_sagas.encoding import encode_result
 from celery_sagas.errors import StoreUnavailableError
+from celery_sagas.heartbeat import Heartbeats
 from celery_sagas.log import logger
 from celery_sagas.machine import FORWARD_STATES, LIVE_STATES, ErrorKind, Role, StepStatus
 from celery_sagas.policy import RetryAt, decide_retry
@@ -253,7 +254,10 @@ class StepRunner:
         interrupted: tuple[type[BaseException], ...] = (),
         function: Callable[[StepContext], Any] | None = None,
         redact_fields: Sequence[str] = DEFAULT_REDACT_FIELDS,
+        heartbeats: Heartbeats | None = None,
     ) -> None:
+        """``heartbeats``: for a step without a timeout, what keeps its ``started`` marker
+        fresh while it runs (the scan re-sends a step whose worker stopped beating)."""
         self.saga = saga
         self.index = index
         self.role = role
@@ -264,6 +268,7 @@ class StepRunner:
         self.redact_fields = tuple(redact_fields)
         default = self.step.action if role == Role.ACTION else self.step.compensation
         self.function = function or default
+        self.heartbeats = heartbeats
 
     def run(
         self, store: SagaStore, message: StepMessage, tries: int = 1, delivery: str | None = None
@@ -313,7 +318,13 @@ class StepRunner:
             )
             return Finished(StepReply.recorded(recorded), None, snapshot)
         assert snapshot is not None
-        return self._call(store, message, snapshot, tries)
+        if self.heartbeats is None:
+            return self._call(store, message, snapshot, tries)
+        with self.heartbeats.beating(message.key, delivery):
+            run = self._call(store, message, snapshot, tries)
+        if isinstance(run, RetryLater):
+            self.heartbeats.hold_until(store, message.key, delivery, run.when)
+        return run
 
     def run_command(self, message: StepMessage, tries: int = 1) -> StepRun:
         """A signed command on a worker without the saga database (``coordinator_hop``):

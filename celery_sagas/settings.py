@@ -18,6 +18,8 @@ from celery_sagas.errors import SagaConfigurationError
 
 MAX_KEY_COLUMN = 200
 DEFAULT_REDACT_FIELDS = ("card_number", "cvv", "password", "secret", "token", "address")
+# an untimed step whose worker missed this many heartbeats in a row counts as abandoned
+HEARTBEATS_MISSED = 3
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,11 @@ class SagaSettings:
     max_redispatches: int = 2
     time_limit_grace: float = 10.0  # hard time limit = step timeout + this
     queue_timeout: float | None = None  # bound on a step's wait for a worker (None: none)
+    # steps without a timeout (timeout=None): their message, if no worker began it, is
+    # sent again after this (doubling); a worker running one refreshes its started marker
+    # every heartbeat_interval, and the scan re-sends it after HEARTBEATS_MISSED silent beats
+    resend_untimed_after: float = 60.0
+    heartbeat_interval: float = 30.0
     redact_fields: tuple[str, ...] = DEFAULT_REDACT_FIELDS
     step_timeouts: Mapping[str, float] = field(default_factory=dict)
     saga_deadlines: Mapping[str, float] = field(default_factory=dict)
@@ -76,6 +83,8 @@ class SagaSettings:
             "stuck_after",
             "compact_after",
             "time_limit_grace",
+            "resend_untimed_after",
+            "heartbeat_interval",
         ):
             if getattr(self, name) <= 0:
                 raise SagaConfigurationError(f"{name} must be positive")
@@ -102,6 +111,11 @@ class SagaSettings:
                         f"{name}[{key!r}] must be a positive number of seconds, got {seconds!r}"
                     )
         object.__setattr__(self, "redact_fields", tuple(self.redact_fields))
+
+    @property
+    def heartbeat_lease(self) -> float:
+        """Seconds without a heartbeat after which an untimed step's worker counts as gone."""
+        return self.heartbeat_interval * HEARTBEATS_MISSED
 
     def _coerce_flags(self) -> None:
         """The on/off settings as booleans: ``SAGAS_INLINE_STEPS=False`` (not JSON) or a

@@ -12,5 +12,5 @@ the saga transition log, and prints one row per case. The machine's own services
 
 ``--inline-steps`` runs the same cases with the order saga's steps declared without a time
 limit and ``SAGAS_INLINE_STEPS=true`` (``chaos.app``): a case whose faults are a step's time
-limit keeps it, and one whose recovery needs a step timeout is skipped (``chaos.inline``).
+limit keeps it (``chaos.inline``).
 """

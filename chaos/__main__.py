@@ -62,8 +62,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--inline-steps",
         action="store_true",
         help="run the order saga in inline mode (SAGAS_INLINE_STEPS=true, steps declared "
-        "timeout=None): a case whose faults are create_shipment's time limit keeps it, and "
-        "one whose recovery needs a step timeout is skipped, each with its reason (chaos.inline)",
+        "timeout=None): a case whose faults are create_shipment's time limit keeps it, with "
+        "its reason (chaos.inline)",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     parser.add_argument("--keep", action="store_true", help="keep the PostgreSQL cluster")

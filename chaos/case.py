@@ -29,6 +29,10 @@ SETTINGS = {
     "SAGAS_RELAY_INTERVAL": "1",
     "SAGAS_RELAY_AFTER": "3",
     "SAGAS_TIME_LIMIT_GRACE": "2",
+    # untimed steps (--inline-steps): a lost message re-sent after 3 s, a begun step
+    # whose worker died after 3 missed 1 s heartbeats
+    "SAGAS_RESEND_UNTIMED_AFTER": "3",
+    "SAGAS_HEARTBEAT_INTERVAL": "1",
     "SAGAS_STEP_TIMEOUTS": json.dumps(step_timeouts()),
 }
 

@@ -12,16 +12,12 @@ to steps without a timeout, and this module says which (pure: no servers, no app
   time limit runs nothing inline, and nothing runs inline into a task with one);
   reserve_inventory -> process_payment and refund_payment -> release_inventory still run
   inline.
-- a case whose recovery is the scanner's re-send of a step message that no live worker
-  holds is skipped: without a timeout a step has no re-send time (``redispatch_at``) and
-  no time of its own after which a begun step is sent again, so such a message is never
-  found again (README, "Inline steps": a step without a timeout is bounded only by the
-  saga's deadline, inline or not). On Redis, ``worker-kill`` leaves the dead worker's
-  unacknowledged messages in Redis for the visibility timeout (one hour), and
-  ``broker-restart`` restarts Redis empty (its queued and unacknowledged messages are
-  gone, a begun step's Celery retry waiting for its countdown among them; the relay does
-  not re-publish the outbox row of a step that was begun). On RabbitMQ both faults give
-  every unacknowledged message back at once, so both cases run there.
+- every other case runs with every step untimed, on both brokers. ``worker-kill`` and
+  ``broker-restart`` on Redis were skipped before untimed steps had a backstop: Redis holds
+  a SIGKILLed worker's unacknowledged messages for its visibility timeout (one hour) and
+  loses them all when it restarts empty. Now the scan re-sends an untimed step's message
+  no worker began after ``resend_untimed_after``, and a begun one once its worker stopped
+  beating (``heartbeat_interval``; ``chaos.case.SETTINGS`` shortens both).
 """
 
 from __future__ import annotations
@@ -52,18 +48,8 @@ KEEP_TIMEOUTS: Mapping[str, tuple[Mapping[str, float], str]] = {
     ),
 }
 
-LOST_WITH_REDIS = (
-    "recovery needs the scanner to re-send step messages that no live worker holds, and "
-    "a step without a timeout has no re-send time: "
-)
-SKIP: Mapping[tuple[str, str], str] = {
-    ("worker-kill", "redis"): LOST_WITH_REDIS
-    + "the SIGKILLed worker's unacknowledged messages stay in Redis for its visibility "
-    "timeout (1 h)",
-    ("broker-restart", "redis"): LOST_WITH_REDIS
-    + "Redis restarted empty has lost its queued and unacknowledged messages (a step's "
-    "retry waiting for its countdown among them)",
-}
+# (case, broker) → why the case cannot run in inline mode (none at present)
+SKIP: Mapping[tuple[str, str], str] = {}
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,6 @@ from typing import Any
 
 from celery import Celery, Task
 
-from celery_sagas.integration.config import REDIS_SCHEMES
 from celery_sagas.machine import Role
 from celery_sagas.protocols import OutboxMessage
 
@@ -57,19 +56,6 @@ def unlimited_steps(timeouts: Mapping[str, Sequence[float | None]]) -> dict[str,
         name: [index for index, timeout in enumerate(steps) if timeout is None]
         for name, steps in timeouts.items()
     }
-
-
-def without_a_backstop(
-    broker_url: str, untimed: Mapping[str, Sequence[int]], deadlines: Mapping[str, float | None]
-) -> list[str]:
-    """Pure: the sagas with steps without a timeout (``untimed``: saga → step indexes) and
-    no saga deadline, on a Redis broker. Nothing re-sends such a step's message once Redis
-    lost it (restarted empty) or holds it for a killed worker (until its visibility
-    timeout): the scanner re-sends only steps that have a timeout, and times out only
-    sagas that have a deadline. RabbitMQ gives a dead worker's messages back at once."""
-    if not broker_url.startswith(REDIS_SCHEMES):
-        return []
-    return sorted(name for name, steps in untimed.items() if steps and not deadlines.get(name))
 
 
 def is_step_message(body: Mapping[str, Any]) -> bool:

@@ -20,6 +20,7 @@ from celery_sagas.coordinator import Coordinator, PayloadLimits, Timing, utcnow
 from celery_sagas.definition import Saga, registry
 from celery_sagas.errors import SagaConfigurationError, SagaError
 from celery_sagas.handle import SagaHandle, find
+from celery_sagas.heartbeat import Heartbeats
 from celery_sagas.integration.config import SAGA_TASK_OPTIONS, add_routes, check_app
 from celery_sagas.integration.crash import crash_point
 from celery_sagas.integration.dispatcher import (
@@ -34,7 +35,6 @@ from celery_sagas.integration.inline import (
     InlineSteps,
     note_worker_limits,
     unlimited_steps,
-    without_a_backstop,
 )
 from celery_sagas.integration.pools import watch_pools
 from celery_sagas.integration.quiet import quiet_periodic_tasks
@@ -93,6 +93,8 @@ class SagaRuntime:
             max_redispatches=settings.max_redispatches,
             time_limit_grace=settings.time_limit_grace,
             queue_timeout=settings.queue_timeout,
+            untimed_resend=settings.resend_untimed_after,
+            heartbeat_lease=settings.heartbeat_lease,
         )
         # runs the next step in the task of the one before (``inline_steps``); None: off
         self.inline = (
@@ -100,6 +102,8 @@ class SagaRuntime:
             if settings.inline_steps
             else None
         )
+        # keeps the markers of running untimed steps fresh (the scan's liveness signal)
+        self.heartbeats = Heartbeats(lambda: self.store, settings.heartbeat_interval, utcnow)
         self.start_tasks: dict[str, Task] = {}
         self._store: SqlSagaStore | None = None
         self._coordinator: Coordinator | None = None
@@ -350,6 +354,7 @@ def _register_step_tasks(app: Celery, runtime: SagaRuntime, saga: Saga) -> None:
                 utcnow,
                 (SoftTimeLimitExceeded,),
                 redact_fields=runtime.settings.redact_fields,
+                heartbeats=runtime.heartbeats if timeouts[index] is None else None,
             )
             app.task(
                 name=name,
@@ -436,8 +441,6 @@ def install(app: Celery, sagas: Sequence[Saga], **settings: Any) -> SagaRuntime:
     if runtime.settings.inline_steps:
         untimed = unlimited_steps({saga.name: timing.timeouts(saga) for saga in sagas})
         _say_what_runs_inline(untimed)
-        deadlines = {saga.name: timing.deadline(saga) for saga in sagas}
-        _warn_without_backstop(str(app.conf.broker_url or ""), untimed, deadlines)
         signals.worker_init.connect(note_worker_limits, weak=False)
     add_routes(app, {DEAD_LETTER_TASK: {"queue": runtime.settings.dlq_queue}})
     app.conf.beat_schedule = {
@@ -469,21 +472,6 @@ def _say_what_runs_inline(eligible: Mapping[str, Sequence[int]]) -> None:
             "inline after a step without one, on the same queue)",
             name,
             indexes or "none",
-        )
-
-
-def _warn_without_backstop(
-    broker_url: str, untimed: Mapping[str, Sequence[int]], deadlines: Mapping[str, float | None]
-) -> None:
-    """One warning naming the sagas whose untimed steps nothing re-sends on Redis."""
-    exposed = without_a_backstop(broker_url, untimed, deadlines)
-    if exposed:
-        logger.warning(
-            "celery-sagas: inline_steps on Redis: %s have steps without a timeout and no "
-            "deadline; a step message Redis loses (restarted empty) or holds for a killed "
-            "worker (until its visibility timeout) is re-sent by nothing: give them a "
-            "deadline (Saga(deadline=...), sagas_saga_deadlines) or use RabbitMQ",
-            ", ".join(exposed),
         )
 
 

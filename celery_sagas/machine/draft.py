@@ -75,10 +75,9 @@ class _Draft:
         if forward and dispatches == 1:
             wait = None if queue_timeout is None else self.now + timedelta(seconds=queue_timeout)
             details["deadline_at"] = wait
-        if timeout is not None:
-            details["redispatch_at"] = self.now + resend_interval(
-                timeout, self.saga.max_redispatches, dispatches
-            )
+        first = first_resend(timeout, self.saga)
+        if first is not None:
+            details["redispatch_at"] = self.now + resend_interval(first, dispatches)
         return details
 
     def due_at(self) -> datetime | None:
@@ -90,7 +89,7 @@ class _Draft:
         if current.status not in (StepStatus.RUNNING, StepStatus.COMPENSATING):
             pass
         elif current.started:
-            own = own_deadline(current, self.saga.time_limit_grace)
+            own = own_deadline(current, self.saga)
             moments = [max(own, current.redispatch_at or own)] if own else []
         else:
             moments = [current.redispatch_at]
@@ -131,11 +130,18 @@ class _Draft:
 MAX_RESEND_INTERVAL = 300.0  # seconds: re-sends of a waiting message back off to this
 
 
-def resend_interval(timeout: float, max_redispatches: int, dispatches: int) -> timedelta:
+def first_resend(timeout: float | None, saga: SagaView) -> float | None:
+    """Seconds after its first send that a message no worker began is sent again: a
+    fraction of the step's timeout; for an untimed step, ``untimed_resend`` (None: never)."""
+    if timeout is None:
+        return saga.untimed_resend
+    return timeout / (saga.max_redispatches + 1)
+
+
+def resend_interval(first: float, dispatches: int) -> timedelta:
     """How long after its ``dispatches``-th send a message no worker began is sent again:
-    a fraction of the step's timeout, doubling with each send, capped."""
-    base = timeout / (max_redispatches + 1)
-    return timedelta(seconds=min(MAX_RESEND_INTERVAL, base * 2.0 ** min(dispatches - 1, 16)))
+    ``first`` seconds, doubling with each send, capped."""
+    return timedelta(seconds=min(MAX_RESEND_INTERVAL, first * 2.0 ** min(dispatches - 1, 16)))
 
 
 def needs_compensation(step: StepView) -> bool:

@@ -1,6 +1,7 @@
 """The scanner's ``Tick``: time out a saga past its deadline, or a step past its own
 time (counted from when a worker began it) or its wait for a worker (``queue_timeout``);
-re-send a message no worker began (lost with the broker, or waiting in a busy queue).
+re-send a message no worker began (lost with the broker, or waiting in a busy queue), and
+a begun step whose worker went silent (its time limit, or an untimed step's heartbeat).
 Also ``Abandoned``: re-send a step whose delivery died mid-run with no message left.
 """
 
@@ -76,9 +77,19 @@ def _watch(saga: SagaView, now: datetime) -> Decision:
 
 def _silent(saga: SagaView, current: StepView, now: datetime) -> bool:
     """A worker began the current send, and its own time (timeout + grace, from that
-    start) is up with no outcome: the hard time limit or its worker's death ended it."""
-    own = own_deadline(current, saga.time_limit_grace)
+    start; an untimed step's heartbeat lease, from the last beat) is up with no outcome:
+    the hard time limit or its worker's death ended it."""
+    own = own_deadline(current, saga)
     return current.started and _due(own, now) and _due(current.redispatch_at, now)
+
+
+def _silence(saga: SagaView, current: StepView) -> str:
+    """Why a silent step is given up after its re-sends."""
+    if current.timeout is None:
+        lease = saga.heartbeat_lease or 0
+        return f"no heartbeat from its worker for {lease:g}s, {current.dispatches} send(s)"
+    limit = current.timeout + saga.time_limit_grace
+    return f"no reply within {limit:g}s of starting"
 
 
 def _tick_forward(saga: SagaView, current: StepView, now: datetime) -> Decision:
@@ -91,8 +102,7 @@ def _tick_forward(saga: SagaView, current: StepView, now: datetime) -> Decision:
             return _watch(saga, now)
         if current.dispatches <= saga.max_redispatches:  # its worker may have died
             return _resend(saga, now, "no outcome after its time limit")
-        limit = (current.timeout or 0) + saga.time_limit_grace
-        return _time_out(saga, now, f"no reply within {limit:g}s of starting")
+        return _time_out(saga, now, _silence(saga, current))
     if _due(current.deadline_at, now):
         return _time_out(saga, now, f"no worker began it within {saga.queue_timeout or 0:g}s")
     if _due(current.redispatch_at, now):

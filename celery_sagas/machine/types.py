@@ -65,12 +65,17 @@ class StepView:
     began_at: datetime | None = None  # when a worker last began executing it
 
 
-def own_deadline(step: StepView, grace: float) -> datetime | None:
+def own_deadline(step: StepView, saga: SagaView) -> datetime | None:
     """When a started step's own time is up: its timeout (plus the hard limit's grace)
-    counted from when a worker began it; None if it has not begun or has no timeout."""
-    if step.began_at is None or step.timeout is None:
+    counted from when a worker began it. An untimed step has no time of its own: its
+    worker's heartbeat moves ``began_at`` on, and it is silent once ``heartbeat_lease``
+    passed since the last beat. None if it has not begun (or nothing bounds it)."""
+    if step.began_at is None:
         return None
-    return step.began_at + timedelta(seconds=step.timeout + grace)
+    if step.timeout is None:
+        lease = saga.heartbeat_lease
+        return None if lease is None else step.began_at + timedelta(seconds=lease)
+    return step.began_at + timedelta(seconds=step.timeout + saga.time_limit_grace)
 
 
 @dataclass(frozen=True)
@@ -85,3 +90,7 @@ class SagaView:
     max_redispatches: int = 2  # re-sends of a started step whose worker went silent
     time_limit_grace: float = 0.0  # a started step's limit: its timeout + this
     queue_timeout: float | None = None  # how long a step may wait for a worker (None: ever)
+    # an untimed step's message no worker began is sent again this long after (None: never)
+    untimed_resend: float | None = None
+    # a begun untimed step is silent this long after its worker's last heartbeat (None: never)
+    heartbeat_lease: float | None = None

@@ -6,7 +6,7 @@ and its ``result`` names the delivery (Celery task id) that began it, when one i
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -175,6 +175,18 @@ def hand_over_started(conn: Connection, key: str, delivery: str, to: str | None)
     else:
         changed = conn.execute(update(guards).where(mine).values(result=to))
     return bool(changed.rowcount)
+
+
+def beat_started(conn: Connection, markers: Mapping[str, str | None], at: datetime) -> int:
+    """Each ``started`` marker of ``markers`` still held by its delivery (None: by any)
+    takes ``at`` as its time (``SagaStore.beat_started``)."""
+    refreshed = 0
+    for key, delivery in markers.items():
+        held = [guards.c.key == key, guards.c.outcome == STARTED]
+        if delivery is not None:
+            held.append(cast(guards.c.result, Text) == json.dumps(delivery))
+        refreshed += conn.execute(update(guards).where(*held).values(recorded_at=at)).rowcount
+    return refreshed
 
 
 def keep_first_final(statement: Any) -> Any:

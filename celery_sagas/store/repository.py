@@ -9,7 +9,7 @@ Every write method is one transaction. Saga updates are a compare-and-set on ``v
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any, ClassVar
@@ -299,6 +299,12 @@ class SqlSagaStore(SqlReads):
     def hand_over_started(self, key: str, delivery: str, to: str | None = None) -> bool:
         with self._connect() as conn:
             return guard_rows.hand_over_started(conn, key, delivery, to)
+
+    def beat_started(self, markers: Mapping[str, str | None], at: datetime) -> int:
+        if not markers:
+            return 0
+        with self._connect() as conn:
+            return guard_rows.beat_started(conn, markers, at)
 
     # -- retention ----------------------------------------------------------------------
 

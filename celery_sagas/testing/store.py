@@ -268,6 +268,19 @@ class InMemorySagaStore(MemoryRetention, MemoryScans):
                 self._guards[key] = replace(guard, result=to)
             return True
 
+    def beat_started(self, markers: Mapping[str, str | None], at: datetime) -> int:
+        with self._lock:
+            self.calls.append("beat_started")
+            refreshed = 0
+            for key, delivery in markers.items():
+                guard = self._guards.get(key)
+                if guard is None or guard.outcome != STARTED:
+                    continue
+                if delivery is None or guard.result == delivery:
+                    self._guards[key] = replace(guard, recorded_at=at)
+                    refreshed += 1
+            return refreshed
+
     def _put_guard(self, guard: GuardRecord, now: datetime) -> GuardRecord:
         if replaceable(self._guards.get(guard.key)):
             recorded = recorded_guard(guard, now)

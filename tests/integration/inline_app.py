@@ -3,7 +3,8 @@ in a saga whose steps have no time limit (``timeout=None``), installed with
 ``inline_steps``; its tasks go to the queue ``inline``.
 
 With ``INLINE_APP_DUPLICATES=1`` every message it publishes is published twice
-(``duplicating_app``).
+(``duplicating_app``); with ``INLINE_APP_INLINE=0`` the same saga runs in the default mode
+(every step published).
 """
 
 from __future__ import annotations
@@ -48,7 +49,12 @@ inline_orders = Saga(
         Step("send_confirmation", send_confirmation, send_cancellation_notice, timeout=None),
     ],
 )
-sagas = install(app, [inline_orders], database_url=config.saga_database_url(), inline_steps=True)
+sagas = install(
+    app,
+    [inline_orders],
+    database_url=config.saga_database_url(),
+    inline_steps=os.environ.get("INLINE_APP_INLINE", "1") == "1",
+)
 start_inline = sagas.start_task("inline_orders")
 
 if os.environ.get("INLINE_APP_DUPLICATES") == "1":

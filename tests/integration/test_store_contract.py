@@ -585,6 +585,27 @@ def test_a_started_marker_handed_over_names_the_new_delivery_and_dropped_frees_t
     assert store.get_guard("b:0") is not None
 
 
+def test_a_heartbeat_moves_only_the_marker_its_delivery_still_holds(backend: Backend) -> None:
+    """``beat_started``: the marker named by its delivery (or by None: any) takes the
+    beat's time; another delivery's marker and a final outcome stay as they are."""
+    store = backend.store
+    create(store, saga_id="b", messages=keyed_message)
+    store.begin_guard("b:0", at(1), "outer")
+    assert store.beat_started({}, at(5)) == 0
+    assert store.beat_started({"b:0": "someone-else"}, at(5)) == 0
+    assert store.beat_started({"b:0": "outer", "missing:0": None}, at(5)) == 1
+    beaten = store.get_guard("b:0")
+    assert beaten is not None and (beaten.outcome, beaten.result) == (STARTED, "outer")
+    assert beaten.recorded_at == at(5)
+    assert store.beat_started({"b:0": None}, at(6)) == 1
+    assert store.get_guard("b:0").recorded_at == at(6)  # type: ignore[union-attr]
+    assert store.unsent(at(9), 10) == ()  # still taken: the relay leaves it alone
+    store.put_guard(GuardRecord("b:0", "ok", {"done": True}), at(7))
+    assert store.beat_started({"b:0": "outer"}, at(8)) == 0
+    final = store.get_guard("b:0")
+    assert final is not None and (final.outcome, final.recorded_at) == ("ok", at(7))
+
+
 def test_a_commit_marks_a_dead_letter_row_of_its_saga_sent_too(backend: Backend) -> None:
     store = backend.store
     record = create(store, saga_id="a", messages=with_dead_letter).record  # outbox 1, 2

@@ -45,18 +45,19 @@ def test_a_case_whose_faults_are_a_time_limit_keeps_create_shipments(
     assert json.loads(environment(chosen)["SAGAS_STEP_TIMEOUTS"]) == {SHIPMENT: SHIPMENT_TIMEOUT}
 
 
-@pytest.mark.parametrize("case", ["worker-kill", "broker-restart"])
-def test_a_case_that_needs_the_scanners_resend_is_skipped_on_redis_only(case: str) -> None:
-    on_redis = plan(case, "redis")
-    assert on_redis.skip is not None and "Redis" in on_redis.skip
-    assert on_redis.note().startswith(f"{case}/redis: skipped in inline mode: ")
-    on_rabbit = plan(case, "rabbitmq")
-    assert (on_rabbit.skip, dict(on_rabbit.timeouts)) == (None, {})
-
-
 @pytest.mark.parametrize(
     "case",
-    ["baseline", "child-kill", "pg-restart", "pg-flap", "two-beats", "replay", "forged"],
+    [
+        "baseline",
+        "child-kill",
+        "worker-kill",
+        "broker-restart",
+        "pg-restart",
+        "pg-flap",
+        "two-beats",
+        "replay",
+        "forged",
+    ],
 )
 @pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
 def test_every_other_case_runs_every_step_untimed(case: str, broker: str) -> None:
@@ -73,12 +74,10 @@ def test_the_notes_name_only_the_cases_inline_mode_changes() -> None:
     notes = inline_notes(list(CASES), ["redis", "rabbitmq"])
     named = sorted(line.split(":", 1)[0] for line in notes)
     assert named == [
-        "broker-restart/redis",
         "hung/rabbitmq",
         "hung/redis",
         "late-replies/rabbitmq",
         "late-replies/redis",
-        "worker-kill/redis",
     ]
     assert inline_notes(["baseline", "child-kill"], ["redis"]) == []
 

@@ -316,32 +316,3 @@ def test_a_router_that_routes_by_kwargs_is_asked_with_the_messages_kwargs() -> N
     assert inline.follow_up(step_message(saga, 1), "celery") is not None
     assert inline.follow_up(step_message(saga, 1, saga_id="vip"), "celery") is None
     assert inline.follow_up(step_message(saga, 1, saga_id="vip"), "vip") is not None
-
-
-def test_sagas_with_untimed_steps_and_no_deadline_on_redis_have_no_backstop() -> None:
-    from celery_sagas.integration.inline import without_a_backstop
-
-    untimed = {"a": [0, 1], "b": [], "c": [2]}
-    deadlines = {"a": None, "b": None, "c": 600.0}
-    assert without_a_backstop("redis://h:6379/0", untimed, deadlines) == ["a"]
-    assert without_a_backstop("amqp://guest@h//", untimed, deadlines) == []
-
-
-def test_inline_steps_on_redis_warns_about_sagas_without_a_backstop(
-    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The broker the worker will use: ``CELERY_BROKER_URL`` wins over the app's config in
-    Celery, so the test names it there."""
-    import logging
-
-    monkeypatch.setenv("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0")
-    with caplog.at_level(logging.WARNING, logger="celery_sagas"):
-        app_with(saga_of(None, None))
-    said = [r.getMessage() for r in caplog.records if r.name == "celery_sagas"]
-    assert any("re-sent by nothing" in line and "orders" in line for line in said), said
-    caplog.clear()
-    monkeypatch.setenv("CELERY_BROKER_URL", "amqp://guest@127.0.0.1//")
-    with caplog.at_level(logging.WARNING, logger="celery_sagas"):
-        app_with(saga_of(None, None))
-    said = [r.getMessage() for r in caplog.records if r.name == "celery_sagas"]
-    assert not any("re-sent by nothing" in line for line in said), said
