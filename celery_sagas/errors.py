@@ -124,3 +124,10 @@ class AmbiguousReferenceError(SagaError):
     def __init__(self, message: str, *, candidates: tuple[str, ...]) -> None:
         super().__init__(message, candidates=candidates)
         self.candidates = candidates
+
+
+class StepHardLimitExceeded(BaseException):
+    """A step ran past its timeout + ``time_limit_grace`` in an inline run, where the
+    worker itself enforces the step's limits (``integration.alarm``). A ``BaseException``,
+    as Celery's hard limit is a kill: a participant's ``except Exception`` that swallowed
+    the soft limit does not swallow this one. The step is recorded as timed out."""

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import traceback
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
 from celery_sagas.definition import RetryPolicy, Saga, Step, StepContext, idempotency_key
 from celery_sagas.encoding import encode_result
-from celery_sagas.errors import StoreUnavailableError
+from celery_sagas.errors import StepHardLimitExceeded, StoreUnavailableError
 from celery_sagas.heartbeat import Heartbeats
 from celery_sagas.log import logger
 from celery_sagas.machine import FORWARD_STATES, LIVE_STATES, ErrorKind, Role, StepStatus
@@ -48,6 +49,9 @@ MAX_TRACEBACK = 8000
 CONNECTION_ERROR_NAMES = frozenset(
     {"ConnectionError", "TimeoutError", "OperationalError", "InterfaceError", "DisconnectionError"}
 )
+
+# the participant's time limits when the worker enforces them (``integration.alarm``)
+Limits = Callable[[], AbstractContextManager[object]]
 
 BAD_KEY = "bad key"
 UNKNOWN_SAGA = "unknown saga"
@@ -220,7 +224,7 @@ def classify(step: Step, role: Role, exc: BaseException, interrupted: tuple[type
         return "retry"
     if isinstance(exc, tuple(step.business_errors)):
         return "business"
-    if isinstance(exc, interrupted):
+    if isinstance(exc, (*interrupted, StepHardLimitExceeded)):
         return "timeout"
     if isinstance(exc, tuple(step.retry_on)):
         return "retry"
@@ -271,11 +275,17 @@ class StepRunner:
         self.heartbeats = heartbeats
 
     def run(
-        self, store: SagaStore, message: StepMessage, tries: int = 1, delivery: str | None = None
+        self,
+        store: SagaStore,
+        message: StepMessage,
+        tries: int = 1,
+        delivery: str | None = None,
+        limits: Limits | None = None,
     ) -> StepRun:
         """``tries``: this delivery's try of the participant (1 unless a retry);
         ``delivery``: the Celery task id of the message being worked on (the step's
-        ``started`` marker names it)."""
+        ``started`` marker names it); ``limits``: the participant's time limits, when the
+        worker enforces them itself (an inline run), not Celery."""
         refused = mismatch(self.saga, self.index, self.role, message)
         if refused is not None:
             return self._ignored(message, refused)
@@ -319,9 +329,9 @@ class StepRunner:
             return Finished(StepReply.recorded(recorded), None, snapshot)
         assert snapshot is not None
         if self.heartbeats is None:
-            return self._call(store, message, snapshot, tries)
+            return self._call(store, message, snapshot, tries, limits)
         with self.heartbeats.beating(message.key, delivery):
-            run = self._call(store, message, snapshot, tries)
+            run = self._call(store, message, snapshot, tries, limits)
         if isinstance(run, RetryLater):
             self.heartbeats.hold_until(store, message.key, delivery, run.when)
         return run
@@ -365,12 +375,15 @@ class StepRunner:
         message: StepMessage,
         snapshot: SagaRecord | None,
         tries: int,
+        limits: Limits | None = None,
     ) -> StepRun:
         context = self.context(message, snapshot, tries)
         try:
+            with limits() if limits is not None else nullcontext():
+                value = self.function(context)
             # a result JSON cannot carry fails the step now, naming it (never a silent timeout)
-            result = encode_result(self.function(context), self.step.name)
-        except Exception as exc:
+            result = encode_result(value, self.step.name)
+        except (Exception, StepHardLimitExceeded) as exc:
             said = self._said(describe(exc), context)
             kind = classify(self.step, self.role, exc, self.interrupted)
             if kind == "business":
@@ -401,7 +414,7 @@ class StepRunner:
         self,
         store: SagaStore | None,
         context: StepContext,
-        exc: Exception,
+        exc: BaseException,
         said: str,
         retryable: bool,
         tries: int,

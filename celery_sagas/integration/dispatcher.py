@@ -18,6 +18,8 @@ COMPENSATED_TASK = "celery_sagas.compensated"
 DEAD_LETTER_TASK = "celery_sagas.dead_letter"
 # (kwargs, task name, saga, step index) -> the kwargs stamped and signed
 Signer = Callable[[dict[str, Any], str, Saga, int], dict[str, Any]]
+# (saga, role, step index) -> the time limit a step message carries (None: the task's own)
+Budget = Callable[[Saga, Role, int], float | None]
 HOOK_TASK = "celery_sagas.hook"
 
 
@@ -63,16 +65,19 @@ class CeleryDispatcher:
         coordinator_hop: bool = False,
         sign: Signer | None = None,
         publish_options: Mapping[str, Any] | None = None,
+        budget: Budget | None = None,
     ) -> None:
         """``sign``: stamps and signs a step command (``coordinator_hop``).
         ``publish_options``: added to every publish (the caller's start bounds its
-        retries with them, so a broker outage cannot hold the caller)."""
+        retries with them, so a broker outage cannot hold the caller). ``budget``: a step
+        message's time limit, both hard and soft (``inline_steps``: ``inline.budget``)."""
         self.app = app
         self.sagas = sagas
         self.redact_fields = tuple(redact_fields)
         self.coordinator_hop = coordinator_hop
         self.sign = sign
         self.publish_options = dict(publish_options or {})
+        self.budget = budget
 
     def _definition(self, body: Mapping[str, Any]) -> Saga:
         """The definition the message's saga started with (its fingerprint), installed here
@@ -116,6 +121,9 @@ class CeleryDispatcher:
                 "root_id": body["saga_id"],
                 **self.publish_options,
             }
+            limit = self.budget(saga, body["kind"], index) if self.budget else None
+            if limit is not None:  # the whole inline run it may begin (integration.alarm)
+                options.update(time_limit=limit, soft_time_limit=limit)
             if self.app.conf.task_always_eager:
                 self.app.tasks[task_name].apply_async(**options)
             else:

@@ -7,11 +7,20 @@ latency. Every step still goes through the one step path (``runner``): its check
 ``started`` marker, its participant and its outcome's transaction, in order.
 
 What runs inline: the next action or compensation of the same saga (never another saga's
-step, such as one a finished saga's free slot admits), when neither the
-delivery running now nor the next step's task has a time limit (Celery's limits are per
-delivery: an inline step would run under the limits of the step that began the delivery),
-and the next step's task is routed to the queue this delivery came from. Anything else is
-published as before, and so is everything else a transition sends (hooks, dead letters).
+step, such as one a finished saga's free slot admits), routed to the queue this delivery
+came from, and within the delivery's time limits:
+
+- a step without a timeout, only in a delivery without a time limit (nothing would stop it
+  short of the limit, which would then end the delivery, not the step);
+- a step with a timeout, only in a prefork pool child, which gives each step its own
+  limits (``integration.alarm``), and only while the step's limit still fits in the
+  delivery's. Celery's limits are per delivery, so with ``inline_steps`` a timed step's
+  message carries the budget of the longest run it can begin (``budget``) as both its
+  limits; a delivery under Celery's own per-step limits (a message from an app without
+  ``inline_steps``, a retry from an inline run) runs nothing inline.
+
+Anything else is published as before, and so is everything else a transition sends
+(hooks, dead letters).
 
 What a crash does: the delivery's message is acknowledged only when the whole run ends
 (late acks), so a killed worker gives it back to the broker. The ``started`` marker of an
@@ -28,14 +37,19 @@ A participant that fails with a retry left is retried as a published message (Ce
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from celery import Celery, Task
 
+from celery_sagas.integration.alarm import POOL_ENV, alarm_usable, step_limits
+from celery_sagas.integration.pools import pool_name
 from celery_sagas.machine import Role
 from celery_sagas.protocols import OutboxMessage
+from celery_sagas.runner import Limits
 
 # set in a worker's environment when the worker applies time limits to every task
 WORKER_LIMITED = "CELERY_SAGAS_WORKER_TIME_LIMITED"
@@ -44,9 +58,33 @@ STEP_KINDS = frozenset(Role)  # the body kinds of step and compensation messages
 FollowUp = tuple[Task, dict[str, Any]]
 
 
+# seconds of a delivery's hard limit kept free (the pool's timer started before the task)
+MARGIN = 1.0
+
+
 def time_limited(*limits: float | None) -> bool:
     """Pure: whether any of Celery's limits (task, message or app-wide) is set."""
     return any(limit for limit in limits)
+
+
+def budget(timeouts: Sequence[float | None], grace: float, role: Role, index: int) -> float | None:
+    """Pure: the time limit (hard and soft) of the message of step ``index``'s action or
+    compensation with ``inline_steps``: every step it can run inline, at its timeout +
+    ``grace`` — the timed actions from ``index`` up to the first untimed one, then every
+    timed compensation at or below the highest it can reach. None when the step itself has
+    no timeout (its message has no limit, as before)."""
+    if timeouts[index] is None:
+        return None
+    total = MARGIN
+    top = index
+    if role == Role.ACTION:
+        for later in range(index, len(timeouts)):
+            timeout = timeouts[later]
+            if timeout is None:
+                break
+            total += timeout + grace
+        top = len(timeouts) - 1
+    return total + sum(t + grace for t in timeouts[: top + 1] if t is not None)
 
 
 def unlimited_steps(timeouts: Mapping[str, Sequence[float | None]]) -> dict[str, list[int]]:
@@ -71,6 +109,27 @@ class InlineRun:
     steps: InlineSteps
     queue: str | None
     delivery: str
+    hard: float | None = None  # the delivery's hard limit (a budget), None: it has none
+    alarm: bool = False  # this process gives each timed step its own limits
+    began: float = field(default_factory=time.monotonic)
+
+    def fits(self, task: Task) -> bool:
+        """Whether ``task``'s step may run in this delivery: an untimed one only in a
+        delivery without a limit; a timed one only where this process times it, and while
+        its hard limit still fits in the delivery's."""
+        own = task.time_limit or task.soft_time_limit
+        if not own:
+            return self.hard is None
+        if not self.alarm:
+            return False
+        return self.hard is None or time.monotonic() - self.began + own + MARGIN <= self.hard
+
+    def limits(self, task: Task) -> Limits | None:
+        """``task``'s own limits, as this process arms them (None: Celery's apply, or none)."""
+        soft = task.soft_time_limit
+        if not self.alarm or not soft:
+            return None
+        return partial(step_limits, soft, task.time_limit or soft)
 
     def picks(self, saga_id: str) -> Callable[[OutboxMessage], FollowUp | None]:
         """What this delivery runs inline of a transition's messages: a step of the same
@@ -80,7 +139,7 @@ class InlineRun:
         def pick(message: OutboxMessage) -> FollowUp | None:
             if message.saga_id != saga_id:  # another saga's first step, admitted
                 return None
-            return self.steps.follow_up(message, self.queue)
+            return self.steps.follow_up(message, self)
 
         return pick
 
@@ -102,33 +161,40 @@ class InlineSteps:
 
     def begin(self, task: Task, request: Any) -> InlineRun | None:
         """An inline run for the delivery ``request`` of ``task``, or None when it must
-        not run steps inline (called directly or eagerly, or under a time limit)."""
+        not run steps inline: called directly or eagerly, under app- or worker-wide limits,
+        or under Celery's own per-step limits (not a budget this process can divide)."""
         conf = self.app.conf
         if request.called_directly or request.is_eager or conf.task_always_eager:
             return None
-        hard, soft = request.timelimit or (None, None)
-        limits = (task.time_limit, task.soft_time_limit, hard, soft)
-        if time_limited(*limits, conf.task_time_limit, conf.task_soft_time_limit):
+        if time_limited(conf.task_time_limit, conf.task_soft_time_limit):
             return None
         if os.environ.get(WORKER_LIMITED):  # celery worker --time-limit/--soft-time-limit
             return None
         queue = (request.delivery_info or {}).get("routing_key")
-        return InlineRun(self, queue or self.routing_key(task.name, {}), request.id)
+        queue = queue or self.routing_key(task.name, {})
+        alarm = alarm_usable()
+        hard, soft = request.timelimit or (None, None)
+        if time_limited(hard, soft):  # a budget (both limits alike), where it can be divided
+            if not (hard and soft == hard and alarm):
+                return None
+            return InlineRun(self, queue, request.id, hard=hard, alarm=True)
+        if time_limited(task.time_limit, task.soft_time_limit):  # Celery's, for this step
+            return None
+        return InlineRun(self, queue, request.id, alarm=alarm)
 
-    def follow_up(self, message: OutboxMessage, queue: str | None) -> FollowUp | None:
-        """The step task that may run ``message`` inline in a delivery from ``queue``
-        (no time limit, routed to that queue), with its kwargs; None: publish it."""
+    def follow_up(self, message: OutboxMessage, run: InlineRun) -> FollowUp | None:
+        """The step task that may run ``message`` inline in the delivery ``run`` (its time
+        limits fit, routed to the queue the delivery came from), with its kwargs; None:
+        publish it."""
         body = message.body
         if not is_step_message(body):
             return None
         name = self.task_name(body)
         task = self.app.tasks.get(name)
-        if task is None or time_limited(task.time_limit, task.soft_time_limit):
-            return None
-        if not hasattr(task, "run_inline"):
+        if task is None or not hasattr(task, "run_inline") or not run.fits(task):
             return None
         kwargs = self.kwargs_of(body)
-        if self.routing_key(name, kwargs) != queue:
+        if self.routing_key(name, kwargs) != run.queue:
             return None
         return task, kwargs
 
@@ -143,7 +209,11 @@ class InlineSteps:
 
 def note_worker_limits(sender: Any = None, **_: Any) -> None:
     """``worker_init``: a worker started with ``--time-limit`` or ``--soft-time-limit``
-    applies them to every delivery, which the app's config does not show. Noted in the
-    environment, which pool children inherit (forked or spawned)."""
+    applies them to every delivery, which the app's config does not show; and only a
+    prefork pool child may time steps itself (``alarm``). Both noted in the environment,
+    which pool children inherit (forked or spawned)."""
     if time_limited(getattr(sender, "time_limit", None), getattr(sender, "soft_time_limit", None)):
         os.environ[WORKER_LIMITED] = "1"
+    pool = getattr(sender, "pool_cls", None)
+    if pool is not None:
+        os.environ[POOL_ENV] = pool_name(pool)

@@ -33,6 +33,7 @@ from celery_sagas.integration.dispatcher import (
 from celery_sagas.integration.hook_task import HOOK_LEASE, register_hook_task
 from celery_sagas.integration.inline import (
     InlineSteps,
+    budget,
     note_worker_limits,
     unlimited_steps,
 )
@@ -66,12 +67,15 @@ class SagaRuntime:
         self.app = app
         self.sagas = sagas
         self.settings = settings
+        # inline_steps: a timed step's message carries the budget of its inline run
+        step_budget = self.step_budget if settings.inline_steps else None
         self.dispatcher = CeleryDispatcher(
             app,
             sagas,
             settings.redact_fields,
             settings.coordinator_hop,
             self.sign if settings.coordinator_hop else None,
+            budget=step_budget,
         )
         # the caller's start publishes with few, quick retries: a broker outage must not
         # hold the application (the outbox row stays unsent and the relay publishes it)
@@ -82,6 +86,7 @@ class SagaRuntime:
             settings.coordinator_hop,
             self.sign if settings.coordinator_hop else None,
             publish_options={"retry": True, "retry_policy": CALLER_PUBLISH_RETRY},
+            budget=step_budget,
         )
         self.limits = PayloadLimits(
             settings.max_payload_bytes, settings.max_payload_depth, settings.max_key_length
@@ -113,6 +118,10 @@ class SagaRuntime:
         # the engine's pool for this worker's concurrency (integration.pools), under the
         # configured engine_options
         self.engine_defaults: dict[str, Any] = {}
+
+    def step_budget(self, saga: Saga, role: machine.Role, index: int) -> float | None:
+        """A step message's time limit with ``inline_steps`` (``inline.budget``)."""
+        return budget(self.timing.timeouts(saga), self.settings.time_limit_grace, role, index)
 
     @property
     def store(self) -> SqlSagaStore:
@@ -456,20 +465,14 @@ def install(app: Celery, sagas: Sequence[Saga], **settings: Any) -> SagaRuntime:
     return runtime
 
 
-def _say_what_runs_inline(eligible: Mapping[str, Sequence[int]]) -> None:
-    """``inline_steps`` is on: one warning if no step can run inline (every step has a
-    timeout, hence a Celery time limit), else which steps (``eligible``) of which saga can."""
-    if not any(eligible.values()):
-        logger.warning(
-            "celery-sagas: inline_steps is on, but every step has a timeout (300 s unless "
-            "declared), hence a Celery time limit, so every step is published as before: "
-            "declare timeout=None on the steps that may run inline"
-        )
-        return
-    for name, indexes in eligible.items():
+def _say_what_runs_inline(untimed: Mapping[str, Sequence[int]]) -> None:
+    """``inline_steps`` is on: which steps (``untimed``: those without a timeout, by saga)
+    run inline in any pool, and that the others do only in a prefork worker."""
+    for name, indexes in untimed.items():
         logger.info(
-            "celery-sagas: inline_steps: saga %s steps without a time limit: %s (each runs "
-            "inline after a step without one, on the same queue)",
+            "celery-sagas: inline_steps: saga %s: steps with a timeout run inline in prefork "
+            "workers only (each timed by the worker itself), published elsewhere; steps "
+            "without one (%s) in any pool, after a step without one",
             name,
             indexes or "none",
         )

@@ -43,6 +43,7 @@ from celery_sagas.runner import (
     StepMessage,
     StepRun,
     StepRunner,
+    abandoned_by,
 )
 from celery_sagas.signing import refusal
 from celery_sagas.step_reply import StepReply
@@ -81,6 +82,10 @@ def from_carried(value: dict[str, Any]) -> Finished:
     if guard is not None:
         to_record = GuardRecord(guard["key"], guard["outcome"], guard["result"], guard["error"])
     return Finished(StepReply.from_json(value["outcome"]), to_record, None)
+
+
+class _NotAnAction(Exception):
+    """The step a killed inline run was running is a compensation (the scan re-sends it)."""
 
 
 class StepTask(Task):
@@ -196,7 +201,9 @@ class StepTask(Task):
             elif self.apply_outcome is None:  # coordinator_hop: a signed command
                 run = self._run_command(kwargs, message)
             else:
-                run = self.runner.run(self.store_factory(), message, self._tries(waited), delivery)
+                limits = inline.limits(self) if inline is not None else None
+                store = self.store_factory()
+                run = self.runner.run(store, message, self._tries(waited), delivery, limits)
         except StoreUnavailableError as exc:  # the saga could not be read: nothing ran
             again = {**kwargs, STORE_RETRIES: waited + 1}
             raise self._retry_for_store(exc, "begin", waited, again) from exc
@@ -247,18 +254,25 @@ class StepTask(Task):
     def on_failure(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         """Celery calls this in the worker's main process when the hard time limit killed
         the pool child running an action: the step timed out (it may have acted), so it
-        is recorded failed and compensated now. A killed compensation is sent again by
-        the scanner once its time is up (it must finish)."""
-        if not isinstance(exc, TimeLimitExceeded) or self.role != machine.Role.ACTION:
+        is recorded failed and compensated now. In an inline run the step that was running
+        may be a later one than the message's: the one whose ``started`` marker names this
+        delivery. A killed compensation is sent again by the scanner once its time is up
+        (it must finish)."""
+        if not isinstance(exc, TimeLimitExceeded) or self.apply_outcome is None:
             return
-        if self.apply_outcome is None or not isinstance(kwargs, dict):
+        if not isinstance(kwargs, dict):
             return
         error = f"timed out: killed at its hard time limit ({exc})"
         saga_id = kwargs.get("saga_id")
         try:
-            step, token = int(kwargs["step"]), int(kwargs["token"])
+            running = self._running_inline(str(saga_id), task_id)
+            if running is None:
+                running = (self.role, int(kwargs["step"]), int(kwargs["token"]), str(kwargs["key"]))
+            role, step, token, key = running
+            if role != machine.Role.ACTION:
+                return
             event = machine.StepFailed(step, token, error, business=False, timed_out=True)
-            guard = GuardRecord(str(kwargs["key"]), GuardOutcome.ERROR, error=error)
+            guard = GuardRecord(key, GuardOutcome.ERROR, error=error)
             self.apply_outcome(str(saga_id), event, guard, None)
         except Exception as failed:  # the scanner's deadline is the backstop
             logger.warning(
@@ -268,6 +282,25 @@ class StepTask(Task):
                 failed,
                 extra={"saga_id": saga_id, "saga": self.saga.name, "step": self.step_def.name},
             )
+
+    def _running_inline(
+        self, saga_id: str, delivery: str
+    ) -> tuple[machine.Role, int, int, str] | None:
+        """The step this delivery was running when it was killed, if its ``started``
+        marker names the delivery (role, step, token, guard key); None: look no further
+        than the message's own step."""
+        if self.inline is None:
+            return None
+        store = self.store_factory()
+        record = store.load(saga_id)
+        if record is None:
+            return None
+        found = abandoned_by(self.saga, record, store.get_guard, delivery)
+        if found is None:
+            return None
+        forward = record.state in machine.FORWARD_STATES
+        role = machine.Role.ACTION if forward else machine.Role.COMPENSATION
+        return role, found.step, found.token, found.key
 
     def _run_command(self, kwargs: dict[str, Any], message: StepMessage) -> StepRun:
         """Verify the command's signature and expiry before anything runs."""

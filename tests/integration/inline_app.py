@@ -4,7 +4,7 @@ in a saga whose steps have no time limit (``timeout=None``), installed with
 
 With ``INLINE_APP_DUPLICATES=1`` every message it publishes is published twice
 (``duplicating_app``); with ``INLINE_APP_INLINE=0`` the same saga runs in the default mode
-(every step published).
+(every step published); ``INLINE_APP_TIMEOUT=S`` gives every step a timeout of S seconds.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from workers.participants import (
 from workers.validation import validate_order
 
 QUEUE = "inline"
+TIMEOUT = float(os.environ["INLINE_APP_TIMEOUT"]) if os.environ.get("INLINE_APP_TIMEOUT") else None
 
 app = Celery("inline")
 app.conf.broker_url = config.broker_url()
@@ -43,10 +44,10 @@ inline_orders = Saga(
     business_key="order_id",
     validate=validate_order,
     steps=[
-        Step("reserve_inventory", reserve_inventory, release_inventory, timeout=None),
-        Step("process_payment", process_payment, refund_payment, timeout=None),
-        Step("create_shipment", create_shipment, cancel_shipment, timeout=None),
-        Step("send_confirmation", send_confirmation, send_cancellation_notice, timeout=None),
+        Step("reserve_inventory", reserve_inventory, release_inventory, timeout=TIMEOUT),
+        Step("process_payment", process_payment, refund_payment, timeout=TIMEOUT),
+        Step("create_shipment", create_shipment, cancel_shipment, timeout=TIMEOUT),
+        Step("send_confirmation", send_confirmation, send_cancellation_notice, timeout=TIMEOUT),
     ],
 )
 sagas = install(

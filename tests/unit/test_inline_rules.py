@@ -15,7 +15,12 @@ from celery_sagas import install
 from celery_sagas.coordinator import Coordinator
 from celery_sagas.definition import RetryPolicy, Saga, Step, registry
 from celery_sagas.errors import SagaConfigurationError
-from celery_sagas.integration.inline import InlineSteps, is_step_message, time_limited
+from celery_sagas.integration.inline import (
+    InlineRun,
+    InlineSteps,
+    is_step_message,
+    time_limited,
+)
 from celery_sagas.machine import (
     Abandoned,
     RunCompensation,
@@ -64,6 +69,11 @@ def request(**fields: Any) -> Any:
     return SimpleNamespace(**{**values, **fields})
 
 
+def on(inline: InlineSteps, queue: str, **fields: Any) -> InlineRun:
+    """A delivery from ``queue`` (no limit, no alarm unless ``fields`` say so)."""
+    return InlineRun(inline, queue, "task-1", **fields)
+
+
 def step_message(saga: Saga, index: int, kind: str = "action", saga_id: str = "s-1") -> Any:
     body = {
         "kind": kind,
@@ -98,10 +108,10 @@ def test_a_delivery_without_time_limits_on_its_queue_runs_steps_inline() -> None
     first = app.tasks["orders.s0"]
     run = inline.begin(first, request())
     assert run is not None and (run.queue, run.delivery) == ("celery", "task-1")
-    task, kwargs = inline.follow_up(step_message(saga, 1), "celery") or (None, None)
+    task, kwargs = inline.follow_up(step_message(saga, 1), on(inline, "celery")) or (None, None)
     assert task is app.tasks["orders.s1"]
     assert kwargs == {"saga_id": "s-1", "step": 1, "token": 1, "key": "s-1:s1:action"}
-    undo = inline.follow_up(step_message(saga, 0, "compensation"), "celery")
+    undo = inline.follow_up(step_message(saga, 0, "compensation"), on(inline, "celery"))
     assert undo is not None and undo[0] is app.tasks["orders.u0"]
 
 
@@ -127,7 +137,7 @@ def test_a_task_or_app_time_limit_stops_inline_runs() -> None:
     app = app_with(limited)
     inline = app._celery_sagas_runtime.inline
     assert inline.begin(app.tasks["orders.s0"], request()) is None
-    assert inline.follow_up(step_message(limited, 1), "celery") is None
+    assert inline.follow_up(step_message(limited, 1), on(inline, "celery")) is None
     worker_limit = app_with(saga_of(None, None), task_time_limit=60)
     inline = worker_limit._celery_sagas_runtime.inline
     assert inline.begin(worker_limit.tasks["orders.s0"], request()) is None
@@ -137,8 +147,8 @@ def test_a_step_routed_to_another_queue_is_published() -> None:
     saga = saga_of(None, None, queue="payments")
     app = app_with(saga)
     inline = app._celery_sagas_runtime.inline
-    assert inline.follow_up(step_message(saga, 1), "celery") is None
-    assert inline.follow_up(step_message(saga, 1), "payments") is not None
+    assert inline.follow_up(step_message(saga, 1), on(inline, "celery")) is None
+    assert inline.follow_up(step_message(saga, 1), on(inline, "payments")) is not None
 
 
 def test_a_delivery_keeps_only_a_step_of_its_own_saga() -> None:
@@ -268,22 +278,19 @@ def test_which_steps_may_run_inline_is_the_steps_without_a_timeout() -> None:
     assert unlimited_steps({"a": (None, 30.0, None), "b": (300.0,)}) == {"a": [0, 2], "b": []}
 
 
-def test_inline_steps_with_every_step_time_limited_warns_at_install(
+def test_install_says_where_timed_and_untimed_steps_run_inline(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Nothing would run inline: the operator is told why, once, at install."""
     import logging
 
     with caplog.at_level(logging.INFO, logger="celery_sagas"):
-        app_with(saga_of(300.0, 300.0))
-    said = [r.getMessage() for r in caplog.records if r.name == "celery_sagas"]
-    assert any("every step has a timeout" in line for line in said), said
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="celery_sagas"):
         app_with(saga_of(None, 300.0))
     said = [r.getMessage() for r in caplog.records if r.name == "celery_sagas"]
-    assert not any("every step has a timeout" in line for line in said), said
-    assert any("saga orders steps without a time limit: [0]" in line for line in said), said
+    assert any(
+        "saga orders: steps with a timeout run inline in prefork workers only" in line
+        and "without one ([0])" in line
+        for line in said
+    ), said
 
 
 def test_a_worker_started_with_a_time_limit_runs_nothing_inline(
@@ -295,7 +302,7 @@ def test_a_worker_started_with_a_time_limit_runs_nothing_inline(
 
     app = app_with(saga_of(None, None))
     inline = app._celery_sagas_runtime.inline
-    monkeypatch.delenv(WORKER_LIMITED, raising=False)
+    monkeypatch.setenv(WORKER_LIMITED, "")  # restored (unset) after the test
     note_worker_limits(sender=SimpleNamespace(time_limit=None, soft_time_limit=None))
     assert inline.begin(app.tasks["orders.s0"], request()) is not None
     note_worker_limits(sender=SimpleNamespace(time_limit=None, soft_time_limit=60.0))
@@ -313,6 +320,6 @@ def test_a_router_that_routes_by_kwargs_is_asked_with_the_messages_kwargs() -> N
 
     app = app_with(saga, task_routes=(by_saga,))
     inline = app._celery_sagas_runtime.inline
-    assert inline.follow_up(step_message(saga, 1), "celery") is not None
-    assert inline.follow_up(step_message(saga, 1, saga_id="vip"), "celery") is None
-    assert inline.follow_up(step_message(saga, 1, saga_id="vip"), "vip") is not None
+    assert inline.follow_up(step_message(saga, 1), on(inline, "celery")) is not None
+    assert inline.follow_up(step_message(saga, 1, saga_id="vip"), on(inline, "celery")) is None
+    assert inline.follow_up(step_message(saga, 1, saga_id="vip"), on(inline, "vip")) is not None
