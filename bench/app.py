@@ -12,8 +12,10 @@ One app, one worker, one queue for both workloads:
 Configured from the environment: ``CELERY_BROKER_URL``, ``SAGAS_DATABASE_URL``,
 ``BENCH_REDIS_URL`` (where chain completions go; defaults to the broker URL),
 ``BENCH_CHAIN_ACKS_LATE`` (``true``: the chain tasks ack late, as saga tasks do),
-``SAGAS_INLINE_STEPS`` (``true``: the saga's steps are declared without a time limit,
-``timeout=None``, which ``inline_steps`` needs, and run inline) and
+``SAGAS_INLINE_STEPS`` (``true``: a saga's later steps run inline, in its first step's
+delivery), ``BENCH_UNTIMED_STEPS`` (``true``: the saga's steps are declared without a
+timeout, ``timeout=None``; else the default 300 s, which a prefork worker enforces
+itself for inline steps) and
 ``BENCH_STEP_MS``: every saga step, compensation and chain task first waits that many
 milliseconds, as a call to another service would (``time.sleep``: under ``-P gevent``,
 which monkey-patched it, a green sleep that lets the other greenlets run).
@@ -34,8 +36,8 @@ from celery_sagas import Saga, Step, StepContext, install
 CHAIN_DONE_KEY = "bench:chains:done"
 SAGA_NAME = "bench_noop"
 STEP_SECONDS = float(os.environ.get("BENCH_STEP_MS") or 0) / 1000
-# inline_steps runs only steps without a time limit (a chain's tasks have none either)
-INLINE = os.environ.get("SAGAS_INLINE_STEPS") == "true"
+# the saga's steps without a timeout (a chain's tasks have no time limit either)
+UNTIMED = os.environ.get("BENCH_UNTIMED_STEPS") == "true"
 
 
 def chain_delivery(environ: Mapping[str, str]) -> dict[str, bool]:
@@ -74,7 +76,7 @@ def undo(context: StepContext) -> dict[str, Any]:
 
 
 def noop_step(name: str) -> Step:
-    limit: dict[str, Any] = {"timeout": None} if INLINE else {}
+    limit: dict[str, Any] = {"timeout": None} if UNTIMED else {}
     return Step(name, action=act, compensation=undo, compensation_name=f"undo_{name}", **limit)
 
 

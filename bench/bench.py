@@ -105,6 +105,7 @@ class Options:
     peers: bool = True
     chain_acks_late: bool = False
     inline_steps: bool = False
+    untimed_steps: bool = False
 
 
 def parse_options(argv: list[str] | None = None) -> Options:
@@ -182,8 +183,13 @@ def parse_options(argv: list[str] | None = None) -> Options:
     parser.add_argument(
         "--inline-steps",
         action="store_true",
-        help="sagas with sagas_inline_steps (their steps declared timeout=None): each "
-        "saga's later steps run in its first step's delivery",
+        help="sagas with sagas_inline_steps: each saga's later steps run in its first "
+        "step's delivery (steps keep the default 300 s timeout, timed by the worker)",
+    )
+    parser.add_argument(
+        "--untimed-steps",
+        action="store_true",
+        help="declare the saga's steps timeout=None (no time limit, as a chain's tasks)",
     )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args(argv)
@@ -215,6 +221,7 @@ def parse_options(argv: list[str] | None = None) -> Options:
         peers=not args.no_peers,
         chain_acks_late=args.chain_acks_late,
         inline_steps=args.inline_steps,
+        untimed_steps=args.untimed_steps,
     )
 
 
@@ -819,6 +826,7 @@ class Bench:
         return {
             "coordinator_hop": self.options.coordinator_hop,
             "inline_steps": self.options.inline_steps,
+            "untimed_steps": self.options.untimed_steps,
             "chain_acks_late": self.options.chain_acks_late,
             "n": self.options.n,
             "pool": self.options.pool,
@@ -915,7 +923,8 @@ def saga_mode(summary: dict[str, Any]) -> str:
     if summary["coordinator_hop"]:
         return "each outcome through celery_sagas.advance (coordinator_hop)"
     if summary.get("inline_steps"):
-        return "inline_steps: steps 2-4 run in step 1's delivery (steps without time limits)"
+        timing = "without time limits" if summary.get("untimed_steps") else "300 s timeouts"
+        return f"inline_steps: steps 2-4 run in step 1's delivery (steps with {timing})"
     return "each step task applies its own outcome (default)"
 
 
@@ -1057,6 +1066,7 @@ def session(options: Options) -> Iterator[Session]:
             "SAGAS_COORDINATOR_HOP": "true" if options.coordinator_hop else "false",
             "BENCH_CHAIN_ACKS_LATE": "true" if options.chain_acks_late else "false",
             "SAGAS_INLINE_STEPS": "true" if options.inline_steps else "false",
+            "BENCH_UNTIMED_STEPS": "true" if options.untimed_steps else "false",
             "SAGAS_SIGNING_KEY": "bench-signing-key",
             "PYTHONPATH": os.pathsep.join(
                 p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p

@@ -65,6 +65,12 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "timeout=None): a case whose faults are create_shipment's time limit keeps it, with "
         "its reason (chaos.inline)",
     )
+    parser.add_argument(
+        "--timed-steps",
+        action="store_true",
+        help="with --inline-steps: the steps keep their timeouts (the prefork worker times "
+        "each inline step itself)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     parser.add_argument("--keep", action="store_true", help="keep the PostgreSQL cluster")
     args = parser.parse_args(argv)
@@ -84,6 +90,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     args.brokers = args.brokers.split(",")
     if set(args.brokers) - {"redis", "rabbitmq"}:
         parser.error("--brokers takes redis and/or rabbitmq")
+    if args.timed_steps and not args.inline_steps:
+        parser.error("--timed-steps goes with --inline-steps (the default run is timed)")
     return args
 
 
@@ -123,7 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.stderr.write(f"chaos: PostgreSQL on {pg.port} in {pg.root}; logs in {out}\n")
     rows: list[dict[str, Any]] = []
     table: list[dict[str, Any]] = []  # rows and, in matrix order, the cases skipped
-    notes = inline_notes(args.cases, args.brokers) if args.inline_steps else []
+    untimed_notes = args.inline_steps and not args.timed_steps
+    notes = inline_notes(args.cases, args.brokers) if untimed_notes else []
     for line in notes:
         sys.stderr.write(f"chaos: {line}\n")
     started = time.monotonic()
@@ -147,6 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "quick": args.quick,
                     "start_via": args.start_via,
                     "inline_steps": args.inline_steps,
+                    "timed_steps": args.timed_steps,
                 }
                 rows.append(run_one(spec))
                 table.append(rows[-1])

@@ -56,6 +56,7 @@ class Spec:
     )
     # the order saga in inline mode (``chaos.inline``): untimed steps, SAGAS_INLINE_STEPS
     inline_steps: bool = False
+    timed_steps: bool = False  # with inline_steps: the steps keep their timeouts
 
 
 @dataclass
@@ -209,7 +210,8 @@ def run_case(spec: Spec) -> dict[str, Any]:
     database_url = pg.create_database(database)
     broker = _start_broker(spec, out)
     env = {"SAGAS_DATABASE_URL": database_url, "CELERY_BROKER_URL": broker.url, **SETTINGS}
-    inline = plan(spec.case, spec.broker) if spec.inline_steps else None
+    untimed = not spec.timed_steps
+    inline = plan(spec.case, spec.broker, untimed) if spec.inline_steps else None
     if inline is not None:
         assert inline.skip is None, inline.note()  # __main__ does not run a skipped case
         env.update(environment(inline))

@@ -62,24 +62,27 @@ class InlinePlan:
     timeouts: Mapping[str, float] = field(default_factory=dict)
     why_timed: str = ""
     skip: str | None = None
+    untimed: bool = True  # the order saga's steps declared timeout=None (else: as configured)
 
     def note(self) -> str:
         """One line for the output: what inline mode changes for this case."""
         where = f"{self.case}/{self.broker}"
         if self.skip is not None:
             return f"{where}: skipped in inline mode: {self.skip}"
+        if not self.untimed:
+            return f"{where}: inline, every step keeps its timeout (the worker times it)"
         if not self.timeouts:
             return f"{where}: inline, every step of {SAGA} without a time limit"
         timed = ", ".join(f"{k.split('.', 1)[1]} {v:g} s" for k, v in self.timeouts.items())
         return (
-            f"{where}: inline, but keeps {timed} ({self.why_timed}): that step's action and "
-            "compensation, and the step after each, are published as in the default run; "
-            "reserve_inventory -> process_payment and refund_payment -> release_inventory "
-            "still run inline"
+            f"{where}: inline, but keeps {timed} ({self.why_timed}): the prefork worker times "
+            "that step itself, inline; the steps before it run without a time limit"
         )
 
     def table_note(self) -> str:
         """A short form for the table's notes column."""
+        if not self.untimed:
+            return "inline, timed"
         if not self.timeouts:
             return "inline"
         return "inline; " + ", ".join(
@@ -87,18 +90,24 @@ class InlinePlan:
         )
 
 
-def plan(case: str, broker: str) -> InlinePlan:
-    """Pure: what ``--inline-steps`` does with ``case`` on ``broker``."""
+def plan(case: str, broker: str, untimed: bool = True) -> InlinePlan:
+    """Pure: what ``--inline-steps`` does with ``case`` on ``broker``; ``untimed=False``
+    (``--timed-steps``): the steps keep their timeouts."""
     skip = SKIP.get((case, broker))
     if skip is not None:
         return InlinePlan(case, broker, skip=skip)
+    if not untimed:
+        return InlinePlan(case, broker, untimed=False)
     timeouts, why = KEEP_TIMEOUTS.get(case, ({}, ""))
     return InlinePlan(case, broker, dict(timeouts), why)
 
 
 def environment(plan_: InlinePlan) -> dict[str, str]:
     """The settings a case's processes get in inline mode (over ``chaos.case.SETTINGS``):
-    inline steps on, the saga's steps declared untimed, only the kept timeouts given."""
+    inline steps on, the saga's steps declared untimed, only the kept timeouts given (or,
+    with ``--timed-steps``, every step's timeout as configured)."""
+    if not plan_.untimed:
+        return {"SAGAS_INLINE_STEPS": "true"}
     return {
         "SAGAS_INLINE_STEPS": "true",
         UNTIMED_ENV: "1",

@@ -41,7 +41,7 @@ def test_a_case_whose_faults_are_a_time_limit_keeps_create_shipments(
     assert chosen.skip is None
     assert chosen.timeouts == {SHIPMENT: SHIPMENT_TIMEOUT}
     assert "create_shipment 3 s" in chosen.note()
-    assert "published" in chosen.note()
+    assert "times that step itself" in chosen.note()
     assert json.loads(environment(chosen)["SAGAS_STEP_TIMEOUTS"]) == {SHIPMENT: SHIPMENT_TIMEOUT}
 
 
@@ -113,3 +113,18 @@ def test_untimed_declares_every_step_without_a_time_limit() -> None:
         order_fulfillment.on_completed,
         order_fulfillment.on_failed,
     )
+
+
+@pytest.mark.parametrize("case", ["hung", "late-replies", "baseline", "worker-kill"])
+def test_timed_steps_keep_every_timeout_and_only_turn_inline_mode_on(case: str) -> None:
+    chosen = plan(case, "redis", untimed=False)
+    assert (chosen.skip, dict(chosen.timeouts), chosen.untimed) == (None, {}, False)
+    assert environment(chosen) == {"SAGAS_INLINE_STEPS": "true"}
+    assert chosen.table_note() == "inline, timed"
+    assert "keeps its timeout" in chosen.note()
+
+
+def test_timed_steps_needs_inline_steps() -> None:
+    with pytest.raises(SystemExit):
+        parse(["--timed-steps"])
+    assert parse(["--inline-steps", "--timed-steps"]).timed_steps
