@@ -15,6 +15,7 @@ first use in each process (a prefork child starts its own after the fork).
 from __future__ import annotations
 
 import os
+import signal
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -100,6 +101,16 @@ class Heartbeats:
             threading.Thread(target=self._loop, name="celery-sagas-heartbeat", daemon=True).start()
 
     def _loop(self) -> None:
+        keep_signals_off_this_thread()
         stop = threading.Event()  # never set: the thread lives as long as its process
         while not stop.wait(self.interval):
             self.beat()
+
+
+def keep_signals_off_this_thread() -> None:
+    """Block SIGALRM in this (real, non-main) thread, so the kernel delivers the step
+    alarm of an inline run (``integration.alarm``) to the main thread, interrupting a
+    participant's blocking call there. A greenlet shares the main thread: left alone."""
+    main = threading.main_thread().native_id
+    if hasattr(signal, "pthread_sigmask") and threading.get_native_id() != main:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})

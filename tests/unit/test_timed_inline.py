@@ -6,6 +6,7 @@ runner makes of it. The alarm runs for real here (SIGALRM in the test's main thr
 from __future__ import annotations
 
 import signal
+import threading
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -192,3 +193,25 @@ def test_a_compensation_interrupted_by_the_alarm_is_retried() -> None:
     runner = _runner(_stubborn, Role.COMPENSATION)
     run = runner._call(None, _message(), None, 1, lambda: step_limits(0.05, 0.1))
     assert isinstance(run, RetryLater)
+
+
+def test_the_alarm_reaches_the_main_thread_while_a_heartbeat_thread_runs() -> None:
+    """The heartbeat thread blocks SIGALRM: the kernel must not hand the alarm to it,
+    where it would not interrupt the participant's sleep in the main thread."""
+    from celery_sagas.heartbeat import keep_signals_off_this_thread
+
+    blocked: list[bool] = []
+
+    def check() -> None:
+        keep_signals_off_this_thread()
+        blocked.append(signal.SIGALRM in signal.pthread_sigmask(signal.SIG_BLOCK, set()))
+
+    thread = threading.Thread(target=check)
+    thread.start()
+    thread.join()
+    assert blocked == [True]
+    assert signal.SIGALRM not in signal.pthread_sigmask(signal.SIG_BLOCK, set())  # main: not
+    started = time.monotonic()
+    with pytest.raises(SoftTimeLimitExceeded), step_limits(0.05, 0.5):
+        time.sleep(5)
+    assert time.monotonic() - started < 1
