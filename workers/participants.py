@@ -69,8 +69,9 @@ def simulate(ctx: StepContext, function_name: str, *, compensation: bool) -> Non
     ``fail``: a forward action raises ``SimulatedFailure`` (declined, did not act), a
     compensation raises ``RuntimeError``. ``transient:N``: ``TransientError`` while
     ``ctx.attempt <= N``. ``hang``: sleep ``hang_seconds`` (default one hour), then act.
-    ``stubborn``: as ``hang``, swallowing the soft time limit. ``slow:S``: sleep S seconds,
-    then act. Forward actions also answer to their step name.
+    ``stubborn``: as ``hang``, swallowing the soft time limit. ``deaf``: as ``hang``,
+    swallowing every interrupt (a call stuck in C code: only a kill stops it). ``slow:S``:
+    sleep S seconds, then act. Forward actions also answer to their step name.
     """
     plan: Mapping[str, str] = ctx.payload.get("simulate") or {}
     names = (function_name,) if compensation else (function_name, ctx.step)
@@ -91,16 +92,22 @@ def simulate(ctx: StepContext, function_name: str, *, compensation: bool) -> Non
         time.sleep(float(ctx.payload.get("hang_seconds", DEFAULT_HANG_SECONDS)))
     elif kind == "stubborn":  # ignores its soft time limit: only the hard limit stops it
         _sleep_through_interrupts(float(ctx.payload.get("hang_seconds", DEFAULT_HANG_SECONDS)))
+    elif kind == "deaf":
+        _sleep_through_interrupts(
+            float(ctx.payload.get("hang_seconds", DEFAULT_HANG_SECONDS)), BaseException
+        )
     elif kind == "slow":
         time.sleep(argument)
 
 
-def _sleep_through_interrupts(seconds: float) -> None:
+def _sleep_through_interrupts(
+    seconds: float, swallowed: type[BaseException] = Exception
+) -> None:
     until = time.monotonic() + seconds
     while time.monotonic() < until:
         try:
-            time.sleep(until - time.monotonic())
-        except Exception:  # swallowing the soft time limit is the point
+            time.sleep(max(0.0, until - time.monotonic()))
+        except swallowed:  # swallowing the soft time limit (deaf: any interrupt) is the point
             continue
 
 

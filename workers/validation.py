@@ -25,8 +25,8 @@ from typing import Any, TypeGuard
 
 from celery_sagas.errors import InvalidPayloadError
 
-SIMULATION_PATTERN = re.compile(r"^(fail|hang|stubborn|transient:\d+|slow:\d+(\.\d+)?)$")
-SIMULATION_FORMS = "fail, hang, stubborn, transient:N or slow:S"
+SIMULATION_PATTERN = re.compile(r"^(fail|hang|stubborn|deaf|transient:\d+|slow:\d+(\.\d+)?)$")
+SIMULATION_FORMS = "fail, hang, stubborn, deaf, transient:N or slow:S"
 
 
 def _is_int(value: object) -> TypeGuard[int]:

@@ -126,3 +126,33 @@ def test_under_threads_timed_steps_are_published(
     assert record.state.value == "COMPLETED", record
     for step in STEPS:
         assert received(log, step) == 1, step
+
+
+def test_a_step_deaf_to_both_limits_is_ended_by_the_budget_and_recorded_as_itself(
+    deployment: Deployment, redis_url: str, fresh_sku: Callable[[int], str]
+) -> None:
+    """A participant that swallows every interrupt (as a call stuck in C code would not
+    see them): Celery's hard limit, the message's budget, replaces the pool child, and
+    ``on_failure`` records the step that was running inline (create_shipment, found by
+    its marker), not the message's own step (reserve_inventory, long done)."""
+    env = {
+        **settings(deployment, redis_url),
+        "INLINE_APP_TIMEOUT": "1",
+        "SAGAS_TIME_LIMIT_GRACE": "0.5",
+    }
+    sku = fresh_sku(5)
+    order = make_order(sku, qty=1, simulate={"create_shipment": "deaf"}, hang_seconds=40)
+    store = SqlSagaStore(db.database_url())
+    with deployment.worker(APP, env=env, name="timed-deaf", concurrency=1) as worker:
+        saga_id = start(env, order)
+        record = wait_settled([order["order_id"]], timeout=60)[order["order_id"]]
+        log = worker.log_text()
+    assert "Hard time limit (13" in log  # the budget: 4 actions + 4 compensations at 1.5 s + 1
+    assert record.state.value == "FAILED", record
+    timed_out = [t for t in store.transitions(saga_id) if t.new == "timed_out"]
+    assert [t.step for t in timed_out] == ["create_shipment"]
+    assert "killed at its hard time limit" in (timed_out[0].reason or "")
+    undone = [t.step for t in store.transitions(saga_id) if t.new == "compensated"]
+    assert undone == ["create_shipment", "process_payment", "reserve_inventory"]
+    assert [p.status for p in rows_for(db.payments, order["order_id"])] == ["refunded"]
+    assert db.stock(sku) == 5

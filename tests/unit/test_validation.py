@@ -80,7 +80,8 @@ BAD_ORDERS = [
     pytest.param(order_with(simulate={1: "fail"}), "simulate keys must be strings", id="int-key"),
     pytest.param(
         order_with(simulate={"process_payment": "boom"}),
-        "simulate['process_payment'] must be one of fail, hang, stubborn, transient:N or slow:S",
+        "simulate['process_payment'] must be one of fail, hang, stubborn, deaf, "
+        "transient:N or slow:S",
         id="unknown-behaviour",
     ),
     pytest.param(
