@@ -18,7 +18,9 @@ and the worker gives every timed step of the run its own limits with a process a
 
 Only a prefork pool child arms the alarm: a process of its own that runs its tasks in its
 main thread, the only thread a signal handler runs in. Under threads, gevent and solo a
-timed step is never run inline (it is published, as before).
+timed step is never run inline (it is published, as before). Under gevent a budgeted
+message's own step still gets its own hard limit, as Celery's gevent pool gives it: a
+``gevent.Timeout`` in its greenlet (``green_hard_limit``); threads and solo never had one.
 """
 
 from __future__ import annotations
@@ -45,6 +47,20 @@ def alarm_usable() -> bool:
         and hasattr(signal, "setitimer")
         and threading.current_thread() is threading.main_thread()
     )
+
+
+def green_usable() -> bool:
+    """Whether this process runs its tasks in greenlets (``-P gevent``)."""
+    return os.environ.get(POOL_ENV) == "gevent"
+
+
+@contextmanager
+def green_hard_limit(hard: float) -> Iterator[None]:
+    """``StepHardLimitExceeded`` in this greenlet at ``hard`` seconds (gevent)."""
+    import gevent
+
+    with gevent.Timeout(hard, StepHardLimitExceeded(f"hard time limit ({hard:g}s) exceeded")):
+        yield
 
 
 @contextmanager

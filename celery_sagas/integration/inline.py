@@ -45,7 +45,13 @@ from typing import Any
 
 from celery import Celery, Task
 
-from celery_sagas.integration.alarm import POOL_ENV, alarm_usable, step_limits
+from celery_sagas.integration.alarm import (
+    POOL_ENV,
+    alarm_usable,
+    green_hard_limit,
+    green_usable,
+    step_limits,
+)
 from celery_sagas.integration.pools import pool_name
 from celery_sagas.machine import Role
 from celery_sagas.protocols import OutboxMessage
@@ -111,6 +117,7 @@ class InlineRun:
     delivery: str
     hard: float | None = None  # the delivery's hard limit (a budget), None: it has none
     alarm: bool = False  # this process gives each timed step its own limits
+    green: bool = False  # a gevent worker: the message's own step gets its own hard limit
     began: float = field(default_factory=time.monotonic)
 
     def fits(self, task: Task) -> bool:
@@ -127,9 +134,11 @@ class InlineRun:
     def limits(self, task: Task) -> Limits | None:
         """``task``'s own limits, as this process arms them (None: Celery's apply, or none)."""
         soft = task.soft_time_limit
-        if not self.alarm or not soft:
-            return None
-        return partial(step_limits, soft, task.time_limit or soft)
+        if self.alarm and soft:
+            return partial(step_limits, soft, task.time_limit or soft)
+        if self.green and task.time_limit:
+            return partial(green_hard_limit, task.time_limit)
+        return None
 
     def picks(self, saga_id: str) -> Callable[[OutboxMessage], FollowUp | None]:
         """What this delivery runs inline of a transition's messages: a step of the same
@@ -175,9 +184,13 @@ class InlineSteps:
         alarm = alarm_usable()
         hard, soft = request.timelimit or (None, None)
         if time_limited(hard, soft):  # a budget (both limits alike), where it can be divided
-            if not (hard and soft == hard and alarm):
-                return None
-            return InlineRun(self, queue, request.id, hard=hard, alarm=True)
+            if not (hard and soft == hard):
+                return None  # Celery's own limits, for this step
+            if alarm:
+                return InlineRun(self, queue, request.id, hard=hard, alarm=True)
+            if green_usable():  # nothing timed runs inline; its own step keeps its hard limit
+                return InlineRun(self, queue, request.id, hard=hard, green=True)
+            return None
         if time_limited(task.time_limit, task.soft_time_limit):  # Celery's, for this step
             return None
         return InlineRun(self, queue, request.id, alarm=alarm)

@@ -156,3 +156,25 @@ def test_a_step_deaf_to_both_limits_is_ended_by_the_budget_and_recorded_as_itsel
     assert undone == ["create_shipment", "process_payment", "reserve_inventory"]
     assert [p.status for p in rows_for(db.payments, order["order_id"])] == ["refunded"]
     assert db.stock(sku) == 5
+
+
+def test_under_gevent_a_hung_timed_step_gets_its_own_hard_limit_not_the_budget(
+    deployment: Deployment, redis_url: str, fresh_sku: Callable[[int], str]
+) -> None:
+    """Each message carries a budget as its limit; a gevent worker (no alarm: nothing
+    timed runs inline) still ends the step at its own timeout + grace, as Celery's gevent
+    pool would have, not at the budget."""
+    env = settings(deployment, redis_url)
+    sku = fresh_sku(5)
+    order = make_order(sku, qty=1, simulate={"create_shipment": "hang"}, hang_seconds=60)
+    store = SqlSagaStore(db.database_url())
+    with deployment.worker(APP, env=env, name="timed-gevent", pool="gevent", concurrency=10) as w:
+        saga_id = start(env, order)
+        record = wait_settled([order["order_id"]], timeout=40)[order["order_id"]]
+        log = w.log_text()
+    assert record.state.value == "FAILED", record
+    timed_out = [t for t in store.transitions(saga_id) if t.new == "timed_out"]
+    assert [t.step for t in timed_out] == ["create_shipment"]
+    assert f"hard time limit ({TIMEOUT + GRACE:g}s) exceeded" in (timed_out[0].reason or "")
+    assert received(log, "create_shipment") == 1  # published: nothing timed runs inline
+    assert db.stock(sku) == 5

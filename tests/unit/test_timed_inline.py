@@ -82,7 +82,7 @@ def test_a_timed_step_without_a_budget_runs_under_celerys_limits(prefork_child: 
 
 
 def test_outside_a_prefork_child_a_budget_is_not_divided(monkeypatch: pytest.MonkeyPatch) -> None:
-    for pool in ("threads", "gevent", "solo"):
+    for pool in ("threads", "solo"):
         monkeypatch.setenv(POOL_ENV, pool)
         assert not alarm_usable()
         app = app_with(saga_of(5.0, 5.0))
@@ -90,6 +90,38 @@ def test_outside_a_prefork_child_a_budget_is_not_divided(monkeypatch: pytest.Mon
             app.tasks["orders.s0"], request(timelimit=(40.0, 40.0))
         )
         assert run is None
+
+
+def test_under_gevent_a_budgeted_steps_own_hard_limit_holds_and_nothing_timed_is_inline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Celery's gevent pool gives a step its hard limit (a ``gevent.Timeout``): a budget
+    in its place would let a hung step run on; the worker arms the step's own instead."""
+    monkeypatch.setenv(POOL_ENV, "gevent")
+    saga = saga_of(5.0, 5.0)
+    app = app_with(saga)
+    inline = app._celery_sagas_runtime.inline
+    run = inline.begin(app.tasks["orders.s0"], request(timelimit=(40.0, 40.0)))
+    assert run is not None and (run.alarm, run.green) == (False, True)
+    assert inline.follow_up(step_message(saga, 1), run) is None
+    limits = run.limits(app.tasks["orders.s0"])
+    assert limits is not None and limits.args == (app.tasks["orders.s0"].time_limit,)
+
+
+def test_a_green_hard_limit_interrupts_the_greenlet() -> None:
+    import gevent
+
+    from celery_sagas.integration.alarm import green_hard_limit
+
+    def hung() -> str:
+        try:
+            with green_hard_limit(0.05):
+                gevent.sleep(5)
+        except StepHardLimitExceeded:
+            return "interrupted"
+        return "ran on"
+
+    assert gevent.spawn(hung).get(timeout=2) == "interrupted"
 
 
 def test_a_timed_step_fits_only_while_its_hard_limit_fits_in_what_is_left() -> None:
