@@ -170,30 +170,33 @@ class InlineSteps:
 
     def begin(self, task: Task, request: Any) -> InlineRun | None:
         """An inline run for the delivery ``request`` of ``task``, or None when it must
-        not run steps inline: called directly or eagerly, under app- or worker-wide limits,
-        or under Celery's own per-step limits (not a budget this process can divide)."""
+        not run steps inline: called directly or eagerly, under Celery's own per-step
+        limits, or (a delivery without a budget) under app- or worker-wide limits.
+
+        A budget (a timed step's message: both limits alike) replaces every other limit
+        of the delivery, Celery's precedence, so this process always arms the step's own
+        limits under one: the alarm in a prefork child, a greenlet timeout under gevent."""
         conf = self.app.conf
         if request.called_directly or request.is_eager or conf.task_always_eager:
             return None
+        queue = (request.delivery_info or {}).get("routing_key")
+        queue = queue or self.routing_key(task.name, {})
+        hard, soft = request.timelimit or (None, None)
+        if time_limited(hard, soft):
+            if not (hard and soft == hard):
+                return None  # Celery's own limits, for this step
+            if alarm_usable():
+                return InlineRun(self, queue, request.id, hard=hard, alarm=True)
+            if green_usable():  # nothing timed runs inline; its own step keeps its hard limit
+                return InlineRun(self, queue, request.id, hard=hard, green=True)
+            return None  # threads, solo: they never applied a step's limits
         if time_limited(conf.task_time_limit, conf.task_soft_time_limit):
             return None
         if os.environ.get(WORKER_LIMITED):  # celery worker --time-limit/--soft-time-limit
             return None
-        queue = (request.delivery_info or {}).get("routing_key")
-        queue = queue or self.routing_key(task.name, {})
-        alarm = alarm_usable()
-        hard, soft = request.timelimit or (None, None)
-        if time_limited(hard, soft):  # a budget (both limits alike), where it can be divided
-            if not (hard and soft == hard):
-                return None  # Celery's own limits, for this step
-            if alarm:
-                return InlineRun(self, queue, request.id, hard=hard, alarm=True)
-            if green_usable():  # nothing timed runs inline; its own step keeps its hard limit
-                return InlineRun(self, queue, request.id, hard=hard, green=True)
-            return None
         if time_limited(task.time_limit, task.soft_time_limit):  # Celery's, for this step
             return None
-        return InlineRun(self, queue, request.id, alarm=alarm)
+        return InlineRun(self, queue, request.id, alarm=alarm_usable())
 
     def follow_up(self, message: OutboxMessage, run: InlineRun) -> FollowUp | None:
         """The step task that may run ``message`` inline in the delivery ``run`` (its time

@@ -247,3 +247,21 @@ def test_the_alarm_reaches_the_main_thread_while_a_heartbeat_thread_runs() -> No
     with pytest.raises(SoftTimeLimitExceeded), step_limits(0.05, 0.5):
         time.sleep(5)
     assert time.monotonic() - started < 1
+
+
+def test_a_budget_replaces_app_and_worker_limits_so_each_step_keeps_its_own(
+    prefork_child: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Celery takes a message's limits over the app's and the worker's: under a budget the
+    worker must arm the step's own limits even where app- or worker-wide limits stop an
+    unbudgeted delivery's inline runs."""
+    from celery_sagas.integration.inline import WORKER_LIMITED
+
+    app = app_with(saga_of(5.0, None), task_time_limit=60)
+    inline = app._celery_sagas_runtime.inline
+    run = inline.begin(app.tasks["orders.s0"], request(timelimit=(40.0, 40.0)))
+    assert run is not None and run.limits(app.tasks["orders.s0"]) is not None
+    monkeypatch.setenv(WORKER_LIMITED, "1")
+    run = inline.begin(app.tasks["orders.s0"], request(timelimit=(40.0, 40.0)))
+    assert run is not None and run.alarm
+    assert inline.begin(app.tasks["orders.s1"], request()) is None  # untimed, worker-limited
