@@ -4,7 +4,8 @@ in a saga whose steps have no time limit (``timeout=None``), installed with
 
 With ``INLINE_APP_DUPLICATES=1`` every message it publishes is published twice
 (``duplicating_app``); with ``INLINE_APP_INLINE=0`` the same saga runs in the default mode
-(every step published); ``INLINE_APP_TIMEOUT=S`` gives every step a timeout of S seconds.
+(every step published); ``INLINE_APP_TIMEOUT=S`` gives every step a timeout of S seconds,
+except the steps ``INLINE_APP_UNTIMED`` names (comma-separated).
 """
 
 from __future__ import annotations
@@ -31,6 +32,12 @@ from workers.validation import validate_order
 
 QUEUE = "inline"
 TIMEOUT = float(os.environ["INLINE_APP_TIMEOUT"]) if os.environ.get("INLINE_APP_TIMEOUT") else None
+UNTIMED = set(filter(None, os.environ.get("INLINE_APP_UNTIMED", "").split(",")))
+
+
+def timeout_of(step: str) -> float | None:
+    return None if step in UNTIMED else TIMEOUT
+
 
 app = Celery("inline")
 app.conf.broker_url = config.broker_url()
@@ -44,10 +51,30 @@ inline_orders = Saga(
     business_key="order_id",
     validate=validate_order,
     steps=[
-        Step("reserve_inventory", reserve_inventory, release_inventory, timeout=TIMEOUT),
-        Step("process_payment", process_payment, refund_payment, timeout=TIMEOUT),
-        Step("create_shipment", create_shipment, cancel_shipment, timeout=TIMEOUT),
-        Step("send_confirmation", send_confirmation, send_cancellation_notice, timeout=TIMEOUT),
+        Step(
+            "reserve_inventory",
+            reserve_inventory,
+            release_inventory,
+            timeout=timeout_of("reserve_inventory"),
+        ),
+        Step(
+            "process_payment",
+            process_payment,
+            refund_payment,
+            timeout=timeout_of("process_payment"),
+        ),
+        Step(
+            "create_shipment",
+            create_shipment,
+            cancel_shipment,
+            timeout=timeout_of("create_shipment"),
+        ),
+        Step(
+            "send_confirmation",
+            send_confirmation,
+            send_cancellation_notice,
+            timeout=timeout_of("send_confirmation"),
+        ),
     ],
 )
 sagas = install(

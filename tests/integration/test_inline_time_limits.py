@@ -178,3 +178,42 @@ def test_under_gevent_a_hung_timed_step_gets_its_own_hard_limit_not_the_budget(
     assert f"hard time limit ({TIMEOUT + GRACE:g}s) exceeded" in (timed_out[0].reason or "")
     assert received(log, "create_shipment") == 1  # published: nothing timed runs inline
     assert db.stock(sku) == 5
+
+
+def test_a_worker_with_a_time_limit_of_its_own_still_times_each_step_by_its_own(
+    deployment: Deployment, redis_url: str, fresh_sku: Callable[[int], str]
+) -> None:
+    """``celery worker --time-limit``: the step messages' budgets override it (a message's
+    limits are Celery's for its delivery), so refusing to divide them left a hung step
+    running until the budget (25 s here) instead of its own 3 s timeout."""
+    env = settings(deployment, redis_url)
+    order = make_order(fresh_sku(5), qty=1, simulate={"create_shipment": "hang"}, hang_seconds=60)
+    store = SqlSagaStore(db.database_url())
+    with deployment.worker(
+        APP, env=env, name="timed-worker-limit", concurrency=1, extra_args=["--time-limit", "600"]
+    ):
+        saga_id = start(env, order)
+        record = wait_settled([order["order_id"]], timeout=60)[order["order_id"]]
+    assert record.state.value == "FAILED", record
+    timed_out = next(t for t in store.transitions(saga_id) if t.new == "timed_out")
+    assert f"soft time limit ({TIMEOUT:g}s)" in (timed_out.reason or ""), timed_out.reason
+
+
+def test_a_timed_step_after_an_untimed_one_keeps_celerys_hard_limit(
+    deployment: Deployment, redis_url: str, fresh_sku: Callable[[int], str]
+) -> None:
+    """An untimed first step's delivery has no Celery limit. A timed step run inline in
+    it has only the alarm, which a participant deaf to it (a call stuck in C code) never
+    heeds: nothing replaces its pool child. Published, under its budget, Celery's hard
+    limit does, and the step is timed out and compensated."""
+    env = {**settings(deployment, redis_url), "INLINE_APP_UNTIMED": "reserve_inventory"}
+    order = make_order(fresh_sku(5), qty=1, simulate={"create_shipment": "deaf"}, hang_seconds=90)
+    store = SqlSagaStore(db.database_url())
+    with deployment.worker(APP, env=env, name="timed-after-untimed", concurrency=2) as worker:
+        saga_id = start(env, order)
+        record = wait_settled([order["order_id"]], timeout=60)[order["order_id"]]
+        log = worker.log_text()
+    assert record.state.value == "FAILED", record
+    steps = transitions(store, saga_id)
+    assert ("create_shipment", "timed_out") in steps, steps
+    assert "Hard time limit" in log  # the budget replaced the deaf step's child

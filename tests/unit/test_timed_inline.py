@@ -265,3 +265,48 @@ def test_a_budget_replaces_app_and_worker_limits_so_each_step_keeps_its_own(
     run = inline.begin(app.tasks["orders.s0"], request(timelimit=(40.0, 40.0)))
     assert run is not None and run.alarm
     assert inline.begin(app.tasks["orders.s1"], request()) is None  # untimed, worker-limited
+
+
+# -- review: failure paths -----------------------------------------------------------------
+
+
+def test_a_timed_step_runs_inline_only_under_a_budget() -> None:
+    """After an untimed step the delivery has no Celery limit: a timed step run there has
+    only the alarm, and nothing replaces a pool child stuck where Python cannot raise
+    (where a published step has Celery's hard limit, as it had before inline mode)."""
+    app = app_with(saga_of(None, 5.0))
+    inline = app._celery_sagas_runtime.inline
+    assert not InlineRun(inline, "celery", "d", alarm=True).fits(app.tasks["orders.s1"])
+
+
+def test_an_alarm_due_as_the_step_ends_leaves_nothing_armed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The step's timer expires just as its limits are taken down (the participant
+    returned at its timeout): the handler then runs inside the teardown. It must not
+    re-arm the timer and abort the teardown, leaving its handler installed and the hard
+    alarm armed to go off ``grace`` later in our own code (recording the outcome,
+    publishing, the next step)."""
+    before = signal.getsignal(signal.SIGALRM)
+    real = signal.setitimer
+
+    def expired_just_before(which: int, seconds: float, interval: float = 0.0) -> Any:
+        if seconds == 0:  # disarming: the timer went off an instant earlier
+            signal.raise_signal(signal.SIGALRM)
+        return real(which, seconds, interval)
+
+    monkeypatch.setattr(signal, "setitimer", expired_just_before)
+    try:
+        try:
+            with step_limits(5.0, 10.0):
+                pass
+        except SoftTimeLimitExceeded:
+            pass  # the step counts as timed out: acceptable, it ended at its limit
+        monkeypatch.undo()
+        armed = signal.getitimer(signal.ITIMER_REAL)
+        handler = signal.getsignal(signal.SIGALRM)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, before)
+    assert armed == (0.0, 0.0)
+    assert handler is before

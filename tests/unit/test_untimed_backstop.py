@@ -220,3 +220,30 @@ def test_an_untimed_step_waiting_for_its_retry_counts_as_heard_from_until_then()
     guard = store.get_guard(key)
     assert guard is not None and guard.outcome == STARTED
     assert guard.recorded_at == run.when > T + timedelta(seconds=500)
+
+
+def test_a_resent_copy_of_an_untimed_step_does_not_run_it_again_while_its_worker_beats() -> None:
+    """A message waits in a busy queue past ``resend_untimed_after``: the scan sends a
+    second copy (the same token). The first copy's worker begins the step and beats; the
+    second copy reaches another worker while the step still runs. README: "the guard makes
+    a second copy of a waiting message a no-op" — but it takes the marker over and runs
+    the participant a second time, concurrently (an untimed step: a long batch job), and
+    the first worker's beats no longer refresh the marker it lost."""
+    store, key = started_store("d0")
+    saga_id = key.split(":")[0]
+    store.hand_over_started(key, "d0", None)  # sent, not begun
+    beats = Heartbeats(lambda: store, 60.0, clock=lambda: T)
+    calls: list[str] = []
+    message = StepMessage(saga_id, 0, 1, key)
+
+    def batch_job(context: StepContext) -> int:
+        calls.append(context.idempotency_key)
+        if len(calls) == 1:  # while it runs, the re-sent copy reaches another worker
+            runner.run(store, message, delivery="d2")
+        return 1
+
+    runner = StepRunner(
+        SAGA, 0, "action", RetryPolicy(), lambda: T, function=batch_job, heartbeats=beats
+    )
+    runner.run(store, message, delivery="d1")
+    assert len(calls) == 1
