@@ -14,10 +14,12 @@ came from, and within the delivery's time limits:
   short of the limit, which would then end the delivery, not the step);
 - a step with a timeout, only in a prefork pool child, which gives each step its own
   limits (``integration.alarm``), and only while the step's limit still fits in the
-  delivery's. Celery's limits are per delivery, so with ``inline_steps`` a timed step's
-  message carries the budget of the longest run it can begin (``budget``) as both its
-  limits; a delivery under Celery's own per-step limits (a message from an app without
-  ``inline_steps``, a retry from an inline run) runs nothing inline.
+  delivery's budget (never in a delivery without one, whose child nothing would replace
+  if the alarm could not reach its participant). Celery's limits are per delivery, so
+  with ``inline_steps`` a timed step's message carries the budget of the longest run it
+  can begin (``budget``) as both its limits; a delivery under Celery's own per-step
+  limits (a message from an app without ``inline_steps``, a retry from an inline run)
+  runs nothing inline.
 
 Anything else is published as before, and so is everything else a transition sends
 (hooks, dead letters).
@@ -122,14 +124,15 @@ class InlineRun:
 
     def fits(self, task: Task) -> bool:
         """Whether ``task``'s step may run in this delivery: an untimed one only in a
-        delivery without a limit; a timed one only where this process times it, and while
-        its hard limit still fits in the delivery's."""
-        own = task.time_limit or task.soft_time_limit
+        delivery without a limit; a timed one only where this process times it, under a
+        budget (Celery's hard limit still ends a participant the alarm cannot reach), and
+        while its hard limit still fits in what is left of it."""
+        own: float | None = task.time_limit or task.soft_time_limit
         if not own:
             return self.hard is None
-        if not self.alarm:
+        if not self.alarm or self.hard is None:
             return False
-        return self.hard is None or time.monotonic() - self.began + own + MARGIN <= self.hard
+        return time.monotonic() - self.began + own + MARGIN <= self.hard
 
     def limits(self, task: Task) -> Limits | None:
         """``task``'s own limits, as this process arms them (None: Celery's apply, or none)."""

@@ -133,7 +133,7 @@ def test_a_timed_step_fits_only_while_its_hard_limit_fits_in_what_is_left() -> N
     late = InlineRun(inline, "celery", "d", hard=40.0, alarm=True, began=time.monotonic() - 25)
     assert not late.fits(second)  # 25 s gone + 15 + margin > 40
     assert not InlineRun(inline, "celery", "d", hard=40.0, alarm=False).fits(second)
-    assert InlineRun(inline, "celery", "d", alarm=True).fits(second)  # no delivery limit
+    assert not InlineRun(inline, "celery", "d", alarm=True).fits(second)  # no budget
 
 
 def test_an_untimed_step_runs_inline_only_in_a_delivery_without_a_limit() -> None:
