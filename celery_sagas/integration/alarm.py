@@ -67,12 +67,18 @@ def green_hard_limit(hard: float) -> Iterator[None]:
 def step_limits(soft: float, hard: float) -> Iterator[None]:
     """While the body runs: ``SoftTimeLimitExceeded`` at ``soft`` seconds, then
     ``StepHardLimitExceeded`` at ``hard``. The alarm is disarmed and the previous SIGALRM
-    handler restored on the way out."""
-    fired: list[float] = []
+    handler restored on the way out.
+
+    An alarm already due when the body ends runs its handler during that teardown: it
+    then does nothing (the body is over), so it can neither re-arm the timer nor abort
+    the teardown, which would leave the hard alarm to go off in the code after the step."""
+    state = {"fired": False, "over": False}
 
     def on_alarm(signum: int, frame: FrameType | None) -> None:
-        if not fired:
-            fired.append(soft)
+        if state["over"]:
+            return
+        if not state["fired"]:
+            state["fired"] = True
             signal.setitimer(signal.ITIMER_REAL, max(hard - soft, 0.001))
             raise SoftTimeLimitExceeded(f"soft time limit ({soft:g}s) exceeded")
         raise StepHardLimitExceeded(f"hard time limit ({hard:g}s) exceeded")
@@ -82,5 +88,6 @@ def step_limits(soft: float, hard: float) -> Iterator[None]:
     try:
         yield
     finally:
+        state["over"] = True  # a subscript store: no handler runs before it
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
