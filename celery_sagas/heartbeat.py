@@ -25,6 +25,7 @@ from datetime import datetime
 from celery_sagas.errors import StoreUnavailableError
 from celery_sagas.log import logger
 from celery_sagas.protocols import SagaStore
+from celery_sagas.settings import HEARTBEATS_MISSED
 
 
 def held_markers(running: Counter[tuple[str, str | None]]) -> dict[str, str | None]:
@@ -82,6 +83,11 @@ class Heartbeats:
         except Exception as failed:  # the next beat tries again; the thread must live on
             logger.warning("celery-sagas: heartbeat of %d step(s) failed: %s", len(markers), failed)
             return 0
+
+    @property
+    def lease(self) -> float:
+        """Seconds after its last beat that a step's worker counts as gone."""
+        return self.interval * HEARTBEATS_MISSED
 
     @property
     def running(self) -> int:

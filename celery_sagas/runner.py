@@ -21,7 +21,7 @@ import traceback
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from celery_sagas.definition import RetryPolicy, Saga, Step, StepContext, idempotency_key
@@ -57,6 +57,7 @@ BAD_KEY = "bad key"
 UNKNOWN_SAGA = "unknown saga"
 STALE = "stale"
 LATE = "late"
+RUNNING = "running"  # another delivery runs this untimed step and beats
 
 
 def describe(exc: BaseException) -> str:
@@ -213,6 +214,25 @@ def abandoned_by(
     return Resend(index, record.token, key, detail)
 
 
+def running_elsewhere(
+    guard: GuardRecord | None, delivery: str | None, now: datetime, lease: float
+) -> Ignored | None:
+    """Pure: another delivery began this untimed step and was heard from within ``lease``
+    (its heartbeat): a second copy of the message (the scan's re-send of one that waited
+    in a busy queue) must not run the participant again beside it. A marker silent for
+    the lease is taken over: its worker is gone."""
+    if guard is None or guard.outcome != GuardOutcome.STARTED or delivery is None:
+        return None
+    if guard.result in (None, delivery) or guard.recorded_at is None:
+        return None
+    silent = now - guard.recorded_at
+    if silent >= timedelta(seconds=lease):
+        return None
+    return Ignored(
+        RUNNING, f"delivery {guard.result} runs it, heard from {silent.total_seconds():.0f}s ago"
+    )
+
+
 def classify(step: Step, role: Role, exc: BaseException, interrupted: tuple[type, ...]) -> str:
     """Pure: ``business`` (declined, did not act), ``retry``, ``reconnect`` (a lost
     connection: retried with the step's ``connection_retry``), ``timeout`` or ``error``
@@ -292,6 +312,11 @@ class StepRunner:
         fingerprint = self.saga.fingerprint
         expectation = Expectation(self.index, message.token, self.role, fingerprint)
         now = self.clock()
+        if self.heartbeats is not None:  # untimed: its worker beats while it runs
+            lease = self.heartbeats.lease
+            elsewhere = running_elsewhere(store.get_guard(message.key), delivery, now, lease)
+            if elsewhere is not None:
+                return self._ignored(message, elsewhere)
         recorded, snapshot = store.begin_step(
             message.key, message.saga_id, now, expectation, delivery
         )
@@ -474,7 +499,7 @@ class StepRunner:
         return self._ignored(message, Ignored(reason, detail))
 
     def _ignored(self, message: StepMessage, ignored: Ignored) -> Ignored:
-        log = logger.info if ignored.reason in (STALE, LATE) else logger.warning
+        log = logger.info if ignored.reason in (STALE, LATE, RUNNING) else logger.warning
         log(
             "saga %s step %s %s: message ignored (%s: %s)",
             message.saga_id,

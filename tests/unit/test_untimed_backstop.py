@@ -247,3 +247,14 @@ def test_a_resent_copy_of_an_untimed_step_does_not_run_it_again_while_its_worker
     )
     runner.run(store, message, delivery="d1")
     assert len(calls) == 1
+
+
+def test_a_marker_silent_for_the_lease_or_held_by_this_delivery_is_taken() -> None:
+    from celery_sagas.protocols import GuardRecord
+    from celery_sagas.runner import RUNNING, running_elsewhere
+
+    held = GuardRecord("k", STARTED, "d1", recorded_at=T)
+    assert running_elsewhere(held, "d2", T + timedelta(seconds=89), 90.0).reason == RUNNING  # type: ignore[union-attr]
+    assert running_elsewhere(held, "d2", T + timedelta(seconds=90), 90.0) is None  # gone
+    assert running_elsewhere(held, "d1", T, 90.0) is None  # its own redelivery
+    assert running_elsewhere(GuardRecord("k", STARTED, None, recorded_at=T), "d2", T, 90.0) is None
