@@ -218,3 +218,21 @@ def test_an_app_that_lists_routers_keeps_them_and_gets_the_saga_routes_first() -
     assert router.route({}, "app.own_task")["queue"].name == "mine"
     routers = app.conf.task_routes
     assert isinstance(routers, tuple) and routers[-1] is own and len(routers) == 2
+
+
+def test_inline_runs_longer_than_the_redis_visibility_timeout_are_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With inline_steps a delivery holds its message unacked for its whole inline run, up
+    to its budget: five 300 s steps may run 3101 s in one delivery, past a visibility
+    timeout the per-step check accepts (1200 s). Redis then delivers it again mid-run,
+    and that copy re-sends the running step (a second run beside it)."""
+    steps = [Step(f"s{i}", noop, noop, compensation_name=f"u{i}", timeout=300) for i in range(5)]
+    visibility = required_visibility_timeout([300])
+    app = host_app(broker_transport_options={"visibility_timeout": visibility})
+
+    with caplog.at_level(logging.WARNING, logger="celery_sagas"):
+        install(app, [Saga("long", steps)], database_url=database(tmp_path), inline_steps=True)
+
+    warnings = [r.getMessage() for r in caplog.records if r.name == "celery_sagas"]
+    assert any("visibility_timeout" in w and "inline" in w for w in warnings), warnings
