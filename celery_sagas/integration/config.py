@@ -10,6 +10,7 @@ value to use; RabbitMQ without publish confirms is left alone with one warning.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -74,6 +75,29 @@ def check_visibility_timeout(conf: Any, step_timeouts: Iterable[float]) -> None:
             f"the longest step time limit (declared and configured step timeouts): Redis would "
             f"deliver a running step twice. Set broker_transport_options="
             f"{{'visibility_timeout': {wanted}}} (or more) in the Celery config."
+        )
+
+
+def warn_inline_runs_past_visibility(conf: Any, budgets: Iterable[float]) -> None:
+    """``inline_steps``: a delivery holds its message unacked for its whole inline run, up
+    to the message's budget. On Redis a budget longer than the visibility timeout lets a
+    long run, every step within its own timeout, be delivered again mid-run, and the copy
+    re-sends the step running then (a second run beside it). A warning, not a refusal:
+    only runs that long are delivered twice."""
+    if not str(conf.broker_url or "").startswith(REDIS_SCHEMES):
+        return
+    options = conf.broker_transport_options or {}
+    current = options.get("visibility_timeout", REDIS_DEFAULT_VISIBILITY_TIMEOUT)
+    longest = max(budgets, default=0.0)
+    if current < longest:
+        logger.warning(
+            "celery-sagas: inline_steps: an inline run of timed steps may hold its message "
+            "up to %gs (its budget), past broker_transport_options['visibility_timeout'] "
+            "(%ss): Redis would deliver a run that long again, and the step it is running "
+            "would run twice. Set {'visibility_timeout': %d} (or more) to rule it out.",
+            longest,
+            current,
+            math.ceil(longest),
         )
 
 

@@ -21,7 +21,12 @@ from celery_sagas.definition import Saga, registry
 from celery_sagas.errors import SagaConfigurationError, SagaError
 from celery_sagas.handle import SagaHandle, find
 from celery_sagas.heartbeat import Heartbeats
-from celery_sagas.integration.config import SAGA_TASK_OPTIONS, add_routes, check_app
+from celery_sagas.integration.config import (
+    SAGA_TASK_OPTIONS,
+    add_routes,
+    check_app,
+    warn_inline_runs_past_visibility,
+)
 from celery_sagas.integration.crash import crash_point
 from celery_sagas.integration.dispatcher import (
     ADVANCE_TASK,
@@ -450,6 +455,9 @@ def install(app: Celery, sagas: Sequence[Saga], **settings: Any) -> SagaRuntime:
     if runtime.settings.inline_steps:
         untimed = unlimited_steps({saga.name: timing.timeouts(saga) for saga in sagas})
         _say_what_runs_inline(untimed)
+        action = machine.Role.ACTION  # an action's budget covers every compensation too
+        budgets = (runtime.step_budget(s, action, i) for s in sagas for i in range(len(s.steps)))
+        warn_inline_runs_past_visibility(app.conf, [b for b in budgets if b is not None])
         signals.worker_init.connect(note_worker_limits, weak=False)
     add_routes(app, {DEAD_LETTER_TASK: {"queue": runtime.settings.dlq_queue}})
     app.conf.beat_schedule = {
