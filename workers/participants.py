@@ -100,9 +100,7 @@ def simulate(ctx: StepContext, function_name: str, *, compensation: bool) -> Non
         time.sleep(argument)
 
 
-def _sleep_through_interrupts(
-    seconds: float, swallowed: type[BaseException] = Exception
-) -> None:
+def _sleep_through_interrupts(seconds: float, swallowed: type[BaseException] = Exception) -> None:
     until = time.monotonic() + seconds
     while time.monotonic() < until:
         try:
