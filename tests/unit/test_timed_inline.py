@@ -144,7 +144,12 @@ def test_an_untimed_step_runs_inline_only_in_a_delivery_without_a_limit() -> Non
     assert not InlineRun(inline, "celery", "d", hard=40.0, alarm=True).fits(untimed)
 
 
-def test_an_inline_mode_app_publishes_a_timed_steps_message_with_its_budget() -> None:
+def test_an_inline_mode_app_publishes_a_timed_steps_message_with_its_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On the app's own in-memory broker: ``CELERY_BROKER_URL`` (which the full suite sets,
+    and Celery reads before the app's config) would send it to a shared Redis."""
+    monkeypatch.delenv("CELERY_BROKER_URL", raising=False)
     saga = saga_of(5.0, 7.0)
     app = app_with(saga)
     runtime = app._celery_sagas_runtime
