@@ -12,9 +12,13 @@ and the worker gives every timed step of the run its own limits with a process a
 - if it swallows that, ``time_limit_grace`` later it gets ``StepHardLimitExceeded``, a
   ``BaseException`` that ``except Exception`` does not catch (the step timed out; its
   process lives on, where Celery's hard limit would have replaced it);
-- a participant stuck where Python cannot raise (inside C code that holds the GIL) is
-  ended by the message's budget, Celery's hard limit (``on_failure`` records the step
-  that was running), and the scan's own deadline for the step covers it before that.
+- an action stuck where Python cannot raise (a C call that retries on EINTR, such as a
+  libpq query, or code that swallows even the hard limit) is ended by a watchdog thread
+  ``STUCK_AFTER`` seconds past its hard limit: it records the step timed out (as the
+  task's ``on_failure`` does after Celery's hard limit) and SIGKILLs its own pool child,
+  which Celery replaces; the message comes back and finds the outcome recorded. A stuck
+  compensation, and code that holds the GIL, are left to the message's budget (Celery's
+  hard limit; ``on_failure`` records the step that was running) and to the scan.
 
 Only a prefork pool child arms the alarm: a process of its own that runs its tasks in its
 main thread, the only thread a signal handler runs in. Under threads, gevent and solo a
@@ -28,16 +32,76 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 
 from celery.exceptions import SoftTimeLimitExceeded
 
 from celery_sagas.errors import StepHardLimitExceeded
+from celery_sagas.heartbeat import keep_signals_off_this_thread
+from celery_sagas.log import logger
 
 # set in a worker's environment by ``worker_init``: its pool (pool children inherit it)
 POOL_ENV = "CELERY_SAGAS_POOL"
+# seconds past an action's hard limit after which the watchdog ends a process stuck in it
+STUCK_AFTER = 1.0
+
+
+class Watchdog:
+    """One thread per process. Armed with a deadline and what to do then (record the
+    step's timeout), it does that once the deadline passes, and SIGKILLs the process: the
+    participant did not return even at its hard limit. Arming and disarming take a lock
+    and a notify: no thread is made per step."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._armed: tuple[float, Callable[[], None]] | None = None
+        self._pid: int | None = None
+
+    def arm(self, seconds: float, on_stuck: Callable[[], None]) -> None:
+        self._start_once()
+        with self._cond:
+            self._armed = (time.monotonic() + seconds, on_stuck)
+            self._cond.notify()
+
+    def disarm(self) -> None:
+        with self._cond:
+            self._armed = None
+            self._cond.notify()
+
+    def _start_once(self) -> None:
+        pid = os.getpid()
+        if self._pid == pid:
+            return
+        self._pid = pid
+        self._cond = threading.Condition()  # a forked child's own
+        self._armed = None
+        threading.Thread(target=self._watch, name="celery-sagas-watchdog", daemon=True).start()
+
+    def _watch(self) -> None:
+        keep_signals_off_this_thread()
+        while True:
+            with self._cond:
+                armed = self._armed
+                if armed is None:
+                    self._cond.wait()
+                    continue
+                left = armed[0] - time.monotonic()
+                if left > 0:
+                    self._cond.wait(left)
+                    continue
+                self._armed = None
+            try:
+                armed[1]()
+            except Exception as failed:  # the scan's own deadline times the step out
+                logger.warning("celery-sagas: a stuck step's timeout not recorded: %s", failed)
+            logger.error("celery-sagas: a step stuck past its hard time limit: killing process")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+WATCHDOG = Watchdog()
 
 
 def alarm_usable() -> bool:
@@ -64,10 +128,13 @@ def green_hard_limit(hard: float) -> Iterator[None]:
 
 
 @contextmanager
-def step_limits(soft: float, hard: float) -> Iterator[None]:
+def step_limits(
+    soft: float, hard: float, on_stuck: Callable[[], None] | None = None
+) -> Iterator[None]:
     """While the body runs: ``SoftTimeLimitExceeded`` at ``soft`` seconds, then
-    ``StepHardLimitExceeded`` at ``hard``. The alarm is disarmed and the previous SIGALRM
-    handler restored on the way out.
+    ``StepHardLimitExceeded`` at ``hard``, then (``on_stuck`` given) the watchdog
+    ``STUCK_AFTER`` later. The alarm is disarmed and the previous SIGALRM handler restored
+    on the way out.
 
     An alarm already due when the body ends runs its handler during that teardown: it
     then does nothing (the body is over), so it can neither re-arm the timer nor abort
@@ -84,10 +151,14 @@ def step_limits(soft: float, hard: float) -> Iterator[None]:
         raise StepHardLimitExceeded(f"hard time limit ({hard:g}s) exceeded")
 
     previous = signal.signal(signal.SIGALRM, on_alarm)
+    if on_stuck is not None:
+        WATCHDOG.arm(hard + STUCK_AFTER, on_stuck)
     signal.setitimer(signal.ITIMER_REAL, soft)
     try:
         yield
     finally:
         state["over"] = True  # a subscript store: no handler runs before it
         signal.setitimer(signal.ITIMER_REAL, 0)
+        if on_stuck is not None:
+            WATCHDOG.disarm()
         signal.signal(signal.SIGALRM, previous)

@@ -134,11 +134,12 @@ class InlineRun:
             return False
         return time.monotonic() - self.began + own + MARGIN <= self.hard
 
-    def limits(self, task: Task) -> Limits | None:
-        """``task``'s own limits, as this process arms them (None: Celery's apply, or none)."""
+    def limits(self, task: Task, on_stuck: Callable[[], None] | None = None) -> Limits | None:
+        """``task``'s own limits, as this process arms them (None: Celery's apply, or none);
+        ``on_stuck``: what the watchdog does before it ends a process stuck past them."""
         soft = task.soft_time_limit
         if self.alarm and soft:
-            return partial(step_limits, soft, task.time_limit or soft)
+            return partial(step_limits, soft, task.time_limit or soft, on_stuck)
         if self.green and task.time_limit:
             return partial(green_hard_limit, task.time_limit)
         return None

@@ -175,6 +175,28 @@ class StepTask(Task):
         finally:
             self.pop_request()
 
+    def _stuck_recorder(self, kwargs: dict[str, Any]) -> Callable[[], None] | None:
+        """For an action: what the watchdog (``integration.alarm``) records before it ends
+        a process stuck past the step's hard limit, as ``on_failure`` records Celery's
+        hard limit: the step timed out. None for a compensation (it must finish: the
+        message's budget and the scan see to it)."""
+        hard = self.time_limit
+        if self.role != machine.Role.ACTION or self.apply_outcome is None or not hard:
+            return None
+        apply = self.apply_outcome
+        saga_id, key = str(kwargs["saga_id"]), str(kwargs["key"])
+        step, token = int(kwargs["step"]), int(kwargs["token"])
+        error = (
+            f"timed out: still running past its hard time limit ({hard:g}s), "
+            "stuck where it could not be interrupted; its pool child was killed"
+        )
+
+        def record() -> None:
+            failed = machine.StepFailed(step, token, error, business=False, timed_out=True)
+            apply(saga_id, failed, GuardRecord(key, GuardOutcome.ERROR, error=error), None)
+
+        return record
+
     def _hand_over(self, key: str, delivery: str, to: str) -> None:
         """Best effort: ``key``'s started marker naming ``delivery`` names ``to``. A store
         outage leaves it as it was (logged)."""
@@ -201,7 +223,8 @@ class StepTask(Task):
             elif self.apply_outcome is None:  # coordinator_hop: a signed command
                 run = self._run_command(kwargs, message)
             else:
-                limits = inline.limits(self) if inline is not None else None
+                stuck = self._stuck_recorder(kwargs) if inline is not None else None
+                limits = inline.limits(self, stuck) if inline is not None else None
                 store = self.store_factory()
                 run = self.runner.run(store, message, self._tries(waited), delivery, limits)
         except StoreUnavailableError as exc:  # the saga could not be read: nothing ran

@@ -315,3 +315,47 @@ def test_an_alarm_due_as_the_step_ends_leaves_nothing_armed(
         signal.signal(signal.SIGALRM, before)
     assert armed == (0.0, 0.0)
     assert handler is before
+
+
+WATCHED = """
+import sys, time
+from celery_sagas.integration.alarm import step_limits
+marker = sys.argv[1]
+def record():
+    open(marker, "w").write("recorded")
+deaf = sys.argv[2] == "deaf"
+with step_limits(0.05, 0.1, record):
+    until = time.monotonic() + (30 if deaf else 0.01)
+    while time.monotonic() < until:
+        try:
+            time.sleep(max(0.0, until - time.monotonic()))
+        except BaseException:  # deaf to both limits, as a call stuck in C code is
+            continue
+time.sleep(1.5)  # past the watchdog's deadline: disarmed, nothing happens
+print("lived")
+"""
+
+
+@pytest.mark.parametrize("deaf", [True, False], ids=["deaf", "in-time"])
+def test_the_watchdog_records_then_kills_a_process_stuck_past_its_hard_limit(
+    deaf: bool, tmp_path: Any
+) -> None:
+    """Run in a process of its own (it is SIGKILLed): the record callback runs first."""
+    import subprocess
+    import sys
+
+    marker = tmp_path / "recorded"
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", WATCHED, str(marker), "deaf" if deaf else "quick"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    if deaf:
+        assert done.returncode == -signal.SIGKILL, done.stderr
+        assert marker.read_text() == "recorded"
+        assert time.monotonic() - started < 10
+    else:
+        assert (done.returncode, done.stdout.strip()) == (0, "lived"), done.stderr
+        assert not marker.exists()
