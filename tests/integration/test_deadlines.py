@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import redis
-from celery import Celery
 from sqlalchemy import func, select, update
 
 from celery_sagas.coordinator import Coordinator, Timing
@@ -37,7 +35,9 @@ def running(
     settings = {"SAGAS_SCAN_INTERVAL": str(SCAN), **{k: str(v) for k, v in env.items()}}
     full_env = {**deployment.env, **settings}
     with ExitStack() as stack:
-        worker = deployment.worker(name="deadline-worker", env=full_env, concurrency=concurrency)
+        worker = deployment.worker(
+            name="deadline-worker", env=full_env, concurrency=concurrency, quick_exit=True
+        )
         processes = [stack.enter_context(worker)]
         for number in range(beats):
             beat = CeleryProcess(
@@ -49,31 +49,8 @@ def running(
                 loglevel=beat_loglevel,
             )
             processes.append(stack.enter_context(beat))
+        # on leaving: the beats' warm shutdown, then the worker's quick exit (if idle)
         yield processes
-        for beat in processes[1:]:
-            beat.stop()
-        kill_if_idle(worker, full_env["CELERY_BROKER_URL"])
-
-
-def kill_if_idle(worker: CeleryProcess, broker_url: str) -> None:
-    """SIGKILL ``worker`` if it answers that it runs no task; else leave it to the warm
-    shutdown, which lets a running task finish (a test may assert that a late call did
-    nothing). An idle prefork worker's warm shutdown still takes ~2.5 s (billiard joins its
-    pool), and what it does besides (put its reserved messages back on the broker, where
-    the next test's worker would get them) no test looks at: killed, they stay unacked,
-    out of sight for the visibility timeout (1 h). Asked on the session's broker only (a
-    reply on another broker is not collected here); no answer within 2 s: warm shutdown."""
-    if not worker.is_alive() or not worker.hostname:
-        return
-    if broker_url != os.environ.get("CELERY_BROKER_URL"):
-        return
-    client = Celery(set_as_current=False)  # CELERY_BROKER_URL: the session's broker
-    try:
-        replies = client.control.inspect(destination=[worker.hostname], timeout=2.0).active()
-    finally:
-        client.close()
-    if (replies or {}).get(worker.hostname) == []:
-        worker.kill()
 
 
 def _store() -> SqlSagaStore:
