@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from celery import Celery
 from sqlalchemy import select
 
 from tests.conftest import require_service
@@ -41,12 +42,46 @@ class Deployment:
             "SAGAS_RELAY_AFTER": "2",
         }
 
-    def worker(self, app: str = "workers.app", **kwargs: Any) -> CeleryProcess:
+    def worker(
+        self, app: str = "workers.app", *, quick_exit: bool = False, **kwargs: Any
+    ) -> CeleryProcess:
+        """A worker of the deployment; ``quick_exit``: leaving its ``with`` block without an
+        error SIGKILLs it if it is idle (:func:`kill_if_idle`) instead of a warm shutdown."""
         kwargs.setdefault("pool", "prefork")
         kwargs.setdefault("concurrency", 2)
         kwargs.setdefault("log_dir", self.log_dir)
         kwargs.setdefault("env", self.env)
-        return CeleryProcess(app, **kwargs)
+        return (QuickExitWorker if quick_exit else CeleryProcess)(app, **kwargs)
+
+
+class QuickExitWorker(CeleryProcess):
+    """Stopped by :func:`kill_if_idle` when its ``with`` block ends without an error."""
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if exc_info[0] is None:
+            kill_if_idle(self, self.env.get("CELERY_BROKER_URL", ""))
+        self.stop()
+
+
+def kill_if_idle(worker: CeleryProcess, broker_url: str) -> None:
+    """SIGKILL ``worker`` if it answers that it runs no task; else leave it to the warm
+    shutdown, which lets a running task finish (a test may assert that a late call did
+    nothing). An idle prefork worker's warm shutdown still takes ~2.5 s (billiard joins its
+    pool), and what it does besides (put its reserved messages back on the broker, where
+    the next test's worker would get them) no test looks at: killed, they stay unacked,
+    out of sight for the visibility timeout (1 h). Asked on the session's broker only (a
+    reply on another broker is not collected here); no answer within 2 s: warm shutdown."""
+    if not worker.is_alive() or not worker.hostname:
+        return
+    if broker_url != os.environ.get("CELERY_BROKER_URL"):
+        return
+    client = Celery(set_as_current=False)  # CELERY_BROKER_URL: the session's broker
+    try:
+        replies = client.control.inspect(destination=[worker.hostname], timeout=2.0).active()
+    finally:
+        client.close()
+    if (replies or {}).get(worker.hostname) == []:
+        worker.kill()
 
 
 @pytest.fixture(scope="session")

@@ -36,7 +36,9 @@ def test_every_message_delivered_twice_moves_each_amount_once(deployment: Deploy
     counter.delete(duplicating_app.DUPLICATES_KEY)
     duplicating_app.enable()  # the first steps published from this process are doubled too
     try:
-        with deployment.worker("tests.integration.duplicating_app", name="bank-dup") as worker:
+        with deployment.worker(
+            "tests.integration.duplicating_app", name="bank-dup", quick_exit=True
+        ) as worker:
             for payload in [*ok, refused]:
                 start_transfer.delay(payload)
             records = wait_settled([p["transfer_id"] for p in [*ok, refused]])

@@ -25,7 +25,7 @@ Accounts = Callable[..., list[str]]
 
 @pytest.fixture(scope="module")
 def worker(deployment: Deployment) -> Iterator[CeleryProcess]:
-    with deployment.worker(name="bank") as process:
+    with deployment.worker(name="bank", quick_exit=True) as process:
         yield process
 
 

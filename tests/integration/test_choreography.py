@@ -52,14 +52,14 @@ def services(deployment: Deployment, on: Any) -> Iterator[CeleryProcess]:
     """Inventory, payment and order (and beat, scanning every 0.5 s)."""
     env = {**deployment.env, "SAGAS_SCAN_INTERVAL": "0.5", "SAGAS_RELAY_AFTER": "1"}
     queues = ["inventory", "payment", "order", "celery", "sagas.control"]
-    with deployment.worker(queues=queues, env=env, extra_args=["-B"]) as worker:
+    with deployment.worker(queues=queues, env=env, extra_args=["-B"], quick_exit=True) as worker:
         yield worker
 
 
 @pytest.fixture(scope="module")
 def shipping(deployment: Deployment, on: Any) -> Iterator[CeleryProcess]:
     """The shipping service's own worker (stopped and started by a test)."""
-    with deployment.worker(queues=["shipping"], concurrency=1) as worker:
+    with deployment.worker(queues=["shipping"], concurrency=1, quick_exit=True) as worker:
         yield worker
 
 

@@ -29,7 +29,9 @@ def worker(deployment: Deployment) -> Iterator[CeleryProcess]:
 
     choreography.create_tables()
     queues = [*SERVICES, "celery", "sagas.control"]
-    with deployment.worker("tests.support.choreo_twice_app", queues=queues) as process:
+    with deployment.worker(
+        "tests.support.choreo_twice_app", queues=queues, quick_exit=True
+    ) as process:
         yield process
 
 

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
@@ -39,6 +40,21 @@ def cli(deployment: Deployment, *args: str, **env: str) -> subprocess.CompletedP
         env={**deployment.env, **FAST_REFUNDS, "PATH": "/usr/bin:/bin", **env},
         timeout=120,
     )
+
+
+# A CLI run is a fresh interpreter importing workers.app (~0.9 s, mostly CPU): runs that do
+# not depend on each other go side by side, a few at a time.
+PARALLEL = 3
+
+
+def cli_all(
+    deployment: Deployment, *calls: list[str], **env: str
+) -> list[subprocess.CompletedProcess[str]]:
+    """``cli(deployment, *args, **env)`` of every ``args`` at once; results in order. Only
+    for runs that do not depend on each other."""
+    with ThreadPoolExecutor(PARALLEL) as pool:
+        futures = [pool.submit(cli, deployment, *args, **env) for args in calls]
+        return [future.result() for future in futures]
 
 
 def failing_refund(sku: str, refund: str) -> dict[str, Any]:
@@ -157,10 +173,13 @@ def test_discard_with_a_reason_and_retry_twice_is_one_compensation(
 def assert_operator_views(deployment: Deployment, entry_id: int, key: str, reason: str) -> None:
     """``dlq show`` (text and JSON) and ``show``: payloads as JSON and redacted, the operator
     actions with their reasons, no Python reprs."""
-    text = cli(deployment, "dlq", "show", str(entry_id))
-    data = cli(deployment, "dlq", "show", str(entry_id), "--json")
-    saga = cli(deployment, "show", key)
-    saga_json = cli(deployment, "show", key, "--json")
+    text, data, saga, saga_json = cli_all(
+        deployment,
+        ["dlq", "show", str(entry_id)],
+        ["dlq", "show", str(entry_id), "--json"],
+        ["show", key],
+        ["show", key, "--json"],
+    )
     for result in (text, data, saga, saga_json):
         assert result.returncode == 0, result.stderr
         assert "4111111111111111" not in result.stdout
@@ -177,22 +196,43 @@ def assert_operator_views(deployment: Deployment, entry_id: int, key: str, reaso
     assert "dead letters" in saga.stdout and "operator actions" in saga.stdout
 
 
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["dlq", "show", "999999"], "no dead-letter entry 999999"),
-        (["dlq", "retry", "999999"], "no dead-letter entry 999999"),
-        (["dlq", "discard", "999999", "--reason", "x"], "no dead-letter entry 999999"),
-        (["dlq", "drain", "--limit", "0"], "0 is not in the range"),
-        (["dlq", "retry"], "give one entry ID or --all"),
-        (["dlq", "discard", "1"], "Missing option '--reason'"),
-    ],
-)
-def test_bad_operator_input_is_refused_clearly(
-    deployment: Deployment, args: list[str], message: str
-) -> None:
+BAD_OPERATOR_INPUT = [
+    (["dlq", "show", "999999"], "no dead-letter entry 999999"),
+    (["dlq", "retry", "999999"], "no dead-letter entry 999999"),
+    (["dlq", "discard", "999999", "--reason", "x"], "no dead-letter entry 999999"),
+    (["dlq", "drain", "--limit", "0"], "0 is not in the range"),
+    (["dlq", "retry"], "give one entry ID or --all"),
+    (["dlq", "discard", "1"], "Missing option '--reason'"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_operator_runs(
+    request: pytest.FixtureRequest, deployment: Deployment
+) -> Iterator[tuple[list[Any], dict[tuple[str, ...], Future[subprocess.CompletedProcess[str]]]]]:
+    """The dead letters as they were, and the CLI run of every selected case of
+    ``test_bad_operator_input_is_refused_clearly``, started together on first use (no
+    worker runs then, and none of them may change anything); each test waits for its own."""
+    selected = [
+        item.callspec.params["args"]
+        for item in request.session.items
+        if isinstance(item, pytest.Function)
+        and item.originalname == "test_bad_operator_input_is_refused_clearly"
+        and item.module is request.module
+    ]
     before = store().dead_letters(status="all", limit=10_000)
-    result = cli(deployment, *args)
+    with ThreadPoolExecutor(PARALLEL) as pool:
+        yield before, {tuple(args): pool.submit(cli, deployment, *args) for args in selected}
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_OPERATOR_INPUT)
+def test_bad_operator_input_is_refused_clearly(
+    bad_operator_runs: tuple[list[Any], dict[tuple[str, ...], Future[Any]]],
+    args: list[str],
+    message: str,
+) -> None:
+    before, runs = bad_operator_runs
+    result = runs[tuple(args)].result()
     assert result.returncode != 0
     assert message in result.stderr
     assert "Traceback" not in result.stderr
@@ -214,25 +254,35 @@ def test_no_database_is_a_clear_error(deployment: Deployment) -> None:
 
 
 def test_cancel_compensates_a_running_saga_and_refuses_a_finished_one(
-    deployment: Deployment, start_saga: Any, fresh_sku: Callable[[int], str]
+    deployment: Deployment, fresh_sku: Callable[[int], str], redis_url: str
 ) -> None:
     sku = fresh_sku(10)
     # the shipment hangs long enough for two CLI processes to start on a loaded machine
     # (with 3 s, a slow `cancel` came after it and found the saga a step further)
     running_order = make_order(sku, simulate={"create_shipment": "hang"}, hang_seconds=10)
     finished_order = make_order(sku)
-    with dlq_worker(deployment):
-        start_saga.delay(running_order)
-        start_saga.delay(finished_order)
+    # a broker of its own: the worker is killed at the end (a warm shutdown would wait out
+    # the hang, ~8 s) and the hung call's unacked message goes with this Redis DB
+    broker = {"CELERY_BROKER_URL": redis_url}
+    with running(deployment, **FAST_REFUNDS, **broker) as (worker, _beat):
+        client = Celery(broker=redis_url)
+        with client.connection_for_write(url=redis_url) as conn:
+            for order in (running_order, finished_order):
+                client.send_task("order_fulfillment.start", args=[order], connection=conn)
         wait_state(finished_order["order_id"], "COMPLETED")
         wait_until(
             lambda: store().find(running_order["order_id"]).current_step == 2,
             timeout=20,
             message="shipment running",
         )
-        cancelled = cli(deployment, "cancel", running_order["order_id"], "--reason", "fraud")
-        refused = cli(deployment, "cancel", finished_order["order_id"], "--reason", "too late")
+        cancelled, refused = cli_all(
+            deployment,
+            ["cancel", running_order["order_id"], "--reason", "fraud"],
+            ["cancel", finished_order["order_id"], "--reason", "too late"],
+            **broker,
+        )
         record = wait_state(running_order["order_id"], "FAILED")
+        worker.kill()
     assert cancelled.returncode == 0, cancelled.stderr
     assert refused.returncode != 0 and "only a running saga can be cancelled" in refused.stderr
     assert "cancelled by" in (record.reason or "") and "fraud" in record.reason

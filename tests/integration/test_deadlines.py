@@ -35,7 +35,9 @@ def running(
     settings = {"SAGAS_SCAN_INTERVAL": str(SCAN), **{k: str(v) for k, v in env.items()}}
     full_env = {**deployment.env, **settings}
     with ExitStack() as stack:
-        worker = deployment.worker(name="deadline-worker", env=full_env, concurrency=concurrency)
+        worker = deployment.worker(
+            name="deadline-worker", env=full_env, concurrency=concurrency, quick_exit=True
+        )
         processes = [stack.enter_context(worker)]
         for number in range(beats):
             beat = CeleryProcess(
@@ -47,6 +49,7 @@ def running(
                 loglevel=beat_loglevel,
             )
             processes.append(stack.enter_context(beat))
+        # on leaving: the beats' warm shutdown, then the worker's quick exit (if idle)
         yield processes
 
 

@@ -28,7 +28,9 @@ def test_every_message_delivered_twice_causes_no_double_side_effect(
     counter.delete(duplicating_app.DUPLICATES_KEY)
     duplicating_app.enable()  # the start messages from this process are doubled too
     try:
-        with deployment.worker("tests.integration.duplicating_app", name="dup-worker") as worker:
+        with deployment.worker(
+            "tests.integration.duplicating_app", name="dup-worker", quick_exit=True
+        ) as worker:
             for order in orders:
                 start_saga.delay(order)
             records = wait_settled([o["order_id"] for o in orders])
@@ -82,7 +84,9 @@ def test_pool_child_sigkilled_mid_step_saga_still_completes_exactly_once(
     sku = fresh_sku(5)
     order = make_order(sku, qty=1, simulate={"process_payment": "slow:2"})
     hostname = f"kill-{os.getpid()}@localhost"
-    with deployment.worker(name="kill-worker", hostname=hostname, concurrency=1) as worker:
+    with deployment.worker(
+        name="kill-worker", hostname=hostname, concurrency=1, quick_exit=True
+    ) as worker:
         start_saga.delay(order)
         pid = wait_until(
             lambda: active_task_pid(app, hostname, "order_fulfillment.process_payment"),
@@ -126,7 +130,7 @@ def _payment_with_connections_killed(
     names are terminated. Returns the order, its settled saga and the worker's log."""
     order = make_order(sku, qty=1, simulate={"process_payment": "slow:1.5"})
     store = SqlSagaStore(db.database_url())
-    with deployment.worker(name=name, concurrency=1) as worker:
+    with deployment.worker(name=name, concurrency=1, quick_exit=True) as worker:
         start_saga.delay(order)
         saga = wait_until(lambda: store.find(order["order_id"]), timeout=30, message="saga")
         key = f"{saga.saga_id}:process_payment:action"

@@ -270,7 +270,7 @@ def test_a_hundred_concurrent_starts_of_one_order_from_four_processes_are_one_sa
     deployment: Deployment, start_saga: Any, fresh_sku: Callable[[int], str]
 ) -> None:
     order = make_order(fresh_sku(5))
-    with deployment.worker(name="concurrent-starts") as _worker:
+    with deployment.worker(name="concurrent-starts", quick_exit=True) as _worker:
         with multiprocessing.get_context("spawn").Pool(4) as pool:
             ids = [i for batch in pool.starmap(_start_many, [(order, 25)] * 4) for i in batch]
         assert len(ids) == 100

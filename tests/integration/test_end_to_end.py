@@ -38,7 +38,7 @@ def worker(deployment: Deployment, request: pytest.FixtureRequest) -> Iterator[C
     hop per step) and the chain ``step | celery_sagas.advance`` (``coordinator_hop``)."""
     hop = "true" if request.param == "coordinator_hop" else "false"
     env = {**deployment.env, "SAGAS_COORDINATOR_HOP": hop, "SAGAS_SIGNING_KEY": "e2e-key"}
-    with deployment.worker(name=f"e2e-{request.param}", env=env) as process:
+    with deployment.worker(name=f"e2e-{request.param}", env=env, quick_exit=True) as process:
         process.mode = request.param  # type: ignore[attr-defined]
         yield process
 

@@ -31,7 +31,7 @@ def on_psycopg3(deployment: Deployment, application_name: str) -> str:
 @pytest.fixture(scope="module")
 def worker(deployment: Deployment) -> Iterator[CeleryProcess]:
     env = {**deployment.env, "SAGAS_DATABASE_URL": on_psycopg3(deployment, APPLICATION)}
-    with deployment.worker(name="e2e-psycopg3", env=env) as process:
+    with deployment.worker(name="e2e-psycopg3", env=env, quick_exit=True) as process:
         yield process
 
 

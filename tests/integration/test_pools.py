@@ -64,7 +64,11 @@ def pool(request: pytest.FixtureRequest) -> Pool:
 @pytest.fixture(scope="module")
 def worker(deployment: Deployment, beat: CeleryProcess, pool: Pool) -> Iterator[CeleryProcess]:
     with deployment.worker(
-        name=f"pools-{pool}", pool=pool, concurrency=CONCURRENCY[pool], env=pool_env(deployment)
+        name=f"pools-{pool}",
+        pool=pool,
+        concurrency=CONCURRENCY[pool],
+        env=pool_env(deployment),
+        quick_exit=True,
     ) as process:
         yield process
 

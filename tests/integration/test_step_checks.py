@@ -39,7 +39,7 @@ def test_forged_stale_and_replayed_step_messages_run_no_participant(
     sku = fresh_sku(10)
     order, other, never_started = make_order(sku), make_order(sku), make_order(sku)
     store = SqlSagaStore(db.database_url())
-    with deployment.worker(name="checks-worker") as worker:
+    with deployment.worker(name="checks-worker", quick_exit=True) as worker:
         start_saga.delay(order)
         start_saga.delay(other)
         records = wait_settled([order["order_id"], other["order_id"]])
