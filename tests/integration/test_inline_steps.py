@@ -37,7 +37,7 @@ def start_inline(deployment: Deployment) -> Any:
 
 def inline_worker(deployment: Deployment, duplicates: bool = False, **kwargs: Any) -> Any:
     env = {**deployment.env, "INLINE_APP_DUPLICATES": "1" if duplicates else "0"}
-    return deployment.worker(APP, env=env, **kwargs)
+    return deployment.worker(APP, env=env, quick_exit=True, **kwargs)
 
 
 def received(log: str, step: str) -> int:
