@@ -46,8 +46,10 @@ def test_every_message_delivered_twice_causes_no_double_side_effect(
 
     # 4 sagas x (4 step/compensation tasks + the outcome hook) were all doubled
     assert int(counter.get(duplicating_app.DUPLICATES_KEY) or 0) >= 4 * 5
-    # a duplicate finds its saga moved on: refused before it runs anything
-    assert "message ignored (stale" in log
+    # a duplicate finds its saga moved on and is refused before it runs anything, or (run
+    # beside its original, the two copies taken by the two pool children at once) its
+    # outcome is ignored as not the current step's: which one depends on timing
+    assert "message ignored (stale" in log or "is not the current step" in log
     # each saga's outcome hook ran once although its message came twice
     for order in orders:
         hook = "on_failed" if order is failing else "on_completed"

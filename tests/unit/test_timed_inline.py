@@ -150,13 +150,13 @@ def test_an_inline_mode_app_publishes_a_timed_steps_message_with_its_budget(
     """On the app's own in-memory broker: ``CELERY_BROKER_URL`` (which the full suite sets,
     and Celery reads before the app's config) would send it to a shared Redis."""
     monkeypatch.delenv("CELERY_BROKER_URL", raising=False)
-    saga = saga_of(5.0, 7.0)
+    saga = saga_of(5.0, 7.0, queue="budget-check")  # memory:// queues are process-wide
     app = app_with(saga)
     runtime = app._celery_sagas_runtime
     body = step_message(saga, 0).body
     runtime.dispatcher.send(OutboxMessage("s-1", body, id=1))
     with app.connection_for_read() as conn:
-        message = conn.SimpleQueue("celery").get(timeout=5)
+        message = conn.SimpleQueue("budget-check").get(timeout=5)
         hard, soft = message.headers["timelimit"]
         message.ack()
     expected = budget((5.0, 7.0), runtime.settings.time_limit_grace, Role.ACTION, 0)
