@@ -41,11 +41,18 @@ class Heartbeats:
     """Refreshes the ``started`` markers of the untimed steps running in this process."""
 
     def __init__(
-        self, store: Callable[[], SagaStore], interval: float, clock: Callable[[], datetime]
+        self,
+        store: Callable[[], SagaStore],
+        interval: float,
+        clock: Callable[[], datetime],
+        lease: float | None = None,
     ) -> None:
+        """``lease``: seconds after its last beat that a step's worker counts as gone
+        (``SagaSettings.heartbeat_lease``; by default ``HEARTBEATS_MISSED`` intervals)."""
         self.store = store
         self.interval = interval
         self.clock = clock
+        self.lease = lease if lease is not None else interval * HEARTBEATS_MISSED
         self._running: Counter[tuple[str, str | None]] = Counter()
         self._lock = threading.Lock()
         self._pid: int | None = None  # the process whose thread beats (none yet)
@@ -83,11 +90,6 @@ class Heartbeats:
         except Exception as failed:  # the next beat tries again; the thread must live on
             logger.warning("celery-sagas: heartbeat of %d step(s) failed: %s", len(markers), failed)
             return 0
-
-    @property
-    def lease(self) -> float:
-        """Seconds after its last beat that a step's worker counts as gone."""
-        return self.interval * HEARTBEATS_MISSED
 
     @property
     def running(self) -> int:

@@ -113,7 +113,9 @@ class SagaRuntime:
             else None
         )
         # keeps the markers of running untimed steps fresh (the scan's liveness signal)
-        self.heartbeats = Heartbeats(lambda: self.store, settings.heartbeat_interval, utcnow)
+        self.heartbeats = Heartbeats(
+            lambda: self.store, settings.heartbeat_interval, utcnow, settings.heartbeat_lease
+        )
         self.start_tasks: dict[str, Task] = {}
         self._store: SqlSagaStore | None = None
         self._coordinator: Coordinator | None = None

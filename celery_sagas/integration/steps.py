@@ -183,19 +183,20 @@ class StepTask(Task):
         hard = self.time_limit
         if self.role != machine.Role.ACTION or self.apply_outcome is None or not hard:
             return None
-        apply = self.apply_outcome
         saga_id, key = str(kwargs["saga_id"]), str(kwargs["key"])
         step, token = int(kwargs["step"]), int(kwargs["token"])
         error = (
             f"timed out: still running past its hard time limit ({hard:g}s), "
             "stuck where it could not be interrupted; its pool child was killed"
         )
+        return lambda: self._record_timeout(saga_id, step, token, key, error)
 
-        def record() -> None:
-            failed = machine.StepFailed(step, token, error, business=False, timed_out=True)
-            apply(saga_id, failed, GuardRecord(key, GuardOutcome.ERROR, error=error), None)
-
-        return record
+    def _record_timeout(self, saga_id: str, step: int, token: int, key: str, error: str) -> None:
+        """The action ``step`` timed out (a hard limit ended it): its guard and the
+        transition, in one transaction; compensation follows."""
+        assert self.apply_outcome is not None
+        failed = machine.StepFailed(step, token, error, business=False, timed_out=True)
+        self.apply_outcome(saga_id, failed, GuardRecord(key, GuardOutcome.ERROR, error=error), None)
 
     def _hand_over(self, key: str, delivery: str, to: str) -> None:
         """Best effort: ``key``'s started marker naming ``delivery`` names ``to``. A store
@@ -294,9 +295,7 @@ class StepTask(Task):
             role, step, token, key = running
             if role != machine.Role.ACTION:
                 return
-            event = machine.StepFailed(step, token, error, business=False, timed_out=True)
-            guard = GuardRecord(key, GuardOutcome.ERROR, error=error)
-            self.apply_outcome(str(saga_id), event, guard, None)
+            self._record_timeout(str(saga_id), step, token, key, error)
         except Exception as failed:  # the scanner's deadline is the backstop
             logger.warning(
                 "saga %s %s: could not record the hard time limit (%s)",
